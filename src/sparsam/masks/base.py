@@ -1,0 +1,161 @@
+"""The mask protocol: how a mask source talks to :class:`sparsam.SSAM`.
+
+A *mask source* decides which coordinates SSAM perturbs. It is its own object (not part of the
+optimizer), receives everything it needs explicitly through a :class:`MaskContext`, and returns
+masks as ``dict[str, torch.BoolTensor]`` keyed by parameter name. The optimizer stores the masks
+(bool, one byte per coordinate), applies them, saves them in its ``state_dict`` and, under
+``torch.distributed``, broadcasts them from rank 0 so every rank holds the same mask.
+
+Lifecycle, driven by the optimizer:
+
+1. ``init(ctx)`` once, at the first :meth:`SSAM.first_step` (or an explicit
+   :meth:`SSAM.init_masks`) unless masks were loaded from a checkpoint or set by hand. The mask it
+   returns is used from the very first step. (The authors' code starts from an all-zero mask, i.e.
+   plain SGD until the first update; we do not.)
+2. ``update(ctx)`` at the start of :meth:`SSAM.first_step` of step ``t`` (``t`` = number of
+   completed optimizer steps), whenever ``wants_update(t)`` is true, *after* the ascent gradient
+   at ``w`` is in ``p.grad`` (and unscaled, under a GradScaler), so gradient-based sources can read
+   ``ctx.grads``. Returning ``None`` keeps the current masks.
+3. ``state_dict()`` / ``load_state_dict()`` hold the source's own state (schedules, RNG state) so a
+   resumed run makes the same masks.
+
+A parameter missing from a returned mask dict is not perturbed.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class MaskContext:
+    """Everything a mask source may use, passed explicitly by the optimizer.
+
+    Attributes:
+        params: the perturbable parameters by name, in optimizer order (groups with ``rho > 0``).
+        model: the model, if the user gave one to the optimizer (needed by data-driven sources).
+        loss_fn: ``loss_fn(outputs, targets) -> mean loss of the batch``, if given.
+        data: an iterable of ``(inputs, targets)`` batches, if given. Sources call ``iter(data)``
+            each time they need data; a plain iterator is therefore consumed across updates.
+        step: number of optimizer steps completed so far (0 before the first step).
+        grads: the current ascent gradient at ``w`` by name (``p.grad``; absent when ``None``).
+        masks: the masks currently held by the optimizer by name (empty before ``init``).
+    """
+
+    params: dict[str, Tensor]
+    model: nn.Module | None = None
+    loss_fn: LossFn | None = None
+    data: Iterable[Any] | None = None
+    step: int = 0
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    masks: dict[str, Tensor] = field(default_factory=dict)
+
+
+def check_sparsity(sparsity: float, *, allow_one: bool = True) -> float:
+    """Validate a sparsity (fraction of coordinates NOT perturbed) and return it as a float."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
+    s = float(sparsity)
+    hi_ok = s <= 1.0 if allow_one else s < 1.0
+    if not (0.0 <= s and hi_ok) or math.isnan(s):
+        bound = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"sparsity must be in {bound} (fraction of coordinates not perturbed), got {sparsity!r}")
+    return s
+
+
+class MaskSource(ABC):
+    """Base class of mask sources (random, Fisher, dynamic, ...).
+
+    Args:
+        sparsity: fraction of coordinates NOT perturbed (the papers' meaning); density = 1 - sparsity.
+        update_every: update the mask every this many optimizer steps (``None``: never update).
+        update_every_epochs: alternatively, every this many epochs; needs ``steps_per_epoch``.
+        steps_per_epoch: optimizer steps per epoch, used with ``update_every_epochs``.
+
+    Capability flags (class attributes) tell the optimizer what a source needs:
+    ``needs_grads`` (reads ``ctx.grads`` in ``update``) and ``needs_data`` (reads ``ctx.model``,
+    ``ctx.loss_fn`` and ``ctx.data``).
+    """
+
+    needs_grads: bool = False
+    needs_data: bool = False
+
+    def __init__(
+        self,
+        sparsity: float,
+        *,
+        update_every: int | None = None,
+        update_every_epochs: int | None = None,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        self.sparsity = check_sparsity(sparsity)
+        self.update_every = resolve_update_every(update_every, update_every_epochs, steps_per_epoch)
+
+    @abstractmethod
+    def init(self, ctx: MaskContext) -> dict[str, Tensor]:
+        """Return the first masks (bool tensors of each parameter's shape)."""
+
+    def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
+        """Return new masks, or ``None`` to keep the current ones. Static sources keep them."""
+        return None
+
+    def wants_update(self, step: int) -> bool:
+        """True when the optimizer should call :meth:`update` at the start of step ``step``."""
+        return self.update_every is not None and step > 0 and step % self.update_every == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "update_every": self.update_every}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sparsity = check_sparsity(state["sparsity"])
+        self.update_every = state["update_every"]
+
+    def extra_repr(self) -> str:
+        return f"sparsity={self.sparsity}, update_every={self.update_every}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def resolve_update_every(
+    update_every: int | None, update_every_epochs: int | None, steps_per_epoch: int | None
+) -> int | None:
+    """Turn the two ways of giving a mask-update period into a number of steps (or None)."""
+    if update_every is not None and update_every_epochs is not None:
+        raise ValueError(
+            f"give update_every ({update_every!r}) or update_every_epochs ({update_every_epochs!r}), not both"
+        )
+    if update_every_epochs is not None:
+        if not isinstance(update_every_epochs, int) or update_every_epochs < 1:
+            raise ValueError(f"update_every_epochs must be a positive int, got {update_every_epochs!r}")
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(
+                f"update_every_epochs needs steps_per_epoch as a positive int, got {steps_per_epoch!r}"
+            )
+        return update_every_epochs * steps_per_epoch
+    if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
+        raise ValueError(f"update_every must be a positive int or None, got {update_every!r}")
+    return update_every
+
+
+def ones_like_masks(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+
+
+class AllOnesMask(MaskSource):
+    """Perturb every coordinate: SSAM with this mask is exactly SAM."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def init(self, ctx: MaskContext) -> dict[str, Tensor]:
+        return ones_like_masks(ctx.params)

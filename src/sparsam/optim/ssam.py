@@ -1,0 +1,3 @@
+from .sam import SAM
+class SSAM(SAM):
+    pass
