@@ -1,3 +1,405 @@
+"""Sharpness-Aware Minimization (SAM) and Adaptive SAM (ASAM) around any PyTorch optimizer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, cast
+
 import torch
-class SAM(torch.optim.Optimizer):
-    pass
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..bn import no_running_stats
+from . import _functional as F
+
+_SAM_KEYS = ("rho", "adaptive", "eta")
+_ASCENT_MODES = ("local", "sync")
+
+
+def _check_rho(rho: Any) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or math.isnan(rho) or not 0.0 <= rho < math.inf:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    return float(rho)
+
+
+def _check_group(group: Mapping[str, Any]) -> None:
+    _check_rho(group["rho"])
+    eta = group["eta"]
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not isinstance(group["adaptive"], bool):
+        raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
+
+
+class SAM(Optimizer):
+    r"""Sharpness-Aware Minimization around an existing optimizer (Foret et al., ICLR 2021).
+
+    One step, with ``g = ∇L_B(w)`` from the clean pass (pass 1, "ascent")::
+
+        T   = |w| + eta   if adaptive (ASAM, Kwon et al. ICML 2021)   else 1
+        e   = rho · T² g / (‖T g‖₂ + eps)        ‖·‖₂ over every gradient of every group with rho > 0
+        w  ← w + e                                 (the old w is kept in a buffer)
+        g' = ∇L_B(w + e)                           (pass 2, "descent")
+        w  ← w                                     (restored by copy: exact, never by subtraction)
+        w  ← base_optimizer.step(w, g')            (SGD, AdamW, ... on the perturbed gradient)
+
+    ``rho``, ``adaptive`` and ``eta`` live in the shared ``param_groups`` and may differ per group;
+    a group with ``rho = 0`` is neither perturbed nor counted in the norm. The norm is one global
+    norm over all perturbed groups; each group scales by its own ``rho``.
+
+    Args:
+        params_or_optimizer: an already-built ``torch.optim.Optimizer`` (its ``param_groups`` and
+            ``state`` are shared, so LR schedulers and checkpoints of the base keep working), or
+            parameters / param groups, in which case ``base_optimizer_cls(params, **base_kwargs)``
+            is built (the ``SAM(params, torch.optim.SGD, rho=0.05, lr=0.1)`` migration form).
+        base_optimizer_cls: the base optimizer class, only with parameters.
+        rho: neighbourhood radius (default for groups that do not set it).
+        adaptive: ASAM with ``T = |w| + eta``. The ``eta`` offset lets zero-initialised weights
+            (biases) move; davda54/sam's ASAM uses ``T = |w|`` and cannot perturb them.
+        eta: ASAM offset.
+        eps: added to the norm before dividing (1e-12, as davda54/sam).
+        foreach: use the multi-tensor kernels (default ``None`` = yes). The for-loop kernels are
+            the reference; both give bitwise-identical results on the CPU.
+        model: optional. Used only by the pass contexts: :meth:`descent_pass` stops BatchNorm
+            running statistics from updating at ``w + e``, and under DDP with ``ascent="local"``
+            :meth:`ascent_pass` runs pass 1 inside ``model.no_sync()``. :meth:`step` uses both.
+        ascent: ``"local"`` (each data-parallel worker perturbs with its own gradient, as in the
+            SAM paper's m-sharpness; pass 1 needs no all-reduce) or ``"sync"`` (pass 1 gradients
+            are all-reduced, so every rank applies the same perturbation).
+        max_grad_norm: if set, the descent gradient is clipped to this global L2 norm (after
+            unscaling under a GradScaler) right before the base step. Clipping the ascent
+            gradient would not change ``e`` (it is normalised), so it is not done.
+        **base_kwargs: arguments of ``base_optimizer_cls``.
+
+    Two ways to drive it::
+
+        # closure: called twice; it must compute the loss AND call backward
+        def closure():
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)            # loss at the unperturbed weights
+
+        # two-step loop
+        with opt.ascent_pass():
+            loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        with opt.descent_pass():
+            loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    Mixed precision: with a ``torch.amp.GradScaler`` pass ``grad_scaler=`` to ``first_step`` (it
+    is remembered for ``second_step``) or to ``step``. ``first_step`` unscales the ascent gradient
+    itself and, if it is not finite, perturbs nothing; ``second_step`` then makes the scaler skip
+    the base step (weights, momentum and Adam moments stay exactly as before) and ``update()``
+    lowers the scale as usual. No host synchronisation happens inside ``first_step``; the
+    scaler's own ``step`` synchronises once, as for any optimizer.
+
+    Order inside one step: pass 1 → [unscale] → perturb → pass 2 → restore → [unscale → clip] →
+    base step. Call an LR scheduler after the whole step, as for any optimizer.
+    """
+
+    def __init__(
+        self,
+        params_or_optimizer: Any,
+        base_optimizer_cls: type[Optimizer] | None = None,
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        eps: float = 1e-12,
+        foreach: bool | None = None,
+        model: nn.Module | None = None,
+        ascent: str = "local",
+        max_grad_norm: float | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(params_or_optimizer, Optimizer):
+            if base_optimizer_cls is not None or base_kwargs:
+                raise TypeError(
+                    "SAM(optimizer, ...) wraps an already-built optimizer; base_optimizer_cls "
+                    f"({base_optimizer_cls!r}) and base optimizer kwargs ({sorted(base_kwargs)}) "
+                    "are only accepted with parameters"
+                )
+            if isinstance(params_or_optimizer, SAM):
+                raise TypeError("SAM cannot wrap another SAM optimizer")
+            base = params_or_optimizer
+        else:
+            if base_optimizer_cls is None:
+                raise TypeError(
+                    "SAM(params, ...) needs base_optimizer_cls, e.g. SAM(params, torch.optim.SGD, lr=0.1); "
+                    f"got params of type {type(params_or_optimizer).__name__} and no class"
+                )
+            if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, Optimizer)):
+                raise TypeError(f"base_optimizer_cls must be a torch.optim.Optimizer subclass, got {base_optimizer_cls!r}")
+            base = base_optimizer_cls(params_or_optimizer, **base_kwargs)
+        if not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        if ascent not in _ASCENT_MODES:
+            raise ValueError(f"ascent must be one of {_ASCENT_MODES}, got {ascent!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        self._sam_defaults = {"rho": _check_rho(rho), "adaptive": adaptive, "eta": eta}
+        _check_group(self._sam_defaults)
+        self.base_optimizer = base
+        self.eps = float(eps)
+        self.foreach = foreach
+        self.model = model
+        self.ascent = ascent
+        self.max_grad_norm = max_grad_norm
+        self._backup: dict[Tensor, Tensor] = {}  # transient: w during the perturbed pass
+        self._perturbed: list[Tensor] = []  # params currently at w + e
+        self._in_perturbation = False
+        self._found_inf: Tensor | None = None
+        self._scaler: Any = None
+        # Optimizer.__init__ calls self.add_param_group for every group; ours recognises the
+        # base's own groups and only adds the SAM settings to them.
+        super().__init__(base.param_groups, {**base.defaults, **self._sam_defaults})
+        self._relink()
+
+    # ------------------------------------------------------------------ groups and state sharing
+    def _relink(self) -> None:
+        """Share the base optimizer's ``param_groups`` and ``state`` (the same objects)."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for k, v in self._sam_defaults.items():
+                group.setdefault(k, v)
+            _check_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not any(param_group is g for g in self.base_optimizer.param_groups):
+            self.base_optimizer.add_param_group(param_group)
+            param_group = self.base_optimizer.param_groups[-1]
+        for k, v in self._sam_defaults.items():
+            param_group.setdefault(k, v)
+        _check_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling: the transient buffers are not state
+        state = self.__dict__.copy()
+        state["_backup"] = {}
+        return state
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def _mask_of(self, p: Tensor) -> tuple[bool, Tensor | None]:
+        """(is p perturbed at all, bool mask or None for all-ones). SAM perturbs everything."""
+        return True, None
+
+    def _use_masked_norm(self) -> bool:
+        return False
+
+    def _before_perturb(self) -> None:
+        """Called in :meth:`first_step` once the ascent gradient is unscaled (SSAM: masks)."""
+
+    def _after_step(self) -> None:
+        """Called at the end of :meth:`second_step`."""
+
+    # ------------------------------------------------------------------ the two passes
+    @contextmanager
+    def ascent_pass(self) -> Iterator[None]:
+        """Context for pass 1 (forward + backward at ``w``).
+
+        Under DDP with ``ascent="local"`` it runs inside ``model.no_sync()``, so each rank keeps
+        its own gradient; otherwise it does nothing. BatchNorm statistics update here as usual.
+        """
+        model = self.model
+        ctx = model.no_sync() if self.ascent == "local" and hasattr(model, "no_sync") else nullcontext()
+        with ctx:
+            yield
+
+    @contextmanager
+    def descent_pass(self) -> Iterator[None]:
+        """Context for pass 2 (forward + backward at ``w + e``): BatchNorm running statistics
+        are not updated (they come from the clean pass only). Needs ``model=``."""
+        with no_running_stats(self.model):
+            yield
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        """Move every perturbed parameter to ``w + e`` using the gradient in ``p.grad``.
+
+        Args:
+            zero_grad: clear the gradients afterwards (ready for pass 2).
+            grad_scaler: a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` produced the
+                gradients; they are unscaled in place here.
+        """
+        if self._in_perturbation:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(): the weights are already at w + e"
+            )
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self._scaler = scaler
+        self._found_inf = self._unscale_ascent_grads(scaler) if scaler is not None else None
+        self._before_perturb()
+
+        use_masked = self._use_masked_norm()
+        foreach = self.foreach is not False
+        plan = []
+        terms: list[Tensor] = []
+        for group in self.param_groups:
+            rho = _check_rho(group["rho"])
+            if rho == 0.0:
+                continue
+            adaptive, eta = group["adaptive"], group["eta"]
+            ps, gs, ms = [], [], []  # perturbed
+            norm_ps, norm_gs, norm_ms = [], [], []  # counted in the norm
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SAM does not support sparse gradients")
+                active, m = self._mask_of(p)
+                if active:
+                    ps.append(p)
+                    gs.append(p.grad)
+                    ms.append(m)
+                if active or not use_masked:
+                    norm_ps.append(p)
+                    norm_gs.append(p.grad)
+                    norm_ms.append(m if use_masked else None)
+            if norm_gs:
+                terms += F.norm_terms(norm_ps, norm_gs, norm_ms, adaptive=adaptive, eta=eta, foreach=foreach)
+            if ps:
+                plan.append((rho, adaptive, eta, ps, gs, ms))
+
+        perturbed: list[Tensor] = []
+        if plan:
+            norm = F.global_norm(terms)
+            for rho, adaptive, eta, ps, gs, ms in plan:
+                scale = rho / (norm + self.eps)
+                if self._found_inf is not None:  # non-finite ascent gradient: e = 0 (no host sync)
+                    scale = torch.where(self._found_inf.to(scale.device) > 0, torch.zeros_like(scale), scale)
+                backups = [self._backup_for(p) for p in ps]
+                F.perturb_(ps, gs, ms, backups, scale, adaptive=adaptive, eta=eta, foreach=foreach)
+                perturbed += ps
+        self._perturbed = perturbed
+        self._in_perturbation = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        """Restore ``w`` exactly and take the base optimizer's step with the gradient in ``p.grad``
+        (computed at ``w + e``). Uses the GradScaler given to :meth:`first_step` unless another
+        is given here."""
+        if not self._in_perturbation:
+            raise RuntimeError("second_step() was called before first_step(): there is no perturbation to undo")
+        F.restore_(self._perturbed, [self._backup[p] for p in self._perturbed], foreach=self.foreach is not False)
+        self._perturbed = []
+        self._in_perturbation = False
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else self._scaler
+        found_inf, self._found_inf, self._scaler = self._found_inf, None, None
+        if scaler is not None:
+            if found_inf is not None:
+                self._poison_descent_grads(found_inf)
+            if self.max_grad_norm is not None:
+                scaler.unscale_(self.base_optimizer)
+                self._clip()
+            scaler.step(self.base_optimizer)
+        else:
+            if self.max_grad_norm is not None:
+                self._clip()
+            self.base_optimizer.step()
+        self._after_step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scaler: Any = None) -> Any:  # type: ignore[override]
+        """One SAM step with standard closure semantics.
+
+        ``closure()`` must compute the loss and call ``backward()``; it is called twice (at ``w``
+        inside :meth:`ascent_pass`, then at ``w + e`` inside :meth:`descent_pass`). Gradients are
+        cleared between the passes. Returns the first call's result: the loss at ``w``.
+        """
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs a closure that computes the loss and calls backward "
+                "(it is evaluated twice); for a hand-written loop use first_step() / second_step()"
+            )
+        closure = torch.enable_grad()(closure)
+        with self.ascent_pass():
+            loss = closure()
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        with self.descent_pass():
+            closure()
+        self.second_step(grad_scaler=grad_scaler)
+        return loss
+
+    # ------------------------------------------------------------------ helpers
+    def _backup_for(self, p: Tensor) -> Tensor:
+        b = self._backup.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._backup[p] = b
+        return b
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _unscale_ascent_grads(self, scaler: Any) -> Tensor:
+        scale = getattr(scaler, "_scale", None)
+        if scale is None:
+            raise RuntimeError(
+                "first_step(grad_scaler=...) was called before grad_scaler.scale(loss).backward(): "
+                "the scaler has no scale yet"
+            )
+        inv_scale = scale.double().reciprocal().float()
+        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in self._grads():
+            by_device.setdefault(g.device, []).append(g)
+        for dev, grads in by_device.items():
+            f = torch.zeros(1, dtype=torch.float32, device=dev)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, f, inv_scale.to(dev))
+            found_inf += f.to(found_inf.device).reshape(())
+            # When found_inf > 0 these finite stand-ins are multiplied by a zero scale: e = 0.
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        return found_inf
+
+    def _poison_descent_grads(self, found_inf: Tensor) -> None:
+        # The ascent gradient was not finite: make the scaler see a non-finite descent gradient as
+        # well, so it skips the base step and lowers the scale, without a host sync here.
+        for g in self._grads():
+            if g.numel():
+                flat = g.view(-1)[:1]
+                flat.add_(torch.where(found_inf.to(g.device) > 0, torch.tensor(math.inf, device=g.device), 0.0).to(g.dtype))
+                return
+
+    def _clip(self) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, cast(float, self.max_grad_norm), foreach=self.foreach is not False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict[str, Any]:
+        return {"version": 1, "type": type(self).__name__}
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's full state dict (param groups with the SAM settings, momentum,
+        Adam moments, ...) plus a ``"sparsam"`` entry with SAM's own state. The transient copy of
+        ``w`` is never saved. Save between steps, not between ``first_step`` and ``second_step``."""
+        if self._in_perturbation:
+            raise RuntimeError("state_dict() between first_step() and second_step(): the weights are at w + e")
+        sd = self.base_optimizer.state_dict()
+        sd["sparsam"] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a state dict from :meth:`state_dict` (or a plain state dict of the base optimizer)."""
+        sd = dict(state_dict)
+        extra = sd.pop("sparsam", None)
+        self.base_optimizer.load_state_dict(sd)
+        self._relink()  # the base replaced its param_groups and state objects
+        self._backup = {}
+        if extra is not None:
+            self._load_extra_state(extra)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)}, " \
+            + ", ".join(f"{k}={self._sam_defaults[k]}" for k in _SAM_KEYS) + ")"

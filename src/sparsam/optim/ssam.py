@@ -1,3 +1,283 @@
+"""Sparse SAM (SSAM): SAM whose perturbation is restricted by a binary mask."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..masks.base import LossFn, MaskContext, MaskSource, check_sparsity
+from ..masks.random import RandomMask
 from .sam import SAM
+
+_NORMS = ("full", "masked")
+# How SSAM treats a parameter, decided when a mask is set (a host sync there, never in a step).
+_SKIP, _PARTIAL, _DENSE = 0, 1, 2
+
+
 class SSAM(SAM):
-    pass
+    r"""Sparse SAM (Mi et al., NeurIPS 2022; TPAMI 2025): only masked coordinates are perturbed.
+
+    With a bool mask ``m`` per parameter (``m = 1``: perturbed)::
+
+        norm="full"   (default, the authors' code):  e = rho · m ⊙ T² g / (‖T g‖₂ + eps)    ‖e‖ <= rho
+        norm="masked" (renormalised, as SAM-ON):     e = rho · m ⊙ T² g / (‖m ⊙ T g‖₂ + eps) ‖e‖ = rho
+
+    ``T = 1`` unless ``adaptive=True`` (ASAM). The descent gradient and the base step stay dense.
+    ``sparsity`` is the fraction of coordinates NOT perturbed (the papers' meaning). A parameter
+    without a mask, or whose mask is entirely False, is neither copied nor touched in the step
+    (with ``norm="full"`` its gradient still counts in the norm). An all-True mask gives exactly
+    SAM and an all-False mask exactly the base optimizer.
+
+    Masks come from a mask source (:mod:`sparsam.masks`: random, Fisher, dynamic, ...) or are set
+    by hand with :meth:`set_masks`. They are stored as bool tensors (1 byte per coordinate), saved
+    in :meth:`state_dict` together with the mask source's state, and, under ``torch.distributed``,
+    broadcast from rank 0 after every init/update so all ranks perturb the same coordinates.
+
+    Args:
+        params_or_optimizer, base_optimizer_cls, **kwargs: as :class:`SAM`.
+        sparsity: shortcut for ``mask=RandomMask(sparsity)``; if ``mask`` is also given, it must
+            agree with ``mask.sparsity``.
+        mask: the mask source. Its ``init`` runs at the first :meth:`first_step` (or at
+            :meth:`init_masks`), unless masks were loaded or set by hand; its ``update`` runs at
+            the start of a step when the source asks for it.
+        norm: ``"full"`` or ``"masked"``, see above.
+        model, loss_fn, data: handed to the mask source (Fisher masks need all three; names of
+            parameters come from ``model.named_parameters()``). ``data`` is an iterable of
+            ``(inputs, targets)`` batches; ``loss_fn(outputs, targets)`` returns a batch's mean loss.
+        sync_masks: broadcast masks from rank 0 when ``torch.distributed`` is initialised.
+    """
+
+    def __init__(
+        self,
+        params_or_optimizer: Any,
+        base_optimizer_cls: type[Optimizer] | None = None,
+        *,
+        rho: float = 0.05,
+        sparsity: float | None = None,
+        mask: MaskSource | None = None,
+        norm: str = "full",
+        model: nn.Module | None = None,
+        loss_fn: LossFn | None = None,
+        data: Iterable[Any] | None = None,
+        sync_masks: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        if sparsity is not None:
+            sparsity = check_sparsity(sparsity)
+        if mask is None:
+            if sparsity is None:
+                raise ValueError("SSAM needs a sparsity (e.g. sparsity=0.5) or a mask source (mask=...)")
+            mask = RandomMask(sparsity)
+        elif not isinstance(mask, MaskSource):
+            raise TypeError(f"mask must be a sparsam.masks.MaskSource, got {type(mask).__name__}")
+        elif sparsity is not None and abs(sparsity - mask.sparsity) > 1e-12:
+            raise ValueError(f"sparsity={sparsity!r} disagrees with the mask source's sparsity={mask.sparsity!r}")
+        super().__init__(params_or_optimizer, base_optimizer_cls, rho=rho, model=model, **kwargs)
+        self.norm = norm
+        self.mask_source = mask
+        self.loss_fn = loss_fn
+        self.data = data
+        self.sync_masks = sync_masks
+        self._masks: dict[Tensor, Tensor] = {}
+        self._kind: dict[Tensor, int] = {}
+        self._masks_ready = False
+        self._steps = 0  # completed SSAM steps: the clock of the mask schedule
+
+    @property
+    def sparsity(self) -> float:
+        return self.mask_source.sparsity
+
+    # ------------------------------------------------------------------ names and masks
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _perturbable(self) -> list[Tensor]:
+        return [p for g in self.param_groups if g["rho"] > 0 for p in g["params"] if p.requires_grad]
+
+    def param_names(self) -> dict[Tensor, str]:
+        """A name for every parameter: the group's ``param_names`` if the optimizer was built from
+        named parameters, else the model's names, else ``"param.<index>"``."""
+        names: dict[Tensor, str] = {}
+        if self.model is not None:
+            for n, p in self.model.named_parameters():
+                names.setdefault(p, _strip_wrapper_prefix(n))
+        i = 0
+        for g in self.param_groups:
+            given = g.get("param_names")
+            for j, p in enumerate(g["params"]):
+                if given is not None:
+                    names[p] = given[j]
+                elif p not in names:
+                    names[p] = f"param.{i}"
+                i += 1
+        return names
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The current masks by parameter name (bool tensors; unmasked parameters are absent)."""
+        names = self.param_names()
+        return {names[p]: m for p, m in self._masks.items()}
+
+    def set_masks(self, masks: Mapping[Any, Tensor]) -> None:
+        """Set the masks by hand: a mapping from parameter (tensor) or parameter name to a bool
+        tensor of the parameter's shape. A parameter left out is not perturbed. Validated fully
+        before anything changes."""
+        by_name = {n: p for p, n in self.param_names().items()}
+        known = set(self._all_params())
+        new: dict[Tensor, Tensor] = {}
+        for key, m in masks.items():
+            if isinstance(key, str):
+                if key not in by_name:
+                    raise KeyError(f"no parameter named {key!r} in this optimizer (known: {sorted(by_name)[:8]}...)")
+                p = by_name[key]
+            elif isinstance(key, Tensor):
+                if key not in known:
+                    raise KeyError(f"mask given for a tensor of shape {tuple(key.shape)} that is not a parameter of this optimizer")
+                p = key
+            else:
+                raise TypeError(f"mask keys must be parameters or parameter names, got {type(key).__name__}")
+            if not isinstance(m, Tensor):
+                raise TypeError(f"mask for {key if isinstance(key, str) else 'parameter'} must be a tensor, got {type(m).__name__}")
+            if m.dtype != torch.bool:
+                raise TypeError(f"mask for parameter of shape {tuple(p.shape)} must have dtype torch.bool, got {m.dtype}")
+            if m.shape != p.shape:
+                raise ValueError(f"mask shape {tuple(m.shape)} does not match its parameter's shape {tuple(p.shape)}")
+            new[p] = m.detach().to(p.device, non_blocking=False)
+        self._install(new)
+
+    def _install(self, new: dict[Tensor, Tensor]) -> None:
+        kinds: dict[Tensor, int] = {}
+        for p, m in new.items():
+            # Classifying a mask reads two booleans back to the host; this happens only when masks
+            # change (init / update / load), never inside an ordinary step.
+            if m.numel() == 0 or not bool(m.any()):
+                kinds[p] = _SKIP
+            elif bool(m.all()):
+                kinds[p] = _DENSE
+            else:
+                kinds[p] = _PARTIAL
+        self._masks = {p: m for p, m in new.items() if kinds[p] != _SKIP}
+        self._kind = kinds
+        for p in list(self._backup):  # free copies of tensors no longer perturbed
+            if kinds.get(p, _SKIP) == _SKIP:
+                del self._backup[p]
+        self._masks_ready = True
+
+    def _mask_of(self, p: Tensor) -> tuple[bool, Tensor | None]:
+        kind = self._kind.get(p, _SKIP)
+        if kind == _SKIP:
+            return False, None
+        return True, (None if kind == _DENSE else self._masks[p])
+
+    def _use_masked_norm(self) -> bool:
+        return self.norm == "masked"
+
+    def mask_context(self) -> MaskContext:
+        """The :class:`MaskContext` handed to the mask source now."""
+        names = self.param_names()
+        params = {names[p]: p for p in self._perturbable()}
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        return MaskContext(
+            params=params,
+            model=self.model,
+            loss_fn=self.loss_fn,
+            data=self.data,
+            step=self._steps,
+            grads=grads,
+            masks=self.masks,
+        )
+
+    def _apply_source(self, result: Mapping[str, Tensor] | None) -> None:
+        if result is None:
+            return
+        masks = dict(result)
+        if self.sync_masks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            masks = _broadcast_masks(masks)
+        self.set_masks(masks)
+
+    def init_masks(self) -> None:
+        """Ask the mask source for the first masks now (otherwise done at the first step)."""
+        self._apply_source(self.mask_source.init(self.mask_context()))
+        self._masks_ready = True
+
+    def _before_perturb(self) -> None:
+        if not self._masks_ready:
+            self.init_masks()
+        elif self.mask_source.wants_update(self._steps):
+            if self._found_inf is not None and bool(self._found_inf.item()):
+                # Host sync, only on a mask-update step under a GradScaler: the ascent gradient is
+                # not finite, so keep the masks and try again at the next step.
+                return
+            self._apply_source(self.mask_source.update(self.mask_context()))
+
+    def _after_step(self) -> None:
+        self._steps += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict[str, Any]:
+        index = {p: i for i, p in enumerate(self._all_params())}
+        return {
+            **super()._extra_state(),
+            "steps": self._steps,
+            "norm": self.norm,
+            "masks_ready": self._masks_ready,
+            "masks": {index[p]: m.clone() for p, m in self._masks.items()},
+            "mask_source": self.mask_source.state_dict(),
+        }
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        if extra.get("type") not in (None, "SSAM"):
+            raise ValueError(f"cannot load a {extra.get('type')!r} state into SSAM")
+        if "norm" in extra and extra["norm"] != self.norm:
+            raise ValueError(f"checkpoint was saved with norm={extra['norm']!r}, this optimizer has norm={self.norm!r}")
+        params = self._all_params()
+        masks = {}
+        for i, m in extra.get("masks", {}).items():
+            i = int(i)
+            if not 0 <= i < len(params):
+                raise ValueError(f"checkpoint has a mask for parameter index {i}, the optimizer has {len(params)}")
+            masks[params[i]] = m.to(torch.bool)
+        if "mask_source" in extra:
+            self.mask_source.load_state_dict(extra["mask_source"])
+        self.set_masks(masks)
+        self._masks_ready = bool(extra.get("masks_ready", True))
+        self._steps = int(extra.get("steps", 0))
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", norm={self.norm!r}, mask={self.mask_source!r})"
+
+
+def _strip_wrapper_prefix(name: str) -> str:
+    # DDP and torch.compile wrap the model: "module.layer.weight", "_orig_mod.layer.weight".
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def _broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Make every rank hold rank 0's masks: one flat uint8 broadcast (gloo has no bool)."""
+    names = sorted(masks)
+    if not names:
+        return masks
+    device = masks[names[0]].device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flat = torch.cat([masks[n].reshape(-1).to(device, torch.uint8) for n in names])
+    dist.broadcast(flat, src=0)
+    out, i = {}, 0
+    for n in names:
+        m = masks[n]
+        out[n] = flat[i : i + m.numel()].view(m.shape).to(m.device, torch.bool)
+        i += m.numel()
+    return out
+
+
+__all__ = ["SSAM"]
