@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,9 +13,11 @@ from torch.optim import Optimizer
 
 from ..masks.base import LossFn, MaskContext, MaskSource, check_sparsity
 from ..masks.random import RandomMask
+from .implicit import is_2to4_rows, masked_input_gradients
 from .sam import SAM
 
 _NORMS = ("full", "masked")
+_FORMS = ("explicit", "implicit")
 # How SSAM treats a parameter, decided when a mask is set (a host sync there, never in a step).
 _SKIP, _PARTIAL, _DENSE = 0, 1, 2
 
@@ -38,6 +41,23 @@ class SSAM(SAM):
     in :meth:`state_dict` together with the mask source's state, and, under ``torch.distributed``,
     broadcast from rank 0 after every init/update so all ranks perturb the same coordinates.
 
+    Two forms (TPAMI 2025):
+
+    - ``form="explicit"`` (default): the perturbation is masked, as above.
+    - ``form="implicit"``: the perturbation is dense SAM, but in the ascent backward every
+      Linear/Conv layer whose weight has a mask sends its input gradient through ``W ⊙ M``
+      (``dX = dY (W ⊙ M)^T``-style; forward and ``dW`` dense). See :mod:`sparsam.optim.implicit`.
+      Needs ``model=``; only active inside :meth:`ascent_pass` (which :meth:`step` uses).
+
+    Cheaper ascent (``sparse_ascent``): with ``norm="masked"`` the ascent pass only needs the
+    gradients of perturbed coordinates, so inside :meth:`ascent_pass` every parameter whose mask is
+    entirely False has ``requires_grad`` switched off: autograd skips its weight-gradient kernels,
+    and below the lowest perturbed layer the backward stops. The perturbation is exactly the one a
+    dense pass gives. With ``norm="full"`` the norm needs every gradient, so the dense pass is
+    required: ``sparse_ascent=True`` then raises. Default ``None``: on exactly when
+    ``norm="masked"`` and ``form="explicit"``. Steps on which a gradient-based mask source updates
+    (``needs_grads``) always run a dense ascent pass. Under DDP it needs ``ascent="local"``.
+
     Args:
         params_or_optimizer, base_optimizer_cls, **kwargs: as :class:`SAM`.
         sparsity: shortcut for ``mask=RandomMask(sparsity)``; if ``mask`` is also given, it must
@@ -50,6 +70,8 @@ class SSAM(SAM):
             parameters come from ``model.named_parameters()``). ``data`` is an iterable of
             ``(inputs, targets)`` batches; ``loss_fn(outputs, targets)`` returns a batch's mean loss.
         sync_masks: broadcast masks from rank 0 when ``torch.distributed`` is initialised.
+        form: ``"explicit"`` or ``"implicit"``, see above.
+        sparse_ascent: the cheaper ascent pass, see above.
     """
 
     def __init__(
@@ -65,10 +87,25 @@ class SSAM(SAM):
         loss_fn: LossFn | None = None,
         data: Iterable[Any] | None = None,
         sync_masks: bool = True,
+        form: str = "explicit",
+        sparse_ascent: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
+        if form == "implicit" and model is None:
+            raise ValueError("form='implicit' needs model= (the layers whose backward is masked)")
+        if sparse_ascent is None:
+            sparse_ascent = norm == "masked" and form == "explicit"
+        elif sparse_ascent and norm != "masked":
+            raise ValueError(
+                f"sparse_ascent=True needs norm='masked', got norm={norm!r}: the full-gradient norm "
+                "needs every gradient, so the ascent pass must stay dense"
+            )
+        elif sparse_ascent and form != "explicit":
+            raise ValueError("sparse_ascent=True needs form='explicit': the implicit form perturbs densely")
         if sparsity is not None:
             sparsity = check_sparsity(sparsity)
         if mask is None:
@@ -81,12 +118,15 @@ class SSAM(SAM):
             raise ValueError(f"sparsity={sparsity!r} disagrees with the mask source's sparsity={mask.sparsity!r}")
         super().__init__(params_or_optimizer, base_optimizer_cls, rho=rho, model=model, **kwargs)
         self.norm = norm
+        self.form = form
+        self.sparse_ascent = bool(sparse_ascent)
         self.mask_source = mask
         self.loss_fn = loss_fn
         self.data = data
         self.sync_masks = sync_masks
         self._masks: dict[Tensor, Tensor] = {}
         self._kind: dict[Tensor, int] = {}
+        self._sparse_ok: dict[Tensor, bool] = {}
         self._masks_ready = False
         self._steps = 0  # completed SSAM steps: the clock of the mask schedule
 
@@ -165,12 +205,16 @@ class SSAM(SAM):
                 kinds[p] = _PARTIAL
         self._masks = {p: m for p, m in new.items() if kinds[p] != _SKIP}
         self._kind = kinds
+        if self.form == "implicit":
+            self._sparse_ok = {p: is_2to4_rows(m.t()) for p, m in self._masks.items() if m.dim() == 2}
         for p in list(self._backup):  # free copies of tensors no longer perturbed
             if kinds.get(p, _SKIP) == _SKIP:
                 del self._backup[p]
         self._masks_ready = True
 
     def _mask_of(self, p: Tensor) -> tuple[bool, Tensor | None]:
+        if self.form == "implicit":  # dense perturbation; the masks act in the ascent backward
+            return True, None
         kind = self._kind.get(p, _SKIP)
         if kind == _SKIP:
             return False, None
@@ -179,14 +223,57 @@ class SSAM(SAM):
     def _use_masked_norm(self) -> bool:
         return self.norm == "masked"
 
+    # ------------------------------------------------------------------ the ascent pass
+    def _dense_ascent_needed(self) -> bool:
+        src = self.mask_source
+        if not self._masks_ready:
+            return src.needs_grads
+        return src.needs_grads and src.wants_update(self._steps)
+
+    @contextmanager
+    def ascent_pass(self) -> Iterator[None]:
+        """Pass-1 context: DDP ``no_sync`` (``ascent="local"``), plus the cheaper ascent
+        (``sparse_ascent``) or the implicit form's masked input gradients."""
+        if not self._masks_ready and not self.mask_source.needs_grads:
+            self.init_masks()  # the mask is needed now to know what pass 1 can skip
+        with super().ascent_pass():
+            if self.form == "implicit":
+                with masked_input_gradients(self.model, self._masks, self._sparse_ok):  # type: ignore[arg-type]
+                    yield
+                return
+            frozen: list[Tensor] = []
+            if self.sparse_ascent and self._masks_ready and not self._dense_ascent_needed():
+                # Pass-1 gradients serve only the perturbation: skip every parameter it won't move.
+                frozen = [
+                    p
+                    for g in self.param_groups
+                    for p in g["params"]
+                    if p.requires_grad and (g["rho"] == 0 or self._kind.get(p, _SKIP) == _SKIP)
+                ]
+                if frozen and self.ascent == "sync" and hasattr(self.model, "no_sync"):
+                    raise RuntimeError(
+                        "sparse_ascent under DDP needs ascent='local' (pass 1 outside the gradient "
+                        "all-reduce); got ascent='sync'"
+                    )
+            try:
+                for p in frozen:
+                    p.requires_grad_(False)
+                yield
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+
     def mask_context(self) -> MaskContext:
         """The :class:`MaskContext` handed to the mask source now."""
         names = self.param_names()
         params = {names[p]: p for p in self._perturbable()}
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        model = self.model
+        while model is not None and hasattr(model, "no_sync") and hasattr(model, "module"):
+            model = model.module  # mask sources see the plain model, not the DDP wrapper
         return MaskContext(
             params=params,
-            model=self.model,
+            model=model,
             loss_fn=self.loss_fn,
             data=self.data,
             step=self._steps,
@@ -227,6 +314,7 @@ class SSAM(SAM):
             **super()._extra_state(),
             "steps": self._steps,
             "norm": self.norm,
+            "form": self.form,
             "masks_ready": self._masks_ready,
             "masks": {index[p]: m.clone() for p, m in self._masks.items()},
             "mask_source": self.mask_source.state_dict(),
@@ -235,6 +323,8 @@ class SSAM(SAM):
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
         if extra.get("type") not in (None, "SSAM"):
             raise ValueError(f"cannot load a {extra.get('type')!r} state into SSAM")
+        if extra.get("form", self.form) != self.form:
+            raise ValueError(f"checkpoint was saved with form={extra['form']!r}, this optimizer has form={self.form!r}")
         if "norm" in extra and extra["norm"] != self.norm:
             raise ValueError(f"checkpoint was saved with norm={extra['norm']!r}, this optimizer has norm={self.norm!r}")
         params = self._all_params()
@@ -251,7 +341,7 @@ class SSAM(SAM):
         self._steps = int(extra.get("steps", 0))
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", norm={self.norm!r}, mask={self.mask_source!r})"
+        return super().__repr__()[:-1] + f", norm={self.norm!r}, form={self.form!r}, mask={self.mask_source!r})"
 
 
 def _strip_wrapper_prefix(name: str) -> str:
