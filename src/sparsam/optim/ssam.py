@@ -250,6 +250,8 @@ class SSAM(SAM):
                     for p in g["params"]
                     if p.requires_grad and (g["rho"] == 0 or self._kind.get(p, _SKIP) == _SKIP)
                 ]
+                if len(frozen) == sum(p.requires_grad for p in self._all_params()):
+                    frozen = []  # nothing is perturbed: keep pass 1 as it is so backward() still works
                 if frozen and self.ascent == "sync" and hasattr(self.model, "no_sync"):
                     raise RuntimeError(
                         "sparse_ascent under DDP needs ascent='local' (pass 1 outside the gradient "
