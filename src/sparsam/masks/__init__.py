@@ -1,6 +1,36 @@
-"""Mask sources for SSAM and the helpers they share."""
+"""Mask sources for SSAM and the helpers they share.
+
+* :func:`select`: scores -> boolean masks (unstructured, structured, N:M), shared by every source.
+* Sources (:class:`MaskSource` protocol, see :mod:`sparsam.masks.base`): :class:`FisherMask`
+  (SSAM-F), :class:`DynamicMask` (SSAM-D), :class:`RandomMask`, :class:`NormLayersMask` (SAM-ON
+  style), :class:`AllOnesMask` (= SAM).
+* :func:`fisher_information`: batched diagonal empirical Fisher; :func:`mask_stats`: logging.
+
+Conventions are in ``docs/masks.md``.
+"""
 
 from .base import AllOnesMask, MaskContext, MaskSource, check_sparsity
+from .dynamic import DynamicMask, cosine_drop_rate
+from .fisher import FisherMask, fisher_information
+from .norm import NORM_TYPES, NormLayersMask
 from .random import RandomMask
+from .selection import keep_count, nm_mask, select
+from .stats import mask_stats
 
-__all__ = ["AllOnesMask", "MaskContext", "MaskSource", "RandomMask", "check_sparsity"]
+__all__ = [
+    "AllOnesMask",
+    "DynamicMask",
+    "FisherMask",
+    "MaskContext",
+    "MaskSource",
+    "NORM_TYPES",
+    "NormLayersMask",
+    "RandomMask",
+    "check_sparsity",
+    "cosine_drop_rate",
+    "fisher_information",
+    "keep_count",
+    "mask_stats",
+    "nm_mask",
+    "select",
+]

@@ -8,54 +8,70 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import MaskContext, MaskSource
-
-
-def _global_topk_masks(scores: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
-    # k = round(density * N), one global ranking (ties cannot matter for continuous random scores).
-    names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names]) if names else torch.zeros(0)
-    k = int(round(density * flat.numel()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k > 0:
-        keep[torch.topk(flat, k, sorted=False).indices] = True
-    out, i = {}, 0
-    for n in names:
-        s = scores[n]
-        out[n] = keep[i : i + s.numel()].reshape(s.shape).to(s.device)
-        i += s.numel()
-    return out
+from .base import MaskContext, MaskSource, check_sparsity
+from .selection import parse_pattern, resolve_sparsity, select
 
 
 class RandomMask(MaskSource):
-    """Uniformly random mask with exactly ``round((1 - sparsity) * N)`` perturbed coordinates.
+    """Uniformly random mask: :func:`~sparsam.masks.select` over uniform random scores.
 
-    ``N`` counts every perturbable coordinate (one global budget). The random state lives in this
-    object (``seed``) and in its ``state_dict``, so a resumed run draws the same masks.
-    With ``update_every`` set, a fresh random mask is drawn at each update.
+    With the default unstructured pattern and global budget exactly ``round((1 - sparsity) * N)``
+    coordinates are perturbed, ``N`` counting every perturbable coordinate. Other patterns
+    (``"structured"``, ``"2:4"``, ...) and options are those of :func:`~sparsam.masks.select`
+    (``one_d`` defaults to ``"rank"``: 1-D tensors are drawn like the others, also under N:M).
+    Scores are drawn on the CPU from this object's generator (``seed``), one ``torch.rand`` per
+    parameter in ``ctx.params`` order, so masks do not depend on the device; the generator state is
+    in ``state_dict``, so a resumed run draws the same masks. With ``update_every`` set, a fresh
+    random mask is drawn at each update. ``sparsity=1.0`` is accepted here (unlike
+    :func:`~sparsam.masks.select`) and gives all-false masks: SSAM then equals its base optimizer.
     """
 
     def __init__(
         self,
-        sparsity: float,
+        sparsity: float | None,
         *,
         seed: int = 0,
+        pattern: str = "unstructured",
+        n: int | None = None,
+        m: int | None = None,
+        granularity: str = "tensor",
+        budget: str = "global",
+        one_d: str = "rank",
         update_every: int | None = None,
         update_every_epochs: int | None = None,
         steps_per_epoch: int | None = None,
     ) -> None:
+        self.pattern, self.n, self.m = parse_pattern(pattern, n, m)
+        if sparsity is not None and self.pattern != "nm" and check_sparsity(sparsity) == 1.0:
+            resolved = 1.0  # all-false masks (SSAM = the base optimizer); select() needs s < 1
+        else:
+            resolved = resolve_sparsity(sparsity, self.pattern, self.n, self.m)
         super().__init__(
-            sparsity,
+            resolved,
             update_every=update_every,
             update_every_epochs=update_every_epochs,
             steps_per_epoch=steps_per_epoch,
         )
+        self.granularity, self.budget, self.one_d = granularity, budget, one_d
+        check = 0.0 if self.sparsity == 1.0 else self.sparsity  # validates the pattern options
+        select({}, check, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def _draw(self, ctx: MaskContext) -> dict[str, Tensor]:
+        if self.sparsity == 1.0:
+            return {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
         scores = {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}
-        masks = _global_topk_masks(scores, 1.0 - self.sparsity)
+        masks = select(
+            scores,
+            self.sparsity,
+            self.pattern,
+            n=self.n,
+            m=self.m,
+            granularity=self.granularity,
+            budget=self.budget,
+            one_d=self.one_d,
+        )
         return {n: m.to(ctx.params[n].device) for n, m in masks.items()}
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
@@ -73,4 +89,5 @@ class RandomMask(MaskSource):
         self.generator.set_state(state["rng"])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, seed={self.seed}"
+        pat = f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern
+        return f"{super().extra_repr()}, seed={self.seed}, pattern={pat!r}"
