@@ -1,0 +1,49 @@
+"""Data for training: in-memory datasets cut into batches on the device, and streamed image folders.
+
+Small datasets (digits, CIFAR, folders of small images) are held as a uint8 tensor (N, C, H, W) and
+int64 labels (:class:`ArrayDataset`), moved to the device once; :class:`DeviceLoader` gathers,
+normalises and augments (:func:`cifar_augment`) whole batches there. Large image folders stream
+through a torch DataLoader over :class:`ImageFolderStream`.
+
+>>> from sparsam.data import load_dataset, make_loaders, cifar_augment
+>>> splits = load_dataset("cifar10", download=True)
+>>> train, test = make_loaders(splits, batch_size=128, device="cuda", augment=cifar_augment)
+>>> for epoch in range(200):
+...     train.set_epoch(epoch)
+...     for x, y in train: ...
+
+See ``docs/models_and_data.md``.
+"""
+
+from .augment import Augment, cifar_augment, cutout, random_crop, random_flip
+from .cifar import DatasetNotFoundError
+from .dataset import ArrayDataset, DatasetSplits, channel_stats, random_subset
+from .image_folder import default_cache_dir, folder_image_size
+from .load import DATASET_NAMES, load_dataset
+from .loader import DeviceLoader, make_loaders, to_device_batch
+from .stream import IMAGENET_MEAN, IMAGENET_STD, ImageFolderStream, RandomResizedCrop, ResizeCenterCrop
+
+__all__ = [
+    "DATASET_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ArrayDataset",
+    "Augment",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "DeviceLoader",
+    "ImageFolderStream",
+    "RandomResizedCrop",
+    "ResizeCenterCrop",
+    "channel_stats",
+    "cifar_augment",
+    "cutout",
+    "default_cache_dir",
+    "folder_image_size",
+    "load_dataset",
+    "make_loaders",
+    "random_crop",
+    "random_flip",
+    "random_subset",
+    "to_device_batch",
+]

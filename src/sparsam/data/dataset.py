@@ -1,0 +1,170 @@
+"""In-memory image datasets: uint8 images and int64 labels, plus what a training run needs to know."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"{type(x).__name__} {x!r}"
+
+
+class ArrayDataset:
+    """A labelled image dataset held as two tensors.
+
+    Args:
+        images: uint8 tensor (N, C, H, W), values 0..255.
+        labels: int64 tensor (N,), class indices.
+
+    ``dataset[i]`` is ``(images[i], labels[i])``, so it also works as a torch ``Dataset``; for
+    training, :class:`sparsam.data.DeviceLoader` cuts whole batches on the device instead.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 tensor of shape (N, C, H, W), got {_describe(images)}")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
+            raise ValueError(f"labels must be an int64 tensor of shape (N,), got {_describe(labels)}")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
+        if images.device != labels.device:
+            raise ValueError(f"images and labels are on different devices: {images.device} vs {labels.device}")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """The same data on ``device`` (``self`` if it is already there)."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        return ArrayDataset(self.images.to(device), self.labels.to(device))
+
+    def subset(self, indices: Tensor | Sequence[int]) -> ArrayDataset:
+        """The samples at ``indices`` (in that order), as a new dataset (copies)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.images.device)
+        if idx.dim() != 1:
+            raise ValueError(f"indices must be one-dimensional, got shape {tuple(idx.shape)}")
+        return ArrayDataset(self.images.index_select(0, idx), self.labels.index_select(0, idx))
+
+    def __repr__(self) -> str:
+        n, c, h, w = self.images.shape
+        return f"ArrayDataset(n={n}, channels={c}, size={h}x{w}, device={self.device})"
+
+
+@dataclass
+class DatasetSplits:
+    """A train and a test split and their metadata, as returned by :func:`sparsam.data.load_dataset`.
+
+    Attributes:
+        name: what was loaded (``"cifar10"``, ``"digits"`` or the folder's absolute path).
+        train: the training split.
+        test: the test (or validation) split.
+        num_classes: number of classes (length of ``class_names``).
+        in_channels: 1 (grayscale) or 3 (RGB).
+        image_size: (H, W).
+        mean: per-channel mean of the train split's pixels, on the 0..1 scale.
+        std: per-channel standard deviation (population, over every pixel of the train split), 0..1 scale.
+        class_names: names in label order (label i is ``class_names[i]``).
+    """
+
+    name: str
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+
+
+def channel_stats(images: Tensor, *, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and population standard deviation of uint8 images (N, C, H, W), 0..1 scale.
+
+    Exact: sums of values and squares of integer pixels are accumulated in float64 (exact up to
+    2**53, far above any image dataset), in chunks of ``chunk`` images to bound memory.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError("cannot compute channel statistics of an empty dataset")
+    s = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        x = images[i : i + chunk].to(device="cpu", dtype=torch.float64)
+        s += x.sum(dim=(0, 2, 3))
+        s2 += x.square().sum(dim=(0, 2, 3))
+    count = n * h * w
+    mean = s / count
+    var = (s2 / count - mean.square()).clamp_min(0.0)
+    return (mean / 255.0).tolist(), (var.sqrt() / 255.0).tolist()
+
+
+def random_subset(dataset: ArrayDataset, n: int, *, mode: str = "balanced", seed: int = 0) -> ArrayDataset:
+    """A seeded subset of ``n`` samples, kept in dataset order.
+
+    ``mode="random"``: ``n`` samples uniformly without replacement.
+    ``mode="balanced"``: ``n // C`` samples of each of the C classes present, and one more for
+    ``n % C`` classes chosen at random; a class with too few samples is a ValueError.
+    Draws come from ``numpy.random.default_rng(seed)``, so a subset depends only on (labels, n, mode, seed).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(dataset):
+        raise ValueError(f"subset size must be an int in [1, {len(dataset)}], got {n!r}")
+    if mode not in ("balanced", "random"):
+        raise ValueError(f"subset mode must be 'balanced' or 'random', got {mode!r}")
+    rng = np.random.default_rng(seed)
+    labels = dataset.labels.cpu().numpy()
+    if mode == "random":
+        keep = rng.choice(len(labels), size=n, replace=False)
+    else:
+        classes = np.unique(labels)
+        quota = np.full(len(classes), n // len(classes))
+        quota[rng.permutation(len(classes))[: n % len(classes)]] += 1
+        parts = []
+        for c, q in zip(classes, quota):
+            idx = np.flatnonzero(labels == c)
+            if q > len(idx):
+                raise ValueError(f"balanced subset of {n} needs {q} samples of class {c}, which has {len(idx)}")
+            parts.append(rng.choice(idx, size=q, replace=False))
+        keep = np.concatenate(parts)
+    return dataset.subset(torch.from_numpy(np.sort(keep)))
+
+
+def take_per_class(labels: Sequence[int] | Tensor, max_per_class: int | None) -> list[int]:
+    """Indices of the first ``max_per_class`` samples of each class, in dataset order (all if None)."""
+    labels_list = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+    if max_per_class is None:
+        return list(range(len(labels_list)))
+    counts: dict[int, int] = {}
+    keep = []
+    for i, y in enumerate(labels_list):
+        if counts.get(y, 0) < max_per_class:
+            counts[y] = counts.get(y, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def check_max_per_class(max_per_class: int | None) -> int | None:
+    if max_per_class is None:
+        return None
+    if isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1:
+        raise ValueError(f"max_per_class must be a positive int or None, got {max_per_class!r}")
+    return max_per_class
