@@ -1,2 +1,81 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""``sparsam`` / ``python -m sparsam``: a small registry of subcommands.
+
+Each subcommand lives in a module with ``main(argv: list[str], prog: str) -> int`` and is imported
+only when it is run, so ``sparsam --help`` stays fast and this entry point needs neither matplotlib,
+tqdm nor scikit-learn. Adding a subcommand is one line in :data:`COMMANDS`.
+
+Errors the user can fix (:class:`sparsam.train.errors.UserError`) are printed as one line and exit
+with status 2; set ``SPARSAM_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+#: name -> (module with main(argv, prog), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("sparsam.train.commands.train", "train one model (presets reproduce the papers' tables)"),
+    "demo": ("sparsam.train.commands.demo", "compare SGD, SAM, SSAM-F and SSAM-D on the built-in digits in ~1 minute"),
+    "sweep": ("sparsam.train.commands.sweep", "run a grid of methods x sparsities x seeds, resumably"),
+    "report": ("sparsam.train.commands.report", "tables (Markdown, CSV) and plots from run directories"),
+    "analyze": ("sparsam.train.commands.analyze", "Hessian eigenvalues, sharpness, loss landscapes and mask densities of runs"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: sparsam COMMAND [options]   (or python -m sparsam COMMAND ...)",
+        "",
+        "Sharpness-Aware Minimization and Sparse SAM: training, sweeps and reports.",
+        "",
+        "commands:",
+        *[f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()],
+        "",
+        "`sparsam COMMAND --help` describes a command's options.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; returns the exit status (also when used as a console script)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        from . import __version__
+
+        print(f"sparsam {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"sparsam: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, _ = COMMANDS[name]
+    prog = f"sparsam {name}"
+    from .train.errors import UserError
+
+    try:
+        return int(importlib.import_module(module).main(rest, prog=prog) or 0)
+    except UserError as e:
+        if os.environ.get("SPARSAM_DEBUG"):
+            traceback.print_exc()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2); main() returns the status
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

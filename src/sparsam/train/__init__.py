@@ -1,0 +1,34 @@
+"""Training engine and command line: configs, presets, checkpoints, sweeps and reports.
+
+>>> from sparsam.train import build_config, train
+>>> cfg = build_config([("example", {"opt": "ssam", "mask": "fisher", "epochs": 2, "out": "runs/x"})])
+>>> result = train(cfg)                         # doctest: +SKIP
+
+The command line (``sparsam train|demo|sweep|report``) is a thin layer over these functions; see
+``docs/training.md``.
+"""
+
+from .config import TrainConfig, build_config, validate
+from .engine import RunResult, train
+from .errors import CheckpointError, ConfigError, RunDirError, UserError
+from .optim import METHODS
+from .presets import get_preset, list_presets
+from .rundir import RunRecord, find_runs, load_run
+
+__all__ = [
+    "METHODS",
+    "CheckpointError",
+    "ConfigError",
+    "RunDirError",
+    "RunRecord",
+    "RunResult",
+    "TrainConfig",
+    "UserError",
+    "build_config",
+    "find_runs",
+    "get_preset",
+    "list_presets",
+    "load_run",
+    "train",
+    "validate",
+]

@@ -1,0 +1,460 @@
+"""The training configuration: one dataclass, its validation, and the layering
+defaults < preset < config file < command-line flags.
+
+Every field of :class:`TrainConfig` is also a command-line flag (``batch_size`` -> ``--batch-size``);
+the parser is built from the dataclass, so a new option is one field here. Fields marked
+``identity=False`` are *run control* (where to write, progress bar, how often to log, ...): they may
+change when a run is resumed; every other field must match the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DATA_NAMES = ("digits", "cifar10", "cifar100")
+OPTIMIZERS = ("sgd", "sam", "asam", "ssam")
+MASKS = ("fisher", "dynamic", "random", "norm")
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _f(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None, identity: bool = True,
+       metavar: str | None = None, nargs: int | None = None) -> Any:
+    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None, "identity": identity,
+            "metavar": metavar, "nargs": nargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. See ``docs/training.md`` for each option."""
+
+    # ---------------------------------------------------------------- data
+    data: str = _f("digits", "data set: digits (built in, no download), cifar10, cifar100, or an image-folder "
+                   "directory in the ImageNet layout (DIR/train/CLASS/*.jpg, DIR/test|val/CLASS/*.jpg)", group="data")
+    data_root: str | None = _f(None, "folder holding the CIFAR files (default $SPARSAM_DATA, else ./data)",
+                               group="data", identity=False)
+    download: bool = _f(False, "download CIFAR (MD5-checked) if its files are missing", group="data", identity=False)
+    train_subset: int | None = _f(None, "train on a seeded subset of N training images (CPU-scale studies)",
+                                  group="data", metavar="N")
+    test_subset: int | None = _f(None, "evaluate on a fixed subset of N test images", group="data", metavar="N")
+    subset: str = _f("balanced", "how subsets are drawn: the same number per class, or uniformly at random",
+                     group="data", choices=("balanced", "random"))
+    subset_seed: int = _f(0, "seed of the subsets (independent of --seed, so every run sees the same images)",
+                          group="data")
+    augment: str = _f("auto", "training augmentation: auto = cifar for CIFAR, crop-flip for image folders, none "
+                      "for digits; cifar = random crop + flip + Cutout", group="data",
+                      choices=("auto", "none", "flip", "crop-flip", "cifar"))
+    crop_padding: int = _f(4, "random-crop padding in pixels", group="data")
+    cutout: int = _f(16, "Cutout square side in pixels (0: off)", group="data")
+    cutout_p: float = _f(0.5, "probability of Cutout per image", group="data")
+    folder_mode: str = _f("auto", "image folders: memory = decode once and keep on the device (small images), "
+                          "stream = decode in DataLoader workers every epoch (large images, e.g. ImageNet); "
+                          "auto picks by the first image's size (<= 64 px: memory)", group="data",
+                          choices=("auto", "memory", "stream"))
+    image_size: int = _f(224, "crop size for streamed image folders (random-resized crop / centre crop)", group="data")
+    workers: int = _f(4, "DataLoader worker processes for decoding image folders", group="data", identity=False)
+
+    # ---------------------------------------------------------------- model
+    model: str = _f("smallcnn", "architecture from sparsam.models (smallcnn, resnet18, resnet34, resnet50, "
+                    "vgg16_bn, wrn28-10, any wrn{depth}-{k})", group="model")
+    width: int | None = _f(None, "base width of the model (default: the published one)", group="model")
+
+    # ---------------------------------------------------------------- optimizer
+    opt: str = _f("sgd", "optimizer: sgd (base only), sam, asam (adaptive SAM) or ssam (sparse SAM)",
+                  group="optimizer", choices=OPTIMIZERS)
+    base: str = _f("sgd", "base optimizer that takes the descent step", group="optimizer", choices=("sgd", "adamw"))
+    lr: float = _f(0.05, "peak learning rate", group="optimizer")
+    momentum: float = _f(0.9, "SGD momentum", group="optimizer")
+    nesterov: bool = _f(False, "Nesterov momentum (SGD)", group="optimizer")
+    weight_decay: float = _f(5e-4, "weight decay (L2 for SGD, decoupled for AdamW)", group="optimizer")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", group="optimizer", metavar="B", nargs=2)
+    rho: float = _f(0.05, "SAM neighbourhood radius", group="optimizer")
+    adaptive: bool | None = _f(None, "ASAM's adaptive perturbation (default: on for --opt asam only)",
+                               group="optimizer")
+    eta: float = _f(0.01, "ASAM offset: T = |w| + eta", group="optimizer")
+    ascent: str = _f("local", "data parallel: each rank perturbs with its own gradient (local, SAM's m-sharpness) "
+                     "or with the all-reduced one (sync)", group="optimizer", choices=("local", "sync"))
+
+    # ---------------------------------------------------------------- SSAM
+    sparsity: float = _f(0.5, "SSAM: fraction of coordinates NOT perturbed", group="ssam")
+    mask: str = _f("fisher", "SSAM mask source: fisher (SSAM-F), dynamic (SSAM-D), random, norm (normalisation "
+                   "layers only, SAM-ON)", group="ssam", choices=MASKS)
+    pattern: str = _f("unstructured", "mask pattern", group="ssam", choices=("unstructured", "structured", "nm"))
+    granularity: str = _f("tensor", "structured pattern unit: whole tensors or output channels", group="ssam",
+                          choices=("tensor", "channel"))
+    nm: str = _f("2:4", "N:M pattern (with --pattern nm): keep N of every M weights", group="ssam", metavar="N:M")
+    budget: str = _f("global", "one budget over all parameters, or one per layer", group="ssam",
+                     choices=("global", "layer"))
+    form: str = _f("explicit", "explicit: mask the perturbation; implicit: dense perturbation, masked input "
+                   "gradients in the ascent backward", group="ssam", choices=("explicit", "implicit"))
+    norm: str = _f("full", "perturbation norm: full gradient (the authors') or masked gradient (||e|| = rho)",
+                   group="ssam", choices=("full", "masked"))
+    sparse_ascent: bool | None = _f(None, "skip weight gradients of unperturbed tensors in the ascent pass "
+                                    "(default: on with --norm masked)", group="ssam")
+    num_samples: int = _f(128, "SSAM-F: Ns, samples of the Fisher information", group="ssam")
+    mask_update_epochs: int = _f(1, "update the mask every this many epochs (0: never)", group="ssam")
+    dynamic_alpha: float = _f(0.5, "SSAM-D: initial drop rate alpha of the cosine schedule", group="ssam")
+    grow: str = _f("random", "SSAM-D: grow at random or by largest |g|", group="ssam", choices=("random", "gradient"))
+    true_fisher: bool = _f(False, "SSAM-F: sample labels from the model (true Fisher) instead of the targets",
+                           group="ssam")
+    fisher_bn_stats: str = _f("running", "SSAM-F: BatchNorm statistics of the per-sample passes", group="ssam",
+                              choices=("running", "sample"))
+
+    # ---------------------------------------------------------------- schedule
+    epochs: int = _f(10, "training epochs", group="schedule")
+    batch_size: int = _f(128, "GLOBAL batch size (split over data-parallel ranks and --accum micro-batches)",
+                         group="schedule")
+    schedule: str = _f("cosine", "learning-rate schedule, stepped every optimizer step", group="schedule",
+                       choices=("cosine", "constant"))
+    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs (fractions allowed)", group="schedule")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule", group="schedule")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", group="schedule")
+
+    # ---------------------------------------------------------------- engine
+    amp: str = _f("none", "autocast dtype (fp16 uses a GradScaler)", group="engine", choices=("none", "bf16", "fp16"))
+    channels_last: bool = _f(False, "channels-last memory format", group="engine")
+    compile: bool = _f(False, "torch.compile the model", group="engine")
+    accum: int = _f(1, "gradient accumulation: micro-batches per step (in both SAM passes)", group="engine")
+    clip: float | None = _f(None, "clip the descent gradient to this global L2 norm", group="engine")
+    seed: int = _f(0, "random seed (model init, shuffling, augmentation, masks)", group="engine")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda if available)", group="engine", identity=False)
+    threads: int | None = _f(None, "CPU threads for intra-op parallelism (default: PyTorch's choice; 1 is often "
+                             "fastest for tiny models on a busy machine)", group="engine", identity=False)
+    eval_batch_size: int = _f(500, "evaluation batch size per rank", group="engine", identity=False)
+
+    # ---------------------------------------------------------------- run control
+    out: str | None = _f(None, "run directory (default runs/DATA-MODEL-METHOD-seedSEED)", group="run",
+                         identity=False, metavar="DIR")
+    progress: bool = _f(True, "progress bar (rank 0, only on a terminal)", group="run", identity=False)
+    log_every: int = _f(20, "steps between progress-bar updates (each reads the loss: one host sync)",
+                        group="run", identity=False)
+    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)", group="run",
+                           identity=False)
+    stop_after: int | None = _f(None, "stop with a checkpoint after this many epochs in this invocation "
+                                "(time-limited job slots; continue with --resume)", group="run", identity=False,
+                                metavar="EPOCHS")
+
+    # ---------------------------------------------------------------- helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def method(self) -> str:
+        """Short method label: sgd, sam, asam, ssam-f, ssam-d, ssam-r, ssam-n."""
+        if self.opt != "ssam":
+            return self.opt
+        return "ssam-" + self.mask[0]
+
+    def nm_pair(self) -> tuple[int, int]:
+        match = _NM_RE.match(self.nm)
+        if match is None:  # validate() has already rejected this
+            raise ConfigError(f"--nm must look like N:M (e.g. 2:4), got {self.nm!r}")
+        return int(match.group(1)), int(match.group(2))
+
+    def is_adaptive(self) -> bool:
+        return self.opt == "asam" if self.adaptive is None else bool(self.adaptive)
+
+    def default_out(self) -> str:
+        data = self.data if self.data in DATA_NAMES else Path(self.data).name or "folder"
+        tag = self.method + (f"-s{self.sparsity:g}" if self.opt == "ssam" and self.mask != "norm" else "")
+        return os.path.join("runs", f"{data}-{self.model}-{tag}-seed{self.seed}")
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+IDENTITY_KEYS: tuple[str, ...] = tuple(n for n, f in FIELDS.items() if f.metadata["identity"])
+RUN_CONTROL_KEYS: tuple[str, ...] = tuple(n for n, f in FIELDS.items() if not f.metadata["identity"])
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config key: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _kind(name: str) -> str:
+    """The value kind of a field: bool, int, float, str, floats (list), optional variants as 'int?'."""
+    ann = str(FIELDS[name].type)
+    optional = "None" in ann
+    for kind in ("bool", "int", "float", "str"):
+        if ann.startswith(kind):
+            return kind + ("?" if optional else "")
+    if ann.startswith("list[float]"):
+        return "floats"
+    raise AssertionError(f"unhandled field type {ann} of {name}")  # a programming error, not user input
+
+
+# ------------------------------------------------------------------------------------------ coercion
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check (and lightly convert) one value from a config file or JSON: right type, or ConfigError."""
+    kind = _kind(name)
+    where = f"{flag(name)} (key {name!r} in {source})" if source != "command line" else flag(name)
+    if kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if kind == "floats":
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    raise AssertionError(kind)
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown configuration key {key!r} in {source}{hint}"
+
+
+def check_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Coerce a mapping of config values; unknown keys are an error naming the key and the source."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        k = key.replace("-", "_")
+        if k not in FIELDS:
+            raise ConfigError(_unknown_key_message(key, source))
+        out[k] = _coerce(k, value, source)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ files
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A flat JSON or TOML file of config keys (``{"lr": 0.1, "opt": "sam"}``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = p.read_bytes()
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text.decode("utf-8"))
+        elif p.suffix.lower() == ".json":
+            data = json.loads(text.decode("utf-8"))
+        else:
+            raise ConfigError(f"--config {path}: unsupported file type {p.suffix or '(none)'!r}; use .json or .toml")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--config {path} is not valid {p.suffix[1:].upper()}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a table/object of settings, got {type(data).__name__}")
+    return check_keys(data, str(path))
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _bad(name: str, value: Any, requirement: str) -> ConfigError:
+    return ConfigError(f"{flag(name)} {requirement}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every value and cross-field rule; raise :class:`ConfigError` naming the flag and value.
+    Returns ``cfg`` (with ``data`` made absolute when it is a folder)."""
+    for name in FIELDS:
+        _coerce(name, getattr(cfg, name), "command line")  # types (config files are checked on reading)
+        choices = FIELDS[name].metadata["choices"]
+        if choices and getattr(cfg, name) not in choices:
+            raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+
+    def finite(name: str) -> float:
+        v = getattr(cfg, name)
+        if not math.isfinite(v):
+            raise _bad(name, v, "must be a finite number")
+        return v
+
+    for name in ("lr",):
+        if not finite(name) > 0:
+            raise _bad(name, cfg.lr, "must be > 0")
+    for name in ("weight_decay", "rho", "eta", "min_lr", "warmup_epochs"):
+        if not finite(name) >= 0:
+            raise _bad(name, getattr(cfg, name), "must be >= 0")
+    if not 0 <= finite("momentum") < 1:
+        raise _bad("momentum", cfg.momentum, "must be in [0, 1)")
+    if not 0 <= finite("sparsity") < 1:
+        raise _bad("sparsity", cfg.sparsity, "must be in [0, 1) (the fraction of coordinates NOT perturbed)")
+    if not 0 <= finite("label_smoothing") < 1:
+        raise _bad("label_smoothing", cfg.label_smoothing, "must be in [0, 1)")
+    if not 0 <= finite("cutout_p") <= 1:
+        raise _bad("cutout_p", cfg.cutout_p, "must be a probability in [0, 1]")
+    if not 0 <= finite("dynamic_alpha") <= 1:
+        raise _bad("dynamic_alpha", cfg.dynamic_alpha, "must be in [0, 1]")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise _bad("betas", cfg.betas, "must be two numbers in [0, 1)")
+    for name in ("epochs", "batch_size", "accum", "num_samples", "log_every", "eval_batch_size", "image_size"):
+        if getattr(cfg, name) < 1:
+            raise _bad(name, getattr(cfg, name), "must be >= 1")
+    for name in ("crop_padding", "cutout", "mask_update_epochs", "seed", "subset_seed", "workers"):
+        if getattr(cfg, name) < 0:
+            raise _bad(name, getattr(cfg, name), "must be >= 0")
+    for name in ("train_subset", "test_subset", "width", "stop_after", "threads"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise _bad(name, v, "must be >= 1")
+    if cfg.clip is not None and not (math.isfinite(cfg.clip) and cfg.clip > 0):
+        raise _bad("clip", cfg.clip, "must be > 0")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(f"--warmup-epochs ({cfg.warmup_epochs:g}) must not exceed --epochs ({cfg.epochs})")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr ({cfg.min_lr:g}) must not exceed --lr ({cfg.lr:g})")
+    if cfg.batch_size % cfg.accum:
+        raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --accum ({cfg.accum})")
+    if cfg.nesterov and (cfg.base != "sgd" or cfg.momentum <= 0):
+        raise ConfigError(f"--nesterov needs --base sgd and --momentum > 0, got --base {cfg.base} --momentum {cfg.momentum:g}")
+    match = _NM_RE.match(cfg.nm)
+    if match is None:
+        raise _bad("nm", cfg.nm, "must look like N:M, e.g. 2:4")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n <= m:
+        raise _bad("nm", cfg.nm, "needs 1 <= N <= M")
+    if cfg.opt == "ssam":
+        if cfg.mask == "dynamic" and cfg.pattern != "unstructured":
+            raise ConfigError(f"--mask dynamic supports only --pattern unstructured, got --pattern {cfg.pattern}")
+        if cfg.mask == "dynamic" and cfg.mask_update_epochs == 0:
+            raise ConfigError("--mask dynamic needs --mask-update-epochs >= 1 (it is a schedule of mask updates), got 0")
+        if cfg.mask == "norm" and cfg.pattern != "unstructured":
+            raise ConfigError(f"--mask norm has no pattern (it perturbs whole normalisation layers), got --pattern {cfg.pattern}")
+        if cfg.sparse_ascent and cfg.norm != "masked":
+            raise ConfigError("--sparse-ascent needs --norm masked: with the full-gradient norm the ascent pass needs every gradient")
+        if cfg.sparse_ascent and cfg.form != "explicit":
+            raise ConfigError("--sparse-ascent needs --form explicit: the implicit form perturbs densely")
+    if cfg.opt == "sgd" and cfg.adaptive:
+        raise ConfigError("--adaptive applies to sam/asam/ssam, got --opt sgd")
+    if cfg.opt == "asam" and cfg.adaptive is False:
+        raise ConfigError("--opt asam is adaptive SAM; --no-adaptive contradicts it (use --opt sam)")
+    key = cfg.data.strip()
+    if key.lower() in DATA_NAMES:
+        cfg.data = key.lower()
+    elif os.path.isdir(key):
+        cfg.data = os.path.abspath(key)
+    else:
+        hint = " (it looks like a path, but no such directory exists)" if os.sep in key or key.startswith(".") else ""
+        raise ConfigError(
+            f"--data {cfg.data!r} is neither a known data set ({', '.join(DATA_NAMES)}) nor an existing "
+            f"image-folder directory{hint}"
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ layering
+def build_config(layers: Iterable[tuple[str, Mapping[str, Any]]]) -> TrainConfig:
+    """Apply layers of values over the defaults, in order (later wins), and validate.
+    Each layer is ``(source name, values)``; values are checked against the fields."""
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        values.update(check_keys(layer, source))
+    return validate(TrainConfig(**values))
+
+
+def diff_identity(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
+    """Identity keys whose values differ between a saved config and ``current``, as
+    ``"--flag: saved X, now Y"`` lines (keys missing from ``saved`` take their defaults)."""
+    defaults = TrainConfig()
+    lines = []
+    for key in IDENTITY_KEYS:
+        old = saved.get(key, getattr(defaults, key))
+        new = getattr(current, key)
+        if isinstance(old, tuple):
+            old = list(old)
+        if old != new:
+            lines.append(f"{flag(key)}: saved {old!r}, now {new!r}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ argparse
+def _parse_optional(kind: str, name: str) -> Any:
+    def parse(text: str) -> Any:
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        try:
+            return int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind == 'int' else 'a number'} or 'none', got {text!r}") from None
+
+    parse.__name__ = kind  # argparse names the type in its error message
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field. Defaults are suppressed, so the parsed namespace holds only the
+    flags given on the command line (the top layer)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        group = groups.get(meta["group"])
+        if group is None:
+            group = groups[meta["group"]] = parser.add_argument_group(f"{meta['group']} options")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = "" if default is None else f" (default: {default})"
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": meta["help"] + shown}
+        kind = _kind(name)
+        if kind in ("bool", "bool?"):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind == "floats":
+            kw.update(type=float, nargs=meta["nargs"], metavar=meta["metavar"])
+        elif kind in ("int?", "float?"):
+            kw.update(type=_parse_optional(kind[:-1], name), metavar=meta["metavar"] or kind[:-1].upper())
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str, "str?": str}[kind]
+            if meta["choices"]:
+                kw["choices"] = meta["choices"]
+            elif meta["metavar"]:
+                kw["metavar"] = meta["metavar"]
+        if name == "progress":  # --progress / --no-progress
+            kw["help"] = meta["help"]
+        group.add_argument(flag(name), **kw)
+
+
+def cli_values(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The config values given on the command line (the namespace holds only given flags)."""
+    return {k: v for k, v in vars(namespace).items() if k in FIELDS}
+
+
+__all__ = [
+    "DATA_NAMES",
+    "FIELDS",
+    "IDENTITY_KEYS",
+    "MASKS",
+    "OPTIMIZERS",
+    "RUN_CONTROL_KEYS",
+    "TrainConfig",
+    "add_config_flags",
+    "build_config",
+    "check_keys",
+    "cli_values",
+    "diff_identity",
+    "flag",
+    "read_config_file",
+    "validate",
+]

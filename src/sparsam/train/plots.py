@@ -1,0 +1,63 @@
+"""Plots of test accuracy against epochs and against training time (matplotlib, imported lazily)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .report import Group, curves
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:
+        from .errors import UserError
+
+        raise UserError("plots need matplotlib (pip install matplotlib, or sparsam[cli]); pass --no-plots to skip them") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(g: Group, varying: Sequence[str]) -> str:
+    parts = [g.label]
+    if g.settings.get("opt") == "ssam" and g.settings.get("mask") != "norm":
+        parts.append(f"s={g.settings.get('sparsity'):g}")
+    parts += [f"{k}={g.settings[k]}" for k in varying if k not in ("data", "model", "sparsity") and k in g.settings]
+    return " ".join(parts)
+
+
+def plot_accuracy(groups: Sequence[Group], path: str | os.PathLike[str], *, x: str, varying: Sequence[str] = (),
+                  title: str | None = None) -> None:
+    """One line per group: mean test accuracy (%) over seeds, a band of ± one std when there are
+    several seeds. ``x="epoch"`` or ``x="time"`` (cumulative training time, s). One panel per
+    (data, model) pair."""
+    plt = _pyplot()
+    panels: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        data = str(g.settings.get("data"))
+        panels.setdefault((os.path.basename(data) or data, str(g.settings.get("model"))), []).append(g)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, ((data, model), members) in zip(axes[0], panels.items()):
+        for g in members:
+            c = curves(g)
+            if not c["epoch"]:
+                continue
+            xs = c["epoch"] if x == "epoch" else c["time_s"]
+            mean = [100 * v for v in c["acc_mean"]]
+            line, = ax.plot(xs, mean, marker="o", markersize=3, label=_label(g, varying))
+            if len(g.runs) > 1:
+                lo = [100 * (m - s) for m, s in zip(c["acc_mean"], c["acc_std"])]
+                hi = [100 * (m + s) for m, s in zip(c["acc_mean"], c["acc_std"])]
+                ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+        ax.set_xlabel("epoch" if x == "epoch" else "training time (s)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title or f"{data}, {model}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

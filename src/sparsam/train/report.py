@@ -1,0 +1,206 @@
+"""Run directories -> a results table like the papers' (mean ± std over seeds).
+
+Runs are grouped by their configuration minus the seed; every group is one row. Columns: the
+settings that tell groups apart (method, sparsity, and any other key that differs between groups),
+the number of seeds, final and best test accuracy (mean ± sample std, in %), epochs done, time
+per epoch (median over the run's epochs, mean over seeds) and its ratio to the SGD group with the
+same data, model and batch settings. No plotting here: see :mod:`sparsam.train.plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import IDENTITY_KEYS, TrainConfig
+from .rundir import RunRecord
+
+# Keys that do not split groups: the seed (what we average over) and run control.
+_NOT_GROUPING = {"seed"}
+# Keys an SGD reference must share with a group for a time ratio to mean something.
+_TIME_KEYS = ("data", "model", "width", "batch_size", "accum", "amp", "channels_last", "compile", "train_subset",
+              "base", "image_size")
+# Keys that only matter for some optimizers: ignored when comparing groups of other optimizers.
+_SAM_ONLY = {"rho", "adaptive", "eta", "ascent"}
+_SSAM_ONLY = {"sparsity", "mask", "pattern", "granularity", "nm", "budget", "form", "norm", "sparse_ascent",
+              "num_samples", "mask_update_epochs", "dynamic_alpha", "grow", "true_fisher", "fisher_bn_stats"}
+
+
+def _relevant(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The identity settings that affect this run (SAM keys dropped for SGD, SSAM keys for non-SSAM)."""
+    defaults = TrainConfig().to_dict()
+    out = {k: cfg.get(k, defaults[k]) for k in IDENTITY_KEYS if k not in _NOT_GROUPING}
+    opt = out.get("opt")
+    for k in list(out):
+        if (opt == "sgd" and k in _SAM_ONLY) or (opt != "ssam" and k in _SSAM_ONLY):
+            del out[k]
+    return out
+
+
+def method_label(cfg: dict[str, Any]) -> str:
+    opt = cfg.get("opt", "sgd")
+    if opt != "ssam":
+        return opt.upper() if opt in ("sgd", "sam") else "ASAM"
+    mask = cfg.get("mask", "fisher")
+    return {"fisher": "SSAM-F", "dynamic": "SSAM-D", "random": "SSAM-R", "norm": "SSAM-N (norm layers)"}[mask]
+
+
+@dataclass
+class Group:
+    key: tuple[tuple[str, Any], ...]
+    settings: dict[str, Any]
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return method_label(self.settings)
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
+    groups: dict[tuple[tuple[str, Any], ...], Group] = {}
+    for run in runs:
+        settings = _relevant(run.config)
+        key = tuple(sorted((k, _freeze(v)) for k, v in settings.items()))
+        groups.setdefault(key, Group(key, settings)).runs.append(run)
+    order = {"sgd": 0, "sam": 1, "asam": 2, "ssam": 3}
+    return sorted(groups.values(), key=lambda g: (order.get(g.settings.get("opt"), 9), str(g.key)))
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def run_numbers(run: RunRecord) -> dict[str, Any]:
+    """Final / best test accuracy, epochs done and median epoch time of one run."""
+    rows = run.metrics
+    if not rows:
+        return {"final": None, "best": None, "epochs_done": 0, "epoch_time": None}
+    return {
+        "final": rows[-1]["test_acc"],
+        "best": max(r["test_acc"] for r in rows),
+        "epochs_done": rows[-1]["epoch"],
+        "epoch_time": _median([r["epoch_time_s"] for r in rows]),
+    }
+
+
+def summarize(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(setting columns that vary, one row per group with the aggregated numbers)."""
+    groups = group_runs(runs)
+    varying: list[str] = []
+    all_keys = sorted({k for g in groups for k in g.settings})
+    for k in all_keys:
+        if k in ("opt", "mask"):
+            continue
+        # A key varies when groups that have it disagree (SAM-only keys are absent for SGD, etc.).
+        if len({repr(g.settings[k]) for g in groups if k in g.settings}) > 1:
+            varying.append(k)
+    rows: list[dict[str, Any]] = []
+    for g in groups:
+        nums = [run_numbers(r) for r in g.runs]
+        final_m, final_s = _mean_std([n["final"] for n in nums])
+        best_m, best_s = _mean_std([n["best"] for n in nums])
+        times = [n["epoch_time"] for n in nums if n["epoch_time"] is not None]
+        row = {
+            "method": g.label,
+            "settings": {k: g.settings.get(k) for k in varying},
+            "seeds": len(g.runs),
+            "final_mean": final_m, "final_std": final_s, "best_mean": best_m, "best_std": best_s,
+            "epochs_done": min(n["epochs_done"] for n in nums), "epochs": g.settings.get("epochs"),
+            "finished": all(r.finished for r in g.runs),
+            "epoch_time_s": statistics.fmean(times) if times else None,
+            "group": g,
+        }
+        rows.append(row)
+    for row in rows:
+        ref = _sgd_reference(row["group"], [r["group"] for r in rows])
+        ref_row = next((r for r in rows if r["group"] is ref), None)
+        if ref_row and ref_row["epoch_time_s"] and row["epoch_time_s"] is not None:
+            row["time_ratio"] = row["epoch_time_s"] / ref_row["epoch_time_s"]
+        else:
+            row["time_ratio"] = None
+    return [k for k in varying if k != "sparsity"], rows
+
+
+def _sgd_reference(g: Group, groups: list[Group]) -> Group | None:
+    for other in groups:
+        if other.settings.get("opt") == "sgd" and all(
+            other.settings.get(k) == g.settings.get(k) for k in _TIME_KEYS
+        ):
+            return other
+    return None
+
+
+def _pct(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
+    head = ["Method", "Sparsity", *varying, "Seeds", "Final acc (%)", "Best acc (%)", "Epochs", "Time/epoch (s)", "vs SGD"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        g: Group = r["group"]
+        sparsity = "—"
+        if g.settings.get("opt") == "ssam" and g.settings.get("mask") != "norm":
+            sparsity = (g.settings.get("nm") if g.settings.get("pattern") == "nm" else f"{g.settings.get('sparsity'):g}")
+        epochs = f"{r['epochs_done']}/{r['epochs']}" + ("" if r["finished"] else " (running)")
+        cells = [
+            r["method"], str(sparsity), *["—" if k not in g.settings else str(g.settings[k]) for k in varying], str(r["seeds"]),
+            _pct(r["final_mean"], r["final_std"]), _pct(r["best_mean"], r["best_std"]), epochs,
+            "—" if r["epoch_time_s"] is None else f"{r['epoch_time_s']:.3g}",
+            "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "opt", "mask", "sparsity", *varying, "seeds", "final_acc_mean", "final_acc_std",
+                "best_acc_mean", "best_acc_std", "epochs_done", "epochs", "finished", "epoch_time_s",
+                "time_ratio_vs_sgd", "runs"])
+    for r in rows:
+        g: Group = r["group"]
+        ssam = g.settings.get("opt") == "ssam"
+        w.writerow([
+            r["method"], g.settings.get("opt"), g.settings.get("mask", "") if ssam else "",
+            g.settings.get("sparsity", "") if ssam else "", *[r["settings"].get(k) for k in varying], r["seeds"],
+            r["final_mean"], r["final_std"], r["best_mean"], r["best_std"], r["epochs_done"], r["epochs"],
+            r["finished"], r["epoch_time_s"], r["time_ratio"], ";".join(str(run.path) for run in g.runs),
+        ])
+    return buf.getvalue()
+
+
+def curves(group: Group) -> dict[str, list[float]]:
+    """Mean (and std) test accuracy per epoch over a group's seeds, with the mean cumulative
+    training time; only epochs every seed has reached."""
+    n = min((len(r.metrics) for r in group.runs), default=0)
+    out: dict[str, list[float]] = {"epoch": [], "acc_mean": [], "acc_std": [], "time_s": []}
+    for i in range(n):
+        accs = [r.metrics[i]["test_acc"] for r in group.runs]
+        out["epoch"].append(group.runs[0].metrics[i]["epoch"])
+        out["acc_mean"].append(statistics.fmean(accs))
+        out["acc_std"].append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        out["time_s"].append(statistics.fmean(r.metrics[i]["time_s"] for r in group.runs))
+    return out
+
+
+__all__ = ["Group", "curves", "group_runs", "method_label", "run_numbers", "summarize", "to_csv", "to_markdown"]
