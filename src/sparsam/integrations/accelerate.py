@@ -1,0 +1,144 @@
+"""SAM and SSAM in Hugging Face Accelerate loops (and the ``transformers`` ``Trainer``): :class:`SAMStep`.
+
+::
+
+    model, opt, loader = accelerator.prepare(model, SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1), loader)
+    sam_step = SAMStep(accelerator, opt, model=model)
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            loss = sam_step(compute_loss, x, y)     # compute_loss(x, y) -> the batch's mean loss
+            scheduler.step()
+
+Why a helper (each point is tested in ``tests/test_integrations_accelerate.py``):
+
+* ``accelerator.prepare`` wraps the optimizer in an ``AcceleratedOptimizer``, which has no
+  ``first_step`` / ``second_step`` attribute (use :func:`~sparsam.integrations.unwrap_optimizer`,
+  or the SAM object you prepared: it is the same object).
+* ``prepared.step(closure)`` reaches ``SAM.step(closure)`` and is correct in float32 and bf16
+  without accumulation. Under fp16 Accelerate steps through ``GradScaler.step(optimizer, closure)``,
+  and the GradScaler does not support closures: it fails (it has no scale yet, or no gradients to
+  check), and if it did not, ``SAM.step`` would run without the scaler and step on scaled gradients.
+* Gradient accumulation runs every micro-batch through ``backward`` and steps once, at the end;
+  SAM needs every micro-batch in *both* passes: the ascent gradient of the whole batch decides
+  the perturbation, and the descent gradient of the whole batch at ``w + e`` is what the base
+  optimizer steps on. :class:`SAMStep` runs pass 1 of each micro-batch as it arrives (the ascent
+  gradients accumulate), keeps the micro-batch's arguments (not its activations), and when
+  Accelerate says the gradients sync (``accelerator.sync_gradients``) perturbs, runs pass 2 over
+  every kept micro-batch (all-reducing only in the last one under DDP) and steps: exactly SAM on
+  the whole batch, with the loss Accelerate scales by ``1 / gradient_accumulation_steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import _mark_stepped, unwrap_optimizer
+
+__all__ = ["SAMStep"]
+
+
+class SAMStep:
+    """One SAM / SSAM step per call in an Accelerate loop: both passes, accumulation, fp16/bf16, DDP.
+
+    ``sam_step(compute_loss, *args, **kwargs)`` calls ``compute_loss(*args, **kwargs)`` (it must
+    return the mean loss of that (micro-)batch and do nothing else: no ``backward``), backpropagates
+    it with ``accelerator.backward`` at ``w`` and returns it detached. On the call that completes an
+    accumulation window (``accelerator.sync_gradients``, always true without ``accumulate``) it then
+    perturbs (:meth:`~sparsam.SAM.first_step`, which unscales under fp16), calls ``compute_loss``
+    again for every micro-batch of the window at ``w + e`` with the same arguments, restores ``w``
+    and, with ``base_step=True``, takes the base step (``scaler.step`` + ``scaler.update`` under
+    fp16). Gradients are cleared when a window starts; don't call ``optimizer.step()`` yourself.
+
+    Args:
+        accelerator: the ``accelerate.Accelerator``.
+        optimizer: the prepared SAM / SSAM (an ``AcceleratedOptimizer``) or the SAM itself; with
+            ``base_step=False``, a SAM built around the prepared *base* optimizer's inner optimizer.
+        model: the prepared model. Given, it becomes the optimizer's ``model=``: BatchNorm running
+            statistics come from pass 1 only and, under DDP, pass 1 skips the all-reduce
+            (``ascent="local"``). Default: the optimizer's own ``model``.
+        base_step: ``False`` leaves the base step to the caller's ``optimizer.step()`` on the
+            prepared base optimizer (which is what the ``transformers`` ``Trainer`` calls after
+            ``training_step``): ``w`` is restored, the descent gradient is in ``.grad``, and under
+            fp16 an overflowed ascent pass is marked in it so that the scaler skips that step.
+            ``accelerator.clip_grad_norm_`` and ``optimizer_step_was_skipped`` then work as usual;
+            SAM's own ``max_grad_norm`` is refused (clip with Accelerate instead).
+
+    Clipping with ``base_step=True``: use ``SAM(max_grad_norm=...)`` (clips the unscaled descent
+    gradient right before the base step). ``accelerator.clip_grad_norm_`` would come too late, and
+    under fp16 it would unscale the gradients a second time.
+    """
+
+    def __init__(self, accelerator: Any, optimizer: Any, *, model: nn.Module | None = None, base_step: bool = True) -> None:
+        self.accelerator = accelerator
+        self.optimizer = unwrap_optimizer(optimizer)
+        if model is not None:
+            self.optimizer.model = model
+        self.base_step = bool(base_step)
+        if not self.base_step and self.optimizer.max_grad_norm is not None:
+            raise ValueError(
+                f"SAMStep(base_step=False) leaves clipping to the caller; the optimizer has max_grad_norm="
+                f"{self.optimizer.max_grad_norm!r}: use accelerator.clip_grad_norm_ (or the Trainer's "
+                "max_grad_norm) instead"
+            )
+        sam = self.optimizer
+        if sam.param_groups is not sam.base_optimizer.param_groups:
+            # accelerator.prepare(base) reloads the base optimizer's state dict, which replaces its
+            # param_groups; a SAM built around it before that still holds the old ones. Relink.
+            sam.load_state_dict(sam.state_dict())
+        self._pending: list[tuple[Callable[..., Tensor], tuple[Any, ...], dict[str, Any]]] = []
+
+    def __call__(self, compute_loss: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+        acc, sam = self.accelerator, self.optimizer
+        if not self._pending:
+            sam.zero_grad()  # a new window: pass 1 accumulates from zero
+        with sam.ascent_pass():
+            loss = compute_loss(*args, **kwargs)
+            acc.backward(loss)
+        self._pending.append((compute_loss, args, kwargs))
+        if not acc.sync_gradients:
+            return loss.detach()
+
+        window, self._pending = self._pending, []
+        scaler = acc.scaler if acc.scaler is not None and acc.scaler.is_enabled() else None
+        sam.first_step(zero_grad=True, grad_scaler=scaler)
+        model = sam.model
+        with sam.descent_pass():
+            for i, (fn, a, kw) in enumerate(window):
+                last = i == len(window) - 1
+                # Under DDP the descent gradient is all-reduced once, in the window's last backward.
+                with nullcontext() if last or model is None else acc.no_sync(model):
+                    acc.backward(fn(*a, **kw))
+        if self.base_step:
+            sam.second_step(grad_scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+            _mark_stepped(sam)  # for an LR scheduler built on the SAM optimizer
+        else:
+            sam.second_step(grad_scaler=_RestoreOnly())
+        return loss.detach()
+
+    def __repr__(self) -> str:
+        return f"SAMStep({self.optimizer!r}, base_step={self.base_step}, pending={len(self._pending)})"
+
+
+class _RestoreOnly:
+    """Stands in for the GradScaler in :meth:`SAM.second_step` when the caller takes the base step.
+
+    ``second_step`` restores ``w``, marks the descent gradient non-finite if the ascent gradient
+    overflowed under a real GradScaler (given to ``first_step``), and then calls
+    ``grad_scaler.step(base_optimizer)``: here that does nothing, so the caller's
+    ``optimizer.step()`` (through Accelerate's scaler, which sees the mark and skips) steps."""
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def unscale_(self, optimizer: Optimizer) -> None:  # only reached with max_grad_norm, refused above
+        raise RuntimeError("SAMStep(base_step=False) does not clip; use accelerator.clip_grad_norm_")
+
+    def step(self, optimizer: Optimizer) -> None:
+        return None

@@ -1,0 +1,350 @@
+"""SAM and SSAM under the PyTorch Lightning ``Trainer``: add :class:`SAMCallback`.
+
+::
+
+    class Net(L.LightningModule):
+        def configure_optimizers(self):
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+
+    trainer = L.Trainer(precision="16-mixed", gradient_clip_val=1.0, callbacks=[SAMCallback()])
+
+Why a callback is needed, and what it does (tested against a plain two-step loop, weight for
+weight, in ``tests/test_integrations_lightning.py``):
+
+* **Stepping.** Under automatic optimization the Trainer hands the optimizer a closure
+  (``training_step`` + ``zero_grad`` + ``backward``) through its precision plugin. The plain plugin
+  calls ``optimizer.step(closure)``, which SAM can drive (it calls the closure twice), but runs
+  Lightning's ``on_before_optimizer_step`` hooks and gradient clipping after *each* call. The
+  ``"16-mixed"`` plugin instead calls the closure once and then ``scaler.step(optimizer)``, i.e.
+  ``optimizer.step()`` without a closure: a two-pass optimizer cannot survive that. The callback
+  replaces the precision plugin's ``optimizer_step`` (for SAM optimizers only) with the two passes:
+  pass 1 at ``w`` → ``first_step`` (unscales under a GradScaler) → pass 2 at ``w + e`` →
+  ``second_step``, which restores ``w`` and then, through a small stand-in for the grad scaler,
+  runs Lightning's hooks and gradient clipping once, on the unscaled descent gradient, and takes
+  the base step (``scaler.step`` + ``scaler.update`` under ``"16-mixed"``).
+* **What pass 2 may touch.** ``training_step`` runs in both passes. Pass 2's ``self.log`` calls are
+  dropped (the logged loss is the clean loss at ``w``, as :meth:`SAM.step` returns), the Trainer's
+  reported loss and ``on_train_batch_end`` outputs are pass 1's, BatchNorm running statistics are
+  left alone (the module is handed to the optimizer as ``model=``). Other side effects of
+  ``training_step`` (a metric object's ``update``) happen twice; guard them with
+  :func:`in_descent_pass`.
+* **Gradient accumulation** (``accumulate_grad_batches=k > 1``) is refused under automatic
+  optimization. Lightning runs the first k-1 micro-batches outside the optimizer and steps with
+  the closure of the last one only, so pass 1 would see all k micro-batches but pass 2 only the
+  last (at 1/k of its weight): not SAM. Accumulate in manual optimization instead (docs/frameworks.md).
+* **DDP.** With ``ascent="local"`` (SAM's default) pass 1 runs inside the strategy's
+  ``block_backward_sync()`` (DDP's ``no_sync``), so each rank perturbs with its own gradient;
+  ``ascent="sync"`` all-reduces pass 1 as well. Pass 2 is always all-reduced.
+* **Masks that need data** (SSAM with :class:`~sparsam.masks.FisherMask`): the optimizer gets the
+  Trainer's training dataloader (read when the mask is computed) and a loss function
+  (``loss_fn=`` here, or the module's ``loss_fn`` attribute), unless it was given its own.
+* **Manual optimization.** ``self.optimizers()`` returns Lightning's wrapper, whose class is a
+  subclass of SAM's: calling ``first_step`` on it would run SAM's code against the wrapper's own
+  attributes (the real optimizer, and so the checkpoint, would never see the masks or the step
+  count). The callback points SAM's methods on the wrapper to the real optimizer, makes
+  ``second_step`` count as an optimizer step for the Trainer (``global_step``, ``max_steps``) and,
+  under ``"16-mixed"``, passes the Trainer's GradScaler to ``first_step`` and calls
+  ``scaler.update()`` after ``second_step``. ``opt.step(closure)`` works as in automatic
+  optimization.
+
+Supported precision plugins: the plain one (``"32-true"``, ``"64-true"``, ``"16-true"``,
+``"bf16-true"``) and ``MixedPrecision`` (``"16-mixed"``, ``"bf16-mixed"``). Plugins with their own
+optimizer step (DeepSpeed, FSDP, XLA) are refused with an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.optim import Optimizer
+
+from ..masks.base import LossFn
+from ..optim.sam import SAM
+from ..optim.ssam import SSAM
+from . import _mark_stepped
+
+__all__ = ["SAMCallback", "in_descent_pass"]
+
+# Precision plugins whose optimizer_step is one of these are known to be safe to take over.
+_KNOWN_STEPS = (Precision.optimizer_step, MixedPrecision.optimizer_step)
+_MARK = "_sparsam_original_optimizer_step"
+_DESCENT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def in_descent_pass(module: nn.Module) -> bool:
+    """True while ``module``'s ``training_step`` runs for SAM's second pass (at ``w + e``).
+
+    Use it to keep side effects out of pass 2, e.g. ``if not in_descent_pass(self):
+    self.train_acc.update(preds, y)``. ``self.log`` needs no guard: :class:`SAMCallback` drops
+    pass 2's logs."""
+    return module in _DESCENT
+
+
+class SAMCallback(Callback):
+    """Make the Lightning ``Trainer`` drive :class:`~sparsam.SAM` / :class:`~sparsam.SSAM` correctly.
+
+    See the module docstring for what it changes and why.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets) -> mean loss``, handed to an SSAM whose mask source
+            needs data (Fisher) if the optimizer has none. Default: the module's ``loss_fn``
+            attribute.
+        data: an iterable of ``(inputs, targets)`` batches for such a mask source. Default: the
+            Trainer's training dataloader. ``module(inputs)`` must give the outputs.
+        log_descent: keep ``self.log`` calls made during pass 2 (at ``w + e``). Default: drop them.
+    """
+
+    def __init__(self, *, loss_fn: LossFn | None = None, data: Iterable[Any] | None = None, log_descent: bool = False) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.data = data
+        self.log_descent = bool(log_descent)
+        self._patched: list[tuple[Any, list[str]]] = []
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sams = [opt for opt in trainer.optimizers if isinstance(opt, SAM)]
+        if not sams:
+            rank_zero_warn("SAMCallback: configure_optimizers returned no sparsam SAM/SSAM optimizer; nothing to do")
+            return
+        _check_accumulation(trainer, pl_module)
+        self._take_over_step(trainer.strategy.precision_plugin)
+        for sam in sams:
+            if sam.model is None:
+                sam.model = pl_module  # BatchNorm statistics from pass 1 only; SSAM parameter names
+            if isinstance(sam, SSAM) and sam.mask_source.needs_data:
+                self._hand_data(sam, trainer, pl_module)
+        self._redirect_wrapper_methods(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _check_accumulation(trainer, pl_module)  # a GradientAccumulationScheduler may change it
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for obj, names in self._patched:
+            for name in names:
+                obj.__dict__.pop(name, None)
+        self._patched = []
+
+    # ------------------------------------------------------------------ wiring
+    def _take_over_step(self, plugin: Precision) -> None:
+        if _MARK in plugin.__dict__:
+            return
+        if getattr(type(plugin), "optimizer_step", None) not in _KNOWN_STEPS:
+            raise ValueError(
+                f"SAMCallback cannot drive SAM through the precision plugin {type(plugin).__name__}: it "
+                "has its own optimizer step (DeepSpeed, FSDP and XLA plugins are not supported). Supported: "
+                "precision='32-true', '64-true', '16-true', 'bf16-true', '16-mixed', 'bf16-mixed'"
+            )
+        if not callable(getattr(plugin, "_after_closure", None)):
+            raise RuntimeError(
+                f"this Lightning version's {type(plugin).__name__} has no _after_closure (hooks + gradient "
+                "clipping before the optimizer step); SAMCallback was written against Lightning 2.x"
+            )
+        original = plugin.optimizer_step
+        log_descent = self.log_descent
+
+        def optimizer_step(optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+            if isinstance(optimizer, SAM) and isinstance(model, pl.LightningModule):
+                return _two_pass_step(plugin, optimizer, model, closure, log_descent=log_descent, **kwargs)
+            return original(optimizer, model=model, closure=closure, **kwargs)
+
+        plugin.__dict__["optimizer_step"] = optimizer_step
+        plugin.__dict__[_MARK] = original
+        self._patched.append((plugin, ["optimizer_step", _MARK]))
+
+    def _hand_data(self, sam: SSAM, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if sam.data is None:
+            sam.data = self.data if self.data is not None else _TrainBatches(trainer)
+        if sam.loss_fn is None:
+            loss_fn = self.loss_fn if self.loss_fn is not None else getattr(pl_module, "loss_fn", None)
+            if not callable(loss_fn):
+                raise ValueError(
+                    f"the SSAM mask source {type(sam.mask_source).__name__} needs a loss function: pass "
+                    "SAMCallback(loss_fn=...), give the LightningModule a loss_fn attribute, or pass "
+                    "loss_fn= to SSAM in configure_optimizers"
+                )
+            sam.loss_fn = loss_fn
+
+    def _redirect_wrapper_methods(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plugin = trainer.strategy.precision_plugin
+        lopts = pl_module.optimizers()  # Lightning's wrappers: one, or a list
+        for lopt in lopts if isinstance(lopts, list) else [lopts]:
+            sam = getattr(lopt, "_optimizer", None)
+            if not isinstance(sam, SAM) or "first_step" in lopt.__dict__:
+                continue
+            names = _sam_method_names(type(sam))
+            for name in names:
+                lopt.__dict__[name] = getattr(sam, name)
+            lopt.__dict__["first_step"], lopt.__dict__["second_step"] = _counted_steps(lopt, sam, plugin)
+            self._patched.append((lopt, names))
+
+
+# ---------------------------------------------------------------------------------- the step
+def _two_pass_step(
+    plugin: Precision, sam: SAM, model: pl.LightningModule, closure: Callable[[], Any], *, log_descent: bool, **kwargs: Any
+) -> Any:
+    """One SAM step driven from Lightning's precision plugin (automatic, or ``opt.step(closure)``)."""
+    if kwargs:
+        raise TypeError(f"{type(sam).__name__}.step() under Lightning takes no extra arguments, got {sorted(kwargs)}")
+    trainer = model.trainer
+    _check_accumulation(trainer, model)
+    scaler = _enabled_scaler(plugin)
+    with sam.ascent_pass(), _ascent_sync(sam, trainer.strategy):
+        result = closure()  # training_step, zero_grad, backward (scaled under "16-mixed")
+    if result is None and model.automatic_optimization:
+        return None  # training_step returned None: Lightning skips the step, and so do we
+    sam.first_step(zero_grad=True, grad_scaler=scaler)
+    with sam.descent_pass(), _descent(model, quiet=not log_descent), _keep_closure_result(closure):
+        closure()
+    sam.second_step(grad_scaler=_FinishStep(plugin, model, sam, scaler))
+    if scaler is not None:
+        scaler.update()
+    _mark_stepped(sam)  # for an LR scheduler built on the SAM optimizer
+    return result
+
+
+class _FinishStep:
+    """Stands in for the GradScaler in :meth:`SAM.second_step`, which after restoring ``w`` (and,
+    under a real GradScaler, marking a step whose ascent gradient overflowed) calls
+    ``grad_scaler.step(base_optimizer)`` for the base step. Here that runs what Lightning does
+    before any optimizer step: unscale, ``on_before_optimizer_step`` hooks, gradient clipping;
+    then the base step through the real scaler, if any."""
+
+    def __init__(self, plugin: Precision, model: pl.LightningModule, sam: SAM, scaler: Any) -> None:
+        self.plugin, self.model, self.sam, self.scaler = plugin, model, sam, scaler
+        self._unscaled = False
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def unscale_(self, optimizer: Optimizer) -> None:  # second_step calls it when SAM clips itself
+        if self.scaler is not None and not self._unscaled:
+            self.scaler.unscale_(optimizer)
+        self._unscaled = True
+
+    def step(self, optimizer: Optimizer) -> Any:
+        self.unscale_(optimizer)
+        self.plugin._after_closure(self.model, self.sam)  # hooks + Trainer(gradient_clip_val=...), once
+        if self.scaler is not None:
+            return self.scaler.step(optimizer)  # skipped if the gradients are not finite
+        return optimizer.step()
+
+
+def _counted_steps(lopt: Any, sam: SAM, plugin: Precision) -> tuple[Callable[..., None], Callable[..., None]]:
+    """``first_step`` / ``second_step`` for Lightning's optimizer wrapper (manual optimization)."""
+    used: list[Any] = []
+
+    def first_step(zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        if grad_scaler is None:
+            grad_scaler = _enabled_scaler(plugin)  # manual_backward scaled the loss with it
+        used[:] = [grad_scaler] if grad_scaler is not None else []
+        sam.first_step(zero_grad, grad_scaler=grad_scaler)
+
+    def second_step(zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        lopt._on_before_step()  # the manual loop's step counter: global_step, max_steps
+        sam.second_step(zero_grad, grad_scaler=grad_scaler)
+        if used and used[0] is _enabled_scaler(plugin):
+            used[0].update()
+        used.clear()
+        _mark_stepped(sam)
+        lopt._on_after_step()
+
+    return first_step, second_step
+
+
+def _sam_method_names(cls: type) -> list[str]:
+    names = []
+    for klass in cls.__mro__:
+        if klass is Optimizer or not issubclass(klass, SAM):
+            continue
+        for name, value in vars(klass).items():
+            if inspect.isfunction(value) and not name.startswith("__") and name != "step" and name not in names:
+                names.append(name)
+    return names
+
+
+def _enabled_scaler(plugin: Precision) -> Any:
+    scaler = getattr(plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _check_accumulation(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    k = trainer.accumulate_grad_batches
+    if module.automatic_optimization and k > 1:
+        raise ValueError(
+            f"SAM under automatic optimization cannot use accumulate_grad_batches={k}: Lightning steps "
+            "with the closure of the last micro-batch only, so the second (perturbed) pass would see 1 of "
+            f"{k} micro-batches. Use manual optimization and run every micro-batch in both passes "
+            "(see docs/frameworks.md), or a larger batch"
+        )
+
+
+def _ascent_sync(sam: SAM, strategy: Any) -> Any:
+    # ascent="local": each data-parallel rank perturbs with its own gradient, so pass 1 skips the
+    # gradient all-reduce (DDP's no_sync, which Lightning exposes as block_backward_sync).
+    if sam.ascent == "local" and hasattr(strategy, "block_backward_sync"):
+        return strategy.block_backward_sync()
+    return nullcontext()
+
+
+def _discard_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def _descent(module: pl.LightningModule, *, quiet: bool) -> Iterator[None]:
+    _DESCENT.add(module)
+    patched = []
+    if quiet:
+        for name in ("log", "log_dict"):
+            if name not in module.__dict__:
+                module.__dict__[name] = _discard_log
+                patched.append(name)
+    try:
+        yield
+    finally:
+        for name in patched:
+            module.__dict__.pop(name, None)
+        _DESCENT.discard(module)
+
+
+@contextmanager
+def _keep_closure_result(closure: Any) -> Iterator[None]:
+    # Lightning's automatic-optimization closure remembers its last result (the reported loss and
+    # the outputs handed to on_train_batch_end): keep pass 1's, the loss at w.
+    saved = closure.__dict__.get("_result") if hasattr(closure, "__dict__") else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            closure._result = saved
+
+
+class _TrainBatches:
+    """The Trainer's training batches, looked up when a mask source iterates (the dataloader does
+    not exist yet when the callback wires the optimizer)."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def __iter__(self) -> Iterator[Any]:
+        trainer = self._trainer()
+        loader = trainer.train_dataloader if trainer is not None else None
+        if loader is None:
+            raise RuntimeError("the Trainer has no training dataloader yet; pass data= to SSAM or to SAMCallback")
+        if isinstance(loader, (dict, list, tuple)):
+            raise TypeError(
+                "the Trainer has several training dataloaders; pass data= (an iterable of (inputs, targets)) "
+                "to SSAM or to SAMCallback"
+            )
+        return iter(loader)

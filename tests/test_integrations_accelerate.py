@@ -1,0 +1,352 @@
+"""SAM / SSAM in Accelerate loops (single process, CPU), compared weight for weight with the plain
+two-step loop on a copy of the same network fed the same batches."""
+
+from __future__ import annotations
+
+import copy
+import os
+import runpy
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+accelerate = pytest.importorskip("accelerate")
+
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
+from sparsam import SAM, SSAM  # noqa: E402
+from sparsam.integrations import unwrap_optimizer  # noqa: E402
+from sparsam.integrations.accelerate import SAMStep  # noqa: E402
+from sparsam.masks import RandomMask  # noqa: E402
+
+from .reference import tiny_data, tiny_net  # noqa: E402
+from .test_integrations import ddp_reference  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Accelerate keeps process-wide singletons; each test builds its own Accelerator.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def loader(batch=8, n=32):
+    x, y = tiny_data(n=n, dtype=torch.float32)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def sam_sgd(params, **kw):
+    return SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, **kw)
+
+
+def ssam_adamw(params, **kw):
+    return SSAM(params, torch.optim.AdamW, rho=0.1, mask=RandomMask(0.5, seed=3), lr=0.01, **kw)
+
+
+def reference(net, make_opt, *, micro=1, dtype=None, scaler=None, max_grad_norm=None):
+    """The two-step loop from SAM's docstring; the forward runs under ``dtype`` autocast and its
+    output is cast back to float32, as Accelerate's prepared model does."""
+    ref = copy.deepcopy(net)
+    opt = make_opt(ref.parameters(), model=ref, max_grad_norm=max_grad_norm)
+    ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
+    for x, y in loader():
+
+        def backward(x=x, y=y):
+            for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+                with ctx():
+                    out = ref(xm)
+                loss = F.cross_entropy(out.float(), ym) / micro
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        with opt.ascent_pass():
+            backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        with opt.descent_pass():
+            backward()
+        opt.second_step(zero_grad=True)
+        if scaler is not None:
+            scaler.update()
+    return ref, opt
+
+
+def assert_same(a, b):
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), f"{k}: max |diff| {(p.double() - q.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("make_opt", [sam_sgd, ssam_adamw], ids=["sam_sgd", "ssam_adamw"])
+def test_sam_step_after_prepare_equals_two_step_loop(make_opt, tmp_path):
+    net = tiny_net(dtype=torch.float32, bn=True)
+    ref, ref_opt = reference(net, make_opt)
+    acc = accelerate.Accelerator(cpu=True)
+    model, opt, dl = acc.prepare(net, make_opt(net.parameters()), loader())
+    assert type(opt).__name__ == "AcceleratedOptimizer" and not hasattr(opt, "first_step")
+    sam = unwrap_optimizer(opt)
+    assert isinstance(sam, SAM)
+    step = SAMStep(acc, opt, model=model)
+    for x, y in dl:
+        step(lambda x, y: F.cross_entropy(model(x), y), x, y)
+    assert_same(model, ref)  # weights and BatchNorm statistics (pass 1 only)
+    if isinstance(sam, SSAM):
+        assert sam.state_dict()["sparsam"]["steps"] == 4
+        for k, m in sam.masks.items():
+            assert torch.equal(m, ref_opt.masks[k])
+        acc.save_state(str(tmp_path / "state"))  # Accelerate's checkpoint holds SAM's state dict
+        saved = torch.load(tmp_path / "state" / "optimizer.bin", weights_only=False)
+        assert saved["sparsam"]["steps"] == 4 and saved["sparsam"]["masks"].keys() == sam.state_dict()["sparsam"]["masks"].keys()
+
+
+def test_prepared_step_with_closure_is_correct_in_float32():
+    net = tiny_net(dtype=torch.float32, bn=True)
+    ref, _ = reference(net, sam_sgd)
+    acc = accelerate.Accelerator(cpu=True)
+    model, opt, dl = acc.prepare(net, sam_sgd(net.parameters(), model=net), loader())
+    for x, y in dl:
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(model(x), y)
+            acc.backward(loss)
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+    assert_same(model, ref)
+
+
+def test_prepared_step_with_closure_fails_under_fp16():
+    # Why SAMStep exists: Accelerate's fp16 path is GradScaler.step(optimizer, closure).
+    net = tiny_net(dtype=torch.float32)
+    acc = fp16_accelerator(2.0**10)
+    model, opt = acc.prepare(net, sam_sgd(net.parameters()))
+    x, y = tiny_data(n=8, dtype=torch.float32)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        acc.backward(loss)
+        return loss
+
+    with pytest.raises(AssertionError, match="scale"):
+        opt.step(closure)
+
+
+def test_accumulate_runs_every_micro_batch_in_both_passes():
+    # Accumulating 2 micro-batches of 4 = SAM on the batch of 8 with the mean of the micro-batch losses.
+    net = tiny_net(dtype=torch.float32, bn=False)
+    ref, _ = reference(net, ssam_adamw, micro=2)
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, opt, dl = acc.prepare(net, ssam_adamw(net.parameters()), loader(batch=4))
+    step = SAMStep(acc, opt, model=model)
+    for x, y in dl:
+        with acc.accumulate(model):
+            step(lambda x, y: F.cross_entropy(model(x), y), x, y)
+    assert_same(model, ref)
+    assert unwrap_optimizer(opt).state_dict()["sparsam"]["steps"] == 4
+
+
+def test_bf16_mixed_precision():
+    net = tiny_net(dtype=torch.float32, bn=True)
+    ref, _ = reference(net, sam_sgd, dtype=torch.bfloat16)
+    acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    model, opt, dl = acc.prepare(net, sam_sgd(net.parameters()), loader())
+    step = SAMStep(acc, opt, model=model)
+    for x, y in dl:
+        step(lambda x, y: F.cross_entropy(model(x), y), x, y)
+    assert_same(model, ref)
+
+
+def fp16_accelerator(init_scale, **kw):
+    # Accelerate makes a GradScaler only on accelerators (fp16 on a CPU is plain float32). The
+    # scaler path, which is what fp16 on a GPU runs, is tested with a CPU GradScaler put in its place.
+    acc = accelerate.Accelerator(cpu=True, **kw)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return acc
+
+
+@pytest.mark.parametrize("init_scale", [2.0**10, 2.0**40], ids=["finite", "overflow"])
+def test_fp16_grad_scaler(init_scale):
+    net = tiny_net(dtype=torch.float32, bn=True)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    ref, _ = reference(net, sam_sgd, dtype=torch.float16, scaler=ref_scaler)
+    acc = fp16_accelerator(init_scale)
+    model, opt, dl = acc.prepare(net, sam_sgd(net.parameters()), loader())
+    step = SAMStep(acc, opt, model=model)
+
+    def compute_loss(x, y):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        return F.cross_entropy(out.float(), y)
+
+    for x, y in dl:
+        step(compute_loss, x, y)
+    assert_same(model, ref)
+    assert acc.scaler.get_scale() == ref_scaler.get_scale()
+
+
+def test_base_step_false_leaves_clip_and_step_to_the_caller():
+    # transformers.Trainer-style: the *base* optimizer is prepared; the caller clips and steps.
+    net = tiny_net(dtype=torch.float32, bn=True)
+    ref, _ = reference(net, sam_sgd, max_grad_norm=0.05)
+    acc = accelerate.Accelerator(cpu=True)
+    model, base, dl = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), loader())
+    sam = SAM(base.optimizer, rho=0.1)
+    step = SAMStep(acc, sam, model=model, base_step=False)
+    for x, y in dl:
+        step(lambda x, y: F.cross_entropy(model(x), y), x, y)
+        acc.clip_grad_norm_(model.parameters(), 0.05)
+        base.step()
+        base.zero_grad()
+    assert_same(model, ref)
+
+
+def test_base_step_false_overflow_makes_the_callers_scaler_skip():
+    net = tiny_net(dtype=torch.float32, bn=False)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    ref, _ = reference(net, sam_sgd, dtype=torch.float16, scaler=ref_scaler)
+    acc = fp16_accelerator(2.0**40)
+    model, base, dl = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), loader())
+    step = SAMStep(acc, SAM(base.optimizer, rho=0.1), model=model, base_step=False)
+
+    def compute_loss(x, y):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        return F.cross_entropy(out.float(), y)
+
+    skipped = []
+    for x, y in dl:
+        step(compute_loss, x, y)
+        base.step()  # Accelerate: scaler.step(base) + scaler.update()
+        skipped.append(acc.optimizer_step_was_skipped)
+        base.zero_grad()
+    assert_same(model, ref)
+    assert acc.scaler.get_scale() == ref_scaler.get_scale()
+    assert skipped[0]
+
+
+def test_sam_built_before_prepare_is_relinked():
+    net = tiny_net(dtype=torch.float32)
+    inner = torch.optim.SGD(net.parameters(), lr=0.1)
+    sam = SAM(inner, rho=0.1)
+    acc = accelerate.Accelerator(cpu=True)
+    model, base = acc.prepare(net, inner)  # reloads the base's state dict: new param_groups
+    SAMStep(acc, sam, model=model, base_step=False)
+    assert sam.param_groups is inner.param_groups
+
+
+def test_base_step_false_refuses_sam_clipping():
+    net = tiny_net(dtype=torch.float32)
+    acc = accelerate.Accelerator(cpu=True)
+    with pytest.raises(ValueError, match="max_grad_norm=1.0"):
+        SAMStep(acc, sam_sgd(net.parameters(), max_grad_norm=1.0), base_step=False)
+
+
+def test_example_script(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    script = Path(__file__).resolve().parent.parent / "examples" / "accelerate_train.py"
+    main = runpy.run_path(str(script), run_name="example")["main"]
+    main(["--method", "ssam-random", "--epochs", "1", "--max-steps", "3", "--grad-accum", "2", "--mixed-precision", "bf16", "--cpu"])
+    assert capsys.readouterr().out.startswith("epoch 0: loss")
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    acc = accelerate.Accelerator(cpu=True)
+    x, y = tiny_data(n=32, dtype=torch.float32)
+    for ascent in ("local", "sync"):
+        net = tiny_net(dtype=torch.float32)
+        model, opt = acc.prepare(net, SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.5, ascent=ascent))
+        step = SAMStep(acc, opt, model=model)
+        for s in range(3):
+            idx = [rank + world * (4 * s + j) for j in range(4)]
+            step(lambda a, b: F.cross_entropy(model(a), b), x[idx], y[idx])
+        torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"{ascent}-{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    # Two CPU processes (gloo, Accelerate's MULTI_CPU): with ascent="local" pass 1 skips the
+    # all-reduce (each rank perturbs with its own gradient); pass 2 is all-reduced once.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    net = tiny_net(dtype=torch.float32)
+    expected = {a: list(ddp_reference(net, a, steps=3).parameters()) for a in ("local", "sync")}
+    for ascent, other in (("local", "sync"), ("sync", "local")):
+        ranks = [torch.load(tmp_path / f"{ascent}-{r}.pt") for r in range(2)]
+        for p0, p1, q, o in zip(*ranks, expected[ascent], expected[other]):
+            assert torch.equal(p0, p1)  # the ranks agree bit for bit
+            torch.testing.assert_close(p0, q.detach(), rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(p, o, rtol=1e-4, atol=1e-5) for p, o in zip(ranks[0], expected[other]))
+
+
+def test_transformers_trainer_recipe(tmp_path):
+    # The subclass from docs/frameworks.md, with accumulation and the Trainer's own clipping,
+    # against the plain two-step loop with SAM's max_grad_norm. Runs only where transformers is
+    # installed (it is not a test dependency).
+    transformers = pytest.importorskip("transformers")
+    from torch import nn
+
+    class SAMTrainer(transformers.Trainer):
+        def __init__(self, *args, rho=0.05, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rho, self.sam_step = rho, None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.sam_step is None:
+                self.sam_step = SAMStep(self.accelerator, SAM(self.optimizer.optimizer, rho=self.rho), model=model, base_step=False)
+            model.train()
+
+            def loss_of(inputs):
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, inputs)
+                return loss / self.current_gradient_accumulation_steps
+
+            return self.sam_step(loss_of, self._prepare_inputs(inputs))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net(dtype=torch.float32, bn=True)
+
+        def forward(self, x, labels=None):
+            return {"loss": F.cross_entropy(self.net(x), labels)}
+
+    x, y = tiny_data(n=64, dtype=torch.float32)
+    model = Net()
+    ref = copy.deepcopy(model)
+    args = transformers.TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.5, weight_decay=0.0,
+        use_cpu=True, report_to="none", save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
+    )
+    data = [{"x": x[i], "labels": y[i]} for i in range(64)]
+    SAMTrainer(model=model, args=args, train_dataset=data, rho=0.1).train()
+
+    opt = SAM(ref.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, max_grad_norm=0.5, model=ref)
+    for s in range(4):
+        xs, ys = x[8 * s : 8 * s + 8], y[8 * s : 8 * s + 8]
+
+        def backward(xs=xs, ys=ys):
+            for xm, ym in zip(xs.chunk(2), ys.chunk(2)):
+                (ref(xm, ym)["loss"] / 2).backward()
+
+        with opt.ascent_pass():
+            backward()
+        opt.first_step(zero_grad=True)
+        with opt.descent_pass():
+            backward()
+        opt.second_step(zero_grad=True)
+    # The Trainer puts biases and norm weights in a second param group, so the global norms sum in
+    # another order: equal up to float32 rounding, not bit for bit.
+    for (k, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=k)
