@@ -260,3 +260,27 @@ def test_demo_smoke(tmp_path, capsys):
     assert "sgd" in text and "ssam-f" in text and "1.00x" in text
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["epoch"] for r in metrics(out / "ssam-f")] == [1, 2]
+
+
+def test_report_time_to_reach_sgds_final_accuracy(tmp_path):
+    from sparsam.train.report import summarize, to_markdown
+    from sparsam.train.rundir import RunRecord
+
+    def record(opt, seed, accs, times):
+        cfg = {**TrainConfig(opt=opt, epochs=len(accs)).to_dict(), "seed": seed}
+        rows = [{"epoch": i + 1, "test_acc": a, "epoch_time_s": t, "time_s": float(sum(times[: i + 1]))}
+                for i, (a, t) in enumerate(zip(accs, times))]
+        return RunRecord(tmp_path / f"{opt}{seed}", cfg, {}, rows, {"finished": True})
+
+    # SGD's mean final accuracy is 0.7; SAM seed 0 reaches it at epoch 2 (3 s of training),
+    # seed 1 at epoch 3 (9 s); SSAM never does.
+    runs = [record("sgd", 0, [0.5, 0.6, 0.7], [1, 1, 1]), record("sgd", 1, [0.5, 0.7, 0.7], [1, 1, 1]),
+            record("sam", 0, [0.6, 0.8, 0.9], [1, 2, 3]), record("sam", 1, [0.4, 0.6, 0.75], [3, 3, 3]),
+            record("ssam", 0, [0.1, 0.2, 0.3], [2, 2, 2])]
+    varying, rows = summarize(runs)
+    by = {r["method"]: r for r in rows}
+    assert by["SGD"]["to_sgd_s"] == pytest.approx(2.5)  # seed 0 at 3 s, seed 1 at 2 s
+    assert by["SAM"]["to_sgd_s"] == pytest.approx(6.0) and by["SAM"]["to_sgd_runs"] == 2
+    assert by["SSAM-F"]["to_sgd_s"] is None and by["SSAM-F"]["to_sgd_runs"] == 0
+    table = to_markdown(varying, rows)
+    assert "To SGD acc (s)" in table and "not reached" in table

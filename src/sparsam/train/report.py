@@ -134,7 +134,25 @@ def summarize(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]
             row["time_ratio"] = row["epoch_time_s"] / ref_row["epoch_time_s"]
         else:
             row["time_ratio"] = None
+        # Time to SGD's accuracy: training time (evaluation excluded) until the first evaluation at
+        # or above the SGD reference's mean final accuracy; mean over the runs that got there.
+        row["to_sgd_s"], row["to_sgd_runs"] = None, 0
+        row["sgd_target"] = ref_row["final_mean"] if ref_row else None
+        if row["sgd_target"] is not None:
+            reached = [t for t in (time_to_accuracy(r.metrics, row["sgd_target"]) for r in row["group"].runs)
+                       if t is not None]
+            row["to_sgd_runs"] = len(reached)
+            row["to_sgd_s"] = statistics.fmean(reached) if reached else None
     return [k for k in varying if k != "sparsity"], rows
+
+
+def time_to_accuracy(metrics: Sequence[dict[str, Any]], target: float) -> float | None:
+    """Cumulative training time (``time_s``: evaluation excluded) at the first epoch whose test
+    accuracy is at least ``target``; ``None`` if no epoch reached it."""
+    for r in metrics:
+        if r.get("test_acc") is not None and r["test_acc"] >= target:
+            return float(r["time_s"])
+    return None
 
 
 def _sgd_reference(g: Group, groups: list[Group]) -> Group | None:
@@ -153,7 +171,7 @@ def _pct(mean: float | None, std: float | None) -> str:
 
 
 def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
-    head = ["Method", "Sparsity", *varying, "Seeds", "Final acc (%)", "Best acc (%)", "Epochs", "Time/epoch (s)", "vs SGD"]
+    head = ["Method", "Sparsity", *varying, "Seeds", "Final acc (%)", "Best acc (%)", "Epochs", "Time/epoch (s)", "vs SGD", "To SGD acc (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         g: Group = r["group"]
@@ -166,9 +184,19 @@ def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
             _pct(r["final_mean"], r["final_std"]), _pct(r["best_mean"], r["best_std"]), epochs,
             "—" if r["epoch_time_s"] is None else f"{r['epoch_time_s']:.3g}",
             "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x",
+            _to_sgd(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _to_sgd(r: dict[str, Any]) -> str:
+    if r.get("sgd_target") is None:
+        return "—"  # no SGD run with the same data, model and batch settings
+    if r["to_sgd_s"] is None:
+        return "not reached"
+    n = f" ({r['to_sgd_runs']}/{r['seeds']})" if r["to_sgd_runs"] != r["seeds"] else ""
+    return f"{r['to_sgd_s']:.4g}{n}"
 
 
 def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
@@ -176,7 +204,7 @@ def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
     w = csv.writer(buf)
     w.writerow(["method", "opt", "mask", "sparsity", *varying, "seeds", "final_acc_mean", "final_acc_std",
                 "best_acc_mean", "best_acc_std", "epochs_done", "epochs", "finished", "epoch_time_s",
-                "time_ratio_vs_sgd", "runs"])
+                "time_ratio_vs_sgd", "time_to_sgd_acc_s", "runs_reaching_sgd_acc", "runs"])
     for r in rows:
         g: Group = r["group"]
         ssam = g.settings.get("opt") == "ssam"
@@ -184,7 +212,7 @@ def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
             r["method"], g.settings.get("opt"), g.settings.get("mask", "") if ssam else "",
             g.settings.get("sparsity", "") if ssam else "", *[r["settings"].get(k) for k in varying], r["seeds"],
             r["final_mean"], r["final_std"], r["best_mean"], r["best_std"], r["epochs_done"], r["epochs"],
-            r["finished"], r["epoch_time_s"], r["time_ratio"], ";".join(str(run.path) for run in g.runs),
+            r["finished"], r["epoch_time_s"], r["time_ratio"], r["to_sgd_s"], r["to_sgd_runs"], ";".join(str(run.path) for run in g.runs),
         ])
     return buf.getvalue()
 
