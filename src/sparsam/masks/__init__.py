@@ -9,7 +9,7 @@
 Conventions are in ``docs/masks.md``.
 """
 
-from .base import AllOnesMask, MaskContext, MaskSource, check_sparsity
+from .base import AllOnesMask, MaskContext, MaskSource, SeededSource, check_sparsity
 from .dynamic import DynamicMask, cosine_drop_rate
 from .fisher import FisherMask, fisher_information
 from .norm import NORM_TYPES, NormLayersMask
@@ -26,6 +26,7 @@ __all__ = [
     "NORM_TYPES",
     "NormLayersMask",
     "RandomMask",
+    "SeededSource",
     "check_sparsity",
     "cosine_drop_rate",
     "fisher_information",

@@ -126,6 +126,29 @@ class MaskSource(ABC):
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+class SeededSource(MaskSource):
+    """A mask source that draws from its own ``torch.Generator`` (never the global RNG).
+
+    Subclasses call :meth:`_seed` in ``__init__``; the generator's state is part of
+    ``state_dict`` so that a resumed run draws the same masks as an uninterrupted one.
+    """
+
+    seed: int
+    generator: torch.Generator
+
+    def _seed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "seed": self.seed, "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["rng"])
+
+
 def resolve_update_every(
     update_every: int | None, update_every_epochs: int | None, steps_per_epoch: int | None
 ) -> int | None:

@@ -23,13 +23,11 @@ number of inactive coordinates (relevant only when ``s < alpha * (1 - s)``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import MaskContext, MaskSource, check_sparsity
+from .base import MaskContext, SeededSource, check_sparsity
 from .selection import BUDGETS, select, top_positions
 
 GROW = ("random", "gradient")
@@ -47,7 +45,7 @@ def _flat(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Te
     return torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
 
 
-class DynamicMask(MaskSource):
+class DynamicMask(SeededSource):
     """SSAM-D: random initial mask, then cosine-scheduled drop (small ``|g|``) and grow.
 
     Args:
@@ -93,8 +91,7 @@ class DynamicMask(MaskSource):
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         self.total_steps, self.alpha, self.grow, self.budget = total_steps, float(alpha), grow, budget
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self._seed(seed)
 
     def drop_rate(self, step: int) -> float:
         return cosine_drop_rate(step, self.total_steps, self.alpha)
@@ -143,14 +140,6 @@ class DynamicMask(MaskSource):
                 out[n] = new[i : i + p.numel()].reshape(p.shape).to(p.device)
                 i += p.numel()
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.seed, "rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.seed = int(state["seed"])
-        self.generator.set_state(state["rng"])
 
     def extra_repr(self) -> str:
         return (

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from .base import LossFn, MaskContext, MaskSource
+from .base import LossFn, MaskContext, SeededSource
 from .selection import parse_pattern, resolve_sparsity, select
 
 BN_STATS = ("running", "sample")
@@ -281,7 +281,7 @@ def fisher_information(
     return {out_name: acc[mn] for out_name, mn, _ in scored}
 
 
-class FisherMask(MaskSource):
+class FisherMask(SeededSource):
     """SSAM-F: perturb the coordinates with the largest diagonal empirical Fisher information.
 
     ``init`` and every ``update`` compute :func:`fisher_information` over ``num_samples`` samples
@@ -333,8 +333,7 @@ class FisherMask(MaskSource):
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
         self.granularity, self.budget, self.one_d = granularity, budget, one_d
         self.true_fisher, self.chunk_size, self.bn_stats = bool(true_fisher), chunk_size, bn_stats
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self._seed(seed)
         # Fail early on bad selection options (select validates them).
         select({}, self.sparsity, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d)
 
@@ -374,14 +373,6 @@ class FisherMask(MaskSource):
 
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
         return self._compute(ctx)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.seed, "rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.seed = int(state["seed"])
-        self.generator.set_state(state["rng"])
 
     def extra_repr(self) -> str:
         pat = f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern

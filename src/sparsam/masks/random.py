@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import MaskContext, MaskSource, check_sparsity
+from .base import MaskContext, SeededSource, check_sparsity
 from .selection import parse_pattern, resolve_sparsity, select
 
 
-class RandomMask(MaskSource):
+class RandomMask(SeededSource):
     """Uniformly random mask: :func:`~sparsam.masks.select` over uniform random scores.
 
     With the default unstructured pattern and global budget exactly ``round((1 - sparsity) * N)``
@@ -55,8 +53,7 @@ class RandomMask(MaskSource):
         self.granularity, self.budget, self.one_d = granularity, budget, one_d
         check = 0.0 if self.sparsity == 1.0 else self.sparsity  # validates the pattern options
         select({}, check, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d)
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self._seed(seed)
 
     def _draw(self, ctx: MaskContext) -> dict[str, Tensor]:
         if self.sparsity == 1.0:
@@ -79,14 +76,6 @@ class RandomMask(MaskSource):
 
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
         return self._draw(ctx)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.seed, "rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.seed = int(state["seed"])
-        self.generator.set_state(state["rng"])
 
     def extra_repr(self) -> str:
         pat = f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern
