@@ -15,7 +15,10 @@ Variants named "+cheap" use norm="masked" with the cheaper ascent pass (sparse_a
 parameters whose mask is all False get no weight gradient in pass 1 and the backward stops below
 the lowest perturbed layer. The others are the authors' configuration (norm="full", dense pass 1).
 Masks come from the diagonal Fisher of the freshly initialised model on random inputs (pattern
-and budget as in the papers), or random scores with --scores random.
+and budget as in the papers), or random scores with --scores random. "deepest tensors s=0.9" is
+not score-based: whole tensors from the output side covering 10% of the coordinates, to show what
+the cheaper pass saves when nothing near the input is perturbed (Fisher's tensor-level pick at
+s=0.9 includes the small early tensors, so its backward still runs to the input).
 
     python benchmarks/step_cost.py                       # the issue's full matrix (long on a CPU)
     python benchmarks/step_cost.py --models resnet18:16:32 --rounds 5   # a quick look
@@ -77,6 +80,20 @@ def norm_layer_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def deepest_tensor_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Whole tensors from the output side (parameter order reversed) until ``1 - sparsity`` of the
+    coordinates are covered: a structured mask chosen by depth instead of by score, so the cheaper
+    ascent pass can stop the backward early."""
+    total = sum(t.numel() for t in scores.values())
+    out, covered = {}, 0
+    for n in reversed(list(scores)):
+        if covered >= (1 - sparsity) * total:
+            break
+        out[n] = torch.ones_like(scores[n], dtype=torch.bool)
+        covered += scores[n].numel()
+    return out
+
+
 def variants(scores: dict[str, torch.Tensor]) -> list[Variant]:
     base_kw = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     conv_linear = {n: s for n, s in scores.items() if s.dim() > 1}
@@ -106,6 +123,7 @@ def variants(scores: dict[str, torch.Tensor]) -> list[Variant]:
                           lambda m, s=s, gran=gran: select(scores, s, "structured", granularity=gran)))
     specs.append(("SSAM N:M 2:4", lambda m: select(scores, None, "2:4")))
     specs.append(("SSAM norm-layers-only", norm_layer_masks))
+    specs.append(("SSAM deepest tensors s=0.9", lambda m: deepest_tensor_masks(scores, 0.9)))
     for name, fn in specs:
         out.append(Variant(name, ssam(fn, cheap=False)))
         out.append(Variant(name + " +cheap", ssam(fn, cheap=True)))
