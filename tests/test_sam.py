@@ -316,6 +316,27 @@ def test_param_groups_are_shared_with_base_and_scheduler():
     assert len(base.param_groups) == 2 and base.param_groups[1]["rho"] == 0.5 and base.param_groups[1]["adaptive"] is False
 
 
+@pytest.mark.parametrize("cls, extra", [(SAM, {}), (SSAM, {"sparsity": 0.5})])
+def test_two_step_api_with_a_scheduler_raises_no_order_warning(cls, extra):
+    # torch's schedulers patch step() to see that the optimizer stepped; first_step/second_step
+    # never call step(), which made StepLR warn "lr_scheduler.step() before optimizer.step()".
+    import warnings
+
+    model = tiny_net()
+    opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, **extra)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = tiny_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
 def test_group_with_rho_zero_is_not_perturbed():
     model = tiny_net()
     x, y = tiny_data()

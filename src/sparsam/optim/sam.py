@@ -303,6 +303,10 @@ class SAM(Optimizer):
                 self._clip()
             self.base_optimizer.step()
         self._after_step()
+        # An LR scheduler built on this optimizer patches step() to record that the optimizer has
+        # stepped; the two-step API never calls step(), so record it here, or the scheduler warns
+        # that lr_scheduler.step() came first.
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
