@@ -30,7 +30,7 @@ def _usage() -> str:
     lines = [
         "usage: sparsam COMMAND [options]   (or python -m sparsam COMMAND ...)",
         "",
-        "Sharpness-Aware Minimization and Sparse SAM: training, sweeps and reports.",
+        "Sharpness-Aware Minimization and Sparse SAM: training, sweeps, reports and analysis.",
         "",
         "commands:",
         *[f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()],

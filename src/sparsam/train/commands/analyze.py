@@ -207,7 +207,7 @@ def _positive(kind: type, *, zero_ok: bool = False) -> Any:
 def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=__doc__.split("\n\n")[1].replace("``", "`"),
+        description=__doc__.split("\n\n")[1].replace("``", "`").replace(":func:", ""),
         epilog="examples:\n"
         "  sparsam analyze runs/sgd runs/sam                     # top eigenvalue, sharpness, 1-D landscape\n"
         "  sparsam analyze runs/sweep --top-k 3 --surface 21     # every run under a folder, plus 2-D surfaces\n"
