@@ -24,9 +24,9 @@ for S in $SEEDS; do
 done
 sparsam report "$ROOT/runs" --out "$ROOT/report" --title "CIFAR-10, ResNet-18 width 8, 5k images, 10 epochs"
 # Hessian top eigenvalue, SAM sharpness and a 1-D landscape of every final model, on the same
-# 512 test images and seed (one report per seed keeps the landscape figure readable).
+# 256 test images and seed (one report per seed keeps the landscape figure readable).
 for S in $SEEDS; do
-  sparsam analyze "$ROOT"/runs/*/*-seed"$S" --out "$ROOT/analysis-seed$S" --batch-size 512 \
+  sparsam analyze "$ROOT"/runs/*/*-seed"$S" --out "$ROOT/analysis-seed$S" --batch-size 256 \
       --threads 1 --formats png --quiet
 done
 python "$(dirname "$0")/study_table.py" "$ROOT"
