@@ -38,7 +38,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .base import LossFn, MaskContext, SeededSource
-from .selection import parse_pattern, resolve_sparsity, select
+from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
 BN_STATS = ("running", "sample")
 
@@ -281,7 +281,7 @@ def fisher_information(
     return {out_name: acc[mn] for out_name, mn, _ in scored}
 
 
-class FisherMask(SeededSource):
+class FisherMask(PatternOptions, SeededSource):
     """SSAM-F: perturb the coordinates with the largest diagonal empirical Fisher information.
 
     ``init`` and every ``update`` compute :func:`fisher_information` over ``num_samples`` samples
@@ -357,16 +357,7 @@ class FisherMask(SeededSource):
         )
 
     def _compute(self, ctx: MaskContext) -> dict[str, Tensor]:
-        return select(
-            self.scores(ctx),
-            self.sparsity,
-            self.pattern,
-            n=self.n,
-            m=self.m,
-            granularity=self.granularity,
-            budget=self.budget,
-            one_d=self.one_d,
-        )
+        return self._select(self.scores(ctx))
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
         return self._compute(ctx)
@@ -375,7 +366,7 @@ class FisherMask(SeededSource):
         return self._compute(ctx)
 
     def extra_repr(self) -> str:
-        pat = f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern
+        pat = self._pattern_name()
         return (
             f"{super().extra_repr()}, num_samples={self.num_samples}, pattern={pat!r}, "
             f"true_fisher={self.true_fisher}"

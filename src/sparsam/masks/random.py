@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from .base import MaskContext, SeededSource, check_sparsity
-from .selection import parse_pattern, resolve_sparsity, select
+from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
 
-class RandomMask(SeededSource):
+class RandomMask(PatternOptions, SeededSource):
     """Uniformly random mask: :func:`~sparsam.masks.select` over uniform random scores.
 
     With the default unstructured pattern and global budget exactly ``round((1 - sparsity) * N)``
@@ -59,16 +59,7 @@ class RandomMask(SeededSource):
         if self.sparsity == 1.0:
             return {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
         scores = {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}
-        masks = select(
-            scores,
-            self.sparsity,
-            self.pattern,
-            n=self.n,
-            m=self.m,
-            granularity=self.granularity,
-            budget=self.budget,
-            one_d=self.one_d,
-        )
+        masks = self._select(scores)
         return {n: m.to(ctx.params[n].device) for n, m in masks.items()}
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
@@ -78,5 +69,5 @@ class RandomMask(SeededSource):
         return self._draw(ctx)
 
     def extra_repr(self) -> str:
-        pat = f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern
+        pat = self._pattern_name()
         return f"{super().extra_repr()}, seed={self.seed}, pattern={pat!r}"

@@ -358,3 +358,24 @@ def select(
     else:
         chosen = {name: nm_mask(t, n, m) for name, t in ranked.items()}
     return {name: (fixed[name] if name in fixed else chosen[name]) for name in scores}
+
+
+class PatternOptions:
+    """Mixin of the score-based mask sources (Fisher, random): the pattern settings they keep
+    (``sparsity``, ``pattern``, ``n``, ``m``, ``granularity``, ``budget``, ``one_d``) and the one
+    call of :func:`select` that turns their scores into masks."""
+
+    sparsity: float
+    pattern: str
+    n: int | None
+    m: int | None
+    granularity: str
+    budget: str
+    one_d: str | None
+
+    def _select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return select(scores, self.sparsity, self.pattern, n=self.n, m=self.m, granularity=self.granularity,
+                      budget=self.budget, one_d=self.one_d)
+
+    def _pattern_name(self) -> str:
+        return f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern
