@@ -12,7 +12,7 @@ import pytest
 
 from sparsam.__main__ import COMMANDS, main
 from sparsam.train import ConfigError, build_config, list_presets
-from sparsam.train.commands.train import build_parser, resolve
+from sparsam.cli.train import build_parser, resolve
 from sparsam.train.config import FIELDS, TrainConfig, flag, read_config_file
 
 from .test_train_engine import TINY, metrics
@@ -190,7 +190,7 @@ def test_report_table_csv_and_plots(two_runs, capsys):
 
 
 def test_report_mean_and_std_over_seeds(tmp_path):
-    from sparsam.train.report import summarize, to_markdown
+    from sparsam.train.tables import summarize, to_markdown
     from sparsam.train.rundir import RunRecord
 
     def record(seed, accs, times):
@@ -242,7 +242,7 @@ def test_sweep_grid_file_and_family(tmp_path, capsys):
     assert main(["sweep", "--root", str(tmp_path / "s"), "--grid", str(grid), "--dry-run"]) == 0
     out = capsys.readouterr().out.split()
     assert out == ["empty", "sgd-seed0", "empty", "sgd-seed1", "empty", "ssam-f-s0.9-seed0", "empty", "ssam-f-s0.9-seed1"]
-    from sparsam.train.commands.sweep import plan
+    from sparsam.cli.sweep import plan
 
     runs = plan(str(tmp_path / "s"), ["sgd", "ssam-f"], [0.9], [0], [("t", {"epochs": 3})], "cifar10-resnet18")
     assert [(r.config.weight_decay, r.config.epochs, r.config.model) for r in runs] == [
@@ -263,7 +263,7 @@ def test_demo_smoke(tmp_path, capsys):
 
 
 def test_report_time_to_reach_sgds_final_accuracy(tmp_path):
-    from sparsam.train.report import summarize, to_markdown
+    from sparsam.train.tables import summarize, to_markdown
     from sparsam.train.rundir import RunRecord
 
     def record(opt, seed, accs, times):

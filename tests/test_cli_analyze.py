@@ -63,7 +63,7 @@ def test_numbers_equal_the_library_on_the_same_model_and_batch(runs, tmp_path):
     # Rebuild by hand: the run's model and final weights, the first 30 test images (digits test
     # subset of the run, normalised as in training), eval mode.
     from sparsam.train import build_config
-    from sparsam.train.data import build_data
+    from sparsam.train.loaders import build_data
 
     saved = json.loads((runs / "sgd" / "config.json").read_text())["config"]
     cfg = build_config([("t", {**saved, "eval_batch_size": 30})])

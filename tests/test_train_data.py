@@ -12,7 +12,7 @@ import torch
 
 from sparsam.__main__ import main
 from sparsam.train import build_config, train
-from sparsam.train.data import choose_subset
+from sparsam.train.loaders import choose_subset
 
 from .test_train_engine import metrics
 
@@ -122,7 +122,7 @@ def test_subset_larger_than_the_data_is_an_error(tmp_path, capsys):
 def test_fisher_samples_come_without_augmentation(tmp_path):
     pytest.importorskip("sklearn")
     from sparsam.train.config import TrainConfig
-    from sparsam.train.data import build_data
+    from sparsam.train.loaders import build_data
 
     cfg = TrainConfig(data="digits", augment="cifar", train_subset=100)
     data = build_data(cfg, device=torch.device("cpu"), batch_per_rank=20)

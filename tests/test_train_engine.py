@@ -11,7 +11,7 @@ import torch
 
 from sparsam.train import build_config, train
 from sparsam.train.config import TrainConfig
-from sparsam.train.optim import WarmupCosine
+from sparsam.train.build import WarmupCosine
 
 pytest.importorskip("sklearn")  # the digits data set
 
@@ -180,7 +180,7 @@ def test_implicit_form_needs_an_ssam_that_has_it(monkeypatch):
     """--form is passed through only if SSAM's constructor takes form=; otherwise a clear error."""
     import sparsam
     from sparsam.train import ConfigError
-    from sparsam.train.optim import build_optimizer
+    from sparsam.train.build import build_optimizer
 
     class OldSSAM(sparsam.SSAM):
         def __init__(self, params_or_optimizer, *, rho=0.05, mask=None, norm="full", model=None, loss_fn=None,

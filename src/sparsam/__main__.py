@@ -17,11 +17,11 @@ import traceback
 
 #: name -> (module with main(argv, prog), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("sparsam.train.commands.train", "train one model (presets reproduce the papers' tables)"),
-    "demo": ("sparsam.train.commands.demo", "compare SGD, SAM, SSAM-F and SSAM-D on the built-in digits in ~1 minute"),
-    "sweep": ("sparsam.train.commands.sweep", "run a grid of methods x sparsities x seeds, resumably"),
-    "report": ("sparsam.train.commands.report", "tables (Markdown, CSV) and plots from run directories"),
-    "analyze": ("sparsam.train.commands.analyze", "Hessian eigenvalues, sharpness, loss landscapes and mask densities of runs"),
+    "train": ("sparsam.cli.train", "train one model (presets reproduce the papers' tables)"),
+    "demo": ("sparsam.cli.demo", "compare SGD, SAM, SSAM-F and SSAM-D on the built-in digits in ~1 minute"),
+    "sweep": ("sparsam.cli.sweep", "run a grid of methods x sparsities x seeds, resumably"),
+    "report": ("sparsam.cli.report", "tables (Markdown, CSV) and plots from run directories"),
+    "analyze": ("sparsam.cli.analyze", "Hessian eigenvalues, sharpness, loss landscapes and mask densities of runs"),
 }
 
 

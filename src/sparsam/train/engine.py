@@ -48,9 +48,9 @@ from . import distributed as D
 from . import rundir
 from .checkpoint import atomic_write, load_checkpoint, read_json, rng_state, save_checkpoint, set_rng_state, write_json
 from .config import TrainConfig, diff_identity
-from .data import TrainData, build_data
+from .loaders import TrainData, build_data
 from .errors import CheckpointError, ConfigError, RunDirError, UserError
-from .optim import build_optimizer, build_scheduler
+from .build import build_optimizer, build_scheduler
 
 DEBUG_DUMP_ENV = "SPARSAM_DEBUG_RANK_DUMP"
 

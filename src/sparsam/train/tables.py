@@ -4,7 +4,7 @@ Runs are grouped by their configuration minus the seed; every group is one row. 
 settings that tell groups apart (method, sparsity, and any other key that differs between groups),
 the number of seeds, final and best test accuracy (mean ± sample std, in %), epochs done, time
 per epoch (median over the run's epochs, mean over seeds) and its ratio to the SGD group with the
-same data, model and batch settings. No plotting here: see :mod:`sparsam.train.plots`.
+same data, model and batch settings. No plotting here: see :mod:`sparsam.train.figures`.
 """
 
 from __future__ import annotations

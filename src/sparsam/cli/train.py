@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, add_config_flags, build_config, cli_values, read_config_file
-from ..errors import RunDirError
+from ..train.config import TrainConfig, add_config_flags, build_config, cli_values, read_config_file
+from ..train.errors import RunDirError
 
 EPILOG = """examples:
   sparsam train                                            # SGD on the built-in digits, a few seconds
@@ -28,7 +28,7 @@ def add_layer_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_layers(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """[(source, values)] from --preset, --config and the given flags, lowest first."""
-    from ..presets import get_preset
+    from ..train.presets import get_preset
 
     layers: list[tuple[str, dict[str, Any]]] = []
     if getattr(args, "preset", None):
@@ -56,7 +56,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """The run's config. With --resume the saved config of the run replaces the defaults, so
     `--resume DIR` alone continues exactly; flags that contradict it are reported by the engine."""
-    from ..checkpoint import read_json
+    from ..train.checkpoint import read_json
 
     layers = config_layers(args)
     cfg = build_config(layers)
@@ -85,14 +85,14 @@ def main(argv: list[str], prog: str = "sparsam train") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list_presets:
-        from ..presets import format_presets
+        from ..train.presets import format_presets
 
         print(format_presets())
         return 0
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     cfg = resolve(args)
-    from ..engine import train
+    from ..train.engine import train
 
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, argv=["sparsam", "train", *argv])
     if result.stopped == "interrupted":

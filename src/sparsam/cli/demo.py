@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import build_config
-from ..optim import METHODS, method_values
+from ..train.config import build_config
+from ..train.build import METHODS, method_values
 
 DEFAULT_METHODS = ("sgd", "sam", "ssam-f", "ssam-d")
 
@@ -39,8 +39,8 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write demo.png")
     args = parser.parse_args(argv)
 
-    from ..engine import train
-    from ..presets import get_preset, list_presets
+    from ..train.engine import train
+    from ..train.presets import get_preset, list_presets
 
     methods = [m for m in args.methods.replace(" ", "").split(",") if m]
     out = Path(args.out)
@@ -74,7 +74,7 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
               file=sys.stderr)
     total = time.perf_counter() - start
 
-    from .. import rundir
+    from ..train import rundir
 
     rows = {m: rundir.read_metrics(out / m) for m in methods}
     per_step = {m: [r["epoch_time_s"] / r["steps"] for r in rows[m]] for m in methods}
@@ -92,8 +92,8 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
     print(f"(test accuracy and loss on the 360 held-out digits; ms/step: median over epochs; vs {ref.upper()}: median "
           f"of the epoch-by-epoch ratios of time per step; the demo took {total:.0f} s)")
     if args.plot:
-        from ..plots import plot_accuracy
-        from ..report import group_runs
+        from ..train.figures import plot_accuracy
+        from ..train.tables import group_runs
 
         groups = group_runs([rundir.load_run(out / m) for m in methods])
         plot_accuracy(groups, out / "demo.png", x="time", title="digits, SmallCNN: test accuracy vs training time")

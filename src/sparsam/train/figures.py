@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .report import Group, curves
+from .tables import Group, curves
 
 
 def _pyplot() -> Any:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, add_config_flags, build_config
-from ..errors import ConfigError, UserError
-from ..optim import METHODS, SPARSE_METHODS, method_values
+from ..train.config import TrainConfig, add_config_flags, build_config
+from ..train.errors import ConfigError, UserError
+from ..train.build import METHODS, SPARSE_METHODS, method_values
 
 GRID_KEYS = ("methods", "sparsities", "seeds", "family", "train")
 
@@ -61,7 +61,7 @@ def run_name(method: str, sparsity: float | None, seed: int) -> str:
 def plan(root: str, methods: list[str], sparsities: list[float], seeds: list[int],
          layers: list[tuple[str, dict[str, Any]]], family: str | None = None) -> list[SweepRun]:
     """Every run of the grid (methods without a sparsity run once per seed), configs validated."""
-    from ..presets import get_preset, list_presets
+    from ..train.presets import get_preset, list_presets
 
     runs: list[SweepRun] = []
     for method in methods:
@@ -129,9 +129,9 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
     layers += config_layers(args)
     runs = plan(args.root, methods, sparsities, seeds, layers, family)
 
-    from .. import distributed as D
-    from .. import rundir
-    from ..engine import train
+    from ..train import distributed as D
+    from ..train import rundir
+    from ..train.engine import train
 
     states = {r.name: rundir.state(r.config.out or "") for r in runs}
     if args.dry_run:

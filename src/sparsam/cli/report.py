@@ -6,14 +6,14 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import UserError
+from ..train.errors import UserError
 
 
 def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool = True, title: str | None = None) -> str:
     """Write ``report.md``, ``report.csv`` and (with ``plots``) ``acc_vs_epoch.png`` and
     ``acc_vs_time.png`` into ``out``; return the Markdown table."""
-    from ..report import summarize, to_csv, to_markdown
-    from ..rundir import find_runs, load_run
+    from ..train.tables import summarize, to_csv, to_markdown
+    from ..train.rundir import find_runs, load_run
 
     dirs = find_runs(paths)
     if not dirs:
@@ -33,7 +33,7 @@ def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool =
     (out / "report.md").write_text(header + table + notes, encoding="utf-8")
     (out / "report.csv").write_text(to_csv(varying, rows), encoding="utf-8")
     if plots:
-        from ..plots import plot_accuracy
+        from ..train.figures import plot_accuracy
 
         groups = [r["group"] for r in rows]
         plot_accuracy(groups, out / "acc_vs_epoch.png", x="epoch", varying=varying)

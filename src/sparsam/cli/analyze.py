@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, UserError
+from ..train.errors import ConfigError, UserError
 
 _WEIGHT_FILES = {"final": "checkpoint.pt", "best": "best_model.pt"}
 
@@ -36,7 +36,7 @@ class Target:
 
 def resolve_targets(paths: list[str], weights: str) -> list[Target]:
     """Run directories, folders of runs and checkpoint files -> one :class:`Target` each."""
-    from ..rundir import CONFIG, find_runs
+    from ..train.rundir import CONFIG, find_runs
 
     targets: list[Target] = []
     for raw in paths:
@@ -76,8 +76,8 @@ def _load(target: Target) -> tuple[dict[str, Any], dict[str, Any]]:
     """(saved configuration dict, checkpoint dict) of a target."""
     import torch
 
-    from ..checkpoint import read_json
-    from ..rundir import CONFIG
+    from ..train.checkpoint import read_json
+    from ..train.rundir import CONFIG
 
     try:  # checkpoint.pt (sparsam training checkpoint) or best_model.pt ({"model", "epoch", "test_acc"})
         ckpt = torch.load(target.weights, map_location="cpu", weights_only=True)
@@ -119,12 +119,12 @@ def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[s
     import torch
     from torch import nn
 
-    from ... import analysis
-    from ...data.loader import DeviceLoader
-    from ...models import create_model
-    from ..config import build_config
-    from ..data import build_data
-    from ..rundir import read_metrics
+    from .. import analysis
+    from ..data.loader import DeviceLoader
+    from ..models import create_model
+    from ..train.config import build_config
+    from ..train.loaders import build_data
+    from ..train.rundir import read_metrics
 
     saved, ckpt = _load(target)
     try:
@@ -154,7 +154,7 @@ def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[s
     r: dict[str, Any] = {"weights": str(target.weights), "epoch": ckpt.get("epoch"), "split": args.split,
                          "samples": None, "mode": args.mode}
     # One fixed list of batches, reused by every measure (a loader is read once by each tool).
-    from ...analysis._common import collect_batches
+    from ..analysis._common import collect_batches
 
     fixed = [(x, y) for x, y, _ in collect_batches(batches, device=device, n_batches=args.batches)]
     r["samples"] = sum(int(y.shape[0]) for _, y in fixed)
@@ -280,7 +280,7 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
             print(msg, file=sys.stderr, flush=True)
 
     results = {t.name: analyze_target(t, args, say) for t in targets}
-    from ...analysis import write_report
+    from ..analysis import write_report
 
     written = write_report(results, out, formats=formats)
     if not args.quiet:
