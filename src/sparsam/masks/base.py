@@ -10,14 +10,29 @@ Lifecycle, driven by the optimizer:
 
 1. ``init(ctx)`` once, at the first :meth:`SSAM.first_step` (or an explicit
    :meth:`SSAM.init_masks`) unless masks were loaded from a checkpoint or set by hand. The mask it
-   returns is used from the very first step. (The authors' code starts from an all-zero mask, i.e.
-   plain SGD until the first update; we do not.)
+   returns is used from the very first step.
 2. ``update(ctx)`` at the start of :meth:`SSAM.first_step` of step ``t`` (``t`` = number of
    completed optimizer steps), whenever ``wants_update(t)`` is true, *after* the ascent gradient
    at ``w`` is in ``p.grad`` (and unscaled, under a GradScaler), so gradient-based sources can read
    ``ctx.grads``. Returning ``None`` keeps the current masks.
 3. ``state_dict()`` / ``load_state_dict()`` hold the source's own state (schedules, RNG state) so a
    resumed run makes the same masks.
+
+When the masks are made is the source's ``timing``:
+
+* ``"before-step"`` (the library default): ``init`` makes a real mask before step 0, and updates
+  run at the start of steps ``P, 2P, ...`` (``P`` = the update period), so each new mask already
+  serves the step at which it is made.
+* ``"after-step"`` (the authors' release, NeurIPS 2022 ``solver/sam.py``): a mask made at step
+  ``t = 0, P, 2P, ...`` (epoch ``e`` with ``e % update_freq == 0``, batch 0) is made *after* that
+  step's perturbation and serves from step ``t + 1`` on. Their SSAM-F starts from an all-zero mask,
+  so its step 0 is an unperturbed step, i.e. a plain base-optimizer step with the gradient at
+  ``w``; right after it they compute the Fisher mask from the model as that step left it. Their
+  first epoch is therefore *not* plain SGD: only step 0 is. Here, ``FisherMask(timing=
+  "after-step")`` returns all-False masks from ``init`` and recomputes at the start of steps
+  ``1, P + 1, 2P + 1, ...`` (the same weights). Their SSAM-D starts from a random mask (used at
+  step 0) and updates it from the gradient of steps ``0, P, 2P, ...``; ``DynamicMask(timing=
+  "after-step")`` computes the new mask at those steps and hands it over one step later.
 
 A parameter missing from a returned mask dict is not perturbed.
 """
@@ -34,6 +49,8 @@ import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+TIMINGS = ("before-step", "after-step")
 
 
 @dataclass
@@ -72,6 +89,13 @@ def check_sparsity(sparsity: float, *, allow_one: bool = True) -> float:
     return s
 
 
+def check_timing(timing: str) -> str:
+    """Validate a mask source's ``timing`` (``"before-step"`` or ``"after-step"``)."""
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
+    return timing
+
+
 class MaskSource(ABC):
     """Base class of mask sources (random, Fisher, dynamic, ...).
 
@@ -80,6 +104,8 @@ class MaskSource(ABC):
         update_every: update the mask every this many optimizer steps (``None``: never update).
         update_every_epochs: alternatively, every this many epochs; needs ``steps_per_epoch``.
         steps_per_epoch: optimizer steps per epoch, used with ``update_every_epochs``.
+        timing: ``"before-step"`` (default) or ``"after-step"`` (the authors'), see the module
+            docstring. With ``"after-step"`` and no period, the single update runs at step 1.
 
     Capability flags (class attributes) tell the optimizer what a source needs:
     ``needs_grads`` (reads ``ctx.grads`` in ``update``) and ``needs_data`` (reads ``ctx.model``,
@@ -96,9 +122,11 @@ class MaskSource(ABC):
         update_every: int | None = None,
         update_every_epochs: int | None = None,
         steps_per_epoch: int | None = None,
+        timing: str = "before-step",
     ) -> None:
         self.sparsity = check_sparsity(sparsity)
         self.update_every = resolve_update_every(update_every, update_every_epochs, steps_per_epoch)
+        self.timing = check_timing(timing)
 
     @abstractmethod
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
@@ -109,18 +137,27 @@ class MaskSource(ABC):
         return None
 
     def wants_update(self, step: int) -> bool:
-        """True when the optimizer should call :meth:`update` at the start of step ``step``."""
+        """True when the optimizer should call :meth:`update` at the start of step ``step``.
+
+        ``"before-step"``: steps ``P, 2P, ...``; ``"after-step"``: steps ``1, P + 1, 2P + 1, ...``
+        (only step 1 without a period)."""
+        if self.timing == "after-step":
+            if step < 1:
+                return False
+            return step == 1 if self.update_every is None else (step - 1) % self.update_every == 0
         return self.update_every is not None and step > 0 and step % self.update_every == 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity, "update_every": self.update_every}
+        return {"sparsity": self.sparsity, "update_every": self.update_every, "timing": self.timing}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sparsity = check_sparsity(state["sparsity"])
         self.update_every = state["update_every"]
+        self.timing = check_timing(state.get("timing", self.timing))
 
     def extra_repr(self) -> str:
-        return f"sparsity={self.sparsity}, update_every={self.update_every}"
+        extra = ", timing='after-step'" if self.timing == "after-step" else ""
+        return f"sparsity={self.sparsity}, update_every={self.update_every}{extra}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"

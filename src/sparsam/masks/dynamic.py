@@ -5,24 +5,40 @@ Mi et al., NeurIPS 2022 (arXiv 2210.05177), Sec. 3.3; TPAMI version arXiv 2306.1
     init:    a uniformly random mask with exactly round((1 - s) N) perturbed coordinates
     update:  dr(t) = alpha * (1 + cos(pi * t / T)) / 2              (t = completed steps, T = total_steps)
              n    = min(round(dr * live), inactive)                  (live = perturbed before this update)
-             drop the n live coordinates with the smallest |g|      (g = ctx.grads, the mini-batch
-                                                                     gradient at w)
-             grow n coordinates that were inactive before the update, uniformly at random
-             (grow="random", default) or with the largest |g| (grow="gradient")
+             drop the n live coordinates with the smallest drop score: |g| (drop="gradient",
+                  default; g = ctx.grads, the mini-batch gradient at w), |w| (drop="weight") or a
+                  uniform random number (drop="random")
+             grow n coordinates that were inactive before the update, those with the largest grow
+                  score: a uniform random number (grow="random", default), |g| (grow="gradient")
+                  or |w| (grow="weight")
 
-The number of perturbed coordinates is conserved exactly. With ``budget="global"`` (default; the
-design note describes one budget over all parameters) drop and grow run over one flat ranking of
-every parameter, so coordinates may move between layers; with ``budget="layer"`` each tensor
-keeps its own count. For ``t >= T`` the drop rate is 0 (``t`` is clamped to ``T``). A parameter
-without a gradient counts as ``|g| = 0`` (dropped first, grown last under ``"gradient"``). Ties:
-lower flat index first. Because grown coordinates are taken from those inactive *before* the
-update, a coordinate dropped now is never re-grown in the same update; ``n`` is capped by the
-number of inactive coordinates (relevant only when ``s < alpha * (1 - s)``).
+These are the strategies of the authors' ``--drop_strategy`` / ``--growth_strategy`` (argparse
+defaults ``gradient`` / ``random``, NeurIPS 2022 release ``configs/defaulf_cfg.py``).
+
+The number of perturbed coordinates is conserved exactly. (The authors keep
+``int((N - N s)(1 - dr))`` and grow ``int(min((N - N s) dr, N s))``, truncations of the same
+numbers, so their count can drift by a coordinate per update; we round once and conserve.) With
+``budget="global"`` (default, as the authors) drop and grow run over one flat ranking of every
+parameter, so coordinates may move between layers; with ``budget="layer"`` each tensor keeps its
+own count. For ``t >= T`` the drop rate is 0 (``t`` is clamped to ``T``). A parameter without a
+gradient counts as ``|g| = 0`` (dropped first, grown last under ``"gradient"``). Ties: lower flat
+index first. Because grown coordinates are taken from those inactive *before* the update, a
+coordinate dropped now is never re-grown in the same update; ``n`` is capped by the number of
+inactive coordinates (relevant only when ``s < alpha * (1 - s)``).
+
+Timing (``timing``, see :mod:`sparsam.masks.base`): ``"before-step"`` (default) updates at the
+start of steps ``P, 2P, ...`` and the new mask serves that step. ``"after-step"`` is the authors':
+they update at steps ``0, P, 2P, ...`` (epoch ``e % update_freq == 0``, batch 0; step 0 included,
+with ``dr(0) = alpha``) from that step's gradient, *after* the step's perturbation was made with
+the old mask, so the new mask serves from the next step on. Here the new mask is computed at those
+steps and handed to the optimizer at the start of the next one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +46,8 @@ from torch import Tensor
 from .base import MaskContext, SeededSource, check_sparsity
 from .selection import BUDGETS, select, top_positions
 
-GROW = ("random", "gradient")
+GROW = ("random", "gradient", "weight")
+DROP = ("gradient", "weight", "random")
 
 
 def cosine_drop_rate(step: int, total_steps: int, alpha: float = 0.5) -> float:
@@ -46,15 +63,22 @@ def _flat(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Te
 
 
 class DynamicMask(SeededSource):
-    """SSAM-D: random initial mask, then cosine-scheduled drop (small ``|g|``) and grow.
+    """SSAM-D: random initial mask, then cosine-scheduled drop and grow.
 
     Args:
         sparsity: fraction NOT perturbed, in ``[0, 1)``.
-        total_steps: ``T`` of the cosine schedule (usually the length of training in steps).
-        alpha: initial drop rate, in ``[0, 1]`` (the authors: 0.5).
-        grow: ``"random"`` (default, the authors') or ``"gradient"`` (largest ``|g|``).
+        total_steps: ``T`` of the cosine schedule (usually the length of training in steps; the
+            authors use the number of epochs with an epoch clock, the same curve).
+        alpha: initial drop rate, in ``[0, 1]`` (the authors' ``--drop_rate``, default 0.5).
+        drop: ``"gradient"`` (default, the authors' default: smallest ``|g|``), ``"weight"``
+            (smallest ``|w|``) or ``"random"``.
+        grow: ``"random"`` (default, the authors' default), ``"gradient"`` (largest ``|g|``) or
+            ``"weight"`` (largest ``|w|``).
         budget: ``"global"`` (default) or ``"layer"``: scope of the initial budget and of drop/grow.
-        update_every / update_every_epochs + steps_per_epoch: the update period T_m (required).
+        update_every / update_every_epochs + steps_per_epoch: the update period T_m (required; the
+            authors' argparse default is 5 epochs).
+        timing: ``"before-step"`` (default) or ``"after-step"`` (the authors'), see the module
+            docstring.
         seed: seeds this source's ``torch.Generator`` (CPU); its state is in ``state_dict``, so a
             resumed run makes the same masks.
     """
@@ -67,11 +91,13 @@ class DynamicMask(SeededSource):
         total_steps: int,
         *,
         alpha: float = 0.5,
+        drop: str = "gradient",
         grow: str = "random",
         budget: str = "global",
         update_every: int | None = None,
         update_every_epochs: int | None = None,
         steps_per_epoch: int | None = None,
+        timing: str = "before-step",
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -79,6 +105,7 @@ class DynamicMask(SeededSource):
             update_every=update_every,
             update_every_epochs=update_every_epochs,
             steps_per_epoch=steps_per_epoch,
+            timing=timing,
         )
         if self.update_every is None:
             raise ValueError("DynamicMask needs an update period: give update_every or update_every_epochs")
@@ -86,22 +113,60 @@ class DynamicMask(SeededSource):
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if drop not in DROP:
+            raise ValueError(f"drop must be one of {DROP}, got {drop!r}")
         if grow not in GROW:
             raise ValueError(f"grow must be one of {GROW}, got {grow!r}")
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-        self.total_steps, self.alpha, self.grow, self.budget = total_steps, float(alpha), grow, budget
+        self.total_steps, self.alpha, self.budget = total_steps, float(alpha), budget
+        self.drop, self.grow = drop, grow
+        self._pending: dict[str, Tensor] | None = None  # timing="after-step": the mask for the next step
         self._seed(seed)
 
     def drop_rate(self, step: int) -> float:
         return cosine_drop_rate(step, self.total_steps, self.alpha)
 
+    def wants_update(self, step: int) -> bool:
+        if self.timing == "after-step":
+            period = int(self.update_every or 1)
+            return step > 0 and (step % period == 0 or (step - 1) % period == 0)
+        return super().wants_update(step)
+
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
         scores = {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}
         masks = select(scores, self.sparsity, "unstructured", budget=self.budget, one_d="rank")
-        return {n: m.to(ctx.params[n].device) for n, m in masks.items()}
+        first = {n: m.to(ctx.params[n].device) for n, m in masks.items()}
+        if self.timing == "after-step":  # the authors also update at step 0, for step 1 on
+            self._pending = self._next(ctx, first)
+        return first
 
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
+        if self.timing == "before-step":
+            return self._next(ctx, ctx.masks)
+        handed, self._pending = self._pending, None
+        current = handed if handed is not None else ctx.masks
+        if ctx.step % int(self.update_every or 1) == 0:
+            self._pending = self._next(ctx, current)
+        return handed
+
+    def _scores(self, kind: str, params: list[Tensor], grads: list[Tensor | None], device: torch.device,
+                index: Tensor) -> Tensor:
+        """Scores of the flat positions ``index`` of the group: |g|, |w| or uniform random."""
+        if kind == "random":
+            return torch.rand(index.numel(), generator=self.generator).to(device)
+        if kind == "weight":
+            dtype = params[0].dtype if params[0].dtype.is_floating_point else torch.float32
+            return _flat([p.detach().abs() for p in params], device, dtype)[index]
+        gdtype = next((g.dtype for g in grads if g is not None), torch.float32)
+        absg = _flat(
+            [g.abs() if g is not None else torch.zeros(p.shape, dtype=gdtype) for g, p in zip(grads, params)],
+            device,
+            gdtype if gdtype.is_floating_point else torch.float32,
+        )
+        return absg[index]
+
+    def _next(self, ctx: MaskContext, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         names = list(ctx.params)
         groups = [names] if self.budget == "global" else [[n] for n in names]
         rate = self.drop_rate(ctx.step)
@@ -111,27 +176,19 @@ class DynamicMask(SeededSource):
             devices = {p.device for p in params}
             device = devices.pop() if len(devices) == 1 else torch.device("cpu")
             live = _flat(
-                [ctx.masks[n] if n in ctx.masks else torch.zeros(ctx.params[n].shape, dtype=torch.bool) for n in group],
+                [masks[n] if n in masks else torch.zeros(ctx.params[n].shape, dtype=torch.bool) for n in group],
                 device,
                 torch.bool,
             )
             grads = [ctx.grads.get(n) for n in group]
-            gdtype = next((g.dtype for g in grads if g is not None), torch.float32)
-            absg = _flat(
-                [g.abs() if g is not None else torch.zeros(p.shape, dtype=gdtype) for g, p in zip(grads, params)],
-                device,
-                gdtype if gdtype.is_floating_point else torch.float32,
-            )
             new = live.clone()
             live_idx = torch.nonzero(live).flatten()
             dead_idx = torch.nonzero(~live).flatten()
-            n_move = min(int(round(rate * live_idx.numel())), dead_idx.numel())
+            n_move = min(round(rate * live_idx.numel()), dead_idx.numel())
             if n_move > 0:
-                drop = live_idx[top_positions(absg[live_idx], n_move, largest=False)]
-                if self.grow == "random":
-                    grow_scores = torch.rand(dead_idx.numel(), generator=self.generator).to(device)
-                else:
-                    grow_scores = absg[dead_idx]
+                drop_scores = self._scores(self.drop, params, grads, device, live_idx)
+                drop = live_idx[top_positions(drop_scores, n_move, largest=False)]
+                grow_scores = self._scores(self.grow, params, grads, device, dead_idx)
                 grown = dead_idx[top_positions(grow_scores, n_move, largest=True)]
                 new[drop] = False
                 new[grown] = True
@@ -141,8 +198,17 @@ class DynamicMask(SeededSource):
                 i += p.numel()
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        pending = None if self._pending is None else {n: m.cpu().clone() for n, m in self._pending.items()}
+        return {**super().state_dict(), "pending": pending}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        pending = state.get("pending")
+        self._pending = None if pending is None else {n: m.to(torch.bool) for n, m in pending.items()}
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, total_steps={self.total_steps}, alpha={self.alpha}, "
-            f"grow={self.grow!r}, budget={self.budget!r}, seed={self.seed}"
+            f"drop={self.drop!r}, grow={self.grow!r}, budget={self.budget!r}, seed={self.seed}"
         )

@@ -15,10 +15,12 @@ passes in train mode, which also moves the running statistics Ns times. Here ``b
 * ``"running"`` (default): every normalisation layer that tracks running statistics uses them, as
   in eval mode, for the duration of the call. F is then the Fisher of the model you would deploy:
   per-sample gradients are independent of how samples are grouped, every map size works, nothing
-  is written. Caveat: right after initialisation the running statistics are still (0, 1), so the
-  very first mask is computed on an un-normalised network (the authors have no mask at all then).
+  is written. Caveat: right after initialisation the running statistics are still (0, 1), so a
+  mask computed then (``timing="before-step"``) sees an un-normalised network and is close to
+  random.
 * ``"sample"``: norm layers keep the model's mode; those in training mode normalise each sample
-  with its own statistics (the authors' batch-1 behaviour) but do not update running statistics.
+  with its own statistics (the authors' batch-1 behaviour, which the papers' presets use) but do
+  not update running statistics (the authors' passes also move them Ns times; we do not).
 
 Either way the model's buffers, its train/eval flags (restored on exit, also on error) and every
 ``.grad`` are left exactly as they were: the computation runs through
@@ -286,17 +288,26 @@ class FisherMask(PatternOptions, SeededSource):
 
     ``init`` and every ``update`` compute :func:`fisher_information` over ``num_samples`` samples
     drawn from ``iter(ctx.data)`` with ``ctx.model`` and ``ctx.loss_fn`` (pass ``model=``,
-    ``loss_fn=``, ``data=`` to the optimizer), then :func:`select` the mask. The first mask exists
-    before the first step; the authors' code instead starts from an all-zero mask (plain base
-    optimizer until the first refresh).
+    ``loss_fn=``, ``data=`` to the optimizer), then :func:`select` the mask.
+
+    When (``timing``): with ``"before-step"`` (default) the first mask is computed before step 0
+    from the initial weights and refreshed at the start of steps ``P, 2P, ...``. With
+    ``"after-step"`` (the authors' release) ``init`` returns all-False masks, so step 0 is one
+    unperturbed base-optimizer step; the Fisher mask is computed at the start of step 1 from the
+    weights step 0 produced (the authors compute it right after step 0: epoch 0, batch 0) and
+    refreshed at the start of steps ``P + 1, 2P + 1, ...``. Only step 0 is unperturbed.
+
+    To reproduce the authors' masks use ``bn_stats="sample"``, ``timing="after-step"`` and, for
+    the structured pattern, ``fill="overshoot"`` (``docs/differences.md``).
 
     Args:
         sparsity: fraction NOT perturbed, in ``[0, 1)``; ``None`` with an N:M pattern (implied).
         num_samples: Ns (the authors: 128).
-        pattern, n, m, granularity, budget, one_d: as in :func:`select`.
+        pattern, n, m, granularity, budget, one_d, fill: as in :func:`select`.
         true_fisher, chunk_size, bn_stats: as in :func:`fisher_information`.
-        update_every / update_every_epochs + steps_per_epoch: refresh period (the authors: every
-            epoch); ``None``: computed once.
+        update_every / update_every_epochs + steps_per_epoch: refresh period (the authors'
+            argparse default is 5 epochs, their README examples use 1); ``None``: computed once.
+        timing: ``"before-step"`` (default) or ``"after-step"`` (the authors'), see above.
         seed: seeds this source's generator (used by ``true_fisher``); saved in ``state_dict``.
     """
 
@@ -313,12 +324,14 @@ class FisherMask(PatternOptions, SeededSource):
         granularity: str = "tensor",
         budget: str = "global",
         one_d: str | None = None,
+        fill: str = "first-fit",
         true_fisher: bool = False,
         chunk_size: int | None = None,
         bn_stats: str = "running",
         update_every: int | None = None,
         update_every_epochs: int | None = None,
         steps_per_epoch: int | None = None,
+        timing: str = "before-step",
         seed: int = 0,
     ) -> None:
         self.pattern, self.n, self.m = parse_pattern(pattern, n, m)
@@ -327,15 +340,17 @@ class FisherMask(PatternOptions, SeededSource):
             update_every=update_every,
             update_every_epochs=update_every_epochs,
             steps_per_epoch=steps_per_epoch,
+            timing=timing,
         )
         self.num_samples = _check_num_samples(num_samples)
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
-        self.granularity, self.budget, self.one_d = granularity, budget, one_d
+        self.granularity, self.budget, self.one_d, self.fill = granularity, budget, one_d, fill
         self.true_fisher, self.chunk_size, self.bn_stats = bool(true_fisher), chunk_size, bn_stats
         self._seed(seed)
         # Fail early on bad selection options (select validates them).
-        select({}, self.sparsity, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d)
+        select({}, self.sparsity, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget,
+               one_d=one_d, fill=fill)
 
     def scores(self, ctx: MaskContext) -> dict[str, Tensor]:
         """The Fisher information of ``ctx.params`` (keyed by their names in ``ctx``)."""
@@ -360,6 +375,8 @@ class FisherMask(PatternOptions, SeededSource):
         return self._select(self.scores(ctx))
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
+        if self.timing == "after-step":  # the authors' all-zero start: step 0 is unperturbed
+            return {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
         return self._compute(ctx)
 
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
@@ -369,7 +386,8 @@ class FisherMask(PatternOptions, SeededSource):
         pat = self._pattern_name()
         return (
             f"{super().extra_repr()}, num_samples={self.num_samples}, pattern={pat!r}, "
-            f"true_fisher={self.true_fisher}"
+            f"true_fisher={self.true_fisher}, bn_stats={self.bn_stats!r}"
+            + (f", fill={self.fill!r}" if self.pattern == "structured" else "")
         )
 
 

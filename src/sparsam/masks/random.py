@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -35,6 +34,7 @@ class RandomMask(PatternOptions, SeededSource):
         granularity: str = "tensor",
         budget: str = "global",
         one_d: str = "rank",
+        fill: str = "first-fit",
         update_every: int | None = None,
         update_every_epochs: int | None = None,
         steps_per_epoch: int | None = None,
@@ -50,9 +50,9 @@ class RandomMask(PatternOptions, SeededSource):
             update_every_epochs=update_every_epochs,
             steps_per_epoch=steps_per_epoch,
         )
-        self.granularity, self.budget, self.one_d = granularity, budget, one_d
+        self.granularity, self.budget, self.one_d, self.fill = granularity, budget, one_d, fill
         check = 0.0 if self.sparsity == 1.0 else self.sparsity  # validates the pattern options
-        select({}, check, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d)
+        select({}, check, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d, fill=fill)
         self._seed(seed)
 
     def _draw(self, ctx: MaskContext) -> dict[str, Tensor]:

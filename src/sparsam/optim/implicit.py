@@ -11,6 +11,15 @@ and its dense weight gradient, but sends the gradient to its *input* through the
 perturbation itself is then plain dense SAM on these gradients. The sparsity lives in the dX
 product, which is what N:M sparse matrix kernels can accelerate.
 
+Which layers (``layers``): ``"conv"`` masks convolutions only, as the authors' ``--samconv``
+(TPAMI release ``models/nm_conv.py``: their ResNets build every convolution as ``SAMConv``; the
+classifier stays an ordinary ``nn.Linear``); ``"linear"`` masks Linear layers only (their
+``--culinear``, for ViTs); ``"conv+linear"`` (the library default) masks both. A layer whose mask
+is entirely False sends no input gradient at all (``dX = 0``), as in the authors' code: with a
+structured (whole-tensor) mask the ascent gradient below such a layer flows only through skip
+connections, so implicit SSAM differs from SAM. A layer whose weight has no mask keeps its
+ordinary backward.
+
 Kernels. On the CPU, and wherever no sparse kernel applies, dX is the dense product with
 ``W ⊙ M``. On a CUDA device, for fp16/bf16 linear layers, the product ``dY (W ⊙ M)`` contracts
 over the output dimension, so a 2:4 kernel can serve it only if the mask is 2:4 along the
@@ -139,6 +148,16 @@ def _implicit_forward(module: nn.Module, mask: Tensor, sparse_ok: bool) -> Any:
     return conv_forward
 
 
+IMPLICIT_LAYERS = ("conv+linear", "conv", "linear")
+
+
+def check_implicit_layers(layers: str) -> str:
+    """Validate the ``layers`` choice of the implicit form."""
+    if layers not in IMPLICIT_LAYERS:
+        raise ValueError(f"implicit layers must be one of {IMPLICIT_LAYERS}, got {layers!r}")
+    return layers
+
+
 def supports_implicit(module: nn.Module) -> bool:
     """Layers whose ascent backward the implicit form masks: Linear and Conv1d/2d/3d with zero
     padding and a numeric padding (others keep their ordinary backward)."""
@@ -151,17 +170,27 @@ def supports_implicit(module: nn.Module) -> bool:
 
 @contextmanager
 def masked_input_gradients(
-    model: nn.Module, masks: Mapping[Tensor, Tensor], sparse_ok: Mapping[Tensor, bool] | None = None
+    model: nn.Module,
+    masks: Mapping[Tensor, Tensor],
+    sparse_ok: Mapping[Tensor, bool] | None = None,
+    *,
+    layers: str = "conv+linear",
 ) -> Iterator[int]:
-    """Within this context, every supported layer of ``model`` whose weight has a mask in
-    ``masks`` computes ``dX`` through ``W ⊙ M`` (forward and ``dW`` stay dense). ``sparse_ok``
-    marks weights whose transposed mask is 2:4 (see :func:`is_2to4_rows`). Yields the number
-    of layers switched. The original forwards are restored on exit, also on error."""
+    """Within this context, every supported layer of ``model`` of the kind ``layers`` names
+    (``"conv+linear"``, ``"conv"`` or ``"linear"``) whose weight has a mask in ``masks`` computes
+    ``dX`` through ``W ⊙ M`` (forward and ``dW`` stay dense; an all-False mask gives ``dX = 0``).
+    ``sparse_ok`` marks weights whose transposed mask is 2:4 (see :func:`is_2to4_rows`). Yields
+    the number of layers switched. The original forwards are restored on exit, also on error."""
+    check_implicit_layers(layers)
+    kinds = (nn.Linear,) if layers == "linear" else (
+        (nn.Conv1d, nn.Conv2d, nn.Conv3d) if layers == "conv" else (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    )
     patched: list[nn.Module] = []
     try:
         for module in model.modules():
             w = getattr(module, "weight", None)
-            if isinstance(w, Tensor) and w in masks and supports_implicit(module):
+            if (isinstance(w, Tensor) and w in masks and supports_implicit(module)
+                    and isinstance(module, kinds)):
                 m = masks[w]
                 ok = isinstance(module, nn.Linear) and bool(sparse_ok and sparse_ok.get(w, False))
                 module.forward = _implicit_forward(module, m, ok)  # type: ignore[method-assign]
