@@ -176,27 +176,6 @@ def test_no_progress_bar_when_not_a_terminal(tmp_path, capsys):
     assert "img_s=" not in err and "epoch 1/1  train_loss" in err
 
 
-def test_implicit_form_needs_an_ssam_that_has_it(monkeypatch):
-    """--form is passed through only if SSAM's constructor takes form=; otherwise a clear error."""
-    import sparsam
-    from sparsam.train import ConfigError
-    from sparsam.train.build import build_optimizer
-
-    class OldSSAM(sparsam.SSAM):
-        def __init__(self, params_or_optimizer, *, rho=0.05, mask=None, norm="full", model=None, loss_fn=None,
-                     data=None, **kwargs):
-            super().__init__(params_or_optimizer, rho=rho, mask=mask, norm=norm, model=model, loss_fn=loss_fn,
-                             data=data, **kwargs)
-
-    monkeypatch.setattr(sparsam, "SSAM", OldSSAM)
-    model = torch.nn.Linear(3, 2)
-    kw = dict(model=model, loss_fn=None, fisher_data=None, steps_per_epoch=1, total_steps=1)
-    opt, _ = build_optimizer(TrainConfig(opt="ssam", mask="random"), model.parameters(), **kw)
-    assert isinstance(opt, OldSSAM)
-    with pytest.raises(ConfigError, match="--form implicit is not available"):
-        build_optimizer(TrainConfig(opt="ssam", mask="random", form="implicit"), model.parameters(), **kw)
-
-
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, capsys):
     import importlib.util
 

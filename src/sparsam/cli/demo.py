@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..train.config import build_config
-from ..train.build import METHODS, method_values
+from ..train.methods import METHODS, method_values
 
 DEFAULT_METHODS = ("sgd", "sam", "ssam-f", "ssam-d")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..train.config import TrainConfig, add_config_flags, build_config
 from ..train.errors import ConfigError, UserError
-from ..train.build import METHODS, SPARSE_METHODS, method_values
+from ..train.methods import METHODS, SPARSE_METHODS, method_values
 
 GRID_KEYS = ("methods", "sparsities", "seeds", "family", "train")
 

@@ -11,7 +11,7 @@ The command line (``sparsam train|demo|sweep|report``) is a thin layer over thes
 from .config import TrainConfig, build_config, validate
 from .engine import RunResult, train
 from .errors import CheckpointError, ConfigError, RunDirError, UserError
-from .build import METHODS
+from .methods import METHODS
 from .presets import get_preset, list_presets
 from .rundir import RunRecord, find_runs, load_run
 

@@ -1,12 +1,11 @@
-"""Optimizers, mask sources and the LR schedule, built from a :class:`TrainConfig`.
+"""The optimizer and the LR schedule, built from a :class:`TrainConfig`.
 
-``METHODS`` is the registry of method names the sweep, the demo, the report and the tests use:
-each is a set of config values (``ssam-f`` = ``--opt ssam --mask fisher``).
+Which optimizer and mask source each ``--opt`` / ``--mask`` value builds is in the registry,
+:mod:`sparsam.train.methods`; this module adds the base optimizer and the schedule.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -15,57 +14,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import methods
 from .config import TrainConfig
-from .errors import ConfigError
-
-#: method name -> config values. The label a run gets is :attr:`TrainConfig.method`.
-METHODS: dict[str, dict[str, Any]] = {
-    "sgd": {"opt": "sgd"},
-    "sam": {"opt": "sam"},
-    "asam": {"opt": "asam"},
-    "ssam-f": {"opt": "ssam", "mask": "fisher"},
-    "ssam-d": {"opt": "ssam", "mask": "dynamic"},
-    "ssam-r": {"opt": "ssam", "mask": "random"},
-    "ssam-n": {"opt": "ssam", "mask": "norm"},
-}
-
-#: methods whose runs depend on --sparsity
-SPARSE_METHODS = ("ssam-f", "ssam-d", "ssam-r")
-
-
-def method_values(name: str) -> dict[str, Any]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return dict(METHODS[name])
-
-
-def build_mask(cfg: TrainConfig, *, steps_per_epoch: int, total_steps: int) -> Any:
-    """The SSAM mask source for ``cfg`` (``--mask``, ``--pattern``, ``--mask-update-epochs``, ...)."""
-    from .. import masks
-
-    every = cfg.mask_update_epochs or None
-    period: dict[str, Any] = {"update_every_epochs": every, "steps_per_epoch": steps_per_epoch if every else None}
-    if cfg.pattern == "nm":
-        n, m = cfg.nm_pair()
-        sparsity, pattern = None, f"{n}:{m}"
-    else:
-        sparsity, pattern = cfg.sparsity, cfg.pattern
-    selection: dict[str, Any] = {"pattern": pattern, "granularity": cfg.granularity, "budget": cfg.budget}
-    if cfg.mask == "random":
-        return masks.RandomMask(sparsity, seed=cfg.seed, **selection, **period)
-    if cfg.mask == "fisher":
-        return masks.FisherMask(
-            sparsity, cfg.num_samples, true_fisher=cfg.true_fisher, bn_stats=cfg.fisher_bn_stats, seed=cfg.seed,
-            **selection, **period,
-        )
-    if cfg.mask == "dynamic":
-        return masks.DynamicMask(
-            cfg.sparsity, total_steps, alpha=cfg.dynamic_alpha, grow=cfg.grow, budget=cfg.budget, seed=cfg.seed,
-            **period,
-        )
-    if cfg.mask == "norm":
-        return masks.NormLayersMask()
-    raise ConfigError(f"--mask must be one of fisher, dynamic, random, norm, got {cfg.mask!r}")
 
 
 def build_optimizer(
@@ -85,35 +35,16 @@ def build_optimizer(
     For plain SGD both are the same object. Gradient clipping of SAM/SSAM is done by the
     optimizer (``max_grad_norm``, on the descent gradient); for SGD by the engine.
     """
-    from .. import SAM, SSAM
-
     params = list(params)
     if cfg.base == "sgd":
         base: Optimizer = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
         )
     else:
-        base = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    if cfg.opt == "sgd":
-        return base, base
-    sam_kwargs: dict[str, Any] = dict(
-        rho=cfg.rho, adaptive=cfg.is_adaptive(), eta=cfg.eta, model=model, ascent=cfg.ascent, max_grad_norm=cfg.clip
-    )
-    if cfg.opt in ("sam", "asam"):
-        return SAM(base, **sam_kwargs), base
-    mask = build_mask(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    accepted = inspect.signature(SSAM.__init__).parameters
-    extra: dict[str, Any] = {}
-    if "form" in accepted:
-        extra["form"] = cfg.form
-    elif cfg.form != "explicit":
-        raise ConfigError(f"--form {cfg.form} is not available in this version of sparsam (SSAM has no form= argument)")
-    if cfg.sparse_ascent is not None:
-        if "sparse_ascent" not in accepted:
-            raise ConfigError("--sparse-ascent is not available in this version of sparsam")
-        extra["sparse_ascent"] = cfg.sparse_ascent
-    data = fisher_data if getattr(mask, "needs_data", False) else None
-    return SSAM(base, mask=mask, norm=cfg.norm, loss_fn=loss_fn, data=data, **extra, **sam_kwargs), base
+        base = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
+    ctx = methods.BuildContext(cfg=cfg, base=base, model=model, loss_fn=loss_fn, fisher_data=fisher_data,
+                               steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    return methods.build_optimizer(ctx), base
 
 
 class WarmupCosine:
@@ -141,3 +72,6 @@ def build_scheduler(cfg: TrainConfig, base: Optimizer, *, steps_per_epoch: int) 
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(base, WarmupCosine(total, warmup, cfg.min_lr / cfg.lr, cfg.schedule))
+
+
+__all__ = ["WarmupCosine", "build_optimizer", "build_scheduler"]

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models import list_models
+from . import methods
 from .errors import ConfigError
 
 DATA_NAMES = ("digits", "cifar10", "cifar100")
-OPTIMIZERS = ("sgd", "sam", "asam", "ssam")
-MASKS = ("fisher", "dynamic", "random", "norm")
+OPTIMIZERS = tuple(methods.OPTIMIZERS)
+MASKS = tuple(methods.MASKS)
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -69,12 +71,12 @@ class TrainConfig:
     workers: int = _f(4, "DataLoader worker processes for decoding image folders", group="data", identity=False)
 
     # ---------------------------------------------------------------- model
-    model: str = _f("smallcnn", "architecture from sparsam.models (smallcnn, resnet18, resnet34, resnet50, "
-                    "vgg16_bn, wrn28-10, any wrn{depth}-{k})", group="model")
+    model: str = _f("smallcnn", f"architecture from sparsam.models ({', '.join(list_models())}, any wrn{{depth}}-{{k}})",
+                    group="model")
     width: int | None = _f(None, "base width of the model (default: the published one)", group="model")
 
     # ---------------------------------------------------------------- optimizer
-    opt: str = _f("sgd", "optimizer: sgd (base only), sam, asam (adaptive SAM) or ssam (sparse SAM)",
+    opt: str = _f("sgd", "optimizer: " + ", ".join(o.help for o in methods.OPTIMIZERS.values()),
                   group="optimizer", choices=OPTIMIZERS)
     base: str = _f("sgd", "base optimizer that takes the descent step", group="optimizer", choices=("sgd", "adamw"))
     lr: float = _f(0.05, "peak learning rate", group="optimizer")
@@ -83,7 +85,8 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "weight decay (L2 for SGD, decoupled for AdamW)", group="optimizer")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas", group="optimizer", metavar="B", nargs=2)
     rho: float = _f(0.05, "SAM neighbourhood radius", group="optimizer")
-    adaptive: bool | None = _f(None, "ASAM's adaptive perturbation (default: on for --opt asam only)",
+    adaptive: bool | None = _f(None, "ASAM's adaptive perturbation (default: on for --opt "
+                               + ", ".join(n for n, o in methods.OPTIMIZERS.items() if o.adaptive) + " only)",
                                group="optimizer")
     eta: float = _f(0.01, "ASAM offset: T = |w| + eta", group="optimizer")
     ascent: str = _f("local", "data parallel: each rank perturbs with its own gradient (local, SAM's m-sharpness) "
@@ -91,8 +94,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- SSAM
     sparsity: float = _f(0.5, "SSAM: fraction of coordinates NOT perturbed", group="ssam")
-    mask: str = _f("fisher", "SSAM mask source: fisher (SSAM-F), dynamic (SSAM-D), random, norm (normalisation "
-                   "layers only, SAM-ON)", group="ssam", choices=MASKS)
+    mask: str = _f("fisher", "SSAM mask source: " + ", ".join(m.help for m in methods.MASKS.values()),
+                   group="ssam", choices=MASKS)
     pattern: str = _f("unstructured", "mask pattern", group="ssam", choices=("unstructured", "structured", "nm"))
     granularity: str = _f("tensor", "structured pattern unit: whole tensors or output channels", group="ssam",
                           choices=("tensor", "channel"))
@@ -154,10 +157,8 @@ class TrainConfig:
 
     @property
     def method(self) -> str:
-        """Short method label: sgd, sam, asam, ssam-f, ssam-d, ssam-r, ssam-n."""
-        if self.opt != "ssam":
-            return self.opt
-        return "ssam-" + self.mask[0]
+        """The method name (sgd, sam, asam, ssam-f, ...; see :data:`sparsam.train.methods.METHODS`)."""
+        return methods.method_name(self)
 
     def nm_pair(self) -> tuple[int, int]:
         match = _NM_RE.match(self.nm)
@@ -166,11 +167,11 @@ class TrainConfig:
         return int(match.group(1)), int(match.group(2))
 
     def is_adaptive(self) -> bool:
-        return self.opt == "asam" if self.adaptive is None else bool(self.adaptive)
+        return methods.OPTIMIZERS[self.opt].adaptive if self.adaptive is None else bool(self.adaptive)
 
     def default_out(self) -> str:
         data = self.data if self.data in DATA_NAMES else Path(self.data).name or "folder"
-        tag = self.method + (f"-s{self.sparsity:g}" if self.opt == "ssam" and self.mask != "norm" else "")
+        tag = self.method + (f"-s{self.sparsity:g}" if methods.is_sparse(self) else "")
         return os.path.join("runs", f"{data}-{self.model}-{tag}-seed{self.seed}")
 
 
@@ -338,21 +339,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n <= m:
         raise _bad("nm", cfg.nm, "needs 1 <= N <= M")
-    if cfg.opt == "ssam":
-        if cfg.mask == "dynamic" and cfg.pattern != "unstructured":
-            raise ConfigError(f"--mask dynamic supports only --pattern unstructured, got --pattern {cfg.pattern}")
-        if cfg.mask == "dynamic" and cfg.mask_update_epochs == 0:
-            raise ConfigError("--mask dynamic needs --mask-update-epochs >= 1 (it is a schedule of mask updates), got 0")
-        if cfg.mask == "norm" and cfg.pattern != "unstructured":
-            raise ConfigError(f"--mask norm has no pattern (it perturbs whole normalisation layers), got --pattern {cfg.pattern}")
-        if cfg.sparse_ascent and cfg.norm != "masked":
-            raise ConfigError("--sparse-ascent needs --norm masked: with the full-gradient norm the ascent pass needs every gradient")
-        if cfg.sparse_ascent and cfg.form != "explicit":
-            raise ConfigError("--sparse-ascent needs --form explicit: the implicit form perturbs densely")
-    if cfg.opt == "sgd" and cfg.adaptive:
-        raise ConfigError("--adaptive applies to sam/asam/ssam, got --opt sgd")
-    if cfg.opt == "asam" and cfg.adaptive is False:
-        raise ConfigError("--opt asam is adaptive SAM; --no-adaptive contradicts it (use --opt sam)")
+    methods.check(cfg)  # the optimizer's and the mask source's own rules
     key = cfg.data.strip()
     if key.lower() in DATA_NAMES:
         cfg.data = key.lower()

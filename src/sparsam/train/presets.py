@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import check_keys
 from .errors import ConfigError
+from .methods import relevant
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,7 @@ def format_presets() -> str:
         v = p.values
         summary = ", ".join(
             f"{k}={v[k]}" for k in ("opt", "mask", "sparsity", "rho", "weight_decay", "epochs", "batch_size", "lr")
-            if k in v and not (k in ("mask", "sparsity") and v.get("opt") != "ssam")
-            and not (k == "rho" and v.get("opt") == "sgd")
+            if k in v and relevant(k, v)
         )
         lines.append(f"  {p.name:<28} {summary}")
     return "\n".join(lines).lstrip("\n")

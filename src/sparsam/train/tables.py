@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import IDENTITY_KEYS, TrainConfig
+from .methods import OPTIMIZERS, is_sparse, method_label, method_order, relevant
 from .rundir import RunRecord
 
 # Keys that do not split groups: the seed (what we average over) and run control.
@@ -25,29 +26,14 @@ _NOT_GROUPING = {"seed"}
 # Keys an SGD reference must share with a group for a time ratio to mean something.
 _TIME_KEYS = ("data", "model", "width", "batch_size", "accum", "amp", "channels_last", "compile", "train_subset",
               "base", "image_size")
-# Keys that only matter for some optimizers: ignored when comparing groups of other optimizers.
-_SAM_ONLY = {"rho", "adaptive", "eta", "ascent"}
-_SSAM_ONLY = {"sparsity", "mask", "pattern", "granularity", "nm", "budget", "form", "norm", "sparse_ascent",
-              "num_samples", "mask_update_epochs", "dynamic_alpha", "grow", "true_fisher", "fisher_bn_stats"}
 
 
 def _relevant(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The identity settings that affect this run (SAM keys dropped for SGD, SSAM keys for non-SSAM)."""
+    """The identity settings that affect this run: keys owned by other methods (the registry,
+    :mod:`sparsam.train.methods`, says which) are dropped."""
     defaults = TrainConfig().to_dict()
     out = {k: cfg.get(k, defaults[k]) for k in IDENTITY_KEYS if k not in _NOT_GROUPING}
-    opt = out.get("opt")
-    for k in list(out):
-        if (opt == "sgd" and k in _SAM_ONLY) or (opt != "ssam" and k in _SSAM_ONLY):
-            del out[k]
-    return out
-
-
-def method_label(cfg: dict[str, Any]) -> str:
-    opt = cfg.get("opt", "sgd")
-    if opt != "ssam":
-        return opt.upper() if opt in ("sgd", "sam") else "ASAM"
-    mask = cfg.get("mask", "fisher")
-    return {"fisher": "SSAM-F", "dynamic": "SSAM-D", "random": "SSAM-R", "norm": "SSAM-N (norm layers)"}[mask]
+    return {k: v for k, v in out.items() if relevant(k, out)}
 
 
 @dataclass
@@ -71,8 +57,7 @@ def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
         settings = _relevant(run.config)
         key = tuple(sorted((k, _freeze(v)) for k, v in settings.items()))
         groups.setdefault(key, Group(key, settings)).runs.append(run)
-    order = {"sgd": 0, "sam": 1, "asam": 2, "ssam": 3}
-    return sorted(groups.values(), key=lambda g: (order.get(g.settings.get("opt"), 9), str(g.key)))
+    return sorted(groups.values(), key=lambda g: (method_order(g.settings), str(g.key)))
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -176,7 +161,7 @@ def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
     for r in rows:
         g: Group = r["group"]
         sparsity = "—"
-        if g.settings.get("opt") == "ssam" and g.settings.get("mask") != "norm":
+        if is_sparse(g.settings):
             sparsity = (g.settings.get("nm") if g.settings.get("pattern") == "nm" else f"{g.settings.get('sparsity'):g}")
         epochs = f"{r['epochs_done']}/{r['epochs']}" + ("" if r["finished"] else " (running)")
         cells = [
@@ -207,7 +192,8 @@ def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
                 "time_ratio_vs_sgd", "time_to_sgd_acc_s", "runs_reaching_sgd_acc", "runs"])
     for r in rows:
         g: Group = r["group"]
-        ssam = g.settings.get("opt") == "ssam"
+        spec = OPTIMIZERS.get(g.settings.get("opt", ""))
+        ssam = spec is not None and spec.uses_mask
         w.writerow([
             r["method"], g.settings.get("opt"), g.settings.get("mask", "") if ssam else "",
             g.settings.get("sparsity", "") if ssam else "", *[r["settings"].get(k) for k in varying], r["seeds"],
@@ -231,4 +217,4 @@ def curves(group: Group) -> dict[str, list[float]]:
     return out
 
 
-__all__ = ["Group", "curves", "group_runs", "method_label", "run_numbers", "summarize", "to_csv", "to_markdown"]
+__all__ = ["Group", "curves", "group_runs", "run_numbers", "summarize", "to_csv", "to_markdown"]

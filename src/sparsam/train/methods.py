@@ -1,0 +1,331 @@
+"""The one list of training methods: optimizers (``--opt``) and SSAM mask sources (``--mask``).
+
+Everything that needs to know which methods exist reads this module: the config (choices, help,
+validation, run labels and default run names), the builder (:mod:`sparsam.train.build`), the
+presets' listing, ``sparsam sweep`` / ``sparsam demo`` and the report (labels, row order, which
+settings matter for a run). Nothing else lists them.
+
+A method name is an optimizer name (``sgd``, ``sam``, ``asam``) or, for an optimizer that takes a
+mask, ``<optimizer>-<mask short name>`` (``ssam-f`` = ``--opt ssam --mask fisher``).
+
+Adding a mask source: write it in ``sparsam/masks/`` and add one :class:`MaskSpec` to
+:data:`MASKS`. Adding a SAM variant: write the optimizer (a [`SAM`][sparsam.SAM] subclass, see
+``docs/design.md``) and add one :class:`OptimizerSpec` to :data:`OPTIMIZERS`. If it has settings
+of its own, add the config fields and name them in ``owns``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
+
+    from .config import TrainConfig
+
+
+@dataclass
+class BuildContext:
+    """What a builder may use: the config, the base optimizer and the engine's objects.
+
+    ``model`` is what SAM/SSAM use for BatchNorm (clean-pass statistics), DDP ``no_sync`` and
+    parameter names: the DDP wrapper when there is one, never the ``torch.compile`` wrapper.
+    """
+
+    cfg: TrainConfig
+    base: Optimizer
+    model: nn.Module
+    loss_fn: Any
+    fisher_data: Any
+    steps_per_epoch: int
+    total_steps: int
+
+    def sam_kwargs(self) -> dict[str, Any]:
+        """The arguments every SAM-family optimizer takes from the config."""
+        cfg = self.cfg
+        return dict(rho=cfg.rho, adaptive=cfg.is_adaptive(), eta=cfg.eta, model=self.model, ascent=cfg.ascent,
+                    max_grad_norm=cfg.clip)
+
+    def mask(self) -> Any:
+        """The mask source named by ``--mask``."""
+        return MASKS[self.cfg.mask].build(self)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One ``--opt`` value.
+
+    Attributes:
+        name: the ``--opt`` value (and the method name when ``uses_mask`` is False).
+        label: the report's name for it.
+        help: a few words for ``--help``.
+        build: returns the optimizer to step; ``None`` means the base optimizer itself (plain SGD/AdamW).
+        owns: config keys that only matter for this optimizer (the report ignores them for other methods).
+        uses_mask: the optimizer takes a mask source (``--mask``); its methods are ``<name>-<mask short>``.
+        adaptive: ``--adaptive`` defaults to on.
+        check: cross-field validation of a config with this optimizer (raise ConfigError).
+    """
+
+    name: str
+    label: str
+    help: str
+    build: Callable[[BuildContext], Optimizer] | None
+    owns: frozenset[str] = frozenset()
+    uses_mask: bool = False
+    adaptive: bool = False
+    check: Callable[[TrainConfig], None] | None = None
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """One ``--mask`` value (an SSAM mask source).
+
+    Attributes:
+        name: the ``--mask`` value.
+        short: the method-name suffix (``ssam-<short>``); unique.
+        label: the report's suffix (``SSAM-<label>``).
+        help: a few words for ``--help``.
+        build: returns the mask source.
+        owns: config keys that only matter for this mask source.
+        sparse: the mask depends on ``--sparsity`` (sweeps vary it, run names show it).
+        check: cross-field validation of a config with this mask (raise ConfigError).
+    """
+
+    name: str
+    short: str
+    label: str
+    help: str
+    build: Callable[[BuildContext], Any]
+    owns: frozenset[str] = frozenset()
+    sparse: bool = True
+    check: Callable[[TrainConfig], None] | None = None
+
+
+# ------------------------------------------------------------------------------------------ builders
+def _period(ctx: BuildContext) -> dict[str, Any]:
+    every = ctx.cfg.mask_update_epochs or None
+    return {"update_every_epochs": every, "steps_per_epoch": ctx.steps_per_epoch if every else None}
+
+
+def _selection(cfg: TrainConfig) -> tuple[float | None, dict[str, Any]]:
+    """(sparsity, select() options) of ``--pattern`` / ``--nm`` / ``--granularity`` / ``--budget``."""
+    if cfg.pattern == "nm":
+        n, m = cfg.nm_pair()
+        return None, {"pattern": f"{n}:{m}", "granularity": cfg.granularity, "budget": cfg.budget}
+    return cfg.sparsity, {"pattern": cfg.pattern, "granularity": cfg.granularity, "budget": cfg.budget}
+
+
+def _fisher(ctx: BuildContext) -> Any:
+    from ..masks import FisherMask
+
+    cfg = ctx.cfg
+    sparsity, selection = _selection(cfg)
+    return FisherMask(sparsity, cfg.num_samples, true_fisher=cfg.true_fisher, bn_stats=cfg.fisher_bn_stats,
+                      seed=cfg.seed, **selection, **_period(ctx))
+
+
+def _random(ctx: BuildContext) -> Any:
+    from ..masks import RandomMask
+
+    sparsity, selection = _selection(ctx.cfg)
+    return RandomMask(sparsity, seed=ctx.cfg.seed, **selection, **_period(ctx))
+
+
+def _dynamic(ctx: BuildContext) -> Any:
+    from ..masks import DynamicMask
+
+    cfg = ctx.cfg
+    return DynamicMask(cfg.sparsity, ctx.total_steps, alpha=cfg.dynamic_alpha, grow=cfg.grow, budget=cfg.budget,
+                       seed=cfg.seed, **_period(ctx))
+
+
+def _norm(ctx: BuildContext) -> Any:
+    from ..masks import NormLayersMask
+
+    return NormLayersMask()
+
+
+def _sam(ctx: BuildContext) -> Optimizer:
+    from ..optim.sam import SAM
+
+    return SAM(ctx.base, **ctx.sam_kwargs())
+
+
+def _ssam(ctx: BuildContext) -> Optimizer:
+    from ..optim.ssam import SSAM
+
+    cfg = ctx.cfg
+    mask = ctx.mask()
+    data = ctx.fisher_data if getattr(mask, "needs_data", False) else None
+    return SSAM(ctx.base, mask=mask, norm=cfg.norm, loss_fn=ctx.loss_fn, data=data, form=cfg.form,
+                sparse_ascent=cfg.sparse_ascent, **ctx.sam_kwargs())
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _check_unstructured_only(what: str) -> Callable[[TrainConfig], None]:
+    def check(cfg: TrainConfig) -> None:
+        if cfg.pattern != "unstructured":
+            raise ConfigError(f"--mask {cfg.mask} {what}, got --pattern {cfg.pattern}")
+    return check
+
+
+def _check_dynamic(cfg: TrainConfig) -> None:
+    _check_unstructured_only("supports only --pattern unstructured")(cfg)
+    if cfg.mask_update_epochs == 0:
+        raise ConfigError("--mask dynamic needs --mask-update-epochs >= 1 (it is a schedule of mask updates), got 0")
+
+
+def _check_ssam(cfg: TrainConfig) -> None:
+    if cfg.sparse_ascent and cfg.norm != "masked":
+        raise ConfigError("--sparse-ascent needs --norm masked: with the full-gradient norm the ascent pass needs every gradient")
+    if cfg.sparse_ascent and cfg.form != "explicit":
+        raise ConfigError("--sparse-ascent needs --form explicit: the implicit form perturbs densely")
+
+
+def _check_sgd(cfg: TrainConfig) -> None:
+    if cfg.adaptive:
+        sam_family = "/".join(n for n, o in OPTIMIZERS.items() if o.build is not None)
+        raise ConfigError(f"--adaptive applies to {sam_family}, got --opt {cfg.opt}")
+
+
+def _check_asam(cfg: TrainConfig) -> None:
+    if cfg.adaptive is False:
+        raise ConfigError("--opt asam is adaptive SAM; --no-adaptive contradicts it (use --opt sam)")
+
+
+# ------------------------------------------------------------------------------------------ the registry
+#: settings of every SAM-family optimizer
+SAM_KEYS = frozenset({"rho", "adaptive", "eta", "ascent"})
+_SELECTION_KEYS = frozenset({"sparsity", "pattern", "granularity", "nm", "budget", "mask_update_epochs"})
+
+#: ``--opt`` values, in report order.
+OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
+    OptimizerSpec("sgd", "SGD", "sgd (base only)", None, check=_check_sgd),
+    OptimizerSpec("sam", "SAM", "sam", _sam, owns=SAM_KEYS),
+    OptimizerSpec("asam", "ASAM", "asam (adaptive SAM)", _sam, owns=SAM_KEYS, adaptive=True, check=_check_asam),
+    OptimizerSpec("ssam", "SSAM", "ssam (sparse SAM)", _ssam, uses_mask=True, check=_check_ssam,
+                  owns=SAM_KEYS | {"mask", "form", "norm", "sparse_ascent"}),
+)}
+
+#: ``--mask`` values (SSAM mask sources), in report order.
+MASKS: dict[str, MaskSpec] = {s.name: s for s in (
+    MaskSpec("fisher", "f", "F", "fisher (SSAM-F)", _fisher,
+             owns=_SELECTION_KEYS | {"num_samples", "true_fisher", "fisher_bn_stats"}),
+    MaskSpec("dynamic", "d", "D", "dynamic (SSAM-D)", _dynamic, check=_check_dynamic,
+             owns=frozenset({"sparsity", "budget", "mask_update_epochs", "dynamic_alpha", "grow"})),
+    MaskSpec("random", "r", "R", "random", _random, owns=_SELECTION_KEYS),
+    MaskSpec("norm", "n", "N (norm layers)", "norm (normalisation layers only, SAM-ON)", _norm, sparse=False,
+             check=_check_unstructured_only("has no pattern (it perturbs whole normalisation layers)")),
+)}
+
+
+def _all_methods() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for opt in OPTIMIZERS.values():
+        if not opt.uses_mask:
+            out[opt.name] = {"opt": opt.name}
+        else:
+            for mask in MASKS.values():
+                out[f"{opt.name}-{mask.short}"] = {"opt": opt.name, "mask": mask.name}
+    return out
+
+
+#: method name -> config values (``ssam-f`` -> ``{"opt": "ssam", "mask": "fisher"}``), in report order.
+METHODS: dict[str, dict[str, Any]] = _all_methods()
+
+
+def _parts(values: Any) -> tuple[OptimizerSpec | None, MaskSpec | None]:
+    """(optimizer, mask or None) of a TrainConfig or a config dict; None for names not (or no longer) known."""
+    get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
+    opt = OPTIMIZERS.get(get("opt", "sgd"))
+    mask = MASKS.get(get("mask", "fisher")) if opt is not None and opt.uses_mask else None
+    return opt, mask
+
+
+def method_name(values: Any) -> str:
+    """The method name of a config (TrainConfig or dict): ``sgd``, ``sam``, ``ssam-f``, ..."""
+    opt, mask = _parts(values)
+    if opt is None:
+        return str(values.get("opt") if isinstance(values, dict) else values.opt)
+    return opt.name if mask is None else f"{opt.name}-{mask.short}"
+
+
+def method_label(values: Any) -> str:
+    """The report's label of a config: ``SGD``, ``SAM``, ``SSAM-F``, ``SSAM-N (norm layers)``, ..."""
+    opt, mask = _parts(values)
+    if opt is None:
+        return method_name(values).upper()
+    return opt.label if mask is None else f"{opt.label}-{mask.label}"
+
+
+def method_order(values: Any) -> int:
+    """Position of a config's method in :data:`METHODS` (report row order)."""
+    name = method_name(values)
+    return list(METHODS).index(name) if name in METHODS else len(METHODS)
+
+
+def is_sparse(values: Any) -> bool:
+    """Does the method depend on ``--sparsity``?"""
+    _, mask = _parts(values)
+    return mask is not None and mask.sparse
+
+
+#: methods whose runs depend on --sparsity
+SPARSE_METHODS: tuple[str, ...] = tuple(n for n, v in METHODS.items() if is_sparse(v))
+
+#: config keys owned by some optimizer or mask; every other key matters for every method
+OWNED_KEYS: frozenset[str] = frozenset().union(*(o.owns for o in OPTIMIZERS.values()),
+                                               *(m.owns for m in MASKS.values()))
+
+
+def relevant(key: str, values: Any) -> bool:
+    """Does config ``key`` matter for the method of ``values``? (Keys nobody owns matter for all.)"""
+    if key not in OWNED_KEYS:
+        return True
+    opt, mask = _parts(values)
+    return (opt is not None and key in opt.owns) or (mask is not None and key in mask.owns)
+
+
+def method_values(name: str) -> dict[str, Any]:
+    """The config values of a method name; ConfigError naming the known ones otherwise."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return dict(METHODS[name])
+
+
+def check(cfg: TrainConfig) -> None:
+    """The optimizer's and the mask's own cross-field checks."""
+    opt, mask = _parts(cfg)
+    for spec in (opt, mask):
+        if spec is not None and spec.check is not None:
+            spec.check(cfg)
+
+
+def build_optimizer(ctx: BuildContext) -> Optimizer:
+    """The optimizer ``ctx.cfg`` names (the base optimizer itself for ``--opt sgd``)."""
+    spec = OPTIMIZERS[ctx.cfg.opt]
+    return ctx.base if spec.build is None else spec.build(ctx)
+
+
+__all__ = [
+    "MASKS",
+    "METHODS",
+    "OPTIMIZERS",
+    "SPARSE_METHODS",
+    "BuildContext",
+    "MaskSpec",
+    "OptimizerSpec",
+    "build_optimizer",
+    "check",
+    "is_sparse",
+    "method_label",
+    "method_name",
+    "method_order",
+    "method_values",
+    "relevant",
+]

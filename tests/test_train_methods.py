@@ -1,0 +1,56 @@
+"""The registry of methods (sparsam.train.methods) is the one list every consumer reads."""
+
+import pytest
+import torch
+
+from sparsam.train import ConfigError
+from sparsam.train import methods as M
+from sparsam.train.build import build_optimizer
+from sparsam.train.config import TrainConfig, build_config
+
+
+def test_method_names_round_trip_and_are_unique():
+    shorts = [m.short for m in M.MASKS.values()]
+    assert len(set(shorts)) == len(shorts)
+    labels = [M.method_label(v) for v in M.METHODS.values()]
+    assert len(set(labels)) == len(labels)
+    for name, values in M.METHODS.items():
+        cfg = TrainConfig(**values)
+        assert cfg.method == name == M.method_name(values)
+        assert M.method_values(name) == values
+    assert list(M.METHODS)[:3] == ["sgd", "sam", "asam"]
+    assert M.SPARSE_METHODS == ("ssam-f", "ssam-d", "ssam-r")
+    with pytest.raises(ConfigError, match="unknown method 'adam'"):
+        M.method_values("adam")
+
+
+def test_every_method_builds_its_optimizer_and_mask():
+    import sparsam
+
+    model = torch.nn.Linear(3, 2)
+    for name, values in M.METHODS.items():
+        cfg = build_config([("t", values)])
+        opt, base = build_optimizer(cfg, model.parameters(), model=model, loss_fn=torch.nn.functional.cross_entropy,
+                                    fisher_data=[], steps_per_epoch=2, total_steps=4)
+        spec = M.OPTIMIZERS[cfg.opt]
+        assert (opt is base) == (spec.build is None), name
+        if spec.uses_mask:
+            assert isinstance(opt, sparsam.SSAM)
+            assert type(opt.mask_source).__name__.lower().startswith(cfg.mask[:4]), (name, type(opt.mask))
+
+
+def test_relevant_keys_follow_ownership():
+    sgd, ssam_f, ssam_d = M.METHODS["sgd"], M.METHODS["ssam-f"], M.METHODS["ssam-d"]
+    assert M.relevant("lr", sgd) and not M.relevant("rho", sgd) and not M.relevant("sparsity", sgd)
+    assert M.relevant("num_samples", ssam_f) and not M.relevant("num_samples", ssam_d)
+    assert M.relevant("dynamic_alpha", ssam_d) and M.relevant("rho", ssam_d)
+    assert not M.relevant("sparsity", M.METHODS["ssam-n"]) and not M.is_sparse(M.METHODS["ssam-n"])
+
+
+def test_registry_checks_run_in_validation():
+    with pytest.raises(ConfigError, match="--mask dynamic supports only --pattern unstructured"):
+        build_config([("t", {"opt": "ssam", "mask": "dynamic", "pattern": "structured"})])
+    with pytest.raises(ConfigError, match="--adaptive applies to sam/asam/ssam, got --opt sgd"):
+        build_config([("t", {"opt": "sgd", "adaptive": True})])
+    with pytest.raises(ConfigError, match="--no-adaptive contradicts it"):
+        build_config([("t", {"opt": "asam", "adaptive": False})])
