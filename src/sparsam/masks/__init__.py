@@ -3,7 +3,7 @@
 * :func:`select`: scores -> boolean masks (unstructured, structured, N:M), shared by every source.
 * Sources (:class:`MaskSource` protocol, see :mod:`sparsam.masks.base`): :class:`FisherMask`
   (SSAM-F), :class:`DynamicMask` (SSAM-D), :class:`RandomMask`, :class:`NormLayersMask` (SAM-ON
-  style), :class:`AllOnesMask` (= SAM).
+  style), :class:`AllOnesMask` (= SAM), :class:`ManualMask` (masks set by hand).
 * :func:`fisher_information`: batched diagonal empirical Fisher; :func:`mask_stats`: logging.
 
 Conventions are in ``docs/masks.md``.
@@ -12,6 +12,7 @@ Conventions are in ``docs/masks.md``.
 from .base import AllOnesMask, MaskContext, MaskSource, SeededSource, check_sparsity
 from .dynamic import DynamicMask, cosine_drop_rate
 from .fisher import FisherMask, fisher_information
+from .manual import ManualMask
 from .norm import NORM_TYPES, NormLayersMask
 from .random import RandomMask
 from .selection import keep_count, nm_mask, select
@@ -21,6 +22,7 @@ __all__ = [
     "AllOnesMask",
     "DynamicMask",
     "FisherMask",
+    "ManualMask",
     "MaskContext",
     "MaskSource",
     "NORM_TYPES",

@@ -16,6 +16,11 @@ from . import _functional as F
 
 _SAM_KEYS = ("rho", "adaptive", "eta")
 _ASCENT_MODES = ("local", "sync")
+# Per-coordinate buffers of torch's optimizers: each has its parameter's shape (checked at load).
+_PER_COORDINATE = frozenset(
+    {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "grad_avg",
+     "acc_delta", "sum", "prev", "step_size", "ax"}
+)
 
 
 def _check_rho(rho: Any) -> float:
@@ -197,23 +202,51 @@ class SAM(Optimizer):
         """Called at the end of :meth:`second_step`."""
 
     # ------------------------------------------------------------------ the two passes
+    _current_pass: str | None = None
+
+    @property
+    def current_pass(self) -> str | None:
+        """Which pass runs now: ``"ascent"`` inside [`ascent_pass`][sparsam.SAM.ascent_pass] (at
+        ``w``), ``"descent"`` inside [`descent_pass`][sparsam.SAM.descent_pass] (at ``w + e``),
+        ``None`` otherwise, which includes a step that runs one plain pass. Read-only.
+
+        A closure given to [`step`][sparsam.SAM.step] reads it to keep side effects to the clean
+        pass (``current_pass != "descent"``: training statistics, logging) and to know whether
+        its gradient is all-reduced (in ``"ascent"`` with ``ascent="local"`` it is not)."""
+        return self._current_pass
+
+    @property
+    def batch_fraction(self) -> float:
+        """The fraction of its batch a closure should use in the current pass (its first
+        ``ceil(fraction · n)`` samples): 1.0 for SAM. A subclass whose ascent uses part of the
+        batch returns less while ``current_pass == "ascent"``."""
+        return 1.0
+
+    @contextmanager
+    def _in_pass(self, name: str | None) -> Iterator[None]:
+        previous, self._current_pass = self._current_pass, name
+        try:
+            yield
+        finally:
+            self._current_pass = previous
+
     @contextmanager
     def ascent_pass(self) -> Iterator[None]:
-        """Context for pass 1 (forward + backward at ``w``).
+        """Context for pass 1 (forward + backward at ``w``); sets ``current_pass = "ascent"``.
 
         Under DDP with ``ascent="local"`` it runs inside ``model.no_sync()``, so each rank keeps
         its own gradient; otherwise it does nothing. BatchNorm statistics update here as usual.
         """
         model = self.model
         ctx = model.no_sync() if self.ascent == "local" and hasattr(model, "no_sync") else nullcontext()
-        with ctx:
+        with ctx, self._in_pass("ascent"):
             yield
 
     @contextmanager
     def descent_pass(self) -> Iterator[None]:
-        """Context for pass 2 (forward + backward at ``w + e``): BatchNorm running statistics
-        are not updated (they come from the clean pass only). Needs ``model=``."""
-        with no_running_stats(self.model):
+        """Context for pass 2 (forward + backward at ``w + e``); sets ``current_pass = "descent"``.
+        BatchNorm running statistics are not updated (they come from the clean pass only). Needs ``model=``."""
+        with no_running_stats(self.model), self._in_pass("descent"):
             yield
 
     @torch.no_grad()
@@ -280,10 +313,27 @@ class SAM(Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+    def second_step(
+        self,
+        zero_grad: bool = False,
+        *,
+        grad_scaler: Any = None,
+        before_base_step: Callable[[], Any] | None = None,
+        base_step: bool = True,
+    ) -> None:
         """Restore ``w`` exactly and take the base optimizer's step with the gradient in ``p.grad``
         (computed at ``w + e``). Uses the GradScaler given to :meth:`first_step` unless another
-        is given here."""
+        is given here.
+
+        Args:
+            zero_grad: clear the gradients afterwards.
+            grad_scaler: as for ``first_step``.
+            before_base_step: called right before the base step, once ``w`` is restored and the
+                descent gradient unscaled (and clipped with ``max_grad_norm``): where a framework
+                runs its own hooks and gradient clipping.
+            base_step: ``False`` restores ``w`` and leaves the base step to the caller (under a
+                GradScaler an overflowed ascent is marked in the gradient, so the caller's
+                ``scaler.step`` skips)."""
         if not self._in_perturbation:
             raise RuntimeError("second_step() was called before first_step(): there is no perturbation to undo")
         F.restore_(self._perturbed, [self._backup[p] for p in self._perturbed], foreach=self.foreach is not False)
@@ -291,17 +341,10 @@ class SAM(Optimizer):
         self._in_perturbation = False
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else self._scaler
         found_inf, self._found_inf, self._scaler = self._found_inf, None, None
-        if scaler is not None:
-            if found_inf is not None:
-                self._poison_descent_grads(found_inf)
-            if self.max_grad_norm is not None:
-                scaler.unscale_(self.base_optimizer)
-                self._clip()
-            scaler.step(self.base_optimizer)
-        else:
-            if self.max_grad_norm is not None:
-                self._clip()
-            self.base_optimizer.step()
+        if scaler is not None and found_inf is not None:
+            self._poison_descent_grads(found_inf)
+        if base_step:
+            self._base_step(scaler, before_base_step)
         self._after_step()
         # An LR scheduler built on this optimizer patches step() to record that the optimizer has
         # stepped; the two-step API never calls step(), so record it here, or the scheduler warns
@@ -310,12 +353,30 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], Any] | None = None, *, grad_scaler: Any = None) -> Any:  # type: ignore[override]
-        """One SAM step with standard closure semantics.
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        grad_scaler: Any = None,
+        before_base_step: Callable[[], Any] | None = None,
+        base_step: bool = True,
+    ) -> Any:
+        """One SAM step with standard closure semantics: the one place where the passes happen.
 
-        ``closure()`` must compute the loss and call ``backward()``; it is called twice (at ``w``
-        inside :meth:`ascent_pass`, then at ``w + e`` inside :meth:`descent_pass`). Gradients are
-        cleared between the passes. Returns the first call's result: the loss at ``w``.
+        ``closure()`` must compute the loss and call ``backward()`` (through the GradScaler, if
+        one is given). It is called twice: at ``w`` inside [`ascent_pass`][sparsam.SAM.ascent_pass]
+        (``current_pass == "ascent"``), then at ``w + e`` inside
+        [`descent_pass`][sparsam.SAM.descent_pass] (``current_pass == "descent"``). Gradients are
+        cleared between the passes; not before the first (clear them before calling ``step``, or
+        accumulate into them). Returns the first call's result: the loss at ``w``. The engine of
+        ``sparsam train``, the Lightning callback and the Accelerate helper each make this one call;
+        a variant that changes the sequence overrides it (see ``docs/design.md``).
+
+        Args:
+            closure: see above. It may read [`current_pass`][sparsam.SAM.current_pass] and
+                [`batch_fraction`][sparsam.SAM.batch_fraction].
+            grad_scaler: a ``torch.amp.GradScaler`` (see the class docstring).
+            before_base_step, base_step: as for [`second_step`][sparsam.SAM.second_step].
         """
         if closure is None:
             raise TypeError(
@@ -326,10 +387,79 @@ class SAM(Optimizer):
         with self.ascent_pass():
             loss = closure()
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
-        with self.descent_pass():
-            closure()
-        self.second_step(grad_scaler=grad_scaler)
+        try:
+            with self.descent_pass():
+                closure()
+        except BaseException:  # KeyboardInterrupt included: never leave the weights at w + e
+            self.restore()
+            raise
+        self.second_step(grad_scaler=grad_scaler, before_base_step=before_base_step, base_step=base_step)
         return loss
+
+    def _base_step(self, scaler: Any, before_base_step: Callable[[], Any] | None = None) -> None:
+        """[unscale →] [clip →] [hook →] the base optimizer's step (through ``scaler`` if given)."""
+        if scaler is not None and (self.max_grad_norm is not None or before_base_step is not None):
+            scaler.unscale_(self.base_optimizer)
+        if self.max_grad_norm is not None:
+            self._clip()
+        if before_base_step is not None:
+            before_base_step()
+        if scaler is not None:
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Undo [`first_step`][sparsam.SAM.first_step]: copy every perturbed parameter back to
+        ``w`` exactly, without a base step. For a two-step loop interrupted between the two steps
+        (an exception in pass 2); [`step`][sparsam.SAM.step] and
+        [`perturbed`][sparsam.SAM.perturbed] call it themselves. ``p.grad`` keeps whatever the
+        interrupted pass left there: clear it before the next step. Returns ``True`` if there was
+        a perturbation to undo, ``False`` (doing nothing) otherwise."""
+        if not self._in_perturbation:
+            return False
+        F.restore_(self._perturbed, [self._backup[p] for p in self._perturbed], foreach=self.foreach is not False)
+        self._perturbed = []
+        self._in_perturbation = False
+        self._found_inf, self._scaler = None, None
+        return True
+
+    @contextmanager
+    def perturbed(self, *, zero_grad: bool = True, grad_scaler: Any = None) -> Iterator[None]:
+        """The two-step API as one context: [`first_step`][sparsam.SAM.first_step] on entry, the
+        body is pass 2 (inside [`descent_pass`][sparsam.SAM.descent_pass]), and on a normal exit
+        [`second_step`][sparsam.SAM.second_step]. On any exception (``KeyboardInterrupt``
+        included) the weights are restored to ``w`` (no base step) and the exception propagates.
+
+        Args:
+            zero_grad: clear the gradients after ``first_step`` (so pass 2 starts from zero) and
+                after ``second_step``.
+            grad_scaler: as for ``first_step``.
+
+        ```python
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from sparsam import SAM
+
+        net = nn.Linear(4, 3)
+        x, y = torch.randn(8, 4), torch.arange(8) % 3
+        opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=net)
+        with opt.ascent_pass():
+            F.cross_entropy(net(x), y).backward()
+        with opt.perturbed():  # the weights are at w + e in here
+            F.cross_entropy(net(x), y).backward()
+        ```
+        """
+        self.first_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+        try:
+            with self.descent_pass():
+                yield
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
 
     # ------------------------------------------------------------------ helpers
     def _backup_for(self, p: Tensor) -> Tensor:
@@ -379,30 +509,120 @@ class SAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
-        return {"version": 1, "type": type(self).__name__}
+        return {"version": 1, "type": type(self).__name__, "base": type(self.base_optimizer).__name__}
+
+    def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
+        """Raise if ``extra`` (the ``"sparsam"`` entry) cannot be loaded here; change nothing."""
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"the state dict's 'sparsam' entry must be a dict, got {type(extra).__name__}")
+        kind = extra.get("type")
+        unknown = sorted(set(extra) - {"version", "type", "base"})
+        if kind not in (None, type(self).__name__) and unknown:
+            hint = " Load it into SSAM (with the same mask source)." if kind == "SSAM" else ""
+            raise ValueError(
+                f"this state was saved by {kind}, whose own state ({', '.join(map(str, unknown))}) "
+                f"{type(self).__name__} would drop: the masks and mask schedule would be lost.{hint} To take only the "
+                "base optimizer's state, remove the 'sparsam' entry first"
+            )
 
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
         pass
+
+    def _check_base_state(self, sd: Mapping[str, Any], extra: Mapping[str, Any] | None) -> None:
+        """Check a base optimizer state dict against this optimizer's groups and parameters before
+        anything is loaded (torch's own load checks only the group sizes, and then fails at the
+        next step with a shape or key error)."""
+        base_name = type(self.base_optimizer).__name__
+        saved_base = extra.get("base") if extra is not None else None
+        if saved_base is not None and saved_base != base_name:
+            saved_by = extra.get("type") or "SAM" if extra is not None else "SAM"
+            raise ValueError(
+                f"this state was saved by {saved_by}({saved_base}); this optimizer wraps {base_name}: "
+                f"build it around {saved_base} to load it"
+            )
+        if not isinstance(sd.get("param_groups"), list) or not isinstance(sd.get("state"), Mapping):
+            raise TypeError("not an optimizer state dict: it needs a 'state' dict and a 'param_groups' list")
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state has {len(groups)} parameter group(s), this optimizer has {len(self.param_groups)}: "
+                "it was saved for a different model or a different grouping of its parameters"
+            )
+        params: dict[Any, Tensor] = {}
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), list):
+                raise TypeError(f"parameter group {i} of the state is not a dict with a 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {i} of the state has {len(saved['params'])} parameters, this optimizer's has "
+                    f"{len(group['params'])}: the state was saved for a different model"
+                )
+            # Settings the base optimizer reads at every step (flags are filled in by torch for
+            # states of older versions; numbers and tuples such as momentum or betas are not).
+            missing = sorted(
+                k for k, v in group.items()
+                if k not in saved and k not in ("params", "param_names", *_SAM_KEYS) and not isinstance(v, (bool, type(None)))
+            )
+            if missing:
+                raise ValueError(
+                    f"parameter group {i} of the state has no {', '.join(map(repr, missing))}, which {base_name} "
+                    f"needs: the state was saved by a different optimizer than {base_name}"
+                )
+            params.update(zip(saved["params"], group["params"]))
+        for key, st in sd["state"].items():
+            p = params.get(key)
+            if p is None or not isinstance(st, Mapping):
+                continue
+            for name, v in st.items():
+                if name in _PER_COORDINATE and isinstance(v, Tensor) and v.shape != p.shape:
+                    raise ValueError(
+                        f"the state's {name} for parameter {key} has shape {tuple(v.shape)}, the parameter has shape "
+                        f"{tuple(p.shape)}: the state was saved for a differently shaped model"
+                    )
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's full state dict (param groups with the SAM settings, momentum,
         Adam moments, ...) plus a ``"sparsam"`` entry with SAM's own state. The transient copy of
         ``w`` is never saved. Save between steps, not between ``first_step`` and ``second_step``."""
         if self._in_perturbation:
-            raise RuntimeError("state_dict() between first_step() and second_step(): the weights are at w + e")
+            raise RuntimeError(
+                "state_dict() between first_step() and second_step(): the weights are at w + e "
+                "(finish the step, or call restore() to go back to w)"
+            )
         sd = self.base_optimizer.state_dict()
         sd["sparsam"] = self._extra_state()
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Load a state dict from :meth:`state_dict` (or a plain state dict of the base optimizer)."""
+        """Load a state dict from [`state_dict`][sparsam.SAM.state_dict] (or a plain state dict of
+        the base optimizer).
+
+        All or nothing: the state is checked first (number of groups and parameters, buffer shapes
+        against the parameters, the base optimizer it was saved by, SAM vs SSAM, SSAM's norm, form,
+        mask source and mask shapes) and a ``ValueError`` names the problem before anything
+        changes. If loading still fails (say, inside the mask source), everything is put back as
+        it was before the exception propagates."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"load_state_dict needs a state dict (a mapping), got {type(state_dict).__name__}")
+        if self._in_perturbation:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step or restore() first")
         sd = dict(state_dict)
         extra = sd.pop("sparsam", None)
-        self.base_optimizer.load_state_dict(sd)
-        self._relink()  # the base replaced its param_groups and state objects
-        self._backup = {}
         if extra is not None:
-            self._load_extra_state(extra)
+            self._check_extra_state(extra)
+        self._check_base_state(sd, extra)
+        before = (self.base_optimizer.state_dict(), self._extra_state())
+        try:
+            self.base_optimizer.load_state_dict(sd)
+            self._relink()  # the base replaced its param_groups and state objects
+            self._backup = {}
+            if extra is not None:
+                self._load_extra_state(extra)
+        except BaseException:
+            self.base_optimizer.load_state_dict(before[0])
+            self._relink()
+            self._load_extra_state(before[1])
+            raise
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)}, " \

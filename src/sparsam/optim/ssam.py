@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..masks.base import LossFn, MaskContext, MaskSource, check_sparsity
+from ..masks.manual import ManualMask
 from ..masks.random import RandomMask
 from .implicit import is_2to4_rows, masked_input_gradients
 from .sam import SAM
@@ -37,8 +38,9 @@ class SSAM(SAM):
     SAM and an all-False mask exactly the base optimizer.
 
     Masks come from a mask source (:mod:`sparsam.masks`: random, Fisher, dynamic, ...) or are set
-    by hand with :meth:`set_masks`. They are stored as bool tensors (1 byte per coordinate), saved
-    in :meth:`state_dict` together with the mask source's state, and, under ``torch.distributed``,
+    by hand with :meth:`set_masks`; built without ``sparsity`` and ``mask``, SSAM's source is a
+    [`ManualMask`][sparsam.masks.ManualMask] and the masks must be set by hand before the first
+    step. They are stored as bool tensors (1 byte per coordinate), saved in :meth:`state_dict` together with the mask source's state, and, under ``torch.distributed``,
     broadcast from rank 0 after every init/update so all ranks perturb the same coordinates.
 
     Two forms (TPAMI 2025):
@@ -61,10 +63,12 @@ class SSAM(SAM):
     Args:
         params_or_optimizer, base_optimizer_cls, **kwargs: as :class:`SAM`.
         sparsity: shortcut for ``mask=RandomMask(sparsity)``; if ``mask`` is also given, it must
-            agree with ``mask.sparsity``.
+            agree with ``mask.sparsity``. Neither given: ``mask=ManualMask()`` (masks set by hand).
         mask: the mask source. Its ``init`` runs at the first :meth:`first_step` (or at
             :meth:`init_masks`), unless masks were loaded or set by hand; its ``update`` runs at
-            the start of a step when the source asks for it.
+            the start of a step when the source asks for it. The step count the source sees counts
+            the steps taken: a step a GradScaler skips (non-finite gradients) does not count, as
+            a skipped ``optimizer.step()`` does not count for an LR scheduler.
         norm: ``"full"`` or ``"masked"``, see above.
         model, loss_fn, data: handed to the mask source (Fisher masks need all three; names of
             parameters come from ``model.named_parameters()``). ``data`` is an iterable of
@@ -109,9 +113,8 @@ class SSAM(SAM):
         if sparsity is not None:
             sparsity = check_sparsity(sparsity)
         if mask is None:
-            if sparsity is None:
-                raise ValueError("SSAM needs a sparsity (e.g. sparsity=0.5) or a mask source (mask=...)")
-            mask = RandomMask(sparsity)
+            # Neither: the masks are set by hand (set_masks) before the first step.
+            mask = ManualMask() if sparsity is None else RandomMask(sparsity)
         elif not isinstance(mask, MaskSource):
             raise TypeError(f"mask must be a sparsam.masks.MaskSource, got {type(mask).__name__}")
         elif sparsity is not None and abs(sparsity - mask.sparsity) > 1e-12:
@@ -128,7 +131,12 @@ class SSAM(SAM):
         self._kind: dict[Tensor, int] = {}
         self._sparse_ok: dict[Tensor, bool] = {}
         self._masks_ready = False
-        self._steps = 0  # completed SSAM steps: the clock of the mask schedule
+        self._steps = 0  # SSAM steps taken (not skipped by a GradScaler): the clock of the mask schedule
+        self._base_stepped = False
+        self.base_optimizer.register_step_post_hook(self._on_base_step)
+
+    def _on_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._base_stepped = True
 
     @property
     def sparsity(self) -> float:
@@ -205,6 +213,11 @@ class SSAM(SAM):
                 kinds[p] = _PARTIAL
         self._masks = {p: m for p, m in new.items() if kinds[p] != _SKIP}
         self._kind = kinds
+        if isinstance(self.mask_source, ManualMask):  # its sparsity is that of the masks set
+            perturbable = self._perturbable()
+            total = sum(p.numel() for p in perturbable)
+            kept = sum(int(self._masks[p].sum()) for p in perturbable if p in self._masks)
+            self.mask_source.sparsity = 1.0 - kept / total if total else float("nan")
         if self.form == "implicit":
             self._sparse_ok = {p: is_2to4_rows(m.t()) for p, m in self._masks.items() if m.dim() == 2}
         for p in list(self._backup):  # free copies of tensors no longer perturbed
@@ -297,6 +310,7 @@ class SSAM(SAM):
         self._masks_ready = True
 
     def _before_perturb(self) -> None:
+        self._base_stepped = False
         if not self._masks_ready:
             self.init_masks()
         elif self.mask_source.wants_update(self._steps):
@@ -307,7 +321,10 @@ class SSAM(SAM):
             self._apply_source(self.mask_source.update(self.mask_context()))
 
     def _after_step(self) -> None:
-        self._steps += 1
+        # A step the GradScaler skipped (non-finite gradients: the base optimizer did not step)
+        # does not count, as a skipped optimizer.step() does not count for an LR scheduler.
+        if self._base_stepped:
+            self._steps += 1
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
@@ -319,25 +336,54 @@ class SSAM(SAM):
             "form": self.form,
             "masks_ready": self._masks_ready,
             "masks": {index[p]: m.clone() for p, m in self._masks.items()},
+            "mask_source_type": type(self.mask_source).__name__,
             "mask_source": self.mask_source.state_dict(),
         }
 
-    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+    def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"the state dict's 'sparsam' entry must be a dict, got {type(extra).__name__}")
         if extra.get("type") not in (None, "SSAM"):
-            raise ValueError(f"cannot load a {extra.get('type')!r} state into SSAM")
+            raise ValueError(f"cannot load a {extra.get('type')!r} state into SSAM: it holds no masks")
         if extra.get("form", self.form) != self.form:
             raise ValueError(f"checkpoint was saved with form={extra['form']!r}, this optimizer has form={self.form!r}")
         if "norm" in extra and extra["norm"] != self.norm:
             raise ValueError(f"checkpoint was saved with norm={extra['norm']!r}, this optimizer has norm={self.norm!r}")
+        for key, what in (("masks", "masks"), ("mask_source", "mask source state")):
+            if key not in extra:
+                raise ValueError(
+                    f"the SSAM state has no {key!r} entry (its {what}): loading it would leave SSAM without the "
+                    "masks it was trained with. The state is damaged or was edited; load only the base optimizer's "
+                    "state by removing the 'sparsam' entry, if that is what you want"
+                )
+        saved_source = extra.get("mask_source_type")
+        if saved_source is not None and saved_source != type(self.mask_source).__name__:
+            raise ValueError(
+                f"the state's masks come from a {saved_source} mask source, this optimizer's mask source is "
+                f"{type(self.mask_source).__name__}: build SSAM with mask={saved_source}(...) to load it"
+            )
+        if not isinstance(extra["masks"], Mapping) or not isinstance(extra["mask_source"], Mapping):
+            raise TypeError("the SSAM state's 'masks' and 'mask_source' entries must be dicts")
         params = self._all_params()
-        masks = {}
-        for i, m in extra.get("masks", {}).items():
-            i = int(i)
-            if not 0 <= i < len(params):
-                raise ValueError(f"checkpoint has a mask for parameter index {i}, the optimizer has {len(params)}")
-            masks[params[i]] = m.to(torch.bool)
-        if "mask_source" in extra:
-            self.mask_source.load_state_dict(extra["mask_source"])
+        for i, m in extra["masks"].items():
+            if isinstance(i, bool) or not isinstance(i, (int, str)) or not str(i).isdigit() or not int(i) < len(params):
+                raise ValueError(f"checkpoint has a mask for parameter index {i!r}, the optimizer has {len(params)} parameters")
+            p = params[int(i)]
+            if not isinstance(m, Tensor) or m.shape != p.shape:
+                shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(
+                    f"checkpoint's mask for parameter {i} has shape {shape}, the parameter has shape {tuple(p.shape)}: "
+                    "the state was saved for a differently shaped model"
+                )
+        steps = extra.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"the SSAM state's step count must be an int >= 0, got {steps!r}")
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        self._check_extra_state(extra)
+        params = self._all_params()
+        masks = {params[int(i)]: m.to(torch.bool) for i, m in extra["masks"].items()}
+        self.mask_source.load_state_dict(extra["mask_source"])
         self.set_masks(masks)
         self._masks_ready = bool(extra.get("masks_ready", True))
         self._steps = int(extra.get("steps", 0))
