@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from ..masks.base import LossFn, MaskContext, MaskSource, check_sparsity
 from ..masks.manual import ManualMask
 from ..masks.random import RandomMask
-from .implicit import is_2to4_rows, masked_input_gradients
+from .implicit import check_implicit_layers, is_2to4_rows, masked_input_gradients
 from .sam import SAM
 
 _NORMS = ("full", "masked")
@@ -75,6 +75,9 @@ class SSAM(SAM):
             ``(inputs, targets)`` batches; ``loss_fn(outputs, targets)`` returns a batch's mean loss.
         sync_masks: broadcast masks from rank 0 when ``torch.distributed`` is initialised.
         form: ``"explicit"`` or ``"implicit"``, see above.
+        implicit_layers: the layers the implicit form masks: ``"conv+linear"`` (default),
+            ``"conv"`` (the authors' ``--samconv``) or ``"linear"`` (their ``--culinear``). A
+            masked layer whose mask is all False sends ``dX = 0``.
         sparse_ascent: the cheaper ascent pass, see above.
     """
 
@@ -93,6 +96,7 @@ class SSAM(SAM):
         sync_masks: bool = True,
         form: str = "explicit",
         sparse_ascent: bool | None = None,
+        implicit_layers: str = "conv+linear",
         **kwargs: Any,
     ) -> None:
         if norm not in _NORMS:
@@ -122,6 +126,8 @@ class SSAM(SAM):
         super().__init__(params_or_optimizer, base_optimizer_cls, rho=rho, model=model, **kwargs)
         self.norm = norm
         self.form = form
+        self.implicit_layers = check_implicit_layers(implicit_layers)
+        self._implicit_masks: dict[Tensor, Tensor] = {}  # every mask, all-False ones included
         self.sparse_ascent = bool(sparse_ascent)
         self.mask_source = mask
         self.loss_fn = loss_fn
@@ -220,6 +226,7 @@ class SSAM(SAM):
             self.mask_source.sparsity = 1.0 - kept / total if total else float("nan")
         if self.form == "implicit":
             self._sparse_ok = {p: is_2to4_rows(m.t()) for p, m in self._masks.items() if m.dim() == 2}
+            self._implicit_masks = dict(new)
         for p in list(self._backup):  # free copies of tensors no longer perturbed
             if kinds.get(p, _SKIP) == _SKIP:
                 del self._backup[p]
@@ -251,7 +258,8 @@ class SSAM(SAM):
             self.init_masks()  # the mask is needed now to know what pass 1 can skip
         with super().ascent_pass():
             if self.form == "implicit":
-                with masked_input_gradients(self.model, self._masks, self._sparse_ok):  # type: ignore[arg-type]
+                with masked_input_gradients(self.model, self._implicit_masks, self._sparse_ok,  # type: ignore[arg-type]
+                                            layers=self.implicit_layers):
                     yield
                 return
             frozen: list[Tensor] = []
