@@ -321,7 +321,7 @@ def test_image_folder_grayscale_and_max_per_class(tmp_path):
 
 
 def test_image_folder_mixed_modes_become_rgb(tmp_path):
-    written = make_folder(tmp_path, classes=("a",), n=(2, 1))
+    written = make_folder(tmp_path, classes=("a", "b"), n=(2, 1))  # two classes: one alone is refused
     gray = np.arange(30, dtype=np.uint8).reshape(6, 5)
     _save(tmp_path / "train" / "a" / "gray.png", gray)
     with pytest.warns(UserWarning, match="1 grayscale images were converted to RGB"):

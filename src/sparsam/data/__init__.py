@@ -18,7 +18,7 @@ See ``docs/models_and_data.md``.
 from .augment import Augment, cifar_augment, cutout, random_crop, random_flip
 from .cifar import DatasetNotFoundError
 from .dataset import ArrayDataset, DatasetSplits, channel_stats, random_subset
-from .image_folder import default_cache_dir, folder_image_size
+from .image_folder import DamagedImageError, default_cache_dir, folder_image_size
 from .load import DATASET_NAMES, load_dataset
 from .loader import DeviceLoader, make_loaders, to_device_batch
 from .stream import IMAGENET_MEAN, IMAGENET_STD, ImageFolderStream, RandomResizedCrop, ResizeCenterCrop
@@ -29,6 +29,7 @@ __all__ = [
     "IMAGENET_STD",
     "ArrayDataset",
     "Augment",
+    "DamagedImageError",
     "DatasetNotFoundError",
     "DatasetSplits",
     "DeviceLoader",

@@ -30,6 +30,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,62 @@ def list_classes(split_dir: str | os.PathLike[str]) -> list[str]:
     return names
 
 
+class DamagedImageError(ValueError):
+    """Image files that cannot be decoded (truncated, corrupted or not images at all).
+
+    Attributes:
+        files: ``(path, reason)`` of every damaged file found (possibly empty when the error was
+            raised again in the main process from a DataLoader worker).
+    """
+
+    def __init__(self, message: str, files: Sequence[tuple[str, str]] = ()) -> None:
+        # A DataLoader worker's exception is raised again in the main process as
+        # DamagedImageError("Caught DamagedImageError in DataLoader worker ...<traceback>...: <message>");
+        # keep only the message, so the user sees one line naming the file, not the worker's traceback.
+        marker = "DamagedImageError: "
+        if message.startswith("Caught DamagedImageError") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+        self.files = list(files)
+
+
+_SKIP_HINT = "remove or replace them, or skip them with skip_damaged=True (sparsam train: --skip-damaged)"
+
+
+def damaged_message(damaged: Sequence[tuple[str, str]], where: str | os.PathLike[str]) -> str:
+    """One line: how many files of ``where`` are damaged, the first one and why."""
+    path, reason = damaged[0]
+    more = f" ({len(damaged)} damaged image files in {where}; the first is shown)" if len(damaged) > 1 else ""
+    return f"damaged image file {path}: {reason}{more}; {_SKIP_HINT}"
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def check_classes(train_dir: str | os.PathLike[str], class_names: Sequence[str], labels: Sequence[int]) -> None:
+    """Refuse a train split with fewer than two classes that hold images (a classifier of one class
+    is trivially right); warn about class folders without any image in the train split."""
+    counts = [0] * len(class_names)
+    for y in labels:
+        counts[y] += 1
+    empty = [c for c, n in zip(class_names, counts) if n == 0]
+    with_images = [c for c, n in zip(class_names, counts) if n > 0]
+    if len(with_images) < 2:
+        found = ", ".join(f"{c} ({n} images)" for c, n in zip(class_names, counts))
+        raise ValueError(
+            f"{train_dir} has {len(with_images)} class folder(s) with images ({found}): classification needs "
+            "at least two classes (one sub-folder of images per class)"
+        )
+    if empty:
+        warnings.warn(
+            f"class folder(s) {', '.join(empty)} of {train_dir} hold no image files: the model gets an output for "
+            "each that is never trained",
+            stacklevel=3,
+        )
+
+
 def _image_names(folder: Path) -> list[str]:
     """Sorted names of the image files (by extension, case-insensitive; hidden files skipped) in a folder."""
     return sorted(
@@ -115,8 +172,19 @@ def decode_image(path: str) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+def _try_decode(path: str) -> np.ndarray | str:
+    """The decoded image, or why it cannot be decoded (a damaged file is data, not a crash)."""
+    try:
+        return decode_image(path)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return _reason(e)
+
+
 class _DecodeChunks(Dataset):
-    """Item i = the decoded images of files[i * chunk : (i + 1) * chunk] (for DataLoader workers)."""
+    """Item i = the decoded images of files[i * chunk : (i + 1) * chunk] (for DataLoader workers);
+    a file that cannot be decoded is returned as the reason (a str), so no worker raises."""
 
     def __init__(self, files: Sequence[str], chunk: int) -> None:
         self.files = list(files)
@@ -125,30 +193,54 @@ class _DecodeChunks(Dataset):
     def __len__(self) -> int:
         return (len(self.files) + self.chunk - 1) // self.chunk
 
-    def __getitem__(self, i: int) -> list[np.ndarray]:
-        return [decode_image(f) for f in self.files[i * self.chunk : (i + 1) * self.chunk]]
+    def __getitem__(self, i: int) -> list[np.ndarray | str]:
+        return [_try_decode(f) for f in self.files[i * self.chunk : (i + 1) * self.chunk]]
 
 
-def _keep_as_is(x: list[np.ndarray]) -> list[np.ndarray]:
+def _keep_as_is(x: list[Any]) -> list[Any]:
     return x
+
+
+def decode_files(files: Sequence[str], *, num_workers: int = 0) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+    """Decode ``files`` (in ``num_workers`` processes): one array (H, W, C) per file, ``None`` for a
+    damaged file, and the ``(path, reason)`` of every damaged file."""
+    loader = DataLoader(
+        _DecodeChunks(files, _CHUNK),
+        batch_size=None,
+        num_workers=num_workers if files else 0,
+        collate_fn=_keep_as_is,
+    )
+    arrays: list[np.ndarray | None] = []
+    damaged: list[tuple[str, str]] = []
+    for chunk in loader:
+        for item in chunk:
+            if isinstance(item, str):
+                damaged.append((files[len(arrays)], item))
+                arrays.append(None)
+            else:
+                arrays.append(item)
+    return arrays, damaged
 
 
 def decode_images(files: Sequence[str], *, num_workers: int = 0) -> tuple[np.ndarray, int]:
     """Decode ``files`` into one uint8 array (N, C, H, W), checking that every image has one size.
 
-    Returns the array and the number of images that were converted from grayscale to RGB.
+    Returns the array and the number of images that were converted from grayscale to RGB. Raises
+    [`DamagedImageError`][sparsam.data.DamagedImageError] naming the first file that cannot be
+    decoded (and how many there are).
     """
     if not files:
         return np.zeros((0, 1, 0, 0), dtype=np.uint8), 0
-    loader = DataLoader(
-        _DecodeChunks(files, _CHUNK),
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=_keep_as_is,
-    )
-    arrays: list[np.ndarray] = []
-    for chunk in loader:
-        arrays.extend(chunk)
+    decoded, damaged = decode_files(files, num_workers=num_workers)
+    if damaged:
+        where = os.path.commonpath([os.path.dirname(p) for p, _ in damaged])
+        raise DamagedImageError(damaged_message(damaged, where), damaged)
+    return _stack(files, [a for a in decoded if a is not None])
+
+
+def _stack(files: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+    if not arrays:
+        return np.zeros((0, 1, 0, 0), dtype=np.uint8), 0
     h, w, _ = arrays[0].shape
     for f, a in zip(files, arrays):
         if a.shape[:2] != (h, w):
@@ -201,8 +293,11 @@ def _check_side(files: Sequence[str], max_image_side: int) -> None:
 
     if not files:
         return
-    with Image.open(files[0]) as im:  # reads the header only
-        w, h = im.size
+    try:
+        with Image.open(files[0]) as im:  # reads the header only
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - a damaged file: decoding reports it (or skips it)
+        return
     if max(h, w) > max_image_side:
         raise ValueError(
             f"{files[0]} is {h}x{w} (HxW), larger than max_image_side={max_image_side}: load_dataset keeps "
@@ -219,6 +314,7 @@ def load_image_folder(
     cache_dir: str | os.PathLike[str] | None = None,
     num_workers: int | None = None,
     max_image_side: int = 64,
+    skip_damaged: bool = False,
 ) -> DatasetSplits:
     """A folder of small images (see the module docstring) as in-memory :class:`DatasetSplits`.
 
@@ -230,12 +326,18 @@ def load_image_folder(
         num_workers: decoding processes; ``None`` = up to 8 (as many as CPUs) for more than 2000
             files, else 0 (decode in this process).
         max_image_side: refuse images with a longer side than this (use :class:`ImageFolderStream`).
+        skip_damaged: leave out files that cannot be decoded (truncated, corrupted), with a warning
+            that counts them; otherwise [`DamagedImageError`][sparsam.data.DamagedImageError] names
+            the first (decoding goes on to the end first, so the count is complete).
 
-    ``mean`` / ``std`` are computed on the loaded train split.
+    A train split with fewer than two classes that hold images is refused (``ValueError``); a class
+    folder without train images gets a warning. ``mean`` / ``std`` are computed on the loaded train split.
     """
     max_per_class = check_max_per_class(max_per_class)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {cache!r}")
+    if not isinstance(skip_damaged, bool):
+        raise TypeError(f"skip_damaged must be a bool, got {skip_damaged!r}")
     bad_workers = isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
     if num_workers is not None and bad_workers:
         raise ValueError(f"num_workers must be a non-negative int or None, got {num_workers!r}")
@@ -246,6 +348,7 @@ def load_image_folder(
     test_files, test_labels = scan_split(test_dir, class_names, max_per_class=max_per_class)
     if not train_files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {train_dir}")
+    check_classes(train_dir, class_names, train_labels)
 
     cache_file: Path | None = None
     if cache:
@@ -255,21 +358,35 @@ def load_image_folder(
             try:
                 with np.load(cache_file, allow_pickle=False) as z:
                     arrays = {k: z[k] for k in z.files}
-                return _splits_from_arrays(str(root), arrays)
+                splits = _splits_from_arrays(str(root), arrays)
             except Exception as e:  # a damaged cache entry is rebuilt, not fatal
                 warnings.warn(f"ignoring unreadable cache file {cache_file}: {e}", stacklevel=2)
+            else:  # the entry remembers the damaged files it left out
+                paths = arrays["skipped"].tolist() if "skipped" in arrays else []
+                reasons = arrays["skipped_reasons"].tolist() if "skipped_reasons" in arrays else []
+                _report_damaged(list(zip(paths, reasons)), root, skip_damaged)
+                return splits
 
     _check_side(train_files, max_image_side)
     n_files = len(train_files) + len(test_files)
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if n_files > 2000 else 0
-    images, converted = decode_images(train_files + test_files, num_workers=num_workers)
+    files = train_files + test_files
+    decoded, damaged = decode_files(files, num_workers=num_workers)
+    _report_damaged(damaged, root, skip_damaged)
+    if damaged:
+        n_train = len(train_files)
+        train_labels = [y for y, a in zip(train_labels, decoded[:n_train]) if a is not None]
+        test_labels = [y for y, a in zip(test_labels, decoded[n_train:]) if a is not None]
+        files = [f for f, a in zip(files, decoded) if a is not None]
+        check_classes(train_dir, class_names, train_labels)
+    images, converted = _stack(files, [a for a in decoded if a is not None])
     if converted:
         warnings.warn(
             f"{root} mixes grayscale and colour images: {converted} grayscale images were converted to RGB",
             stacklevel=2,
         )
-    n_train = len(train_files)
+    n_train = len(train_labels)
     train_x, test_x = images[:n_train], images[n_train:]
     mean, std = channel_stats(torch.from_numpy(train_x))
     arrays = {
@@ -280,6 +397,8 @@ def load_image_folder(
         "class_names": np.asarray(class_names, dtype=np.str_),
         "mean": np.asarray(mean, dtype=np.float64),
         "std": np.asarray(std, dtype=np.float64),
+        "skipped": np.asarray([p for p, _ in damaged], dtype=np.str_),
+        "skipped_reasons": np.asarray([r for _, r in damaged], dtype=np.str_),
     }
     if cache_file is not None:
         try:
@@ -288,6 +407,17 @@ def load_image_folder(
         except OSError as e:  # a read-only or full cache folder must not stop training
             warnings.warn(f"could not write cache file {cache_file}: {e}", stacklevel=2)
     return _splits_from_arrays(str(root), arrays)
+
+
+def _report_damaged(damaged: Sequence[tuple[str, str]], root: Path, skip: bool) -> None:
+    if not damaged:
+        return
+    if not skip:
+        raise DamagedImageError(damaged_message(damaged, root), damaged)
+    path, reason = damaged[0]
+    warnings.warn(
+        f"skipped {len(damaged)} damaged image file(s) of {root} (first: {path}: {reason})", stacklevel=3
+    )
 
 
 def _splits_from_arrays(name: str, a: dict[str, np.ndarray]) -> DatasetSplits:

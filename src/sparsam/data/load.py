@@ -22,6 +22,7 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     num_workers: int | None = None,
     max_image_side: int = 64,
+    skip_damaged: bool = False,
 ) -> DatasetSplits:
     """Load a dataset into memory: uint8 images (N, C, H, W) and int64 labels per split.
 
@@ -35,6 +36,9 @@ def load_dataset(
             CIFAR and digits, sorted file names for folders): quick experiments and tests.
         cache, cache_dir, num_workers, max_image_side: image folders only; see
             :func:`sparsam.data.image_folder.load_image_folder`.
+        skip_damaged: image folders only: leave out image files that cannot be decoded (truncated,
+            corrupted) with a warning that counts them, instead of raising
+            [`DamagedImageError`][sparsam.data.DamagedImageError].
 
     ``mean`` and ``std`` of the result are computed on the loaded train split, per channel, over
     every pixel (population std), on the 0..1 scale.
@@ -58,6 +62,7 @@ def load_dataset(
             cache_dir=cache_dir,
             num_workers=num_workers,
             max_image_side=max_image_side,
+            skip_damaged=skip_damaged,
         )
     raise ValueError(
         f"unknown dataset {key!r}: not one of {', '.join(DATASET_NAMES)} and not an existing folder "

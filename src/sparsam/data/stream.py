@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .image_folder import find_split_dirs, list_classes, scan_split
+from .image_folder import DamagedImageError, _reason, check_classes, find_split_dirs, list_classes, scan_split
 
 # The usual ImageNet normalisation constants (per-channel mean / std of the ImageNet train set, 0..1).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -145,6 +146,9 @@ class ImageFolderStream(Dataset):
             for train and :class:`ResizeCenterCrop` (224) for test.
         mode: Pillow mode every image is converted to before the transform (``"RGB"`` or ``"L"``).
         max_per_class: keep the first n files (sorted names) of each class.
+        skip_damaged: a file that cannot be decoded is replaced by the next readable file of the
+            split (with a warning naming it), so an epoch keeps its length; otherwise reading it
+            raises [`DamagedImageError`][sparsam.data.DamagedImageError] naming the file.
 
     ``dataset[i]`` is ``(uint8 tensor (C, H, W), label)``. Attributes: ``class_names``,
     ``files``, ``labels``.
@@ -158,6 +162,7 @@ class ImageFolderStream(Dataset):
         transform: Transform | None = None,
         mode: str = "RGB",
         max_per_class: int | None = None,
+        skip_damaged: bool = False,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -168,6 +173,11 @@ class ImageFolderStream(Dataset):
         self.files, self.labels = scan_split(
             train_dir if split == "train" else test_dir, self.class_names, max_per_class=max_per_class
         )
+        if split == "train":
+            check_classes(train_dir, self.class_names, self.labels)
+        if not isinstance(skip_damaged, bool):
+            raise TypeError(f"skip_damaged must be a bool, got {skip_damaged!r}")
+        self.skip_damaged = skip_damaged
         self.mode = mode
         if transform is None:
             transform = RandomResizedCrop(224) if split == "train" else ResizeCenterCrop(224)
@@ -176,9 +186,28 @@ class ImageFolderStream(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def _open(self, index: int) -> Any:
         from PIL import Image
 
         with Image.open(self.files[index]) as im:
-            im = im.convert(self.mode)
-        return self.transform(im), self.labels[index]
+            return im.convert(self.mode)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        for k in range(len(self.files)):
+            i = (index + k) % len(self.files)
+            try:
+                im = self._open(i)
+            except MemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Pillow: OSError, SyntaxError, ValueError, DecompressionBomb...
+                reason = _reason(e)
+                if not self.skip_damaged:
+                    raise DamagedImageError(
+                        f"damaged image file {self.files[i]}: {reason}; remove or replace it, or pass "
+                        "skip_damaged=True (sparsam train: --skip-damaged)",
+                        [(self.files[i], reason)],
+                    ) from None
+                warnings.warn(f"skipping damaged image file {self.files[i]}: {reason}", stacklevel=2)
+                continue
+            return self.transform(im), self.labels[i]
+        raise DamagedImageError(f"no image of {len(self.files)} in this split can be decoded")
