@@ -48,13 +48,3 @@ def unwrap_optimizer(optimizer: Any) -> SAM:
     if not isinstance(obj, SAM):
         raise TypeError(f"no sparsam SAM/SSAM optimizer found inside {type(optimizer).__name__}")
     return obj
-
-
-def _mark_stepped(optimizer: SAM) -> None:
-    """Tell a torch LR scheduler built on ``optimizer`` that it stepped.
-
-    The scheduler wraps ``optimizer.step`` to notice the first step and otherwise warns
-    "lr_scheduler.step() before optimizer.step()". The integrations step through
-    ``second_step`` (the base optimizer's ``step``), never ``SAM.step``, so they say so here.
-    """
-    optimizer._opt_called = True  # type: ignore[attr-defined]

@@ -35,9 +35,8 @@ from contextlib import nullcontext
 from typing import Any
 
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from . import _mark_stepped, unwrap_optimizer
+from . import unwrap_optimizer
 
 __all__ = ["SAMStep"]
 
@@ -96,49 +95,34 @@ class SAMStep:
         acc, sam = self.accelerator, self.optimizer
         if not self._pending:
             sam.zero_grad()  # a new window: pass 1 accumulates from zero
-        with sam.ascent_pass():
-            loss = compute_loss(*args, **kwargs)
-            acc.backward(loss)
         self._pending.append((compute_loss, args, kwargs))
         if not acc.sync_gradients:
+            # Not the window's last micro-batch: its ascent pass now (the gradient accumulates).
+            with sam.ascent_pass():
+                loss = compute_loss(*args, **kwargs)
+                acc.backward(loss)
             return loss.detach()
 
         window, self._pending = self._pending, []
-        scaler = acc.scaler if acc.scaler is not None and acc.scaler.is_enabled() else None
-        sam.first_step(zero_grad=True, grad_scaler=scaler)
         model = sam.model
-        with sam.descent_pass():
-            for i, (fn, a, kw) in enumerate(window):
+
+        def closure() -> Tensor | None:
+            if sam.current_pass != "descent":  # the window's last micro-batch at w
+                loss = compute_loss(*args, **kwargs)
+                acc.backward(loss)
+                return loss
+            for i, (fn, a, kw) in enumerate(window):  # every micro-batch of the window at w + e
                 last = i == len(window) - 1
                 # Under DDP the descent gradient is all-reduced once, in the window's last backward.
                 with nullcontext() if last or model is None else acc.no_sync(model):
                     acc.backward(fn(*a, **kw))
-        if self.base_step:
-            sam.second_step(grad_scaler=scaler)
-            if scaler is not None:
-                scaler.update()
-            _mark_stepped(sam)  # for an LR scheduler built on the SAM optimizer
-        else:
-            sam.second_step(grad_scaler=_RestoreOnly())
+            return None
+
+        scaler = acc.scaler if acc.scaler is not None and acc.scaler.is_enabled() else None
+        loss = sam.step(closure, grad_scaler=scaler, base_step=self.base_step)
+        if self.base_step and scaler is not None:
+            scaler.update()
         return loss.detach()
 
     def __repr__(self) -> str:
         return f"SAMStep({self.optimizer!r}, base_step={self.base_step}, pending={len(self._pending)})"
-
-
-class _RestoreOnly:
-    """Stands in for the GradScaler in :meth:`SAM.second_step` when the caller takes the base step.
-
-    ``second_step`` restores ``w``, marks the descent gradient non-finite if the ascent gradient
-    overflowed under a real GradScaler (given to ``first_step``), and then calls
-    ``grad_scaler.step(base_optimizer)``: here that does nothing, so the caller's
-    ``optimizer.step()`` (through Accelerate's scaler, which sees the mark and skips) steps."""
-
-    def is_enabled(self) -> bool:
-        return True
-
-    def unscale_(self, optimizer: Optimizer) -> None:  # only reached with max_grad_norm, refused above
-        raise RuntimeError("SAMStep(base_step=False) does not clip; use accelerator.clip_grad_norm_")
-
-    def step(self, optimizer: Optimizer) -> None:
-        return None

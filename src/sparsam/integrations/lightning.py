@@ -17,11 +17,11 @@ weight, in ``tests/test_integrations_lightning.py``):
   Lightning's ``on_before_optimizer_step`` hooks and gradient clipping after *each* call. The
   ``"16-mixed"`` plugin instead calls the closure once and then ``scaler.step(optimizer)``, i.e.
   ``optimizer.step()`` without a closure: a two-pass optimizer cannot survive that. The callback
-  replaces the precision plugin's ``optimizer_step`` (for SAM optimizers only) with the two passes:
-  pass 1 at ``w`` → ``first_step`` (unscales under a GradScaler) → pass 2 at ``w + e`` →
-  ``second_step``, which restores ``w`` and then, through a small stand-in for the grad scaler,
-  runs Lightning's hooks and gradient clipping once, on the unscaled descent gradient, and takes
-  the base step (``scaler.step`` + ``scaler.update`` under ``"16-mixed"``).
+  replaces the precision plugin's ``optimizer_step`` (for SAM optimizers only) with one call,
+  ``sam.step(closure, grad_scaler=..., before_base_step=...)``: the optimizer runs the passes (the
+  closure reads ``sam.current_pass``), restores ``w``, and right before the base step runs
+  Lightning's hooks and gradient clipping once, on the unscaled descent gradient; then
+  ``scaler.update`` under ``"16-mixed"``.
 * **What pass 2 may touch.** ``training_step`` runs in both passes. Pass 2's ``self.log`` calls are
   dropped (the logged loss is the clean loss at ``w``, as :meth:`SAM.step` returns), the Trainer's
   reported loss and ``on_train_batch_end`` outputs are pass 1's, BatchNorm running statistics are
@@ -70,7 +70,6 @@ from torch.optim import Optimizer
 from ..masks.base import LossFn
 from ..optim.sam import SAM
 from ..optim.ssam import SSAM
-from . import _mark_stepped
 
 __all__ = ["SAMCallback", "in_descent_pass"]
 
@@ -190,54 +189,43 @@ class SAMCallback(Callback):
 
 
 # ---------------------------------------------------------------------------------- the step
+class _SkipStep(Exception):
+    """training_step returned None in pass 1: Lightning skips such a step, and so do we."""
+
+
 def _two_pass_step(
     plugin: Precision, sam: SAM, model: pl.LightningModule, closure: Callable[[], Any], *, log_descent: bool, **kwargs: Any
 ) -> Any:
-    """One SAM step driven from Lightning's precision plugin (automatic, or ``opt.step(closure)``)."""
+    """One SAM step driven from Lightning's precision plugin (automatic, or ``opt.step(closure)``):
+    one call to ``sam.step``, with a closure that adapts Lightning's closure to each pass."""
     if kwargs:
         raise TypeError(f"{type(sam).__name__}.step() under Lightning takes no extra arguments, got {sorted(kwargs)}")
     trainer = model.trainer
     _check_accumulation(trainer, model)
     scaler = _enabled_scaler(plugin)
-    with sam.ascent_pass(), _ascent_sync(sam, trainer.strategy):
-        result = closure()  # training_step, zero_grad, backward (scaled under "16-mixed")
-    if result is None and model.automatic_optimization:
-        return None  # training_step returned None: Lightning skips the step, and so do we
-    sam.first_step(zero_grad=True, grad_scaler=scaler)
-    with sam.descent_pass(), _descent(model, quiet=not log_descent), _keep_closure_result(closure):
-        closure()
-    sam.second_step(grad_scaler=_FinishStep(plugin, model, sam, scaler))
+
+    def pass_closure() -> Any:
+        if sam.current_pass == "descent":  # at w + e: pass 1's logs and result are the ones kept
+            with _descent(model, quiet=not log_descent), _keep_closure_result(closure):
+                return closure()
+        with _ascent_sync(sam, trainer.strategy):
+            result = closure()  # training_step, zero_grad, backward (scaled under "16-mixed")
+        if result is None and model.automatic_optimization:
+            raise _SkipStep
+        return result
+
+    def before_base_step() -> None:
+        # What Lightning does before any optimizer step (the gradient is unscaled by now):
+        # on_before_optimizer_step hooks and Trainer(gradient_clip_val=...).
+        plugin._after_closure(model, sam)
+
+    try:
+        result = sam.step(pass_closure, grad_scaler=scaler, before_base_step=before_base_step)
+    except _SkipStep:
+        return None
     if scaler is not None:
         scaler.update()
-    _mark_stepped(sam)  # for an LR scheduler built on the SAM optimizer
     return result
-
-
-class _FinishStep:
-    """Stands in for the GradScaler in :meth:`SAM.second_step`, which after restoring ``w`` (and,
-    under a real GradScaler, marking a step whose ascent gradient overflowed) calls
-    ``grad_scaler.step(base_optimizer)`` for the base step. Here that runs what Lightning does
-    before any optimizer step: unscale, ``on_before_optimizer_step`` hooks, gradient clipping;
-    then the base step through the real scaler, if any."""
-
-    def __init__(self, plugin: Precision, model: pl.LightningModule, sam: SAM, scaler: Any) -> None:
-        self.plugin, self.model, self.sam, self.scaler = plugin, model, sam, scaler
-        self._unscaled = False
-
-    def is_enabled(self) -> bool:
-        return True
-
-    def unscale_(self, optimizer: Optimizer) -> None:  # second_step calls it when SAM clips itself
-        if self.scaler is not None and not self._unscaled:
-            self.scaler.unscale_(optimizer)
-        self._unscaled = True
-
-    def step(self, optimizer: Optimizer) -> Any:
-        self.unscale_(optimizer)
-        self.plugin._after_closure(self.model, self.sam)  # hooks + Trainer(gradient_clip_val=...), once
-        if self.scaler is not None:
-            return self.scaler.step(optimizer)  # skipped if the gradients are not finite
-        return optimizer.step()
 
 
 def _counted_steps(lopt: Any, sam: SAM, plugin: Precision) -> tuple[Callable[..., None], Callable[..., None]]:
@@ -256,7 +244,6 @@ def _counted_steps(lopt: Any, sam: SAM, plugin: Precision) -> tuple[Callable[...
         if used and used[0] is _enabled_scaler(plugin):
             used[0].update()
         used.clear()
-        _mark_stepped(sam)
         lopt._on_after_step()
 
     return first_step, second_step
@@ -292,7 +279,7 @@ def _check_accumulation(trainer: pl.Trainer, module: pl.LightningModule) -> None
 def _ascent_sync(sam: SAM, strategy: Any) -> Any:
     # ascent="local": each data-parallel rank perturbs with its own gradient, so pass 1 skips the
     # gradient all-reduce (DDP's no_sync, which Lightning exposes as block_backward_sync).
-    if sam.ascent == "local" and hasattr(strategy, "block_backward_sync"):
+    if sam.current_pass == "ascent" and sam.ascent == "local" and hasattr(strategy, "block_backward_sync"):
         return strategy.block_backward_sync()
     return nullcontext()
 

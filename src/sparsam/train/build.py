@@ -36,6 +36,13 @@ def build_optimizer(
     optimizer (``max_grad_norm``, on the descent gradient); for SGD by the engine.
     """
     params = list(params)
+    if cfg.asam_rule == "weight-names" and cfg.is_adaptive():
+        # The official ASAM rule (sparsam.optim.asam): only parameters named *weight* are scaled.
+        from ..optim.asam import asam_param_groups
+
+        ids = {id(p) for p in params}
+        params = [{**g, "params": [p for p in g["params"] if id(p) in ids]} for g in asam_param_groups(model)]
+        params = [g for g in params if g["params"]]
     if cfg.base == "sgd":
         base: Optimizer = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
@@ -45,6 +52,36 @@ def build_optimizer(
     ctx = methods.BuildContext(cfg=cfg, base=base, model=model, loss_fn=loss_fn, fisher_data=fisher_data,
                                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     return methods.build_optimizer(ctx), base
+
+
+class PlainStep:
+    """A plain optimizer (``--opt sgd``) driven like SAM, so the engine makes one call for every method.
+
+    ``step(closure, grad_scaler=...)`` calls the closure once (``current_pass`` is ``None``: a clean
+    pass whose gradient is all-reduced), then [unscales and] clips to ``max_grad_norm`` if set, and
+    steps the optimizer through the GradScaler (which skips the step on an overflow).
+    """
+
+    current_pass: str | None = None
+    batch_fraction: float = 1.0
+
+    def __init__(self, optimizer: Optimizer, *, max_grad_norm: float | None = None) -> None:
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, closure: Any, *, grad_scaler: Any = None) -> Any:
+        with torch.enable_grad():
+            loss = closure()
+        if self.max_grad_norm is not None:
+            if grad_scaler is not None:
+                grad_scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if grad_scaler is not None:
+            grad_scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+        return loss
 
 
 class WarmupCosine:
@@ -66,12 +103,37 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+class EpochCosine:
+    """The authors' per-epoch cosine (SSAM release ``solver/lr_scheduler.py``, stepped with the epoch
+    index *after* each epoch in ``train.py``): with ``f(k) = min + (1 - min) (1 + cos(pi (k - W) /
+    (E - W))) / 2`` (linear ``k / W`` during a warm-up of ``W`` epochs), epoch 0 runs at the full LR
+    and epoch ``e >= 1`` at ``f(e - 1)``: constant within an epoch, one epoch behind the curve.
+    A multiplier per optimizer step, for ``LambdaLR``."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, warmup_epochs: float, min_ratio: float) -> None:
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.warmup_epochs, self.min_ratio = warmup_epochs, min_ratio
+
+    def __call__(self, step: int) -> float:
+        epoch = step // self.steps_per_epoch
+        if epoch == 0:
+            return 1.0
+        k, w = epoch - 1, self.warmup_epochs
+        if k < w:
+            return k / w
+        t = (k - w) / max(self.epochs - w, 1e-12)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def build_scheduler(cfg: TrainConfig, base: Optimizer, *, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule on the base optimizer (SAM shares its param_groups, so the LR it uses is
     the one set here). Step it once after every optimizer step."""
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.schedule == "cosine-epoch":
+        return torch.optim.lr_scheduler.LambdaLR(
+            base, EpochCosine(steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.min_lr / cfg.lr))
     return torch.optim.lr_scheduler.LambdaLR(base, WarmupCosine(total, warmup, cfg.min_lr / cfg.lr, cfg.schedule))
 
 
-__all__ = ["WarmupCosine", "build_optimizer", "build_scheduler"]
+__all__ = ["EpochCosine", "PlainStep", "WarmupCosine", "build_optimizer", "build_scheduler"]

@@ -50,7 +50,7 @@ from .checkpoint import atomic_write, load_checkpoint, read_json, rng_state, sav
 from .config import TrainConfig, diff_identity
 from .loaders import TrainData, build_data
 from .errors import CheckpointError, ConfigError, RunDirError, UserError
-from .build import build_optimizer, build_scheduler
+from .build import PlainStep, build_optimizer, build_scheduler
 
 DEBUG_DUMP_ENV = "SPARSAM_DEBUG_RANK_DUMP"
 
@@ -341,41 +341,35 @@ def _train(
     D.barrier(info)
 
     # ------------------------------------------------------------------ one optimizer step
-    n_micro = cfg.accum
-    ascent_sync = not sam or opt.ascent == "sync"  # type: ignore[attr-defined]
+    stepper: Any = opt if sam else PlainStep(opt, max_grad_norm=cfg.clip)
 
-    def passes(xs: tuple[Tensor, ...], ys: tuple[Tensor, ...], *, sync: bool, stats: list[Tensor] | None) -> None:
-        """Forward + backward over the micro-batches; gradients are all-reduced (DDP) on the last
-        one only, and not at all when ``sync`` is False. ``stats``: [loss_sum, correct] to add to."""
-        for j, (x, y) in enumerate(zip(xs, ys)):
-            ctx = ddp.no_sync() if ddp is not None and (j < n_micro - 1 or not sync) else nullcontext()  # type: ignore[operator]
-            with ctx:
-                with autocast():
-                    logits = forward_model(x)
-                    loss = criterion(logits, y)
-                scaler.scale(loss / n_micro).backward()
-            if stats is not None:
-                stats[0] += loss.detach().float() * y.shape[0]
-                stats[1] += (logits.detach().argmax(1) == y).sum()
+    def step(x: Tensor, y: Tensor, stats: list[Tensor]) -> int:
+        """One optimizer step on the batch (x, y); adds the clean pass's loss sum and correct count
+        to ``stats`` and returns the number of samples it saw."""
+        seen = [0]
 
-    def step(x: Tensor, y: Tensor, stats: list[Tensor]) -> None:
-        xs, ys = (x.chunk(n_micro), y.chunk(n_micro)) if n_micro > 1 else ((x,), (y,))
-        if sam:
-            with opt.ascent_pass():  # type: ignore[attr-defined]
-                passes(xs, ys, sync=ascent_sync, stats=stats)
-            opt.first_step(zero_grad=True, grad_scaler=scaler)  # type: ignore[attr-defined]
-            with opt.descent_pass():  # type: ignore[attr-defined]
-                passes(xs, ys, sync=True, stats=None)
-            opt.second_step(zero_grad=True)  # type: ignore[attr-defined]
-        else:
-            passes(xs, ys, sync=True, stats=stats)
-            if cfg.clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip)
-            scaler.step(opt)
-            opt.zero_grad(set_to_none=True)
+        def closure() -> None:
+            # Called by the optimizer once per pass. Micro-batches: DDP all-reduces in the last one only
+            # (and not at all in SAM's ascent pass with ascent="local": ascent_pass() wraps it in no_sync).
+            clean = stepper.current_pass != "descent"
+            n = x.shape[0] if stepper.batch_fraction >= 1 else math.ceil(stepper.batch_fraction * x.shape[0])
+            xs, ys = (x[:n].chunk(cfg.accum), y[:n].chunk(cfg.accum)) if cfg.accum > 1 else ((x[:n],), (y[:n],))
+            for j, (xb, yb) in enumerate(zip(xs, ys)):
+                with ddp.no_sync() if ddp is not None and j < len(xs) - 1 else nullcontext():  # type: ignore[operator]
+                    with autocast():
+                        logits = forward_model(xb)
+                        loss = criterion(logits, yb)
+                    scaler.scale(loss / len(xs)).backward()
+                if clean:
+                    stats[0] += loss.detach().float() * yb.shape[0]
+                    stats[1] += (logits.detach().argmax(1) == yb).sum()
+                    seen[0] += yb.shape[0]
+
+        stepper.step(closure, grad_scaler=scaler)
+        opt.zero_grad(set_to_none=True)
         scaler.update()  # on-device scale update; under fp16 scaler.step above syncs once, as for any optimizer
         sched.step()
+        return seen[0]
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -450,8 +444,7 @@ def _train(
             for i, (x, y) in enumerate(data.train):
                 if i < skip:
                     continue  # resumed mid-epoch: these batches were trained on before the interruption
-                step(x, y, sums)
-                count += y.shape[0]
+                count += step(x, y, sums)
                 global_step += 1
                 if on_step is not None:
                     on_step(global_step)
