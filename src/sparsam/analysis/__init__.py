@@ -1,15 +1,15 @@
 """sparsam.analysis: Hessian spectra, loss landscapes, sharpness and mask statistics.
 
-Pure functions over ``(model, loss_fn, data)``, tested against dense references; plotting lives in
-:mod:`sparsam.analysis.plots` and :mod:`sparsam.analysis.report`.
+Pure functions over ``(model, loss_fn, data)``, tested against dense references; the figures and
+the report come from [`write_report`][sparsam.analysis.write_report].
 
-Conventions shared by every tool (details in ``docs/analysis.md``):
+Conventions shared by every tool (details in the Analysis guide):
 
 - ``data`` is an iterable of ``(inputs, targets)`` batches (or one such pair), read once: the first
   ``n_batches`` batches are moved to ``device`` and reused, so a shuffling loader still defines one
   function. ``loss_fn(model(inputs), targets)`` returns the mean loss of a batch.
-- The objective is the size-weighted mean loss ``L(w) = sum_b (n_b / N) L_b(w)``, i.e. the mean
-  over all samples; its Hessian is ``H = sum_b (n_b / N) H_b``.
+- The objective is the size-weighted mean loss ``L(w) = Σ_b (n_b / N) L_b(w)``, i.e. the mean
+  over all samples; its Hessian is ``H = Σ_b (n_b / N) H_b``.
 - The model's mode is never changed (in train mode BatchNorm uses each batch's statistics, in eval
   mode its running statistics: the caller chooses). Buffers are never written: each forward runs
   with fresh copies of them. Weights moved by a tool are restored bitwise, also on error.

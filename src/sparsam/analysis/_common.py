@@ -11,7 +11,7 @@ is the mean loss over all the samples, whatever the batch sizes.
 The batches are read once (the first ``n_batches`` of one pass over ``data``), moved to the device
 and reused for every evaluation, so a shuffling ``DataLoader`` still gives one fixed function.
 
-Buffers: every forward runs through :func:`torch.func.functional_call` with fresh copies of the
+Buffers: every forward runs through ``torch.func.functional_call`` with fresh copies of the
 model's buffers, so BatchNorm running statistics (and ``num_batches_tracked``) are never written,
 whatever the mode, and every forward sees the same buffer values. The mode (train/eval) is never
 changed: in train mode BatchNorm normalises with the statistics of each batch, in eval mode with

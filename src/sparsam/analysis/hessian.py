@@ -1,8 +1,8 @@
 """Hessian of the mean loss: products, top eigenvalues, trace and spectral density.
 
-All functions see the same objective, the size-weighted mean loss over the batches given (see
-:mod:`sparsam.analysis._common`): ``H = sum_b (n_b / N) H_b`` with ``H_b`` the Hessian of batch
-``b``'s mean loss. They never change the model's mode, never write its buffers and never change
+All functions see the same objective, the size-weighted mean loss over the batches given:
+``H = Σ_b (n_b / N) H_b`` with ``H_b`` the Hessian of batch ``b``'s mean loss. They never change
+the model's mode, never write its buffers and never change
 its weights.
 
 References:
@@ -67,11 +67,11 @@ def hessian_vector_product(
     device: torch.device | str | None = None,
     n_batches: int | None = None,
 ) -> Tensor | list[Tensor]:
-    r"""Exact Hessian-vector product ``H v`` of the mean loss (Pearlmutter 1994).
+    """Exact Hessian-vector product ``H v`` of the mean loss (Pearlmutter 1994).
 
-    .. math::
-        H v = \nabla_w \big( \nabla_w L(w) \cdot v \big),
-        \qquad L(w) = \sum_b \tfrac{n_b}{N} L_b(w)
+    ```text
+    H v = ∇_w ( ∇_w L(w) · v ),      L(w) = Σ_b (n_b / N) · L_b(w)
+    ```
 
     computed by double backward (the gradient is built with ``create_graph=True``, then
     differentiated along ``v``), at the cost of about two backward passes per batch; the dense
@@ -165,8 +165,8 @@ def _lanczos(
 ) -> tuple[Tensor, Tensor, Tensor, bool]:
     r"""Lanczos tridiagonalisation with full reorthogonalisation, in the complement of ``locked``.
 
-    Builds an orthonormal basis ``Q_m`` of the Krylov space ``span{q, Hq, ..., H^{m-1} q}`` and
-    ``T_m = Q_m^T H Q_m`` (tridiagonal: ``alpha`` on the diagonal, ``beta`` off it). Each new vector
+    Builds an orthonormal basis ``Q_m`` of the Krylov space ``span{q, Hq, …, Hᵐ⁻¹ q}`` and
+    ``T_m = Q_mᵀ H Q_m`` (tridiagonal: ``alpha`` on the diagonal, ``beta`` off it). Each new vector
     is reorthogonalised against the whole basis and ``locked`` (so no ghost eigenvalues). Stops
     after ``max_iter`` steps, at an invariant subspace (``beta`` ~ 0, then ``T_m``'s eigenvalues
     are exact eigenvalues of ``H``), or when ``converged(theta, S, beta)`` says so.
@@ -286,12 +286,12 @@ def top_eigenvalues(
     cache_graph: bool | None = None,
     return_eigenvectors: bool = False,
 ) -> list[float] | tuple[list[float], list[Tensor]]:
-    r"""The ``k`` top eigenvalues of the Hessian of the mean loss, largest first.
+    """The ``k`` top eigenvalues of the Hessian of the mean loss, largest first.
 
     **Which eigenvalues.** ``which="LA"`` (default): the largest *algebraic* eigenvalues
-    :math:`\lambda_1 \ge \lambda_2 \ge \dots`, i.e. the ``lambda_max`` of the sharpness
+    ``λ₁ ≥ λ₂ ≥ …``, i.e. the ``λ_max`` of the sharpness
     literature; negative eigenvalues come last. ``which="LM"``: largest *magnitude*
-    :math:`|\lambda_1| \ge |\lambda_2| \ge \dots` (what PyHessian's power iteration returns; it can
+    ``|λ₁| ≥ |λ₂| ≥ …`` (what PyHessian's power iteration returns; it can
     return a negative eigenvalue). The list is sorted in that order. At a minimum (``H`` positive
     semi-definite) both agree.
 
@@ -300,18 +300,19 @@ def top_eigenvalues(
     as they occur.
 
     - ``"lanczos"`` (default): Lanczos with full reorthogonalisation. A run stops when the Ritz
-      residual :math:`\|H y - \theta y\| = \beta_m |s_{m,i}| \le \mathrm{tol}\,|\theta|` (then an
-      eigenvalue of ``H`` lies within ``tol |theta|`` of ``theta``), or after ``n_iter`` products.
+      residual ``‖H y − θ y‖ = β_m |s_mi| ≤ tol · |θ|`` (then an
+      eigenvalue of ``H`` lies within ``tol · |θ|`` of ``θ``), or after ``n_iter`` products.
       Stores up to ``n_iter`` vectors of the parameters' size.
     - ``"power"``: power iteration with projection deflation; a run stops when the relative change
       of the Rayleigh quotient between iterations is ``<= tol`` (PyHessian's test). Finds
-      largest-magnitude eigenvalues; for ``which="LA"`` it first finds :math:`\mu`, the
-      largest-magnitude one, and, unless ``k == 1`` and ``mu >= 0``, iterates on ``H + |mu| I``
+      largest-magnitude eigenvalues; for ``which="LA"`` it first finds ``μ``, the
+      largest-magnitude one, and, unless ``k == 1`` and ``μ ≥ 0``, iterates on ``H + |μ| I``
       (whose largest-magnitude eigenvalues are ``H``'s largest algebraic ones, shifted), which
       converges more slowly.
 
     Args:
-        model, loss_fn, data, params, device, n_batches: as in :func:`hessian_vector_product`.
+        model, loss_fn, data, params, device, n_batches: as in
+            [`hessian_vector_product`][sparsam.analysis.hessian_vector_product].
         k: number of eigenvalues (``1 <= k <=`` number of parameters).
         which: ``"LA"`` (largest algebraic) or ``"LM"`` (largest magnitude).
         method: ``"lanczos"`` or ``"power"``.
@@ -404,21 +405,22 @@ def hessian_trace(
     cache_graph: bool | None = None,
     batch_vectors: int = 1,
 ) -> float:
-    r"""Hutchinson's estimate of the trace of the Hessian of the mean loss (Hutchinson 1989).
+    """Hutchinson's estimate of the trace of the Hessian of the mean loss (Hutchinson 1989).
 
-    .. math::
-        \operatorname{tr} H \approx \frac{1}{m} \sum_{i=1}^m z_i^\top H z_i,
-        \qquad z_i \in \{-1, +1\}^n \text{ i.i.d. Rademacher}
+    ```text
+    tr H ≈ (1/m) Σᵢ zᵢᵀ H zᵢ,      zᵢ ∈ {−1, +1}ⁿ i.i.d. Rademacher
+    ```
 
     Unbiased; one Hessian-vector product per sample; the variance of one sample is
-    :math:`2 (\|H\|_F^2 - \sum_j H_{jj}^2)`, so the error shrinks as :math:`1/\sqrt{m}`.
+    ``2 (‖H‖_F² − Σ_j H_jj²)``, so the error shrinks as ``1/√m``.
 
     Args:
         n_samples: number of Rademacher vectors ``m``.
         batch_vectors: compute this many products in one vectorised double backward
             (``is_grads_batched``); much faster for small models, costs ``batch_vectors`` times the
             memory of one product. The estimate does not depend on it.
-        generator, cache_graph, and the rest: as in :func:`top_eigenvalues`.
+        generator, cache_graph, and the rest: as in
+            [`top_eigenvalues`][sparsam.analysis.top_eigenvalues].
 
     Returns:
         The estimate, a Python float.
@@ -446,7 +448,7 @@ def hessian_trace(
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SpectralDensity:
-    r"""An estimate of the Hessian's spectral density :math:`\phi(t) = \frac1n \sum_i \delta(t - \lambda_i)`.
+    """An estimate of the Hessian's spectral density ``φ(t) = (1/n) Σᵢ δ(t − λᵢ)``.
 
     Attributes:
         nodes: Ritz values of all Lanczos runs, concatenated (the quadrature nodes).
@@ -466,7 +468,7 @@ class SpectralDensity:
     n_params: int
 
     def mean(self) -> float:
-        r""":math:`\sum_j w_j \theta_j`, an unbiased estimate of :math:`\operatorname{tr}(H)/n`."""
+        """``Σ_j w_j θ_j``, an unbiased estimate of ``tr(H) / n``."""
         return float(np.dot(self.weights, self.nodes))
 
     def trace(self) -> float:
@@ -485,7 +487,7 @@ class SpectralDensity:
 
     @staticmethod
     def smooth(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
-        """``sum_j w_j N(t; theta_j, sigma^2)`` at every ``t`` of ``grid``."""
+        """``Σ_j w_j N(t; θ_j, σ²)`` at every ``t`` of ``grid``."""
         diff = (np.asarray(grid, dtype=np.float64)[:, None] - np.asarray(nodes, dtype=np.float64)[None, :]) / sigma
         return np.exp(-0.5 * diff**2).dot(np.asarray(weights, dtype=np.float64)) / (sigma * math.sqrt(2 * math.pi))
 
@@ -505,21 +507,21 @@ def spectral_density(
     n_batches: int | None = None,
     cache_graph: bool | None = None,
 ) -> SpectralDensity:
-    r"""Spectral density of the Hessian by stochastic Lanczos quadrature (Lin, Saad & Yang 2016;
+    """Spectral density of the Hessian by stochastic Lanczos quadrature (Lin, Saad & Yang 2016;
     Ghorbani, Krishnan & Xiao 2019).
 
-    For each of ``n_vectors`` start vectors :math:`v = z/\sqrt{n}` (``z`` Rademacher, so
-    :math:`\|v\| = 1`), ``n_iter`` Lanczos steps (full reorthogonalisation) give
-    :math:`T_m = S \Theta S^\top`; the Gauss quadrature
-    :math:`v^\top f(H) v \approx \sum_j S_{1j}^2 f(\theta_j)` with nodes :math:`\theta_j` and weights
-    :math:`S_{1j}^2` (summing to 1) approximates the density, averaged over the vectors:
+    For each of ``n_vectors`` start vectors ``v = z / √n`` (``z`` Rademacher, so
+    ``‖v‖ = 1``), ``n_iter`` Lanczos steps (full reorthogonalisation) give
+    ``T_m = S Θ Sᵀ``; the Gauss quadrature
+    ``vᵀ f(H) v ≈ Σ_j S_1j² f(θ_j)`` with nodes ``θ_j`` and weights
+    ``S_1j²`` (summing to 1) approximates the density, averaged over the vectors:
 
-    .. math::
-        \phi(t) \approx \frac{1}{n_v} \sum_{l=1}^{n_v} \sum_{j=1}^{m} (S^{(l)}_{1j})^2\,
-        g_\sigma(t - \theta^{(l)}_j)
+    ```text
+    φ(t) ≈ (1/n_v) Σ_l Σ_j (S⁽ˡ⁾_1j)² · g_σ(t − θ⁽ˡ⁾_j),      l = 1 … n_v,  j = 1 … m
+    ```
 
-    with :math:`g_\sigma` a Gaussian kernel. The mean of the measure is
-    :math:`\frac{1}{n_v} \sum_l v_l^\top H v_l`, Hutchinson's estimate of :math:`\operatorname{tr}(H)/n`.
+    with ``g_σ`` a Gaussian kernel. The mean of the measure is
+    ``(1/n_v) Σ_l v_lᵀ H v_l``, Hutchinson's estimate of ``tr(H) / n``.
 
     Args:
         n_iter: Lanczos steps per vector ``m`` (stops earlier at an invariant subspace, e.g. when
@@ -527,8 +529,9 @@ def spectral_density(
         n_vectors: number of start vectors ``n_v``.
         sigma: kernel width (default: 1% of the range of the nodes; 1e-3 of their size, or 1, if
             the range is 0).
-        grid_size: number of grid points, spread over ``[min node - 6 sigma, max node + 6 sigma]``.
-        generator, cache_graph, and the rest: as in :func:`top_eigenvalues`.
+        grid_size: number of grid points, spread over ``[min node − 6σ, max node + 6σ]``.
+        generator, cache_graph, and the rest: as in
+            [`top_eigenvalues`][sparsam.analysis.top_eigenvalues].
     """
     check_positive_int("n_iter", n_iter)
     check_positive_int("n_vectors", n_vectors)

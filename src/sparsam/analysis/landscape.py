@@ -7,8 +7,8 @@ Reference:
     I. Goodfellow, O. Vinyals, A. Saxe, "Qualitatively characterizing neural network optimization
     problems", ICLR 2015 (linear interpolation).
 
-Every evaluation is the size-weighted mean loss over the batches given (see
-:mod:`sparsam.analysis._common`). The weights are set in place under ``torch.no_grad`` (no model
+Every evaluation is the size-weighted mean loss over the batches given. The weights are set in
+place under ``torch.no_grad`` (no model
 is rebuilt or copied) and restored bitwise at the end, also on error; buffers are never written;
 the mode is never changed.
 """
@@ -42,14 +42,16 @@ def _check_one_d(one_d: str) -> None:
 
 
 def filter_normalize(direction: Sequence[Tensor], weights: Sequence[Tensor], *, one_d: OneD = "zero") -> list[Tensor]:
-    r"""Filter normalisation of Li et al. (2018), returning a new direction.
+    """Filter normalisation of Li et al. (2018), returning a new direction.
 
     For a parameter with at least 2 dimensions, each *filter* — the slice ``d[i]`` along the first
     dimension: an output channel of a convolution ``(C_out, C_in, kh, kw)``, a row (one output
     unit) of a linear weight ``(out, in)`` — is rescaled to the norm of the same filter of the
     weights:
 
-    .. math:: d_{i} \leftarrow \frac{d_{i}}{\|d_{i}\|} \|w_{i}\|
+    ```text
+    d_i ← d_i / ‖d_i‖ · ‖w_i‖
+    ```
 
     (a filter with ``d_i = 0`` stays 0; a filter with ``w_i = 0`` becomes 0). Parameters with at
     most 1 dimension (biases, BatchNorm/LayerNorm scales and shifts) follow ``one_d``:
@@ -97,7 +99,8 @@ def random_direction(
 
     Entries are i.i.d. standard normal, drawn on the generator (CPU by default, so the direction
     does not depend on the device) with one tensor per parameter of ``params`` (default: every
-    parameter with ``requires_grad``), in that order; then :func:`filter_normalize` with ``one_d``
+    parameter with ``requires_grad``), in that order; then
+    [`filter_normalize`][sparsam.analysis.filter_normalize] with ``one_d``
     unless ``normalize=False``.
     """
     _check_one_d(one_d)
@@ -147,7 +150,7 @@ def loss_landscape_1d(
     device: torch.device | str | None = None,
     n_batches: int | None = None,
 ) -> dict[str, list[float]]:
-    r"""The loss along one direction: :math:`f(\alpha) = L(w + \alpha d)` (Li et al. 2018).
+    """The loss along one direction: ``f(α) = L(w + α d)`` (Li et al. 2018).
 
     Args:
         direction: one tensor per parameter of ``params``, used as given; default
@@ -155,7 +158,7 @@ def loss_landscape_1d(
             one_d=one_d)``.
         alphas: the coefficients (default 41 points from -1 to 1).
         model, loss_fn, data, params, device, n_batches: as in
-            :func:`sparsam.analysis.hessian_vector_product`.
+            [`hessian_vector_product`][sparsam.analysis.hessian_vector_product].
 
     Returns:
         ``{"alphas": [...], "losses": [...]}`` (plain floats).
@@ -188,9 +191,10 @@ def loss_landscape_2d(
     device: torch.device | str | None = None,
     n_batches: int | None = None,
 ) -> dict[str, Any]:
-    r"""The loss on a plane: :math:`f(\alpha, \beta) = L(w + \alpha d_1 + \beta d_2)` (Li et al. 2018).
+    """The loss on a plane: ``f(α, β) = L(w + α d₁ + β d₂)`` (Li et al. 2018).
 
-    The two default directions are independent draws of :func:`random_direction` from
+    The two default directions are independent draws of
+    [`random_direction`][sparsam.analysis.random_direction] from
     ``generator`` (nearly orthogonal in high dimension, as in Li et al.).
 
     Args:
@@ -245,8 +249,8 @@ def linear_interpolation(
     device: torch.device | str | None = None,
     n_batches: int | None = None,
 ) -> dict[str, list[float]]:
-    r"""The loss on the line through two checkpoints: :math:`f(\alpha) = L((1 - \alpha)\,\theta_0 + \alpha\,\theta_1)`
-    (Goodfellow et al. 2015), so ``alpha = 0`` is ``start`` and ``alpha = 1`` is ``end``.
+    """The loss on the line through two checkpoints: ``f(α) = L((1 − α) θ₀ + α θ₁)``
+    (Goodfellow et al. 2015), so ``α = 0`` is ``start`` and ``α = 1`` is ``end``.
 
     Every parameter of ``model`` is interpolated (keys of ``model.named_parameters()``, which must
     be in both state dicts with the same shapes). Buffers: by default the model's own buffers are

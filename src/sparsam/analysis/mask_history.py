@@ -8,7 +8,7 @@ accepted too. Every function returns plain Python dicts and lists of floats (JSO
 
 Densities of groups (the whole model, a layer type, a layer) are *pooled*: active coordinates of the
 group divided by its size, not an average of per-tensor densities; a group without coordinates has
-density 1. The per-step numbers follow the conventions of :func:`sparsam.masks.mask_stats` (which
+density 1. The per-step numbers follow the conventions of ``sparsam.masks.mask_stats`` (which
 summarises a single step for logging), so the two agree.
 """
 
@@ -202,8 +202,10 @@ def mask_run_summary(masks: Iterable[MaskDict], model: nn.Module | None = None) 
 
     Keys: ``steps``; ``overall_density`` (per step); ``layer_density`` (name -> per step);
     ``mean_layer_density`` (name -> mean over steps); ``type_density`` (per step, see
-    :func:`density_by_type`); ``depth_density`` (see :func:`density_by_depth`); ``jaccard``,
-    ``overlap``, ``changed`` and ``layer_jaccard`` (see :func:`mask_overlaps`); ``ever_active`` (fraction of
+    [`density_by_type`][sparsam.analysis.density_by_type]); ``depth_density`` (see
+    [`density_by_depth`][sparsam.analysis.density_by_depth]); ``jaccard``, ``overlap``,
+    ``changed`` and ``layer_jaccard`` (see [`mask_overlaps`][sparsam.analysis.mask_overlaps]);
+    ``ever_active`` (fraction of
     coordinates active in at least one step) and ``always_active`` (in every step).
     """
     run, order = _normalise(masks, model)

@@ -1,5 +1,5 @@
 """Figures for the analysis results. Plotting only: every function takes numbers already computed
-(plain dicts and lists, as returned by :mod:`sparsam.analysis`) and writes files.
+(plain dicts and lists, as returned by ``sparsam.analysis``) and writes files.
 
 matplotlib is imported lazily, inside each function, and used through its object-oriented API
 with the Agg canvas (``matplotlib.figure.Figure``; ``pyplot`` is never imported), so calling these

@@ -1,5 +1,5 @@
 """Write an analysis report from numbers already computed: one JSON file and every figure the
-numbers allow. The ``sparsam analyze`` command will call :func:`write_report`."""
+numbers allow. The ``sparsam analyze`` command calls ``write_report``."""
 
 from __future__ import annotations
 
@@ -64,11 +64,12 @@ def write_report(
 
             - ``"top_eigenvalues"``: list of floats, largest first;
             - ``"trace"``: float;
-            - ``"spectral_density"``: a :class:`~sparsam.analysis.SpectralDensity` or a dict with
+            - ``"spectral_density"``: a [`SpectralDensity`][sparsam.analysis.SpectralDensity] or a dict with
               ``"grid"`` and ``"density"``;
             - ``"sharpness"``: float;
             - ``"landscape_1d"``: ``{"alphas": [...], "losses": [...]}``;
-            - ``"interpolation"``: the same, from :func:`~sparsam.analysis.linear_interpolation`;
+            - ``"interpolation"``: the same, from
+              [`linear_interpolation`][sparsam.analysis.linear_interpolation];
             - ``"landscape_2d"``: ``{"alphas", "betas", "losses"}``;
             - ``"metrics"``: list of per-epoch dicts (``epoch``, ``train_loss``, ``test_acc``, ...);
             - ``"mask_density"``: ``{layer: density}``.

@@ -27,7 +27,7 @@ def mean_loss(
     device: torch.device | str | None = None,
     n_batches: int | None = None,
 ) -> float:
-    """The size-weighted mean loss ``L(w) = sum_b (n_b / N) L_b(w)`` over the batches given, with
+    """The size-weighted mean loss ``L(w) = Σ_b (n_b / N) L_b(w)`` over the batches given, with
     the model's mode and buffers left as they are (the objective every analysis tool uses)."""
     return Objective(model, loss_fn, data, device=device, n_batches=n_batches, require_grad=False).loss()
 
@@ -49,22 +49,22 @@ def sam_sharpness(
     device: torch.device | str | None = None,
     n_batches: int | None = None,
 ) -> float:
-    r"""SAM sharpness: how much the mean loss can rise within an L2 ball of radius ``rho``.
+    """SAM sharpness: how much the mean loss can rise within an L2 ball of radius ``rho``.
 
-    .. math::
-        S_\rho(w) = \max_{\|\epsilon\|_2 \le \rho} L(w + \epsilon) - L(w)
-        \;\ge\; L\!\left(w + \rho \frac{g}{\|g\|_2}\right) - L(w), \qquad g = \nabla L(w)
+    ```text
+    S_ρ(w) = max_{‖ε‖₂ ≤ ρ} L(w + ε) − L(w)  ≥  L(w + ρ g / ‖g‖₂) − L(w),      g = ∇L(w)
+    ```
 
     ``n_steps=1`` is the first-order estimate, SAM's own perturbation (Foret et al. 2021, eq. 2).
     ``n_steps > 1`` continues with projected normalised-gradient ascent on the ball,
 
-    .. math::
-        \epsilon_{t+1} = \Pi_\rho\!\left(\epsilon_t + \frac{\eta}{\sqrt{t}} \frac{g_t}{\|g_t\|_2}\right),
-        \quad g_t = \nabla L(w + \epsilon_t),
-        \qquad \Pi_\rho(\epsilon) = \epsilon \min\!\left(1, \frac{\rho}{\|\epsilon\|_2}\right),
+    ```text
+    ε_{t+1} = Π_ρ( ε_t + (η / √t) · g_t / ‖g_t‖₂ ),      g_t = ∇L(w + ε_t),
+    Π_ρ(ε)  = ε · min(1, ρ / ‖ε‖₂)
+    ```
 
-    from :math:`\epsilon_1 = \rho g / \|g\|`, and returns the largest increase among the iterates
-    (each is feasible, so every value is a lower bound of :math:`S_\rho`, and more steps never give
+    from ``ε₁ = ρ g / ‖g‖``, and returns the largest increase among the iterates
+    (each is feasible, so every value is a lower bound of ``S_ρ``, and more steps never give
     less). The norm is global over ``params``. At a stationary point (``g = 0``) the result is 0.
 
     Cost: ``n_steps`` forward+backward passes and one forward pass over the batches. The weights
@@ -73,11 +73,12 @@ def sam_sharpness(
     Args:
         rho: radius of the ball (``>= 0``).
         n_steps: number of ascent steps (1: first-order).
-        step_size: ``eta`` for steps 2 and later, divided by ``sqrt(t)`` at step ``t + 1``
+        step_size: ``η`` for steps 2 and later, divided by ``√t`` at step ``t + 1``
             (default ``rho / 2``). A fixed point on the sphere stays fixed whatever the step; the
             decreasing steps also let the iterates settle on a maximum inside the ball.
         params: the perturbed parameters (default: every parameter with ``requires_grad``).
-        device, n_batches: as in :func:`sparsam.analysis.hessian_vector_product`.
+        device, n_batches: as in
+            [`hessian_vector_product`][sparsam.analysis.hessian_vector_product].
 
     Returns:
         The sharpness, a Python float.

@@ -3,15 +3,15 @@
 Every function takes a whole batch ``x`` of shape (N, C, H, W) (any dtype: uint8, or float before
 or after normalisation) and an explicit ``torch.Generator`` on ``x``'s device, draws all its random
 numbers for the batch in a few calls, and does no per-image Python work. The output has ``x``'s
-shape, dtype and device. Zero is the fill value of padding and Cutout: in :class:`DeviceLoader`,
+shape, dtype and device. Zero is the fill value of padding and Cutout: in ``DeviceLoader``,
 which augments after normalising, zero is the dataset's mean colour.
 
 The draws, in this order, define the result for a given generator state (tests rely on it):
 
-- :func:`random_crop`: ``torch.randint(0, 2p + 1, (2, N))`` -> rows 0/1 = vertical/horizontal
+- ``random_crop``: ``torch.randint(0, 2p + 1, (2, N))`` -> rows 0/1 = vertical/horizontal
   offsets into the zero-padded image.
-- :func:`random_flip`: ``torch.rand(N) < p`` -> which images are flipped left-right.
-- :func:`cutout`: ``torch.rand(N) < p`` (which images get a square), then
+- ``random_flip``: ``torch.rand(N) < p`` -> which images are flipped left-right.
+- ``cutout``: ``torch.rand(N) < p`` (which images get a square), then
   ``torch.randint(0, H, (N,))`` and ``torch.randint(0, W, (N,))`` (the centres).
 
 A draw that an option switches off (``padding=0``, ``flip=False``, ``cutout=0``) is skipped.
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: ``augment(x, generator=g) -> x'``: the signature :class:`DeviceLoader` calls.
 Augment = Callable[..., Tensor]
+"""``augment(x, generator=g) -> x'``: the signature [`DeviceLoader`][sparsam.data.DeviceLoader] calls."""
 
 
 def _check_batch(x: Tensor) -> None:
@@ -119,7 +119,7 @@ def cifar_augment(
     probability ``cutout_p`` (``cutout=0`` switches it off). Works on uint8 or float batches.
 
     Use ``functools.partial(cifar_augment, cutout=0)`` and the like to change the options for
-    :class:`DeviceLoader`.
+    [`DeviceLoader`][sparsam.data.DeviceLoader].
     """
     if not isinstance(flip, bool):
         raise TypeError(f"flip must be a bool, got {flip!r}")

@@ -1,14 +1,16 @@
 """CIFAR-10 and CIFAR-100 (Krizhevsky, 2009) from the official python-pickle release.
 
-Layout under ``root`` (the folder the official archives extract into)::
+Layout under ``root`` (the folder the official archives extract into):
 
-    root/cifar-10-batches-py/{data_batch_1, ..., data_batch_5, test_batch, batches.meta}
-    root/cifar-100-python/{train, test, meta}
+```text
+root/cifar-10-batches-py/{data_batch_1, ..., data_batch_5, test_batch, batches.meta}
+root/cifar-100-python/{train, test, meta}
+```
 
 If the folder is missing but the official archive (``cifar-10-python.tar.gz`` /
 ``cifar-100-python.tar.gz``) lies in ``root``, it is checked against its published MD5 and extracted.
 Otherwise, with ``download=True`` the archive is fetched from the canonical URL, checked and
-extracted; with ``download=False`` a :class:`DatasetNotFoundError` says what to put where.
+extracted; with ``download=False`` a ``DatasetNotFoundError`` says what to put where.
 
 The pickles are read with a restricted unpickler that only builds numpy arrays and plain Python
 containers, so a tampered file cannot run code. CIFAR-100 labels are the 100 fine labels.
@@ -170,7 +172,7 @@ def load_cifar(
     download: bool = False,
     max_per_class: int | None = None,
 ) -> DatasetSplits:
-    """CIFAR-10 or CIFAR-100 (``name`` = ``"cifar10"`` / ``"cifar100"``) as :class:`DatasetSplits`.
+    """CIFAR-10 or CIFAR-100 (``name`` = ``"cifar10"`` / ``"cifar100"``) as ``DatasetSplits``.
 
     ``max_per_class`` keeps the first n images of each class of each split (file order).
     ``mean`` / ``std`` are computed on the loaded train split (for the full official CIFAR-10:

@@ -24,7 +24,7 @@ class ArrayDataset:
         labels: int64 tensor (N,), class indices.
 
     ``dataset[i]`` is ``(images[i], labels[i])``, so it also works as a torch ``Dataset``; for
-    training, :class:`sparsam.data.DeviceLoader` cuts whole batches on the device instead.
+    training, [`DeviceLoader`][sparsam.data.DeviceLoader] cuts whole batches on the device instead.
     """
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
@@ -70,7 +70,7 @@ class ArrayDataset:
 
 @dataclass
 class DatasetSplits:
-    """A train and a test split and their metadata, as returned by :func:`sparsam.data.load_dataset`.
+    """A train and a test split and their metadata, as returned by [`load_dataset`][sparsam.data.load_dataset].
 
     Attributes:
         name: what was loaded (``"cifar10"``, ``"digits"`` or the folder's absolute path).

@@ -38,7 +38,7 @@ def stratified_split(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.
 
 
 def load_digits_splits(*, max_per_class: int | None = None) -> DatasetSplits:
-    """The digits dataset as :class:`DatasetSplits` (see the module docstring for the split)."""
+    """The digits dataset as ``DatasetSplits`` (see the module docstring for the split)."""
     max_per_class = check_max_per_class(max_per_class)
     try:
         from sklearn.datasets import load_digits

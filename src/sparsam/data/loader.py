@@ -1,4 +1,4 @@
-"""Batches cut, augmented and normalised on the device from an in-memory :class:`ArrayDataset`."""
+"""Batches cut, augmented and normalised on the device from an in-memory ``ArrayDataset``."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def to_device_batch(
 ) -> tuple[Tensor, Tensor]:
     """A uint8 batch (N, C, H, W) and its labels to ``device``, as ``((x / 255 - mean) / std, y)``.
 
-    Meant for batches of a DataLoader over :class:`ImageFolderStream` (use ``non_blocking=True`` with
+    Meant for batches of a DataLoader over [`ImageFolderStream`][sparsam.data.ImageFolderStream]
+    (use ``non_blocking=True`` with
     ``pin_memory=True``). ``mean`` / ``std`` per channel on the 0..1 scale (``None``: 0 / 1).
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
@@ -89,7 +90,8 @@ class DeviceLoader:
     - The augmentation generator lives on ``device`` and is seeded from ``(seed, epoch, rank)`` at the
       start of every pass.
 
-    Call :meth:`set_epoch` before each epoch: iterating twice without it repeats the same epoch,
+    Call [`set_epoch`][sparsam.data.DeviceLoader.set_epoch] before each epoch: iterating twice
+    without it repeats the same epoch,
     batch for batch. Given (seed, epoch, rank, world_size), the batches are deterministic.
 
     Args:
@@ -99,7 +101,7 @@ class DeviceLoader:
         drop_last: drop the last incomplete batch (and shorten shards rather than pad them).
         device: where the data lives and batches are produced.
         mean, std: per-channel normalisation on the 0..1 scale (``None``: 0 and 1, i.e. x / 255).
-        augment: ``augment(x, generator=g) -> x``, batched, e.g. :func:`cifar_augment`.
+        augment: ``augment(x, generator=g) -> x``, batched, e.g. [`cifar_augment`][sparsam.data.cifar_augment].
         seed: base seed for shuffling and augmentation.
         rank, world_size: this process's position among data-parallel processes.
         channels_last: return ``x`` in channels-last memory format.

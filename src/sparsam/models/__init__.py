@@ -1,11 +1,14 @@
 """Image classification models for the training CLI and the benchmarks, built by name.
 
->>> from sparsam.models import create_model, list_models
->>> model = create_model("resnet18", num_classes=10)           # CIFAR ResNet-18, 11.17M parameters
->>> small = create_model("wrn16-4", width=4, num_classes=100)  # a narrower WRN-16-4
+```python
+from sparsam.models import create_model, list_models
 
-See ``docs/models_and_data.md`` for the architectures, what ``width`` means for each and
-parameter counts.
+model = create_model("resnet18", num_classes=10)           # CIFAR ResNet-18, 11.17M parameters
+small = create_model("wrn16-4", width=4, num_classes=100)  # a narrower WRN-16-4
+```
+
+The Models and data guide has the architectures, what ``width`` means for each and the parameter
+counts.
 """
 
 from .registry import create_model, list_models

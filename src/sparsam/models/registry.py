@@ -28,7 +28,8 @@ _REGISTRY: dict[str, ModelFactory] = {
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`, sorted. Any ``wrn{depth}-{k}`` is accepted too."""
+    """Names accepted by [`create_model`][sparsam.models.create_model], sorted. Any
+    ``wrn{depth}-{k}`` is accepted too."""
     return sorted(_REGISTRY)
 
 
@@ -43,7 +44,8 @@ def create_model(
     """Build a freshly initialised model by name.
 
     Args:
-        name: one of :func:`list_models` or ``wrn{depth}-{k}`` (depth = 6n + 4), case-insensitive.
+        name: one of [`list_models`][sparsam.models.list_models] or ``wrn{depth}-{k}``
+            (depth = 6n + 4), case-insensitive.
         num_classes: outputs of the classifier.
         in_channels: input channels (3 for RGB, 1 for grayscale).
         width: the model's base width; ``None`` takes the published one. What it scales:
@@ -57,8 +59,8 @@ def create_model(
 
     Every model takes (N, in_channels, H, W) inputs with H, W >= 8 (global average pooling), returns
     (N, num_classes) logits, has no in-place operations (``torch.func.vmap`` and
-    ``functional_call`` work, with BatchNorm in eval mode), and uses the initialisation of
-    :func:`sparsam.models._common.init_weights` (Kaiming-normal fan-out convolutions, BatchNorm
+    ``functional_call`` work, with BatchNorm in eval mode), and uses one initialisation
+    (Kaiming-normal fan-out convolutions, BatchNorm
     weight 1 and bias 0, zero linear bias).
 
     Raises:
