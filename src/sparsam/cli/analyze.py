@@ -74,16 +74,14 @@ def resolve_targets(paths: list[str], weights: str) -> list[Target]:
 
 def _load(target: Target) -> tuple[dict[str, Any], dict[str, Any]]:
     """(saved configuration dict, checkpoint dict) of a target."""
-    import torch
-
-    from ..train.checkpoint import read_json
+    from ..train.checkpoint import read_json, read_torch_file
+    from ..train.errors import CheckpointError
     from ..train.rundir import CONFIG
 
     try:  # checkpoint.pt (sparsam training checkpoint) or best_model.pt ({"model", "epoch", "test_acc"})
-        ckpt = torch.load(target.weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{target.weights}: not a readable sparsam checkpoint ({first})") from None
+        ckpt = read_torch_file(target.weights, map_location="cpu")
+    except CheckpointError as e:  # truncated, damaged (CRC), or unsafe to load: never suggests weights_only=False
+        raise UserError(f"not a readable sparsam checkpoint: {e}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{target.weights}: not a sparsam checkpoint (no 'model' entry)")
     if isinstance(ckpt.get("config"), dict):

@@ -14,14 +14,24 @@ Checkpoint format (``checkpoint.pt``, a ``torch.save`` dict loadable with ``weig
     best_acc, best_epoch, elapsed_s, config, version, world_size
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed into
-place (``os.replace``), so a crash never leaves a half-written checkpoint behind.
+place (``os.replace``), so a crash never leaves a half-written checkpoint behind. A write that
+fails (a full disk) removes its temporary file and raises a ``CheckpointError`` saying why; the
+previous file stays as it was. Temporary files left by a process that was killed while writing are
+removed by :func:`remove_stale_temp_files` (called when a run starts, resumes or is overwritten).
+
+Reading checks the file before unpickling: the CRC-32 that the zip format stores for every part
+must match, so a file changed on disk after it was written (a flipped bit) is reported as damaged
+rather than loaded with wrong weights. Files are always read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -105,10 +115,125 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ save / load
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError of a failed write: torch.save turns it into
+    "enforce fail ... unexpected pos", which no longer says that the disk is full."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, b: Any) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch_file(path: str | os.PathLike[str], obj: Any, *, what: str = "checkpoint") -> None:
+    """``torch.save(obj)`` to ``path`` atomically. A failed write raises :class:`CheckpointError`
+    naming the reason (the disk is full, ...); the temporary file is removed and a previous file at
+    ``path`` is left as it was."""
+    path = Path(path)
+    recorders: list[_WriteRecorder] = []
+
+    def write(f: BinaryIO) -> None:
+        recorders.append(_WriteRecorder(f))
+        torch.save(obj, recorders[-1])  # type: ignore[arg-type]
+
+    try:
+        atomic_write(path, write)
+    except (OSError, RuntimeError) as e:
+        err = e if isinstance(e, OSError) else (recorders[-1].error if recorders else None)
+        if err is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free)"
+            except OSError:
+                free = ""
+            why = f"the disk is full{free}"
+        elif err is not None:
+            why = f"{err.strerror or err}"
+        else:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"could not write the {what} {path}: {why}; {kept}") from None
+
+
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
-    """Write a checkpoint atomically (``payload`` gets the format fields added)."""
+    """Write a checkpoint atomically (``payload`` gets the format fields added); see
+    :func:`save_torch_file` for what a failed write does."""
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    atomic_write(path, lambda f: torch.save(full, f))
+    save_torch_file(path, full)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str], names: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` leaves behind when its process is killed
+    mid-write (``.<name>.<random>.tmp``), for the given file names (default: every name). Only call
+    it while no other process writes to ``folder`` (the run directory's lock). Returns what it removed."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        n = p.name
+        if not (n.startswith(".") and n.endswith(".tmp") and p.is_file()):
+            continue
+        if names is not None and not any(n.startswith(f".{name}.") for name in names):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _advice() -> str:
+    return (
+        "The file was left as it is: restore it from a backup, or start the run again with --overwrite "
+        "(which deletes it)."
+    )
+
+
+def read_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` after checking that the file is whole.
+
+    Raises :class:`CheckpointError` (never touching the file) when it is missing, truncated, damaged
+    (a part whose CRC-32 does not match: changed on disk after it was written) or holds Python objects
+    that a safe load refuses. The message never suggests loading unsafely.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at {path}")
+    size = path.stat().st_size
+    if size == 0 or not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{what} {path} is truncated or corrupted ({size} bytes, not a complete torch.save archive). {_advice()}"
+        )
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # reads every part and compares its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{what} {path} is damaged ({type(e).__name__}: {e}). {_advice()}") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{what} {path} is damaged: its part {bad!r} does not match the checksum stored with it (the file "
+            f"changed after it was written: a disk, copy or transfer error). {_advice()}"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's text here suggests weights_only=False, i.e. running whatever code the file holds.
+        raise CheckpointError(
+            f"{what} {path} holds Python objects other than tensors and plain containers, so sparsam does not "
+            "load it (it only loads files safely, with weights_only=True): it was not written by sparsam, or it "
+            f"is damaged. {_advice()}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - RuntimeError / EOFError / zip errors: the file is damaged
+        lines = [ln for ln in str(e).strip().splitlines() if "weights_only" not in ln]
+        first = lines[0] if lines else type(e).__name__
+        raise CheckpointError(f"{what} {path} is damaged: it cannot be decoded ({first}). {_advice()}") from None
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
@@ -118,22 +243,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     otherwise unreadable, or not a sparsam checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    size = path.stat().st_size
-    advice = (
-        "The file was left as it is: restore it from a backup, or start the run again with --overwrite "
-        "(which deletes it)."
-    )
-    if size == 0 or not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted ({size} bytes, not a complete torch.save archive). {advice}"
-        )
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({first}). {advice}") from None
+    advice = _advice()
+    ckpt = read_torch_file(path, map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sparsam training checkpoint (no format={FORMAT!r} entry)")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -152,8 +263,11 @@ __all__ = [
     "atomic_write",
     "load_checkpoint",
     "read_json",
+    "read_torch_file",
+    "remove_stale_temp_files",
     "rng_state",
     "save_checkpoint",
+    "save_torch_file",
     "set_rng_state",
     "write_json",
 ]

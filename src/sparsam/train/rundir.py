@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_json
+from .checkpoint import read_json, remove_stale_temp_files
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -58,10 +58,12 @@ def state(out: str | os.PathLike[str]) -> str:
 
 
 def clear(out: str | os.PathLike[str]) -> None:
-    """Remove the files a run writes (and only those) for ``--overwrite``."""
+    """Remove the files a run writes (and only those) for ``--overwrite``, including the temporary
+    files a killed write left behind."""
     out = Path(out)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    remove_stale_temp_files(out, RUN_FILES)
     for name in RUN_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)
 
