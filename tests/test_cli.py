@@ -103,7 +103,10 @@ def test_presets_all_validate_and_match_the_papers():
             assert p["weight_decay"] == (5e-4 if method == "sgd" else 1e-3)
             assert p["augment"] == "cifar" and p["cutout"] == 16 and p["cutout_p"] == 0.5
             assert p["rho"] == (0.1 if name.startswith("cifar10-") else 0.2)
-            assert p["num_samples"] == 128 and p["mask_update_epochs"] == 1
+            # Ns: 16 in the NeurIPS README's CIFAR-10 command, 128 in the TPAMI README's CIFAR-100 ones;
+            # SSAM-D updates every 5 epochs (the authors' argparse default). Sources: docs/differences.md.
+            assert p["num_samples"] == (16 if name.startswith("cifar10-") else 128)
+            assert p["mask_update_epochs"] == (5 if method == "ssam-d" else 1)
     r50 = presets["imagenet-resnet50-ssam-f"].values
     assert (r50["model"], r50["epochs"], r50["batch_size"], r50["weight_decay"], r50["rho"], r50["sparsity"]) == (
         "resnet50", 90, 256, 1e-4, 0.7, 0.5)

@@ -89,6 +89,9 @@ class TrainConfig:
                                + ", ".join(n for n, o in methods.OPTIMIZERS.items() if o.adaptive) + " only)",
                                group="optimizer")
     eta: float = _f(0.01, "ASAM offset: T = |w| + eta", group="optimizer")
+    asam_rule: str = _f("all", "which parameters ASAM scales by |w| + eta: all, or those whose name contains "
+                        "'weight' (the official ASAM code; biases get the plain SAM ascent)", group="optimizer",
+                        choices=("all", "weight-names"))
     ascent: str = _f("local", "data parallel: each rank perturbs with its own gradient (local, SAM's m-sharpness) "
                      "or with the all-reduced one (sync)", group="optimizer", choices=("local", "sync"))
 
@@ -111,7 +114,22 @@ class TrainConfig:
     num_samples: int = _f(128, "SSAM-F: Ns, samples of the Fisher information", group="ssam")
     mask_update_epochs: int = _f(1, "update the mask every this many epochs (0: never)", group="ssam")
     dynamic_alpha: float = _f(0.5, "SSAM-D: initial drop rate alpha of the cosine schedule", group="ssam")
-    grow: str = _f("random", "SSAM-D: grow at random or by largest |g|", group="ssam", choices=("random", "gradient"))
+    grow: str = _f("random", "SSAM-D: grow at random, by largest |g| or by largest |w|", group="ssam",
+                   choices=("random", "gradient", "weight"))
+    drop: str = _f("gradient", "SSAM-D: drop the smallest |g|, the smallest |w| or at random", group="ssam",
+                   choices=("gradient", "weight", "random"))
+    mask_timing: str = _f("before-step", "when masks are made: before-step (first mask before step 0, new masks "
+                          "serve the step they are made at) or after-step (the authors': SSAM-F starts all-zero so "
+                          "only step 0 is unperturbed, each mask is made after the step and serves from the next)",
+                          group="ssam", choices=("before-step", "after-step"))
+    fill: str = _f("first-fit", "structured pattern: meet the global budget first-fit (never exceeds it) or "
+                   "overshoot (the authors': whole tensors by decreasing mean until the budget is reached)",
+                   group="ssam", choices=("first-fit", "overshoot"))
+    implicit_layers: str = _f("conv+linear", "implicit form: the layers whose input gradient is masked "
+                              "(conv = the authors' --samconv)", group="ssam",
+                              choices=("conv+linear", "conv", "linear"))
+    fisher_augment: bool = _f(False, "SSAM-F: draw the Fisher samples from the augmented training images "
+                              "(the authors'), not the plain ones", group="ssam")
     true_fisher: bool = _f(False, "SSAM-F: sample labels from the model (true Fisher) instead of the targets",
                            group="ssam")
     fisher_bn_stats: str = _f("running", "SSAM-F: BatchNorm statistics of the per-sample passes", group="ssam",
@@ -121,8 +139,9 @@ class TrainConfig:
     epochs: int = _f(10, "training epochs", group="schedule")
     batch_size: int = _f(128, "GLOBAL batch size (split over data-parallel ranks and --accum micro-batches)",
                          group="schedule")
-    schedule: str = _f("cosine", "learning-rate schedule, stepped every optimizer step", group="schedule",
-                       choices=("cosine", "constant"))
+    schedule: str = _f("cosine", "learning-rate schedule: cosine (every optimizer step), cosine-epoch (the "
+                       "authors': once per epoch, epoch e at the cosine value of epoch max(e - 1, 0)) or constant",
+                       group="schedule", choices=("cosine", "cosine-epoch", "constant"))
     warmup_epochs: float = _f(0.0, "linear warm-up length in epochs (fractions allowed)", group="schedule")
     min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule", group="schedule")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", group="schedule")

@@ -224,9 +224,11 @@ def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: in
     # Test: this rank's disjoint, unpadded shard (rank, rank + world_size, ...); sums are all-reduced.
     shard = ArrayDataset(splits.test.images[rank::world_size], splits.test.labels[rank::world_size])
     test = DeviceLoader(shard, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False, **common)
-    # Fisher samples: the training images without augmentation, in an order of their own (seeded
-    # by (seed, epoch)), the same on every rank; rank 0's mask is broadcast anyway.
+    # Fisher samples: the training images (augmented as for training with --fisher-augment, the
+    # authors' choice), in an order of their own (seeded by (seed, epoch)), the same on every rank;
+    # rank 0's mask is broadcast anyway.
     fisher = DeviceLoader(train_ds, batch_size=min(cfg.num_samples, 256), shuffle=True, drop_last=False,
+                          augment=augment_fn(cfg, aug_name) if cfg.fisher_augment else None,
                           seed=derive_seed(cfg.seed, _FISHER_STREAM), **common)
     return TrainData(
         name=splits.name, train=train, test=test, fisher=fisher, num_classes=splits.num_classes,
@@ -310,7 +312,8 @@ def _build_stream(cfg: TrainConfig, *, device: torch.device, rank: int, world_si
     train_tf = ResizeCenterCrop(cfg.image_size) if aug_name == "none" else RandomResizedCrop(cfg.image_size)
     train_ds: Any = ImageFolderStream(cfg.data, split="train", transform=train_tf, mode=mode)
     test_ds: Any = ImageFolderStream(cfg.data, split="test", transform=ResizeCenterCrop(cfg.image_size), mode=mode)
-    fisher_ds: Any = ImageFolderStream(cfg.data, split="train", transform=ResizeCenterCrop(cfg.image_size), mode=mode)
+    fisher_tf = train_tf if cfg.fisher_augment else ResizeCenterCrop(cfg.image_size)  # augmented: the authors'
+    fisher_ds: Any = ImageFolderStream(cfg.data, split="train", transform=fisher_tf, mode=mode)
     classes = train_ds.class_names
     if cfg.train_subset is not None:
         keep = choose_subset(train_ds.labels, cfg.train_subset, cfg.subset, cfg.subset_seed, what="train").tolist()

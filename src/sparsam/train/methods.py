@@ -116,8 +116,9 @@ def _selection(cfg: TrainConfig) -> tuple[float | None, dict[str, Any]]:
     """(sparsity, select() options) of ``--pattern`` / ``--nm`` / ``--granularity`` / ``--budget``."""
     if cfg.pattern == "nm":
         n, m = cfg.nm_pair()
-        return None, {"pattern": f"{n}:{m}", "granularity": cfg.granularity, "budget": cfg.budget}
-    return cfg.sparsity, {"pattern": cfg.pattern, "granularity": cfg.granularity, "budget": cfg.budget}
+        return None, {"pattern": f"{n}:{m}", "granularity": cfg.granularity, "budget": cfg.budget, "fill": cfg.fill}
+    return cfg.sparsity, {"pattern": cfg.pattern, "granularity": cfg.granularity, "budget": cfg.budget,
+                          "fill": cfg.fill}
 
 
 def _fisher(ctx: BuildContext) -> Any:
@@ -126,7 +127,7 @@ def _fisher(ctx: BuildContext) -> Any:
     cfg = ctx.cfg
     sparsity, selection = _selection(cfg)
     return FisherMask(sparsity, cfg.num_samples, true_fisher=cfg.true_fisher, bn_stats=cfg.fisher_bn_stats,
-                      seed=cfg.seed, **selection, **_period(ctx))
+                      timing=cfg.mask_timing, seed=cfg.seed, **selection, **_period(ctx))
 
 
 def _random(ctx: BuildContext) -> Any:
@@ -140,8 +141,8 @@ def _dynamic(ctx: BuildContext) -> Any:
     from ..masks import DynamicMask
 
     cfg = ctx.cfg
-    return DynamicMask(cfg.sparsity, ctx.total_steps, alpha=cfg.dynamic_alpha, grow=cfg.grow, budget=cfg.budget,
-                       seed=cfg.seed, **_period(ctx))
+    return DynamicMask(cfg.sparsity, ctx.total_steps, alpha=cfg.dynamic_alpha, drop=cfg.drop, grow=cfg.grow,
+                       budget=cfg.budget, timing=cfg.mask_timing, seed=cfg.seed, **_period(ctx))
 
 
 def _norm(ctx: BuildContext) -> Any:
@@ -163,7 +164,7 @@ def _ssam(ctx: BuildContext) -> Optimizer:
     mask = ctx.mask()
     data = ctx.fisher_data if getattr(mask, "needs_data", False) else None
     return SSAM(ctx.base, mask=mask, norm=cfg.norm, loss_fn=ctx.loss_fn, data=data, form=cfg.form,
-                sparse_ascent=cfg.sparse_ascent, **ctx.sam_kwargs())
+                sparse_ascent=cfg.sparse_ascent, implicit_layers=cfg.implicit_layers, **ctx.sam_kwargs())
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -200,8 +201,9 @@ def _check_asam(cfg: TrainConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ the registry
 #: settings of every SAM-family optimizer
-SAM_KEYS = frozenset({"rho", "adaptive", "eta", "ascent"})
-_SELECTION_KEYS = frozenset({"sparsity", "pattern", "granularity", "nm", "budget", "mask_update_epochs"})
+SAM_KEYS = frozenset({"rho", "adaptive", "eta", "asam_rule", "ascent"})
+_SELECTION_KEYS = frozenset({"sparsity", "pattern", "granularity", "nm", "budget", "fill", "mask_update_epochs",
+                             "mask_timing"})
 
 #: ``--opt`` values, in report order.
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
@@ -209,15 +211,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("sam", "SAM", "sam", _sam, owns=SAM_KEYS),
     OptimizerSpec("asam", "ASAM", "asam (adaptive SAM)", _sam, owns=SAM_KEYS, adaptive=True, check=_check_asam),
     OptimizerSpec("ssam", "SSAM", "ssam (sparse SAM)", _ssam, uses_mask=True, check=_check_ssam,
-                  owns=SAM_KEYS | {"mask", "form", "norm", "sparse_ascent"}),
+                  owns=SAM_KEYS | {"mask", "form", "norm", "sparse_ascent", "implicit_layers"}),
 )}
 
 #: ``--mask`` values (SSAM mask sources), in report order.
 MASKS: dict[str, MaskSpec] = {s.name: s for s in (
     MaskSpec("fisher", "f", "F", "fisher (SSAM-F)", _fisher,
-             owns=_SELECTION_KEYS | {"num_samples", "true_fisher", "fisher_bn_stats"}),
+             owns=_SELECTION_KEYS | {"num_samples", "true_fisher", "fisher_bn_stats", "fisher_augment"}),
     MaskSpec("dynamic", "d", "D", "dynamic (SSAM-D)", _dynamic, check=_check_dynamic,
-             owns=frozenset({"sparsity", "budget", "mask_update_epochs", "dynamic_alpha", "grow"})),
+             owns=frozenset({"sparsity", "budget", "mask_update_epochs", "mask_timing", "dynamic_alpha", "drop",
+                             "grow"})),
     MaskSpec("random", "r", "R", "random", _random, owns=_SELECTION_KEYS),
     MaskSpec("norm", "n", "N (norm layers)", "norm (normalisation layers only, SAM-ON)", _norm, sparse=False,
              check=_check_unstructured_only("has no pattern (it perturbs whole normalisation layers)")),
