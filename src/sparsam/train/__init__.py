@@ -9,7 +9,8 @@ The command line (``sparsam train|demo|sweep|report``) is a thin layer over thes
 """
 
 from .config import TrainConfig, build_config, validate
-from .engine import RunResult, train
+from .engine import train
+from .run import RunResult
 from .errors import CheckpointError, ConfigError, RunDirError, UserError
 from .methods import METHODS
 from .presets import get_preset, list_presets
