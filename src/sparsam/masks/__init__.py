@@ -19,13 +19,13 @@ from .selection import keep_count, nm_mask, select
 from .stats import mask_stats
 
 __all__ = [
+    "NORM_TYPES",
     "AllOnesMask",
     "DynamicMask",
     "FisherMask",
     "ManualMask",
     "MaskContext",
     "MaskSource",
-    "NORM_TYPES",
     "NormLayersMask",
     "RandomMask",
     "SeededSource",
