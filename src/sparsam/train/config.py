@@ -15,7 +15,7 @@ import difflib
 import json
 import math
 import os
-import re
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,6 @@ from .errors import ConfigError
 DATA_NAMES = ("digits", "cifar10", "cifar100")
 OPTIMIZERS = tuple(methods.OPTIMIZERS)
 MASKS = tuple(methods.MASKS)
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def _f(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None, identity: bool = True,
@@ -57,6 +56,9 @@ class TrainConfig:
                      group="data", choices=("balanced", "random"))
     subset_seed: int = _f(0, "seed of the subsets (independent of --seed, so every run sees the same images)",
                           group="data")
+    label_noise: float = _f(0.0, "symmetric label noise: give exactly round(FRACTION x N) training labels a "
+                            "different class drawn uniformly (seeded by --subset-seed; the test set stays clean)",
+                            group="data", metavar="FRACTION")
     augment: str = _f("auto", "training augmentation: auto = cifar for CIFAR, crop-flip for image folders, none "
                       "for digits; cifar = random crop + flip + Cutout", group="data",
                       choices=("auto", "none", "flip", "crop-flip", "cifar"))
@@ -180,10 +182,18 @@ class TrainConfig:
         return methods.method_name(self)
 
     def nm_pair(self) -> tuple[int, int]:
-        match = _NM_RE.match(self.nm)
-        if match is None:  # validate() has already rejected this
-            raise ConfigError(f"--nm must look like N:M (e.g. 2:4), got {self.nm!r}")
-        return int(match.group(1)), int(match.group(2))
+        """(N, M) of ``--nm``, parsed as the mask selection parses patterns; ConfigError naming the value."""
+        from ..masks.selection import parse_pattern
+
+        try:
+            kind, n, m = parse_pattern(self.nm)
+        except (ValueError, TypeError) as e:
+            if str(e).startswith("N:M needs"):
+                raise _bad("nm", self.nm, "needs 1 <= N <= M") from None
+            kind, n, m = "", None, None
+        if kind != "nm" or n is None or m is None:
+            raise _bad("nm", self.nm, "must look like N:M, e.g. 2:4")
+        return n, m
 
     def is_adaptive(self) -> bool:
         return methods.OPTIMIZERS[self.opt].adaptive if self.adaptive is None else bool(self.adaptive)
@@ -196,7 +206,6 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 IDENTITY_KEYS: tuple[str, ...] = tuple(n for n, f in FIELDS.items() if f.metadata["identity"])
-RUN_CONTROL_KEYS: tuple[str, ...] = tuple(n for n, f in FIELDS.items() if not f.metadata["identity"])
 
 
 def flag(name: str) -> str:
@@ -204,52 +213,53 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _kind(name: str) -> str:
-    """The value kind of a field: bool, int, float, str, floats (list), optional variants as 'int?'."""
-    ann = str(FIELDS[name].type)
-    optional = "None" in ann
-    for kind in ("bool", "int", "float", "str"):
-        if ann.startswith(kind):
-            return kind + ("?" if optional else "")
-    if ann.startswith("list[float]"):
-        return "floats"
-    raise AssertionError(f"unhandled field type {ann} of {name}")  # a programming error, not user input
+def _value_types() -> dict[str, tuple[type, bool]]:
+    """Each field's value type (bool, int, float, str or list, a list of floats) and whether it may be None,
+    from the dataclass's resolved annotations."""
+    out: dict[str, tuple[type, bool]] = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        base = args[0] if optional else hint
+        out[name] = (typing.get_origin(base) or base, optional)
+    return out
+
+
+TYPES: dict[str, tuple[type, bool]] = _value_types()
 
 
 # ------------------------------------------------------------------------------------------ coercion
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check (and lightly convert) one value from a config file or JSON: right type, or ConfigError."""
-    kind = _kind(name)
+    kind, optional = TYPES[name]
     where = f"{flag(name)} (key {name!r} in {source})" if source != "command line" else flag(name)
-    if kind.endswith("?"):
-        if value is None:
-            return None
-        kind = kind[:-1]
-    if kind == "bool":
+    if optional and value is None:
+        return None
+    if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
-    if kind == "int":
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
-    if kind == "float":
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
-    if kind == "str":
+    if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
-    if kind == "floats":
+    if kind is list:
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
             raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
         return [float(v) for v in value]
-    raise AssertionError(kind)
+    raise AssertionError(f"unhandled field type {kind} of {name}")  # a programming error, not user input
 
 
 def _unknown_key_message(key: str, source: str) -> str:
@@ -317,21 +327,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("lr",):
         if not finite(name) > 0:
             raise _bad(name, cfg.lr, "must be > 0")
-    for name in ("weight_decay", "rho", "eta", "min_lr", "warmup_epochs"):
+    # rho, eta (SAM), betas (AdamW) and dynamic_alpha (DynamicMask) are checked by their constructors.
+    for name in ("weight_decay", "min_lr", "warmup_epochs"):
         if not finite(name) >= 0:
             raise _bad(name, getattr(cfg, name), "must be >= 0")
     if not 0 <= finite("momentum") < 1:
         raise _bad("momentum", cfg.momentum, "must be in [0, 1)")
     if not 0 <= finite("sparsity") < 1:
         raise _bad("sparsity", cfg.sparsity, "must be in [0, 1) (the fraction of coordinates NOT perturbed)")
+    if not 0 <= finite("label_noise") < 1:
+        raise _bad("label_noise", cfg.label_noise, "must be a fraction in [0, 1)")
     if not 0 <= finite("label_smoothing") < 1:
         raise _bad("label_smoothing", cfg.label_smoothing, "must be in [0, 1)")
     if not 0 <= finite("cutout_p") <= 1:
         raise _bad("cutout_p", cfg.cutout_p, "must be a probability in [0, 1]")
-    if not 0 <= finite("dynamic_alpha") <= 1:
-        raise _bad("dynamic_alpha", cfg.dynamic_alpha, "must be in [0, 1]")
-    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
-        raise _bad("betas", cfg.betas, "must be two numbers in [0, 1)")
+    if len(cfg.betas) != 2:
+        raise _bad("betas", cfg.betas, "must be two numbers")
     for name in ("epochs", "batch_size", "accum", "num_samples", "log_every", "eval_batch_size", "image_size"):
         if getattr(cfg, name) < 1:
             raise _bad(name, getattr(cfg, name), "must be >= 1")
@@ -352,12 +363,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --accum ({cfg.accum})")
     if cfg.nesterov and (cfg.base != "sgd" or cfg.momentum <= 0):
         raise ConfigError(f"--nesterov needs --base sgd and --momentum > 0, got --base {cfg.base} --momentum {cfg.momentum:g}")
-    match = _NM_RE.match(cfg.nm)
-    if match is None:
-        raise _bad("nm", cfg.nm, "must look like N:M, e.g. 2:4")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 1 <= n <= m:
-        raise _bad("nm", cfg.nm, "needs 1 <= N <= M")
+    cfg.nm_pair()
     methods.check(cfg)  # the optimizer's and the mask source's own rules
     key = cfg.data.strip()
     if key.lower() in DATA_NAMES:
@@ -424,15 +430,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = "" if default is None else f" (default: {default})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": meta["help"] + shown}
-        kind = _kind(name)
-        if kind in ("bool", "bool?"):
+        kind, optional = TYPES[name]
+        if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif kind == "floats":
+        elif kind is list:
             kw.update(type=float, nargs=meta["nargs"], metavar=meta["metavar"])
-        elif kind in ("int?", "float?"):
-            kw.update(type=_parse_optional(kind[:-1], name), metavar=meta["metavar"] or kind[:-1].upper())
+        elif optional and kind in (int, float):
+            kw.update(type=_parse_optional(kind.__name__, name), metavar=meta["metavar"] or kind.__name__.upper())
         else:
-            kw["type"] = {"int": int, "float": float, "str": str, "str?": str}[kind]
+            kw["type"] = kind
             if meta["choices"]:
                 kw["choices"] = meta["choices"]
             elif meta["metavar"]:
@@ -453,7 +459,6 @@ __all__ = [
     "IDENTITY_KEYS",
     "MASKS",
     "OPTIMIZERS",
-    "RUN_CONTROL_KEYS",
     "TrainConfig",
     "add_config_flags",
     "build_config",

@@ -9,7 +9,8 @@ Two paths, both ending in iterables of ``(x, y)`` batches already on the device:
   :func:`sparsam.data.to_device_batch` normalises on the device.
 
 Subsets (``--train-subset`` / ``--test-subset``) are drawn here, seeded by ``--subset-seed``;
-for an image folder in memory only the chosen files are decoded.
+for an image folder in memory only the chosen files are decoded. ``--label-noise`` changes a fixed
+fraction of the training labels (after the subset, seeded by ``--subset-seed``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MEMORY_MAX_SIDE = 64
 # Streams of the derived seeds (see sparsam.data.loader.derive_seed).
 _FISHER_STREAM = 7
 _STREAM_SHUFFLE = 8
+_LABEL_NOISE_STREAM = 9
 
 
 @dataclass
@@ -172,6 +174,30 @@ def _subset_array(ds: Any, n: int | None, cfg: TrainConfig, what: str) -> Any:
     return ArrayDataset(ds.images[keep], ds.labels[keep])
 
 
+# ------------------------------------------------------------------------------------------ label noise
+def noisy_labels(labels: Tensor, fraction: float, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Symmetric label noise: ``(new labels, sorted indices of the changed ones)``.
+
+    Exactly ``round(fraction * len(labels))`` positions, drawn without replacement, get a class drawn
+    uniformly from the ``num_classes - 1`` classes other than their own, so a changed label is
+    never the true one. Deterministic in ``seed`` (a NumPy generator of its own; nothing else is
+    consumed). ``labels`` is not modified.
+    """
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"--label-noise must be a fraction in [0, 1), got {fraction!r}")
+    if num_classes < 2:
+        raise ConfigError(f"--label-noise needs at least 2 classes, got {num_classes}")
+    n = len(labels)
+    k = int(round(fraction * n))
+    rng = np.random.default_rng([int(seed), _LABEL_NOISE_STREAM])
+    idx = np.sort(rng.choice(n, size=k, replace=False))
+    old = labels.cpu().numpy().astype(np.int64)
+    shift = rng.integers(1, num_classes, size=k)  # 1..C-1: never the class itself
+    new = old.copy()
+    new[idx] = (old[idx] + shift) % num_classes
+    return torch.from_numpy(new).to(labels.device, labels.dtype), torch.from_numpy(idx)
+
+
 def build_data(
     cfg: TrainConfig,
     *,
@@ -210,6 +236,11 @@ def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: in
         splits.train = _subset_array(splits.train, cfg.train_subset, cfg, "train")
         splits.test = _subset_array(splits.test, cfg.test_subset, cfg, "test")
     aug_name = resolve_augment(cfg, kind)
+    flipped = 0
+    if cfg.label_noise > 0:  # training labels only; the test set stays clean
+        labels, changed = noisy_labels(splits.train.labels, cfg.label_noise, splits.num_classes, cfg.subset_seed)
+        splits.train = ArrayDataset(splits.train.images, labels)
+        flipped = len(changed)
     train_ds = splits.train.to(device)  # moved once; the loaders below share it
     if len(train_ds) // world_size < batch_per_rank:
         raise ConfigError(
@@ -234,7 +265,8 @@ def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: in
         name=splits.name, train=train, test=test, fisher=fisher, num_classes=splits.num_classes,
         in_channels=splits.in_channels, image_size=tuple(splits.image_size), train_size=len(train_ds),
         test_size=len(splits.test), augment=aug_name, mode="memory",
-        info={"mean": list(splits.mean), "std": list(splits.std), "class_names": list(splits.class_names)},
+        info={"mean": list(splits.mean), "std": list(splits.std), "class_names": list(splits.class_names),
+              "label_noise_flipped": flipped},
     )
 
 
@@ -315,6 +347,9 @@ def _build_stream(cfg: TrainConfig, *, device: torch.device, rank: int, world_si
     fisher_tf = train_tf if cfg.fisher_augment else ResizeCenterCrop(cfg.image_size)  # augmented: the authors'
     fisher_ds: Any = ImageFolderStream(cfg.data, split="train", transform=fisher_tf, mode=mode)
     classes = train_ds.class_names
+    if cfg.label_noise > 0:
+        raise ConfigError("--label-noise needs the data in memory (CIFAR, digits, or a folder of small images "
+                          f"with --folder-mode memory), not a streamed folder ({cfg.data})")
     if cfg.train_subset is not None:
         keep = choose_subset(train_ds.labels, cfg.train_subset, cfg.subset, cfg.subset_seed, what="train").tolist()
         train_ds, fisher_ds = Subset(train_ds, keep), Subset(fisher_ds, keep)
