@@ -139,10 +139,14 @@ class SSAM(SAM):
         self._masks_ready = False
         self._steps = 0  # SSAM steps taken (not skipped by a GradScaler): the clock of the mask schedule
         self._base_stepped = False
+        self._step_deferred = False  # second_step(base_step=False) ran; the caller's base step is due
         self.base_optimizer.register_step_post_hook(self._on_base_step)
 
     def _on_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._base_stepped = True
+        if self._step_deferred:  # the base step a second_step(base_step=False) left to the caller
+            self._step_deferred = False
+            self._steps += 1
 
     @property
     def sparsity(self) -> float:
@@ -318,7 +322,7 @@ class SSAM(SAM):
         self._masks_ready = True
 
     def _before_perturb(self) -> None:
-        self._base_stepped = False
+        self._base_stepped = self._step_deferred = False
         if not self._masks_ready:
             self.init_masks()
         elif self.mask_source.wants_update(self._steps):
@@ -333,6 +337,8 @@ class SSAM(SAM):
         # does not count, as a skipped optimizer.step() does not count for an LR scheduler.
         if self._base_stepped:
             self._steps += 1
+        else:  # base step left to the caller (base_step=False): counted when it happens
+            self._step_deferred = True
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:

@@ -1,0 +1,332 @@
+"""SAMTrainer (sparsam.integrations.transformers) on tiny transformers built from a config (random
+weights, nothing downloaded), compared with a hand-written two-pass loop on a copy of the same model
+fed the same batches; checkpoint/resume against an uninterrupted run; PEFT LoRA adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'sparsam[hf]')")
+
+from accelerate.state import AcceleratorState, GradientState
+
+from sparsam import SAM, SSAM
+from sparsam.integrations.transformers import SPARSAM_STATE_NAME, SAMTrainer
+from sparsam.masks import DynamicMask, RandomMask
+
+BATCH, ACCUM, SEQ, VOCAB = 4, 2, 8, 40
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Accelerate keeps process-wide singletons; every Trainer builds its own Accelerator.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def tiny_bert(seed=0):
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2(seed=0):
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=SEQ, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def cls_data(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def lm_data(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = -100  # some ignored targets, so normalising by the token count matters
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def args(out, **kw):
+    base = {
+        "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": ACCUM, "max_steps": 3, "learning_rate": 0.05,
+        "optim": "sgd", "optim_args": "momentum=0.9", "lr_scheduler_type": "linear", "weight_decay": 0.0, "max_grad_norm": 0.5,
+        "use_cpu": True, "report_to": "none", "save_strategy": "no", "train_sampling_strategy": "sequential",
+        "disable_tqdm": True, "logging_strategy": "no", "seed": 0,
+    }
+    base.update(kw)
+    return transformers.TrainingArguments(str(out), **base)
+
+
+def window_loss(model, window, autocast=None):
+    """The losses the Trainer backpropagates for the micro-batches of one accumulation window.
+
+    Causal LM (GPT-2 takes loss kwargs): each micro-batch's summed cross-entropy over its shifted
+    targets divided by the number of targets in the whole window (``num_items_in_batch``).
+    Sequence classification (BERT's head ignores ``num_items_in_batch``): each micro-batch's mean
+    cross-entropy, not divided by the number of micro-batches, because the Trainer treats a model
+    that accepts loss kwargs as normalising by itself. ``test_rho_zero_is_the_plain_trainer`` pins
+    both against the plain Trainer.
+    """
+    lm = window[0]["labels"].dim() == 2  # token labels: a causal LM (targets shifted by one)
+    total = sum(int(mb["labels"][:, 1:].ne(-100).sum()) for mb in window) if lm else None
+    losses = []
+    for mb in window:
+        with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+            logits = model(input_ids=mb["input_ids"]).logits
+        logits = logits.float()
+        if lm:
+            ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), mb["labels"][:, 1:].reshape(-1), reduction="sum")
+            losses.append(ce / total)
+        else:
+            losses.append(F.cross_entropy(logits, mb["labels"]))
+    return losses
+
+
+def batches(data, steps):
+    per_step = BATCH * ACCUM
+    out = []
+    for s in range(steps):
+        chunk = data[s * per_step : (s + 1) * per_step]
+        out.append([
+            {k: torch.stack([d[k] for d in chunk[i : i + BATCH]]) for k in chunk[0]}
+            for i in range(0, per_step, BATCH)
+        ])
+    return out
+
+
+def reference(model, make_sam, data, *, steps=3, lr=0.05, max_grad_norm=0.5, autocast=None):
+    """The two-step loop, one SAM step per accumulation window, with the Trainer's linear LR decay."""
+    ref = copy.deepcopy(model)
+    # The Trainer's two groups (weights with decay, then biases and norms), in its order: the order
+    # decides which random scores a RandomMask draws for which parameter.
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, ref))
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay]}, {"params": [p for n, p in named if n not in decay]}]
+    params = [p for g in groups for p in g["params"]]
+    sam = make_sam(torch.optim.SGD(groups, lr=lr, momentum=0.9))
+    sam.model = ref
+    sched = torch.optim.lr_scheduler.LambdaLR(sam.base_optimizer, lambda t: max(0.0, (steps - t) / steps))
+    ref.train()
+    for window in batches(data, steps):
+        sam.zero_grad()
+        with sam.ascent_pass():
+            for loss in window_loss(ref, window, autocast):
+                loss.backward()
+        sam.first_step(zero_grad=True)
+        with sam.descent_pass():
+            for loss in window_loss(ref, window, autocast):
+                loss.backward()
+        sam.second_step(base_step=False)  # restores w; the base step comes after the Trainer-style clip
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # the Trainer clips the descent gradient
+        sam.base_optimizer.step()
+        sched.step()
+    return ref, sam
+
+
+def assert_close(a, b, **tol):
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=lambda m, k=k: f"{k}: {m}", **(tol or {"rtol": 1e-5, "atol": 1e-6}))
+
+
+def sam_factory(base):
+    return SAM(base, rho=0.1)
+
+
+def ssam_factory(base):
+    return SSAM(base, rho=0.1, mask=RandomMask(0.5, seed=3))
+
+
+@pytest.mark.parametrize("make_sam", [sam_factory, ssam_factory], ids=["sam", "ssam"])
+def test_trainer_equals_two_pass_loop(make_sam, tmp_path):
+    model, data = tiny_bert(), cls_data(3 * BATCH * ACCUM)
+    ref, ref_sam = reference(model, make_sam, data)
+    trainer = SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=make_sam)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert_close(model, ref)
+    if isinstance(ref_sam, SSAM):
+        ours = trainer.sam_optimizer.masks
+        assert ours.keys() == ref_sam.masks.keys() and ours
+        assert all(torch.equal(ours[k], ref_sam.masks[k]) for k in ours)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_rho_zero_is_the_plain_trainer(kind, tmp_path):
+    # With rho = 0 nothing is perturbed: pass 2 recomputes pass 1's gradient, so SAMTrainer must
+    # reproduce the Trainer's own step (its loss normalisation, accumulation, clipping, AdamW, schedule).
+    make_model, make_data = (tiny_bert, cls_data) if kind == "bert" else (tiny_gpt2, lm_data)
+    data = make_data(3 * BATCH * ACCUM)
+    plain, ours = make_model(), make_model()
+    kw = {"optim": "adamw_torch", "optim_args": None, "weight_decay": 0.1}
+    transformers.Trainer(model=plain, args=args(tmp_path / "a", **kw), train_dataset=data).train()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    SAMTrainer(model=ours, args=args(tmp_path / "b", **kw), train_dataset=data, rho=0.0).train()
+    assert_close(ours, plain)
+    # and the reference loop's loss is the plain Trainer's
+    ref, _ = reference(make_model(), lambda base: SAM(base, rho=0.0), data)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    plain = make_model()
+    transformers.Trainer(model=plain, args=args(tmp_path / "c"), train_dataset=data).train()
+    assert_close(plain, ref)
+
+
+def test_causal_lm_token_normalisation(tmp_path):
+    # GPT-2 takes loss kwargs: the Trainer normalises by the window's count of targets
+    # (num_items_in_batch), not by the number of micro-batches; both passes must use it.
+    model, data = tiny_gpt2(), lm_data(3 * BATCH * ACCUM)
+    ref, _ = reference(model, sam_factory, data)
+    SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=sam_factory).train()
+    assert_close(model, ref)
+
+
+def test_bf16(tmp_path):
+    model, data = tiny_bert(), cls_data(2 * BATCH * ACCUM)
+    trainer = SAMTrainer(model=model, args=args(tmp_path, bf16=True, max_steps=2), train_dataset=data, sam=sam_factory)
+    trainer.train()
+    # The reference runs the same forward under bf16 autocast (Accelerate casts outputs back to float32).
+    ref, _ = reference(tiny_bert(), sam_factory, data, steps=2, autocast=torch.bfloat16)
+    assert_close(model, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_grad_scaler(tmp_path):
+    # Accelerate makes a GradScaler only on GPUs; the scaler path is tested with a CPU GradScaler put
+    # in its place. A finite power-of-two scale steps as the unscaled loop does, up to fp16 rounding.
+    model, data = tiny_bert(), cls_data(2 * BATCH * ACCUM)
+    ref, _ = reference(model, sam_factory, data, steps=2, autocast=torch.float16)
+    trainer = SAMTrainer(model=model, args=args(tmp_path, max_steps=2, fp16=True), train_dataset=data, sam=sam_factory)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer.accelerator.native_amp = True  # what a GPU has: autocast to fp16 and unscale before clipping
+    trainer.train()
+    assert_close(model, ref, rtol=1e-4, atol=1e-5)  # fp16 forward: reductions in another order
+
+
+def test_fp16_overflow_in_the_ascent_pass_skips_the_step(tmp_path):
+    # An infinite scale makes pass 1's gradient non-finite: SAM must not perturb, and the Trainer's
+    # scaler must skip the base step (weights and momentum untouched, no LR-scheduler step).
+    model, data = tiny_bert(), cls_data(BATCH * ACCUM)
+    before = copy.deepcopy(model)
+    trainer = SAMTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=data, sam=sam_factory)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))
+    trainer.train()
+    assert trainer.accelerator.optimizer_step_was_skipped
+    assert trainer.lr_scheduler.last_epoch == 0
+    assert not trainer.sam_optimizer.base_optimizer.state  # no momentum buffer was made
+    assert_close(model, before, rtol=0, atol=0)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    # SSAM with a dynamic mask (drop/regrow every step, its own RNG) and AdamW: the checkpoint must
+    # carry the masks, the step count and the mask source's state besides the Adam moments.
+    def make(base):
+        return SSAM(base, rho=0.1, mask=DynamicMask(0.5, 4, update_every=1, seed=5))
+
+    data = cls_data(4 * BATCH * ACCUM)
+    kw = {"max_steps": 4, "optim": "adamw_torch", "optim_args": None, "weight_decay": 0.1}
+    full = tiny_bert()
+    t_full = SAMTrainer(model=full, args=args(tmp_path / "full", **kw), train_dataset=data, sam=make)
+    t_full.train()
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path / "cut"
+    SAMTrainer(
+        model=tiny_bert(), args=args(out, **kw, save_strategy="steps", save_steps=2), train_dataset=data, sam=make
+    ).train()
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / SPARSAM_STATE_NAME).is_file()
+    saved = torch.load(ckpt / SPARSAM_STATE_NAME, weights_only=True)
+    assert saved["steps"] == 2 and saved["masks"]
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = tiny_bert(seed=7)  # other initial weights: everything must come from the checkpoint
+    t_res = SAMTrainer(model=resumed, args=args(tmp_path / "res", **kw), train_dataset=data, sam=make)
+    t_res.train(resume_from_checkpoint=str(ckpt))
+    assert t_res.state.global_step == 4
+    assert_close(resumed, full)
+    a, b = t_res.sam_optimizer, t_full.sam_optimizer
+    assert a._steps == b._steps == 4
+    assert a.masks.keys() == b.masks.keys()
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def test_peft_lora_ssam_on_adapters_only(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'sparsam[hf]')")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = peft.get_peft_model(tiny_gpt2(), cfg)
+    with torch.no_grad():  # LoRA's B starts at zero; make the adapters non-trivial from step one
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 1000))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters)
+    data = lm_data(3 * BATCH * ACCUM)
+
+    def make(base):
+        return SSAM(base, rho=0.2, mask=RandomMask(0.5, seed=11))
+
+    ref, ref_sam = reference(model, make, data)
+    trainer = SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=make)
+    trainer.train()
+    assert_close(model, ref)
+    sam = trainer.sam_optimizer
+    assert {id(p) for g in sam.param_groups for p in g["params"]} == {
+        id(p) for n, p in model.named_parameters() if n in adapters
+    }
+    assert sam.masks and all("lora_" in n for n in sam.masks)
+    assert all(torch.equal(sam.masks[k], ref_sam.masks[k]) for k in sam.masks)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    names = sam.param_names()
+    assert sam._backup and all(names[p] in adapters for p in sam._backup)  # w is copied for adapters only
+
+
+def test_sam_optimizer_passed_to_the_trainer(tmp_path):
+    # optimizers=(SAM(...), None): the Trainer steps (and schedules) SAM's base optimizer.
+    model, data = tiny_bert(), cls_data(3 * BATCH * ACCUM)
+    ref, _ = reference(model, sam_factory, data)
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
+    trainer = SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, optimizers=(sam, None))
+    trainer.train()
+    assert trainer.sam_optimizer is sam
+    assert_close(model, ref)
+
+
+def test_bad_input(tmp_path):
+    model, data = tiny_bert(), cls_data(BATCH * ACCUM)
+    with pytest.raises(TypeError, match="must return a sparsam SAM"):
+        SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=lambda base: base).train()
+    with pytest.raises(TypeError, match="must wrap the optimizer it is given"):
+        SAMTrainer(
+            model=model, args=args(tmp_path), train_dataset=data,
+            sam=lambda base: SAM(model.parameters(), torch.optim.SGD, lr=0.1),
+        ).train()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        SAMTrainer(
+            model=model, args=args(tmp_path), train_dataset=data, sam=lambda base: SAM(base, max_grad_norm=1.0)
+        ).train()
+    with pytest.raises(TypeError, match="sam must be a function"):
+        SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=0.1)
