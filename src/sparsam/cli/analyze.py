@@ -74,9 +74,9 @@ def resolve_targets(paths: list[str], weights: str) -> list[Target]:
 
 def _load(target: Target) -> tuple[dict[str, Any], dict[str, Any]]:
     """(saved configuration dict, checkpoint dict) of a target."""
-    from ..train.checkpoint import read_json, read_torch_file
+    from ..train.checkpoint import read_torch_file
     from ..train.errors import CheckpointError
-    from ..train.rundir import CONFIG
+    from ..train.rundir import CONFIG, read_run_config
 
     try:  # checkpoint.pt (sparsam training checkpoint) or best_model.pt ({"model", "epoch", "test_acc"})
         ckpt = read_torch_file(target.weights, map_location="cpu")
@@ -87,7 +87,7 @@ def _load(target: Target) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(ckpt.get("config"), dict):
         return ckpt["config"], ckpt
     if target.run_dir is not None:
-        return dict(read_json(target.run_dir / CONFIG).get("config", {})), ckpt
+        return dict(read_run_config(target.run_dir)["config"]), ckpt
     raise UserError(f"{target.weights}: holds no configuration and has no {CONFIG} beside it")
 
 

@@ -12,7 +12,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from ..train.config import build_config
 from ..train.methods import METHODS, method_values
@@ -41,9 +40,10 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
 
     from ..train.engine import train
     from ..train.presets import get_preset, list_presets
+    from ..train.rundir import resolve_dir
 
     methods = [m for m in args.methods.replace(" ", "").split(",") if m]
-    out = Path(args.out)
+    out = resolve_dir(args.out, flag="--out")  # a file, or a path under one, is refused here
     configs = {}
     for m in methods:
         over = {**method_values(m), "out": str(out / m), "seed": args.seed, "stop_after": 1, "progress": False,

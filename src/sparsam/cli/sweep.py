@@ -2,18 +2,21 @@
 
 Re-running the same command skips finished runs and resumes unfinished ones, so a sweep survives
 crashes, Ctrl-C and time-limited job slots. Runs execute one after another in this process.
+A re-run whose settings differ from those a run directory was made with is refused (naming the
+settings) unless ``--redo`` asks to start those runs over. The root is locked while a sweep runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..train.config import TrainConfig, add_config_flags, build_config
+from ..train.config import TrainConfig, add_config_flags, build_config, diff_identity
 from ..train.errors import ConfigError, UserError
 from ..train.methods import METHODS, SPARSE_METHODS, method_values
 
@@ -106,6 +109,9 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
     parser.add_argument("--family", metavar="NAME", help="preset family: each method starts from preset NAME-METHOD, "
                         "e.g. cifar10-resnet18 (so SGD and SAM get their own weight decay)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    parser.add_argument("--redo", action="store_true",
+                        help="start over every run whose directory was made with other settings (its files are "
+                        "deleted); without it such a re-run is refused")
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                         help="write ROOT/report (table and plots) at the end")
     from .train import add_layer_flags, config_layers
@@ -133,19 +139,52 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
     from ..train import rundir
     from ..train.engine import train
 
-    states = {r.name: rundir.state(r.config.out or "") for r in runs}
-    if args.dry_run:
-        print(f"sweep of {len(runs)} runs under {args.root}", file=sys.stderr)
-        for r in runs:
-            print(f"  {states[r.name]:<9} {r.name}")
-        return 0
-    # Under torchrun the process group is made once for the whole sweep; every run uses it.
-    info = D.setup(runs[0].config.device) if runs else None
+    rundir.resolve_dir(args.root, flag="--root")  # not a file, nor under one
+    # One sweep per root at a time (rank 0 holds the lock under torchrun), for the sweep's lifetime.
+    lock = None if args.dry_run or os.environ.get("RANK", "0") != "0" else rundir.lock_dir(
+        args.root, kind="sweep", flag="--root")
     try:
-        return _run_all(args, argv, runs, states, train, quiet_rank=info is not None and not info.is_main)
+        states = {r.name: rundir.state(r.config.out or "") for r in runs}
+        changed = _changed_settings(runs, states)
+        if args.dry_run:
+            print(f"sweep of {len(runs)} runs under {args.root}", file=sys.stderr)
+            for r in runs:
+                print(f"  {'changed' if r.name in changed else states[r.name]:<9} {r.name}")
+            return 0
+        if changed and not args.redo:
+            first, diffs = next(iter(changed.items()))
+            more = f" (and {len(changed) - 1} more runs)" if len(changed) > 1 else ""
+            raise ConfigError(
+                f"--root {args.root} holds runs made with other settings: {first}: {'; '.join(diffs)}{more}. Run the "
+                "sweep with the settings they were made with, choose another --root, or pass --redo to start those "
+                "runs over (their files are deleted)"
+            )
+        for name in changed:
+            states[name] = "redo"
+        # Under torchrun the process group is made once for the whole sweep; every run uses it.
+        info = D.setup(runs[0].config.device) if runs else None
+        try:
+            return _run_all(args, argv, runs, states, train, quiet_rank=info is not None and not info.is_main)
+        finally:
+            if info is not None:
+                D.teardown(info)
     finally:
-        if info is not None:
-            D.teardown(info)
+        if lock is not None:
+            lock.release()
+
+
+def _changed_settings(runs: list[SweepRun], states: dict[str, str]) -> dict[str, list[str]]:
+    """{run name: ["--flag: saved X, now Y", ...]} for every run directory made with other settings."""
+    from ..train import rundir
+
+    changed: dict[str, list[str]] = {}
+    for r in runs:
+        out = Path(r.config.out or "")
+        if states[r.name] != "empty" and (out / rundir.CONFIG).is_file():
+            diffs = diff_identity(rundir.read_run_config(out)["config"], r.config)
+            if diffs:
+                changed[r.name] = diffs
+    return changed
 
 
 def _run_all(args: argparse.Namespace, argv: list[str], runs: list[SweepRun], states: dict[str, str], train: Any,
@@ -156,14 +195,17 @@ def _run_all(args: argparse.Namespace, argv: list[str], runs: list[SweepRun], st
 
     log(f"sweep of {len(runs)} runs under {args.root}: "
         f"{sum(s == 'finished' for s in states.values())} finished, {sum(s == 'started' for s in states.values())} "
-        f"started, {sum(s == 'empty' for s in states.values())} new")
+        f"started, {sum(s == 'empty' for s in states.values())} new"
+        + (f", {sum(s == 'redo' for s in states.values())} to redo" if "redo" in states.values() else ""))
     for i, r in enumerate(runs, 1):
         state = states[r.name]
         if state == "finished":
             log(f"[{i}/{len(runs)}] {r.name}: finished, skipped")
             continue
-        log(f"[{i}/{len(runs)}] {r.name}: {'resuming' if state == 'started' else 'starting'}")
-        result = train(r.config, resume=state == "started", argv=["sparsam", "sweep", *argv])
+        what = {"started": "resuming", "redo": "starting over (--redo: its settings changed)"}.get(state, "starting")
+        log(f"[{i}/{len(runs)}] {r.name}: {what}")
+        result = train(r.config, resume=state == "started", overwrite=state == "redo",
+                       argv=["sparsam", "sweep", *argv])
         if result.stopped == "interrupted":
             log(f"sweep interrupted during {r.name}; run the same command again to continue")
             return 130

@@ -56,26 +56,36 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """The run's config. With --resume the saved config of the run replaces the defaults, so
     `--resume DIR` alone continues exactly; flags that contradict it are reported by the engine."""
-    from ..train.checkpoint import read_json
+    from ..train import rundir
 
     layers = config_layers(args)
     cfg = build_config(layers)
     if not args.resume:
         return cfg
     if isinstance(args.resume, str):
-        target = Path(args.resume)
-        out = target.parent if target.suffix == ".pt" else target
+        target = Path(args.resume).expanduser().resolve()
         if not target.exists():
             raise RunDirError(f"--resume {args.resume}: no such run directory or checkpoint")
-        if cfg.out is not None and Path(cfg.out).absolute() != out.absolute():
+        if target.is_file():
+            if target.name != rundir.CHECKPOINT:
+                why = (f"{rundir.BEST} holds only the best epoch's weights" if target.name == rundir.BEST else
+                       f"to resume from a copy of a checkpoint, put it in place of {target.parent / rundir.CHECKPOINT}")
+                raise RunDirError(
+                    f"--resume {args.resume}: a run resumes from its own {rundir.CHECKPOINT} (weights, optimizer, "
+                    f"schedule and random states), and {target.name} is not it ({why})"
+                )
+            out = target.parent
+        else:
+            out = rundir.resolve_dir(target, flag="--resume")
+        if cfg.out is not None and rundir.resolve_dir(cfg.out) != out:
             raise RunDirError(f"--resume {args.resume} and --out {cfg.out} name different run directories")
     else:
-        out = Path(cfg.out or cfg.default_out())
-    saved_path = out / "config.json"
+        out = rundir.resolve_dir(cfg.out or cfg.default_out())
+    saved_path = out / rundir.CONFIG
     if not saved_path.is_file():
-        raise RunDirError(f"--resume: {out.absolute()} holds no run to resume (no config.json)")
+        raise RunDirError(f"--resume: {out} holds no run to resume (no {rundir.CONFIG})")
     # --stop-after limits one invocation; it is not inherited by the next one
-    saved = {k: v for k, v in read_json(saved_path).get("config", {}).items() if k != "stop_after"}
+    saved = {k: v for k, v in rundir.read_run_config(out)["config"].items() if k != "stop_after"}
     cfg = build_config([(f"saved config {saved_path}", saved), *layers])
     cfg.out = str(out)
     return cfg

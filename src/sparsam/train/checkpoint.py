@@ -115,6 +115,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ save / load
+class CheckpointWriteError(CheckpointError, OSError):
+    """A file of the run could not be written (a full disk, ...); the previous file is kept. Both a
+    user error (one line, exit status 2) and an ``OSError``."""
+
+
 class _WriteRecorder:
     """A file wrapper that remembers the OSError of a failed write: torch.save turns it into
     "enforce fail ... unexpected pos", which no longer says that the disk is full."""
@@ -160,7 +165,7 @@ def save_torch_file(path: str | os.PathLike[str], obj: Any, *, what: str = "chec
         else:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
-        raise CheckpointError(f"could not write the {what} {path}: {why}; {kept}") from None
+        raise CheckpointWriteError(f"could not write the {what} {path}: {why}; {kept}") from None
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
@@ -260,6 +265,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "CheckpointWriteError",
     "atomic_write",
     "load_checkpoint",
     "read_json",

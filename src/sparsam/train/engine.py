@@ -39,7 +39,7 @@ from .build import PlainStep, build_optimizer, build_scheduler
 from .config import TrainConfig
 from .errors import ConfigError, UserError
 from .loaders import TrainData, build_data
-from .run import EpochMeter, Run, RunResult
+from .run import EpochMeter, Run, RunResult, locked_run_dir
 
 DEBUG_DUMP_ENV = "SPARSAM_DEBUG_RANK_DUMP"
 
@@ -72,7 +72,8 @@ def train(
         torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
     try:
-        return _train(cfg, info, resume=resume, overwrite=overwrite, quiet=quiet, on_step=on_step, argv=argv)
+        with locked_run_dir(cfg, info):  # an OS lock on the run directory for the run's lifetime
+            return _train(cfg, info, resume=resume, overwrite=overwrite, quiet=quiet, on_step=on_step, argv=argv)
     finally:
         D.teardown(info)
         torch.set_num_threads(threads)

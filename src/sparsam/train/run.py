@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +24,16 @@ from torch import Tensor, nn
 
 from . import distributed as D
 from . import rundir
-from .checkpoint import atomic_write, load_checkpoint, read_json, rng_state, save_checkpoint, set_rng_state, write_json
+from .checkpoint import (
+    load_checkpoint,
+    read_json,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    save_torch_file,
+    set_rng_state,
+    write_json,
+)
 from .config import TrainConfig, diff_identity
 from .errors import CheckpointError, ConfigError, RunDirError
 
@@ -54,6 +64,28 @@ class Progress:
     partial: dict[str, Any] | None = None
 
 
+@contextmanager
+def locked_run_dir(cfg: TrainConfig, info: D.DistInfo) -> Iterator[None]:
+    """Hold the run directory's OS lock for the run's lifetime (rank 0 takes it; every rank learns
+    whether it was granted). Temporary files of a write that was killed are removed under it."""
+    out = rundir.resolve_dir(cfg.out or cfg.default_out())
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = rundir.lock_dir(out, kind="run")
+        except RunDirError as e:
+            error = e
+        else:
+            remove_stale_temp_files(out, rundir.RUN_FILES)  # nobody else writes here now
+    if D.any_rank(error is not None, info):
+        raise error or RunDirError(f"{out} is in use by another sparsam run")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _version() -> str:
     from .. import __version__
 
@@ -79,15 +111,15 @@ class Run:
              say: Callable[[str], None]) -> Run:
         """Inspect ``cfg.out`` and decide: a new run, a resumed one, or nothing to do (``run.done``).
         Raises RunDirError / CheckpointError / ConfigError for what the user must fix."""
-        out = Path(cfg.out or cfg.default_out()).expanduser().absolute()
+        out = rundir.resolve_dir(cfg.out or cfg.default_out())  # "ghost/../runA" is runA: checked as such
         cfg = dataclasses.replace(cfg, out=str(out))
         ckpt: dict[str, Any] | None = None
         state = rundir.state(out)
         if resume:
             if state == "empty":
                 raise RunDirError(f"--resume: {out} holds no run to resume (no {rundir.CONFIG})")
-            saved = read_json(out / rundir.CONFIG) if (out / rundir.CONFIG).is_file() else {}
-            diffs = diff_identity(saved.get("config", {}), cfg) if saved else []
+            saved = rundir.read_run_config(out) if (out / rundir.CONFIG).is_file() else {}
+            diffs = diff_identity(saved["config"], cfg) if saved else []
             if (out / rundir.CHECKPOINT).is_file():
                 # Loaded on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
                 ckpt = load_checkpoint(out / rundir.CHECKPOINT, map_location="cpu")
@@ -104,6 +136,7 @@ class Run:
                                  summary.get("best_test_acc"), summary.get("best_epoch"))
                 return cls(cfg, info, ckpt=ckpt, fresh=False, say=say, done=done)
             if ckpt is None:
+                _refuse_to_clear(out)
                 say(f"{out}: no checkpoint yet (the run stopped in its first epoch); starting it from the beginning")
         elif state != "empty" and not overwrite:
             raise RunDirError(
@@ -220,7 +253,7 @@ class Run:
             p.best_acc, p.best_epoch = record["test_acc"], p.epoch
             if self.info.is_main:
                 best_state = {"model": model.state_dict(), "epoch": p.epoch, "test_acc": record["test_acc"]}
-                atomic_write(self.out / rundir.BEST, lambda f: torch.save(best_state, f))
+                save_torch_file(self.out / rundir.BEST, best_state, what="best model")
         if not self.info.is_main:
             return
         prior = rundir.read_metrics(self.out)
@@ -266,6 +299,19 @@ class Run:
             out=str(self.out), epochs_done=p.epoch, finished=finished, stopped=stopped, final_test_acc=final_acc,
             best_test_acc=best["test_acc"] if best else (p.best_acc if p.best_acc >= 0 else None),
             best_epoch=best["epoch"] if best else (p.best_epoch or None),
+        )
+
+
+def _refuse_to_clear(out: Path) -> None:
+    """A run resumed without a checkpoint starts over, deleting its files: allowed only when they
+    hold nothing but the start of a first epoch (config.json, no epoch recorded)."""
+    epochs = len(rundir.read_metrics(out))
+    kept = [name for name in (rundir.BEST, rundir.SUMMARY) if (out / name).is_file()]
+    if epochs or kept:
+        held = ", ".join(([f"{epochs} epochs of {rundir.METRICS}"] if epochs else []) + kept)
+        raise RunDirError(
+            f"--resume: {out} has no {rundir.CHECKPOINT} to resume from but holds {held}; starting over would "
+            f"delete them. Restore {rundir.CHECKPOINT}, move the run away, or pass --overwrite to start over"
         )
 
 

@@ -13,6 +13,10 @@ Layout (every JSON file is written atomically; ``metrics.jsonl`` is appended onc
       summary.json     written when the run finishes: final/best accuracy, timings
       tensorboard/     only with --tensorboard
       debug/           only with SPARSAM_DEBUG_RANK_DUMP=1: each rank's final weights
+      .sparsam.lock    while a run uses the directory: the OS lock (see :func:`lock_dir`)
+
+A path given as a run directory is normalised first (``~``, ``..``, symbolic links:
+:func:`resolve_dir`), so every check looks at the directory that will be written.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .checkpoint import read_json, remove_stale_temp_files
+from .errors import RunDirError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: no OS lock
+    fcntl = None  # type: ignore[assignment]
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -42,6 +52,103 @@ METRIC_KEYS = (
 )
 
 
+LOCK_NAMES = {"run": ".sparsam.lock", "sweep": ".sparsam-sweep.lock"}
+
+
+def resolve_dir(path: str | os.PathLike[str], *, flag: str = "--out") -> Path:
+    """``path`` made absolute and normalised (``~``, ``..`` and symbolic links resolved), refusing a
+    path that is a file or lies under one (:class:`RunDirError` naming ``flag``)."""
+    p = Path(path).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"{flag} {path}: {p} is a file, not a directory")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    return p
+
+
+class DirLock:
+    """An exclusive OS lock (``flock``) on a directory, held until :meth:`release` or until the
+    process ends, also by a crash or ``kill -9``: the OS drops it with the process."""
+
+    def __init__(self, path: Path, lock_file: Path, fd: int | None, created: bool) -> None:
+        self.path, self.lock_file, self._fd, self._created = path, lock_file, fd, created
+
+    def release(self) -> None:
+        """Give the lock back (removing the lock file, and the directory if this lock created it and
+        it holds nothing else). Calling it again does nothing."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            self.lock_file.unlink(missing_ok=True)  # while still locked: see lock_dir
+            if self._created and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--out") -> DirLock:
+    """Lock the directory ``path`` (created if missing) for one ``kind`` of user: ``"run"`` (a
+    training run, :func:`sparsam.train.train`) or ``"sweep"`` (a sweep on its root). A second lock
+    of the same kind, from another process or this one, raises :class:`RunDirError` naming the
+    holder's process id. Without ``fcntl`` (not POSIX) nothing is locked."""
+    p = resolve_dir(path, flag=flag)
+    created = not p.exists()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"{flag} {path}: cannot create {p} ({e.strerror or e})") from None
+    lock_file = p / LOCK_NAMES[kind]
+    if fcntl is None:  # pragma: no cover
+        return DirLock(p, lock_file, None, created)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(
+                f"{p} is in use by another sparsam {kind} (pid {holder}); wait for it to end, or stop it"
+            ) from None
+        # The holder removes the file on release: if it was removed (or replaced) between our open
+        # and our lock, we locked a file nobody else sees; take the one at the path instead.
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return DirLock(p, lock_file, fd, created)
+
+
+def read_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a run directory (the whole file), checked to hold a ``"config"``
+    object; otherwise a :class:`RunDirError` says that the file is damaged."""
+    f = Path(path) / CONFIG
+    meta = read_json(f)
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{f} is damaged: it holds a JSON {type(meta).__name__}, not an object with a 'config' entry")
+    if not isinstance(meta.get("config"), dict):
+        got = "no 'config' entry" if "config" not in meta else f"a {type(meta['config']).__name__} as 'config'"
+        raise RunDirError(f"{f} is damaged: it holds {got}, not an object of settings")
+    return meta
+
+
 def state(out: str | os.PathLike[str]) -> str:
     """``"empty"`` (no run), ``"started"`` (config.json, no finished summary) or ``"finished"``."""
     out = Path(out)
@@ -50,7 +157,7 @@ def state(out: str | os.PathLike[str]) -> str:
         try:
             if json.loads(summary.read_text()).get("finished"):
                 return "finished"
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
             pass
     if (out / CONFIG).is_file() or (out / CHECKPOINT).is_file():
         return "started"
@@ -117,9 +224,11 @@ class RunRecord:
 
 def load_run(path: str | os.PathLike[str]) -> RunRecord:
     p = Path(path)
-    meta = read_json(p / CONFIG)
+    meta = read_run_config(p)
     summary = read_json(p / SUMMARY) if (p / SUMMARY).is_file() else None
-    return RunRecord(path=p, config=dict(meta.get("config", {})), meta=meta, metrics=read_metrics(p), summary=summary)
+    if summary is not None and not isinstance(summary, dict):
+        raise RunDirError(f"{p / SUMMARY} is damaged: it holds a JSON {type(summary).__name__}, not an object")
+    return RunRecord(path=p, config=dict(meta["config"]), meta=meta, metrics=read_metrics(p), summary=summary)
 
 
 def find_runs(paths: list[str]) -> list[Path]:
