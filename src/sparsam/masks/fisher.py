@@ -44,7 +44,6 @@ from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
 BN_STATS = ("running", "sample")
 
-# Default memory budget for the per-sample gradients of one chunk (chunk_size=None).
 # Default memory budget for the per-sample gradients of one chunk (chunk_size=None), and a cap on
 # the chunk (larger chunks were slower on a CPU: benchmarks/fisher_cost.py, width-16 ResNet-18).
 _CHUNK_BYTES = 512 * 2**20

@@ -159,6 +159,7 @@ class SAM(Optimizer):
         self._in_perturbation = False
         self._found_inf: Tensor | None = None
         self._scaler: Any = None
+        self._compute = 0.0  # forward+backward passes so far, in SGD-step equivalents (see compute)
         # Optimizer.__init__ calls self.add_param_group for every group; ours recognises the
         # base's own groups and only adds the SAM settings to them.
         super().__init__(base.param_groups, {**base.defaults, **self._sam_defaults})
@@ -200,6 +201,21 @@ class SAM(Optimizer):
 
     def _after_step(self) -> None:
         """Called at the end of :meth:`second_step`."""
+
+    def _pass_cost(self, kind: str) -> float:
+        """What the pass before [`first_step`][sparsam.SAM.first_step] (``kind="ascent"``) or
+        [`second_step`][sparsam.SAM.second_step] (``"descent"``) cost, in forward+backward passes
+        over the whole batch: 1.0 for SAM; a variant whose pass uses part of the batch returns less."""
+        return 1.0
+
+    @property
+    def compute(self) -> float:
+        """Training compute so far in SGD-step equivalents: forward+backward passes over a whole
+        batch, counted (not timed) by the optimizer: a SAM step adds 2, a step that runs one pass
+        adds 1, a pass over a fraction f of the batch adds f (a forward-only pass over the batch
+        adds 1/3, a backward costing about twice a forward). Saved in
+        [`state_dict`][sparsam.SAM.state_dict], so a resumed run continues the count."""
+        return self._compute
 
     # ------------------------------------------------------------------ the two passes
     _current_pass: str | None = None
@@ -309,6 +325,7 @@ class SAM(Optimizer):
                 perturbed += ps
         self._perturbed = perturbed
         self._in_perturbation = True
+        self._compute += self._pass_cost("ascent")
         if zero_grad:
             self.zero_grad()
 
@@ -346,6 +363,7 @@ class SAM(Optimizer):
         if base_step:
             self._base_step(scaler, before_base_step)
         self._after_step()
+        self._compute += self._pass_cost("descent")
         # An LR scheduler built on this optimizer patches step() to record that the optimizer has
         # stepped; the two-step API never calls step(), so record it here, or the scheduler warns
         # that lr_scheduler.step() came first.
@@ -408,6 +426,20 @@ class SAM(Optimizer):
             scaler.step(self.base_optimizer)
         else:
             self.base_optimizer.step()
+
+    def _one_pass_step(
+        self, closure: Callable[[], Any], *, grad_scaler: Any = None, before_base_step: Callable[[], Any] | None = None
+    ) -> Any:
+        """A step without perturbation, for variants that skip the ascent on some steps: the closure
+        once at ``w`` (``current_pass`` is ``None``: a clean pass whose gradient is all-reduced),
+        then [unscale, clip, hook and] the base step. Returns the closure's result."""
+        with torch.enable_grad():
+            loss = closure()
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        with torch.no_grad():
+            self._base_step(scaler, before_base_step)
+        self._opt_called = True
+        return loss
 
     @torch.no_grad()
     def restore(self) -> bool:
@@ -509,14 +541,15 @@ class SAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
-        return {"version": 1, "type": type(self).__name__, "base": type(self.base_optimizer).__name__}
+        return {"version": 1, "type": type(self).__name__, "base": type(self.base_optimizer).__name__,
+                "compute": self._compute}
 
     def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
         """Raise if ``extra`` (the ``"sparsam"`` entry) cannot be loaded here; change nothing."""
         if not isinstance(extra, Mapping):
             raise TypeError(f"the state dict's 'sparsam' entry must be a dict, got {type(extra).__name__}")
         kind = extra.get("type")
-        unknown = sorted(set(extra) - {"version", "type", "base"})
+        unknown = sorted(set(extra) - {"version", "type", "base", "compute"})
         if kind not in (None, type(self).__name__) and unknown:
             hint = " Load it into SSAM (with the same mask source)." if kind == "SSAM" else ""
             raise ValueError(
@@ -618,6 +651,7 @@ class SAM(Optimizer):
             self._backup = {}
             if extra is not None:
                 self._load_extra_state(extra)
+                self._compute = float(extra.get("compute", 0.0))
         except BaseException:
             self.base_optimizer.load_state_dict(before[0])
             self._relink()
