@@ -40,7 +40,7 @@ def test_deterministic_per_seed():
     old = _labels(500, 10)
     a, ia = noisy_labels(old, 0.3, 10, seed=1)
     b, ib = noisy_labels(old, 0.3, 10, seed=1)
-    c, ic = noisy_labels(old, 0.3, 10, seed=2)
+    _c, ic = noisy_labels(old, 0.3, 10, seed=2)
     assert torch.equal(a, b) and torch.equal(ia, ib)
     assert not torch.equal(ia, ic)
 
