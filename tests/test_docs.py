@@ -302,21 +302,49 @@ def test_built_pages_show_no(built, rule):
     assert not found, f"{rule} in the built site ({len(found)}):\n" + "\n".join(found[:30])
 
 
+def rules_cutting_cells(css: str) -> list[str]:
+    """The rules of a stylesheet that keep a table cell on one line (its column is then cut off)."""
+    bad = []
+    for m in re.finditer(r"([^{}]+)\{([^{}]*)\}", re.sub(r"/\*.*?\*/", "", css, flags=re.S)):
+        selectors, body = m.group(1), m.group(2)
+        # the element a selector styles is its last compound: `td` and `.x td` style a cell, `td code` does not
+        styled = [re.split(r"[\s>+~]+", s.strip())[-1] for s in selectors.split(",")]
+        if any(re.match(r"(td|th|tr|table)\b", s) for s in styled) and re.search(
+            r"white-space\s*:\s*(nowrap|pre)\b|text-overflow\s*:\s*ellipsis", body
+        ):
+            bad.append(f"{selectors.strip()[:200]} {{{body.strip()[:120]}}}")
+    return bad
+
+
 def test_no_stylesheet_cuts_table_cells(built):
     """No rule of any stylesheet the site ships keeps table cells on one line (columns cut off)."""
     assert built.returncode == 0, "the site did not build"
     sheets = sorted(built.site.rglob("*.css"))
     assert sheets
-    bad = []
-    for css in sheets:
-        text = re.sub(r"/\*.*?\*/", "", css.read_text(encoding="utf-8"), flags=re.S)
-        for m in re.finditer(r"([^{}]+)\{([^{}]*)\}", text):
-            selectors, body = m.group(1), m.group(2)
-            if re.search(r"(?<![\w-])(td|th|table|tr)(?![\w-])", selectors) and re.search(
-                r"white-space\s*:\s*(nowrap|pre)\b|text-overflow\s*:\s*ellipsis", body
-            ):
-                bad.append(f"{css.relative_to(built.site)}: {selectors.strip()[:200]} {{{body.strip()[:120]}}}")
+    bad = [f"{css.relative_to(built.site)}: {r}" for css in sheets for r in rules_cutting_cells(css.read_text(encoding="utf-8"))]
     assert not bad, "stylesheet rules that cut table cells:\n" + "\n".join(bad)
+
+
+def test_the_checks_catch_what_they_are_for():
+    """Each check fires on a page that has its problem (so a passing check means something)."""
+    # the rule of the readthedocs theme that cut the columns
+    assert rules_cutting_cells(".wy-table-responsive table td, .wy-table-responsive table th{white-space:nowrap}")
+    assert rules_cutting_cells("@media screen{.md-typeset td{color:red;white-space: nowrap}}")
+    assert not rules_cutting_cells(".md-typeset td code{white-space:nowrap} .md-typeset td{white-space:normal}")
+    bad = {
+        "reStructuredText directive": "<p>.. math::\n    x</p>",
+        "raw LaTeX": "<p>density \\phi(t) = \\frac1n</p>",
+        "doctest prompt outside a code block": "<p>&gt;&gt;&gt; import sparsam &gt;&gt;&gt; x</p>",
+        "escaped table pipe": "<td><code>--opt sgd\\|sam</code></td>",
+        "'# docs:' snippet marker": "<pre><code># docs: run\nimport torch</code></pre>",
+    }
+    assert bad.keys() == TEXT_RULES.keys()
+    for rule, html in bad.items():
+        pattern, where = TEXT_RULES[rule]
+        assert re.search(pattern, _haystack(Page.parse(html), where), re.M), rule
+    good = "<p>ρ‖g‖₂ with <code>T = |w| + eta</code>; see <a href='api/'>API</a>.</p><pre><code>a[::2]</code></pre>"
+    for rule, (pattern, where) in TEXT_RULES.items():
+        assert not re.search(pattern, _haystack(Page.parse(good), where), re.M), rule
 
 
 def test_site_loads_nothing_from_the_network(built):
