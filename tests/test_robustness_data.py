@@ -119,3 +119,30 @@ def test_stream_names_a_damaged_file_also_from_a_worker(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         skipping[0]
+
+
+def test_the_cli_names_a_damaged_file_in_one_line_or_skips_it(tmp_path, capsys):
+    from sparsam.__main__ import main
+
+    data = tmp_path / "folder"
+    make_folder(data, n=(4, 2))
+    bad = data / "train" / "b" / "002.jpg"
+    truncate(bad)
+    common = ["train", "--data", str(data), "--batch-size", "4", "--epochs", "1", "--threads", "1", "--workers", "2",
+              "--no-progress", "--augment", "none"]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "--skip-damaged" in err and "Traceback" not in err
+    with pytest.warns(UserWarning, match="skipped 1 damaged image file"):
+        assert main([*common, "--skip-damaged", "--out", str(tmp_path / "r2")]) == 0
+    saved = __import__("json").loads((tmp_path / "r2" / "config.json").read_text())
+    assert saved["config"]["skip_damaged"] is True and saved["data"]["train_size"] == 7
+    capsys.readouterr()
+    stream = [*common, "--folder-mode", "stream", "--image-size", "8"]
+    assert main([*stream, "--out", str(tmp_path / "r3")]) == 2  # found by a DataLoader worker mid-epoch
+    err = capsys.readouterr().err.strip()
+    errors = [ln for ln in err.splitlines() if "error" in ln]  # the other line: "training sgd on ..."
+    assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in err, err
+    with pytest.warns(UserWarning, match="skipping damaged image file"):
+        assert main([*stream, "--workers", "0", "--skip-damaged", "--out", str(tmp_path / "r4")]) == 0

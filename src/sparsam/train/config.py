@@ -71,6 +71,9 @@ class TrainConfig:
                           choices=("auto", "memory", "stream"))
     image_size: int = _f(224, "crop size for streamed image folders (random-resized crop / centre crop)", group="data")
     workers: int = _f(4, "DataLoader worker processes for decoding image folders", group="data", identity=False)
+    skip_damaged: bool = _f(False, "image folders: leave out image files that cannot be decoded (truncated, "
+                            "corrupted), with a warning that counts them; without it the first one is an error "
+                            "naming the file", group="data")
 
     # ---------------------------------------------------------------- model
     model: str = _f("smallcnn", f"architecture from sparsam.models ({', '.join(list_models())}, any wrn{{depth}}-{{k}})",

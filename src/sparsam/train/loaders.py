@@ -141,7 +141,7 @@ def _first_image_side(root: str) -> tuple[int, str]:
 def _folder_subset_splits(cfg: TrainConfig) -> Any:
     """An image folder in memory, decoding only the files of the chosen subsets."""
     from ..data.dataset import ArrayDataset, DatasetSplits, channel_stats
-    from ..data.image_folder import decode_images, find_split_dirs, list_classes, scan_split
+    from ..data.image_folder import _stack, damaged_message, decode_files, find_split_dirs, list_classes, scan_split
 
     train_dir, test_dir = find_split_dirs(cfg.data)
     classes = list_classes(train_dir)
@@ -155,7 +155,22 @@ def _folder_subset_splits(cfg: TrainConfig) -> Any:
             files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         picked[split] = (files, labels)
     n_train = len(picked["train"][0])
-    images, _ = decode_images(picked["train"][0] + picked["test"][0], num_workers=_decode_workers(cfg) if n_train > 2000 else 0)
+    files = picked["train"][0] + picked["test"][0]
+    decoded, damaged = decode_files(files, num_workers=_decode_workers(cfg) if n_train > 2000 else 0)
+    if damaged:  # truncated / corrupted files: an error naming the first, or left out (--skip-damaged)
+        if not cfg.skip_damaged:
+            raise UserError(f"--data {cfg.data}: {damaged_message(damaged, cfg.data)}")
+        import warnings
+
+        warnings.warn(f"skipped {len(damaged)} damaged image file(s) of {cfg.data} (first: {damaged[0][0]}: "
+                      f"{damaged[0][1]})", stacklevel=2)
+        for split, lo, hi in (("train", 0, n_train), ("test", n_train, len(files))):
+            fs, ys = picked[split]
+            picked[split] = ([f for f, a in zip(fs, decoded[lo:hi]) if a is not None],
+                             [y for y, a in zip(ys, decoded[lo:hi]) if a is not None])
+        n_train = len(picked["train"][0])
+        files = [f for f, a in zip(files, decoded) if a is not None]
+    images, _ = _stack(files, [a for a in decoded if a is not None])
     train = ArrayDataset(torch.from_numpy(images[:n_train].copy()), torch.tensor(picked["train"][1], dtype=torch.int64))
     test = ArrayDataset(torch.from_numpy(images[n_train:].copy()), torch.tensor(picked["test"][1], dtype=torch.int64))
     mean, std = channel_stats(train.images)
@@ -232,6 +247,7 @@ def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: in
             cfg.data, root=cfg.data_root, download=cfg.download,
             num_workers=_decode_workers(cfg) if kind == "folder" else None,
             max_image_side=10**9 if cfg.folder_mode == "memory" else MEMORY_MAX_SIDE,
+            **({"skip_damaged": cfg.skip_damaged} if kind == "folder" else {}),
         )
         splits.train = _subset_array(splits.train, cfg.train_subset, cfg, "train")
         splits.test = _subset_array(splits.test, cfg.test_subset, cfg, "test")
@@ -321,7 +337,16 @@ class StreamLoader:
             drop_last=self.drop_last, num_workers=self.workers, generator=g,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
-        for x, y in loader:
+        from ..data import DamagedImageError
+
+        batches = iter(loader)
+        while True:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            except DamagedImageError as e:  # one line naming the file, not a worker's traceback
+                raise UserError(f"--data: {e}") from None
             yield to_device_batch(x, y, device=self.device, mean=self.mean, std=self.std,
                                   channels_last=self.channels_last, non_blocking=self.device.type == "cuda")
 
@@ -342,10 +367,12 @@ def _build_stream(cfg: TrainConfig, *, device: torch.device, rank: int, world_si
     std = [sum(IMAGENET_STD) / 3] if gray else list(IMAGENET_STD)
     aug_name = "none" if cfg.augment == "none" else "random-resized-crop"
     train_tf = ResizeCenterCrop(cfg.image_size) if aug_name == "none" else RandomResizedCrop(cfg.image_size)
-    train_ds: Any = ImageFolderStream(cfg.data, split="train", transform=train_tf, mode=mode)
-    test_ds: Any = ImageFolderStream(cfg.data, split="test", transform=ResizeCenterCrop(cfg.image_size), mode=mode)
+    skip = cfg.skip_damaged
+    train_ds: Any = ImageFolderStream(cfg.data, split="train", transform=train_tf, mode=mode, skip_damaged=skip)
+    test_ds: Any = ImageFolderStream(cfg.data, split="test", transform=ResizeCenterCrop(cfg.image_size), mode=mode,
+                                     skip_damaged=skip)
     fisher_tf = train_tf if cfg.fisher_augment else ResizeCenterCrop(cfg.image_size)  # augmented: the authors'
-    fisher_ds: Any = ImageFolderStream(cfg.data, split="train", transform=fisher_tf, mode=mode)
+    fisher_ds: Any = ImageFolderStream(cfg.data, split="train", transform=fisher_tf, mode=mode, skip_damaged=skip)
     classes = train_ds.class_names
     if cfg.label_noise > 0:
         raise ConfigError("--label-noise needs the data in memory (CIFAR, digits, or a folder of small images "
