@@ -238,6 +238,24 @@ class SAM(Optimizer):
         batch returns less while ``current_pass == "ascent"``."""
         return 1.0
 
+    @property
+    def batch_index(self) -> Tensor | None:
+        """The samples of its batch a closure should use in the current pass, as an index tensor
+        (``x[opt.batch_index]``), or ``None`` for all of them (then [`batch_fraction`][sparsam.SAM.batch_fraction]
+        applies): ``None`` for SAM. ESAM's data selection sets it in its descent pass."""
+        return None
+
+    @property
+    def wants_sample_losses(self) -> bool:
+        """True when the closure should hand the per-sample losses of the samples it used to
+        [`record_sample_losses`][sparsam.SAM.record_sample_losses] (ESAM's data selection, in its
+        ascent pass and its forward-only ``"measure"`` pass). Always False for SAM."""
+        return False
+
+    def record_sample_losses(self, losses: Tensor) -> None:
+        """Receive the per-sample losses of the current pass (a 1-D tensor, one per sample, in the
+        batch's order). SAM ignores them; see [`wants_sample_losses`][sparsam.SAM.wants_sample_losses]."""
+
     @contextmanager
     def _in_pass(self, name: str | None) -> Iterator[None]:
         previous, self._current_pass = self._current_pass, name

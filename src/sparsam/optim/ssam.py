@@ -357,7 +357,7 @@ class SSAM(SAM):
     def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
         if not isinstance(extra, Mapping):
             raise TypeError(f"the state dict's 'sparsam' entry must be a dict, got {type(extra).__name__}")
-        if extra.get("type") not in (None, "SSAM"):
+        if extra.get("type") not in (None, "SSAM", type(self).__name__):  # subclasses: ScheduledSSAM, ESAM, ...
             raise ValueError(f"cannot load a {extra.get('type')!r} state into SSAM: it holds no masks")
         if extra.get("form", self.form) != self.form:
             raise ValueError(f"checkpoint was saved with form={extra['form']!r}, this optimizer has form={self.form!r}")

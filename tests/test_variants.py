@@ -1,0 +1,402 @@
+"""SAM sparse in time and in samples, LookSAM and ESAM (issue 15): closed forms on a quadratic,
+equivalences with SAM / SSAM / SGD, exact resume, compute counting and the errors."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsam import SAM, SSAM
+from sparsam.masks import AllOnesMask, RandomMask
+from sparsam.masks.stochastic import StochasticMask
+from sparsam.optim.esam import ESAM, FORWARD_COST
+from sparsam.optim.looksam import LookSAM, LookSSAM
+from sparsam.optim.schedule import SAMSchedule, ScheduledSAM, ScheduledSSAM
+
+RHO, LR, EPS = 0.3, 0.1, 1e-12
+
+
+# ---------------------------------------------------------------------------------- the quadratic
+class Quad(nn.Module):
+    """Per-sample loss ℓᵢ(w) = ½ (w − cᵢ)ᵀ A (w − cᵢ) with w = (w1, w2) and A block diagonal, so a
+    batch's gradient is A (w − mean c) in closed form."""
+
+    def __init__(self, a1: torch.Tensor, a2: torch.Tensor) -> None:
+        super().__init__()
+        self.a1, self.a2 = a1, a2
+        self.w1 = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.tensor([0.3, 1.5], dtype=torch.float64))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:  # per-sample losses
+        d1, d2 = self.w1 - c[:, :3], self.w2 - c[:, 3:]
+        return 0.5 * ((d1 @ self.a1) * d1).sum(1) + 0.5 * ((d2 @ self.a2) * d2).sum(1)
+
+
+def _spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return m @ m.T + n * torch.eye(n, dtype=torch.float64)
+
+
+A1, A2 = _spd(3, 1), _spd(2, 2)
+A = torch.block_diag(A1, A2)
+C = torch.randn(8, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def quad() -> Quad:
+    return Quad(A1, A2)
+
+
+def grad(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return A @ (w - c.mean(0))
+
+
+def losses(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    d = w - c
+    return 0.5 * ((d @ A) * d).sum(1)
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def closure_for(opt: SAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None):
+    """The closure every caller of the contract writes: batch_index, batch_fraction, per-sample losses."""
+
+    def per_sample(xb: torch.Tensor, yb: torch.Tensor | None) -> torch.Tensor:
+        out = model(xb)
+        return out if yb is None else F.cross_entropy(out, yb, reduction="none")
+
+    def closure():
+        if opt.current_pass == "measure":
+            opt.record_sample_losses(per_sample(x, y))
+            return None
+        idx = opt.batch_index
+        xb, yb = (x, y) if idx is None else (x[idx], None if y is None else y[idx])
+        k = math.ceil(opt.batch_fraction * xb.shape[0])
+        ls = per_sample(xb[:k], None if yb is None else yb[:k])
+        if opt.wants_sample_losses:
+            opt.record_sample_losses(ls)
+        loss = ls.mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def run(opt: SAM, model: nn.Module, steps: int, x: torch.Tensor = C, y: torch.Tensor | None = None) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(closure_for(opt, model, x, y))
+
+
+def sam_ref(w: torch.Tensor, c_ascent: torch.Tensor, rho: float = RHO, c_descent: torch.Tensor = C) -> torch.Tensor:
+    """One SAM step on the quadratic: e = ρ g/‖g‖ (for c = all samples, e = ρAw'/‖Aw'‖ with w' = w − c̄)."""
+    g = grad(w, c_ascent)
+    e = rho * g / (g.norm() + EPS)
+    return w - LR * grad(w + e, c_descent)
+
+
+# ---------------------------------------------------------------------------------- sparse in time
+def test_schedule_every_start_ramp_matches_closed_form():
+    total = 12
+    model = quad()
+    opt = ScheduledSAM(
+        model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, every=2, start=0.25, ramp=0.5, total_steps=total
+    )
+    run(opt, model, total)
+    w = torch.cat([quad().w1.detach(), quad().w2.detach()])
+    t0, ramp = 3, 6
+    for t in range(total):
+        if t >= t0 and (t - t0) % 2 == 0:
+            w = sam_ref(w, C, rho=RHO * min(1.0, (t - t0 + 1) / ramp))
+        else:
+            w = w - LR * grad(w, C)
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    assert opt.steps == total
+    assert opt.compute == pytest.approx(3 + 2 * 5 + 4)  # 3 before the start, 5 SAM steps (2 each), 4 plain
+
+
+def test_one_sam_step_on_the_quadratic_is_rho_Aw_over_norm():
+    model = quad()
+    opt = ScheduledSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    c = torch.zeros(4, 5, dtype=torch.float64)  # c̄ = 0: f(w) = ½ wᵀAw
+    w = flat(model)
+    e = RHO * (A @ w) / (A @ w).norm()
+    run(opt, model, 1, x=c)
+    torch.testing.assert_close(flat(model), w - LR * A @ (w + e), rtol=0, atol=1e-13)
+
+
+def test_trivial_schedule_is_sam_bitwise_and_plain_steps_are_the_base_optimizer():
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    a, b = mlp(), mlp()
+    run(SAM(a.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=a), a, 4, x, y)
+    run(ScheduledSAM(b.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=b), b, 4, x, y)
+    assert torch.equal(flat(a), flat(b))
+    # before the SAM phase a step is exactly the base optimizer's
+    c, d = mlp(), mlp()
+    run(ScheduledSAM(c.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, start=0.5, total_steps=8), c, 3, x, y)
+    sgd = torch.optim.SGD(d.parameters(), lr=LR, momentum=0.9)
+    for _ in range(3):
+        sgd.zero_grad()
+        F.cross_entropy(d(x), y, reduction="none").mean().backward()
+        sgd.step()
+    assert torch.equal(flat(c), flat(d))
+
+
+def test_schedule_composes_with_ssam_masks():
+    model, ref = quad(), quad()
+    ones = ScheduledSSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, every=3, mask=AllOnesMask())
+    plain = ScheduledSAM(ref.parameters(), torch.optim.SGD, rho=RHO, lr=LR, every=3)
+    run(ones, model, 6)
+    run(plain, ref, 6)
+    assert torch.equal(flat(model), flat(ref))  # SSAM with all-true masks is SAM, step for step
+    assert ones._steps == 2  # the mask clock counts perturbing steps
+
+
+# ---------------------------------------------------------------------------------- sparse in samples
+def test_ascent_fraction_uses_the_first_part_of_the_batch():
+    model = quad()
+    opt = ScheduledSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, ascent_fraction=0.25)
+    run(opt, model, 3)
+    w = torch.cat([quad().w1.detach(), quad().w2.detach()])
+    for _ in range(3):
+        w = sam_ref(w, C[:2])  # ceil(0.25 * 8) = 2 samples define e; pass 2 uses all 8
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    assert opt.compute == pytest.approx(3 * 1.25)
+
+
+# ---------------------------------------------------------------------------------- LookSAM
+def test_looksam_matches_the_papers_rule():
+    k, alpha, steps = 3, 0.7, 8
+    model = quad()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, k=k, alpha=alpha)
+    run(opt, model, steps)
+    w = torch.cat([quad().w1.detach(), quad().w2.detach()])
+    gv = None
+    for t in range(steps):
+        g = grad(w, C)
+        if t % k == 0:
+            gs = grad(w + RHO * g / (g.norm() + EPS), C)
+            gv = gs - (g @ gs) / (g @ g) * g  # g_s minus its projection on g
+            w = w - LR * gs
+        else:
+            w = w - LR * (g + alpha * g.norm() / (gv.norm() + EPS) * gv)
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    assert opt.compute == pytest.approx(3 * 2 + 5)
+
+
+def test_looksam_k1_is_sam_and_lookssam_with_all_true_masks_is_looksam():
+    a, b = quad(), quad()
+    run(LookSAM(a.parameters(), torch.optim.SGD, rho=RHO, lr=LR, k=1), a, 4)
+    run(SAM(b.parameters(), torch.optim.SGD, rho=RHO, lr=LR), b, 4)
+    assert torch.equal(flat(a), flat(b))
+    c, d = quad(), quad()
+    run(LookSSAM(c.parameters(), torch.optim.SGD, rho=RHO, lr=LR, k=3, mask=AllOnesMask()), c, 7)
+    run(LookSAM(d.parameters(), torch.optim.SGD, rho=RHO, lr=LR, k=3), d, 7)
+    assert torch.equal(flat(c), flat(d))
+
+
+# ---------------------------------------------------------------------------------- ESAM
+def _swp_draws(seed: int, beta: float, n_draws: int) -> list[list[bool]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[bool(torch.rand((), generator=g) < beta) for _ in range(2)] for _ in range(n_draws)]
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_esam_matches_swp_and_sds_by_hand(gamma):
+    beta, seed, steps = 0.5, 7, 6
+    model = quad()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, beta=beta, gamma=gamma, seed=seed, model=model)
+    run(opt, model, steps)
+    w = torch.cat([quad().w1.detach(), quad().w2.detach()])
+    blocks = [slice(0, 3), slice(3, 5)]
+    draws = _swp_draws(seed, beta, steps)  # step t perturbs with draw t (drawn at the end of step t-1)
+    assert {tuple(d) for d in draws} >= {(True, True), (False, False), (False, True)}  # every case occurs
+    for t in range(steps):
+        g = grad(w, C)
+        m = torch.zeros_like(w)
+        for keep, blk in zip(draws[t], blocks):
+            m[blk] = float(keep)
+        gm = m * g
+        e = (RHO / beta) * gm / (gm.norm() + EPS) if gm.norm() > 0 else torch.zeros_like(w)
+        if gamma < 1:
+            rise = losses(w + e, C) - losses(w, C)
+            chosen = torch.topk(rise, int(gamma * len(C))).indices
+            w = w - LR * grad(w + e, C[chosen])
+        else:
+            w = w - LR * grad(w + e, C)
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    per_step = 1 + (1.0 if gamma == 1 else gamma + FORWARD_COST)
+    assert opt.compute == pytest.approx(steps * per_step)
+
+
+def test_esam_pass_one_skips_unperturbed_tensors():
+    model = quad()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, beta=0.5, seed=7, gamma=1.0, model=model)
+    seen = []
+
+    def closure():
+        loss = model(C).mean()
+        loss.backward()
+        if opt.current_pass == "ascent":
+            seen.append([p.grad is not None for p in model.parameters()])
+        return loss
+
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        opt.step(closure)
+    # a tensor the step's draw leaves out gets no ascent gradient (all left out: pass 1 stays as it is)
+    assert seen == [d if any(d) else [True, True] for d in _swp_draws(7, 0.5, 4)]
+    assert any(d != [True, True] for d in seen)
+
+
+def test_esam_with_another_mask_source_and_errors():
+    model = quad()
+    ESAM(model.parameters(), torch.optim.SGD, lr=LR, mask=RandomMask(0.5), gamma=0.5)
+    with pytest.raises(ValueError, match="beta=0.6"):
+        ESAM(model.parameters(), torch.optim.SGD, lr=LR, mask=RandomMask(0.5), beta=0.6)
+    with pytest.raises(ValueError, match=r"gamma=0.5.*ascent_fraction=0.25"):
+        ESAM(model.parameters(), torch.optim.SGD, lr=LR, gamma=0.5, ascent_fraction=0.25)
+    with pytest.raises(ValueError, match="gamma"):
+        ESAM(model.parameters(), torch.optim.SGD, lr=LR, gamma=0.0)
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=LR, gamma=0.5, model=model)
+    w = flat(model)
+
+    def unaware():
+        loss = model(C).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"gamma=0.5.*record_sample_losses"):
+        opt.step(unaware)
+    assert torch.equal(flat(model), w)  # nothing moved
+
+
+def test_constructor_errors_name_the_values():
+    params = quad().parameters()
+    with pytest.raises(ValueError, match="every=2"):
+        LookSAM(params, torch.optim.SGD, lr=LR, k=5, every=2)
+    with pytest.raises(ValueError, match="total_steps"):
+        SAMSchedule(start=0.5)
+    with pytest.raises(ValueError, match="every"):
+        SAMSchedule(every=0)
+    with pytest.raises(ValueError, match="ascent_fraction"):
+        ScheduledSAM(quad().parameters(), torch.optim.SGD, lr=LR, ascent_fraction=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        StochasticMask(1.5)
+
+
+def test_stochastic_mask_granularities():
+    from sparsam.masks.base import MaskContext
+
+    params = {"a": torch.zeros(50, 40), "b": torch.zeros(30)}
+    ctx = MaskContext(params=params, model=None, loss_fn=None, data=None, step=0, grads={}, masks={})
+    src = StochasticMask(0.3, granularity="coordinate", seed=1)
+    m = src.init(ctx)
+    assert 0.2 < m["a"].float().mean() < 0.4
+    tens = StochasticMask(0.5, seed=2)
+    for _ in range(5):
+        for mk in tens.update(ctx).values():
+            assert bool(mk.all()) or not bool(mk.any())
+    state = tens.state_dict()
+    again = StochasticMask(0.5, seed=99)
+    again.load_state_dict(state)
+    assert all(torch.equal(u, v) for u, v in zip(tens.update(ctx).values(), again.update(ctx).values()))
+
+
+# ---------------------------------------------------------------------------------- exact resume
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+FACTORIES = {
+    "scheduled": lambda m: ScheduledSAM(
+        m.parameters(),
+        torch.optim.SGD,
+        lr=LR,
+        momentum=0.9,
+        model=m,
+        every=2,
+        start=0.2,
+        ramp=0.5,
+        total_steps=10,
+        ascent_fraction=0.5,
+    ),
+    "scheduled-ssam": lambda m: ScheduledSSAM(
+        m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, every=3, sparsity=0.5
+    ),
+    "looksam": lambda m: LookSAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, k=3),
+    "lookssam": lambda m: LookSSAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, k=3, sparsity=0.5),
+    "esam": lambda m: ESAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, beta=0.5, gamma=0.5),
+    "esam-random": lambda m: ESAM(
+        m.parameters(),
+        torch.optim.SGD,
+        lr=LR,
+        momentum=0.9,
+        model=m,
+        mask=RandomMask(0.5, update_every=2),
+        gamma=0.5,
+        every=2,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_exact_resume(name):
+    gen = torch.Generator().manual_seed(5)
+    batches = [
+        (torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(10)
+    ]
+
+    def steps(model, opt, part):
+        for x, y in part:
+            opt.zero_grad()
+            opt.step(closure_for(opt, model, x, y))
+
+    a = _mlp()
+    oa = FACTORIES[name](a)
+    steps(a, oa, batches)
+    b = _mlp()
+    ob = FACTORIES[name](b)
+    steps(b, ob, batches[:5])
+    buf = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": ob.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    c = _mlp()
+    oc = FACTORIES[name](c)
+    c.load_state_dict(saved["model"])
+    oc.load_state_dict(saved["opt"])
+    steps(c, oc, batches[5:])
+    assert torch.equal(flat(a), flat(c))
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), c.state_dict().values()))
+    assert oa.compute == oc.compute
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(oa.state[p]["momentum_buffer"], oc.state[q]["momentum_buffer"])
+
+
+def test_compute_is_counted_and_saved():
+    m = quad()
+    opt = SAM(m.parameters(), torch.optim.SGD, lr=LR)
+    run(opt, m, 3)
+    assert opt.compute == 6.0
+    sd = opt.state_dict()
+    assert sd["sparsam"]["compute"] == 6.0
+    m2 = quad()
+    opt2 = SSAM(m2.parameters(), torch.optim.SGD, lr=LR, sparsity=0.5)
+    assert opt2.compute == 0.0
+    opt3 = SAM(quad().parameters(), torch.optim.SGD, lr=LR)
+    opt3.load_state_dict(sd)
+    assert opt3.compute == 6.0
