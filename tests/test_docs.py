@@ -307,9 +307,8 @@ def rules_cutting_cells(css: str) -> list[str]:
     bad = []
     for m in re.finditer(r"([^{}]+)\{([^{}]*)\}", re.sub(r"/\*.*?\*/", "", css, flags=re.S)):
         selectors, body = m.group(1), m.group(2)
-        # the element a selector styles is its last compound: `td` and `.x td` style a cell, `td code` does not
-        styled = [re.split(r"[\s>+~]+", s.strip())[-1] for s in selectors.split(",")]
-        if any(re.match(r"(td|th|tr|table)\b", s) for s in styled) and re.search(
+        # a cell, or anything inside one (`td code` with nowrap makes a long identifier push the column out)
+        if re.search(r"(?<![\w-])(td|th|tr|table)(?![\w-])", selectors) and re.search(
             r"white-space\s*:\s*(nowrap|pre)\b|text-overflow\s*:\s*ellipsis", body
         ):
             bad.append(f"{selectors.strip()[:200]} {{{body.strip()[:120]}}}")
@@ -330,7 +329,8 @@ def test_the_checks_catch_what_they_are_for():
     # the rule of the readthedocs theme that cut the columns
     assert rules_cutting_cells(".wy-table-responsive table td, .wy-table-responsive table th{white-space:nowrap}")
     assert rules_cutting_cells("@media screen{.md-typeset td{color:red;white-space: nowrap}}")
-    assert not rules_cutting_cells(".md-typeset td code{white-space:nowrap} .md-typeset td{white-space:normal}")
+    assert rules_cutting_cells(".md-typeset table:not([class]) td code{white-space:nowrap}")
+    assert not rules_cutting_cells(".md-typeset td{white-space:normal} .md-typeset th{min-width:0} pre{white-space:pre}")
     bad = {
         "reStructuredText directive": "<p>.. math::\n    x</p>",
         "raw LaTeX": "<p>density \\phi(t) = \\frac1n</p>",
