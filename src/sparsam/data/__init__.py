@@ -1,18 +1,23 @@
 """Data for training: in-memory datasets cut into batches on the device, and streamed image folders.
 
 Small datasets (digits, CIFAR, folders of small images) are held as a uint8 tensor (N, C, H, W) and
-int64 labels (:class:`ArrayDataset`), moved to the device once; :class:`DeviceLoader` gathers,
-normalises and augments (:func:`cifar_augment`) whole batches there. Large image folders stream
-through a torch DataLoader over :class:`ImageFolderStream`.
+int64 labels ([`ArrayDataset`][sparsam.data.ArrayDataset]), moved to the device once;
+[`DeviceLoader`][sparsam.data.DeviceLoader] gathers, normalises and augments
+([`cifar_augment`][sparsam.data.cifar_augment]) whole batches there. Large image folders stream
+through a torch DataLoader over [`ImageFolderStream`][sparsam.data.ImageFolderStream].
 
->>> from sparsam.data import load_dataset, make_loaders, cifar_augment
->>> splits = load_dataset("cifar10", download=True)
->>> train, test = make_loaders(splits, batch_size=128, device="cuda", augment=cifar_augment)
->>> for epoch in range(200):
-...     train.set_epoch(epoch)
-...     for x, y in train: ...
+```python
+from sparsam.data import load_dataset, make_loaders, cifar_augment
 
-See ``docs/models_and_data.md``.
+splits = load_dataset("cifar10", download=True)
+train, test = make_loaders(splits, batch_size=128, device="cuda", augment=cifar_augment)
+for epoch in range(200):
+    train.set_epoch(epoch)
+    for x, y in train:
+        ...
+```
+
+The Models and data guide has the details.
 """
 
 from .augment import Augment, cifar_augment, cutout, random_crop, random_flip

@@ -1,16 +1,18 @@
 """Folders of small images in the ImageNet layout, decoded once into memory and cached on disk.
 
-Layout::
+Layout:
 
-    root/train/<class_name>/*.{jpg,jpeg,png,bmp,gif,webp,tif,tiff,ppm,pgm,pbm}
-    root/test/<class_name>/...      (or root/val/...; ``test`` wins if both exist)
+```text
+root/train/<class_name>/*.{jpg,jpeg,png,bmp,gif,webp,tif,tiff,ppm,pgm,pbm}
+root/test/<class_name>/...      (or root/val/...; test wins if both exist)
+```
 
 - Classes are the sub-folders of ``train`` (hidden ones skipped); class index = position of the
   folder name in sorted order (Python string order). A test class folder unknown to train is an error.
 - Files of a class are taken in sorted name order; ``max_per_class`` keeps the first n of each.
 - Every image of the dataset (both splits) must have one size, else a ValueError names the first file
   with a different size. Images larger than ``max_image_side`` on a side are refused with a pointer to
-  :class:`sparsam.data.ImageFolderStream`, which streams big images instead of holding them in memory.
+  ``sparsam.data.ImageFolderStream``, which streams big images instead of holding them in memory.
 - Modes: grayscale-like images (Pillow modes 1, L, LA, I, I;16, F) are read as one channel, anything
   else as RGB (alpha dropped). If a dataset mixes the two, every image becomes RGB (grayscale images
   are replicated over three channels): nothing is lost, and ``in_channels`` is 3.
@@ -272,8 +274,9 @@ def _cache_key(root: Path, max_per_class: int | None, splits: dict[str, list[str
 def folder_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(H, W) of the first image (sorted classes and names) of ``path/train``, from its header only.
 
-    Lets a caller choose between :func:`load_dataset` (small images, in memory) and
-    :class:`ImageFolderStream` (large images) before loading anything.
+    Lets a caller choose between [`load_dataset`][sparsam.data.load_dataset] (small images, in
+    memory) and [`ImageFolderStream`][sparsam.data.ImageFolderStream] (large images) before loading
+    anything.
     """
     from PIL import Image
 
@@ -316,16 +319,16 @@ def load_image_folder(
     max_image_side: int = 64,
     skip_damaged: bool = False,
 ) -> DatasetSplits:
-    """A folder of small images (see the module docstring) as in-memory :class:`DatasetSplits`.
+    """A folder of small images (see the module docstring) as in-memory ``DatasetSplits``.
 
     Args:
         path: the folder holding ``train/`` and ``test/`` (or ``val/``).
         max_per_class: keep the first n files (sorted names) of each class of each split.
         cache: read/write the decoded arrays from/to the cache folder.
-        cache_dir: the cache folder (default :func:`default_cache_dir`).
+        cache_dir: the cache folder (default ``default_cache_dir()``).
         num_workers: decoding processes; ``None`` = up to 8 (as many as CPUs) for more than 2000
             files, else 0 (decode in this process).
-        max_image_side: refuse images with a longer side than this (use :class:`ImageFolderStream`).
+        max_image_side: refuse images with a longer side than this (use ``ImageFolderStream``).
         skip_damaged: leave out files that cannot be decoded (truncated, corrupted), with a warning
             that counts them; otherwise [`DamagedImageError`][sparsam.data.DamagedImageError] names
             the first (decoding goes on to the end first, so the count is complete).

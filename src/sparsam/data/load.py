@@ -10,6 +10,8 @@ from .digits import load_digits_splits
 from .image_folder import load_image_folder
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "cifar100")
+"""The built-in data set names of [`load_dataset`][sparsam.data.load_dataset]; any other argument
+is an image folder."""
 
 
 def load_dataset(
@@ -34,8 +36,10 @@ def load_dataset(
         download: CIFAR only: fetch the official archive (MD5-checked) if the files are missing.
         max_per_class: keep only the first n images of each class in each split (file order for
             CIFAR and digits, sorted file names for folders): quick experiments and tests.
-        cache, cache_dir, num_workers, max_image_side: image folders only; see
-            :func:`sparsam.data.image_folder.load_image_folder`.
+        cache, cache_dir, num_workers, max_image_side: image folders only: the decoded images are
+            cached in ``cache_dir`` (default [`default_cache_dir`][sparsam.data.default_cache_dir])
+            unless ``cache=False``; ``num_workers`` decoding processes; images with a side above
+            ``max_image_side`` are refused (use [`ImageFolderStream`][sparsam.data.ImageFolderStream]).
         skip_damaged: image folders only: leave out image files that cannot be decoded (truncated,
             corrupted) with a warning that counts them, instead of raising
             [`DamagedImageError`][sparsam.data.DamagedImageError].

@@ -1,7 +1,7 @@
 """Large image folders (ImageNet) streamed from disk: a torch Dataset that decodes with Pillow.
 
 Use with a ``torch.utils.data.DataLoader`` (workers decode and transform) and move each uint8 batch
-to the device with :func:`sparsam.data.to_device_batch`, which normalises there. The transforms
+to the device with ``sparsam.data.to_device_batch``, which normalises there. The transforms
 return uint8 (C, H, W) tensors; normalisation happens on the device, in batches.
 
 Randomness comes from ``torch``'s global generator, which a DataLoader seeds per worker from its own
@@ -25,7 +25,9 @@ from .image_folder import DamagedImageError, _reason, check_classes, find_split_
 
 # The usual ImageNet normalisation constants (per-channel mean / std of the ImageNet train set, 0..1).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""The usual per-channel RGB mean of ImageNet on the 0..1 scale, for streamed folders."""
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""The usual per-channel RGB standard deviation of ImageNet on the 0..1 scale."""
 
 Transform = Callable[[Any], Tensor]  # Pillow image -> uint8 (C, H, W); PIL is imported lazily
 
@@ -140,10 +142,11 @@ class ImageFolderStream(Dataset):
 
     Args:
         root: folder holding ``train/`` and ``test/`` or ``val/`` (classes = sorted sub-folders of
-            ``train/``, as in :func:`sparsam.data.load_dataset`).
+            ``train/``, as in [`load_dataset`][sparsam.data.load_dataset]).
         split: ``"train"`` or ``"test"`` (``"test"`` reads ``test/``, else ``val/``).
-        transform: Pillow image -> uint8 (C, H, W) tensor; default :class:`RandomResizedCrop` (224)
-            for train and :class:`ResizeCenterCrop` (224) for test.
+        transform: Pillow image -> uint8 (C, H, W) tensor; default
+            [`RandomResizedCrop`][sparsam.data.RandomResizedCrop] (224) for train and
+            [`ResizeCenterCrop`][sparsam.data.ResizeCenterCrop] (224) for test.
         mode: Pillow mode every image is converted to before the transform (``"RGB"`` or ``"L"``).
         max_per_class: keep the first n files (sorted names) of each class.
         skip_damaged: a file that cannot be decoded is replaced by the next readable file of the
