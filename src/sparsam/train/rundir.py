@@ -102,7 +102,8 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
     """Lock the directory ``path`` (created if missing) for one ``kind`` of user: ``"run"`` (a
     training run, :func:`sparsam.train.train`) or ``"sweep"`` (a sweep on its root). A second lock
     of the same kind, from another process or this one, raises :class:`RunDirError` naming the
-    holder's process id. Without ``fcntl`` (not POSIX) nothing is locked."""
+    holder's process id. Without ``fcntl`` (not POSIX), or on a filesystem that refuses locks,
+    nothing is locked."""
     p = resolve_dir(path, flag=flag)
     created = not p.exists()
     try:
@@ -116,12 +117,15 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirError(
                 f"{p} is in use by another sparsam {kind} (pid {holder}); wait for it to end, or stop it"
             ) from None
+        except OSError:  # a filesystem without locks (some network filesystems): go on unlocked
+            os.close(fd)
+            return DirLock(p, lock_file, None, created)
         # The holder removes the file on release: if it was removed (or replaced) between our open
         # and our lock, we locked a file nobody else sees; take the one at the path instead.
         try:
