@@ -50,7 +50,7 @@ def test_relevant_keys_follow_ownership():
 def test_registry_checks_run_in_validation():
     with pytest.raises(ConfigError, match="--mask dynamic supports only --pattern unstructured"):
         build_config([("t", {"opt": "ssam", "mask": "dynamic", "pattern": "structured"})])
-    with pytest.raises(ConfigError, match="--adaptive applies to sam/asam/ssam, got --opt sgd"):
+    with pytest.raises(ConfigError, match="--adaptive applies to sam/asam/ssam/looksam/esam, got --opt sgd"):
         build_config([("t", {"opt": "sgd", "adaptive": True})])
     with pytest.raises(ConfigError, match="--no-adaptive contradicts it"):
         build_config([("t", {"opt": "asam", "adaptive": False})])

@@ -400,3 +400,61 @@ def test_compute_is_counted_and_saved():
     opt3 = SAM(quad().parameters(), torch.optim.SGD, lr=LR)
     opt3.load_state_dict(sd)
     assert opt3.compute == 6.0
+
+
+# ---------------------------------------------------------------------------------- sparsam train
+ENGINE_CASES = {
+    "sam-every2-asc": {"opt": "sam", "sam_every": 2, "ascent_fraction": 0.25, "sam_start": 0.25, "rho_ramp": 0.25},
+    "ssam-every2": {"opt": "ssam", "mask": "random", "sam_every": 2},
+    "looksam": {"opt": "looksam", "look_k": 2},
+    "esam": {"opt": "esam", "accum": 2},
+}
+
+
+def _checkpoint(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_CASES))
+def test_train_cli_runs_resumes_bitwise_and_records_compute(name, tmp_path):
+    pytest.importorskip("sklearn")
+    from sparsam.train import train
+
+    from .test_train_engine import metrics, tiny
+
+    over = {"epochs": 2, **ENGINE_CASES[name]}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny(straight, **over), quiet=True)
+    train(tiny(split, stop_after=1, **over), quiet=True)
+    train(tiny(split, **over), resume=True, quiet=True)
+    a, b = _checkpoint(straight), _checkpoint(split)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    rows = metrics(straight)
+    assert [r["compute"] for r in rows] == [r["compute"] for r in metrics(split)]
+    steps = rows[-1]["step"]
+    assert 0 < rows[0]["compute"] < rows[1]["compute"]
+    # fewer passes than SAM's 2 per step, more than SGD's 1 (ESAM with accumulation: 1 + 1/3 + 0.5)
+    assert steps < rows[-1]["compute"] < 2 * steps
+    assert a["optimizer"]["sparsam"]["compute"] == rows[-1]["compute"]
+
+
+def test_train_cli_sgd_compute_is_one_per_step_and_flags_are_checked(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from sparsam.__main__ import main
+    from sparsam.train import train
+
+    from .test_train_engine import metrics, tiny
+
+    train(tiny(tmp_path / "sgd", epochs=1), quiet=True)
+    row = metrics(tmp_path / "sgd")[0]
+    assert row["compute"] == row["step"]
+    for argv, needle in [
+        (["--opt", "sgd", "--sam-every", "2"], "--opt sgd"),
+        (["--opt", "esam", "--ascent-fraction", "0.5"], "--ascent-fraction 0.5"),
+        (["--opt", "looksam", "--sam-every", "3"], "--sam-every 3"),
+        (["--opt", "sam", "--ascent-fraction", "1.5"], "--ascent-fraction"),
+    ]:
+        assert main(["train", "--data", "digits", "--out", str(tmp_path / "x"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1

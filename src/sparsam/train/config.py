@@ -140,6 +140,23 @@ class TrainConfig:
     fisher_bn_stats: str = _f("running", "SSAM-F: BatchNorm statistics of the per-sample passes", group="ssam",
                               choices=("running", "sample"))
 
+    # ---------------------------------------------------------------- cheaper SAM (docs/variants.md)
+    sam_every: int = _f(1, "SAM's ascent on every K-th step only; the other steps run one pass (SGD's cost)",
+                        group="variants", metavar="K")
+    sam_start: float = _f(0.0, "SAM from this fraction of training on (late-phase SAM: 0.75 = the last quarter); "
+                          "before it, plain steps", group="variants", metavar="FRACTION")
+    rho_ramp: float = _f(0.0, "ramp rho linearly from rho/R to rho over R = FRACTION x training steps, from "
+                         "--sam-start on", group="variants", metavar="FRACTION")
+    ascent_fraction: float = _f(1.0, "the ascent gradient from the first FRACTION of each batch (pass 1 costs that "
+                                "fraction; SAM's m-sharpness)", group="variants", metavar="FRACTION")
+    look_k: int = _f(5, "LookSAM: a SAM step every K steps, the stored g_v reused in between", group="variants",
+                     metavar="K")
+    look_alpha: float = _f(0.7, "LookSAM: weight alpha of the reused component g_v", group="variants")
+    esam_beta: float = _f(0.6, "ESAM: probability that a parameter tensor is perturbed at a step (SWP)",
+                          group="variants")
+    esam_gamma: float = _f(0.5, "ESAM: fraction of each batch whose loss rose most under the perturbation, used in "
+                           "pass 2 (SDS; 1 = off)", group="variants")
+
     # ---------------------------------------------------------------- schedule
     epochs: int = _f(10, "training epochs", group="schedule")
     batch_size: int = _f(128, "GLOBAL batch size (split over data-parallel ranks and --accum micro-batches)",
@@ -203,7 +220,7 @@ class TrainConfig:
 
     def default_out(self) -> str:
         data = self.data if self.data in DATA_NAMES else Path(self.data).name or "folder"
-        tag = self.method + (f"-s{self.sparsity:g}" if methods.is_sparse(self) else "")
+        tag = self.method + (f"-s{self.sparsity:g}" if methods.is_sparse(self) else "") + methods.variant_tag(self)
         return os.path.join("runs", f"{data}-{self.model}-{tag}-seed{self.seed}")
 
 
@@ -346,7 +363,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise _bad("cutout_p", cfg.cutout_p, "must be a probability in [0, 1]")
     if len(cfg.betas) != 2:
         raise _bad("betas", cfg.betas, "must be two numbers")
-    for name in ("epochs", "batch_size", "accum", "num_samples", "log_every", "eval_batch_size", "image_size"):
+    if not 0 <= finite("sam_start") < 1:
+        raise _bad("sam_start", cfg.sam_start, "must be a fraction in [0, 1)")
+    for name in ("rho_ramp",):
+        if not 0 <= finite(name) <= 1:
+            raise _bad(name, getattr(cfg, name), "must be a fraction in [0, 1]")
+    for name in ("ascent_fraction", "esam_beta", "esam_gamma"):
+        if not 0 < finite(name) <= 1:
+            raise _bad(name, getattr(cfg, name), "must be a fraction in (0, 1]")
+    if not finite("look_alpha") >= 0:
+        raise _bad("look_alpha", cfg.look_alpha, "must be >= 0")
+    for name in ("epochs", "batch_size", "accum", "num_samples", "log_every", "eval_batch_size", "image_size",
+                 "sam_every", "look_k"):
         if getattr(cfg, name) < 1:
             raise _bad(name, getattr(cfg, name), "must be >= 1")
     for name in ("crop_padding", "cutout", "mask_update_epochs", "seed", "subset_seed", "workers"):

@@ -100,6 +100,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
     steps_per_epoch = len(data.train)
     model, ddp, forward_model = _model(cfg, data, info)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    sample_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     try:  # SAM/SSAM get the DDP wrapper (no_sync, BatchNorm, names), never the torch.compile one
         opt, base_opt = build_optimizer(cfg, model.parameters(), model=ddp or model, loss_fn=criterion,
                                         fisher_data=data.fisher, steps_per_epoch=steps_per_epoch,
@@ -125,15 +126,28 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
         seen = [0]
 
         def closure() -> None:  # the optimizer calls it once per pass
-            clean = stepper.current_pass != "descent"
-            n = x.shape[0] if stepper.batch_fraction >= 1 else math.ceil(stepper.batch_fraction * x.shape[0])
-            xs, ys = (x[:n].chunk(cfg.accum), y[:n].chunk(cfg.accum)) if cfg.accum > 1 else ((x[:n],), (y[:n],))
+            kind = stepper.current_pass
+            clean = kind in (None, "ascent")
+            pick = getattr(stepper, "batch_index", None)  # ESAM's data selection (its descent pass)
+            xa, ya = (x, y) if pick is None else (x[pick], y[pick])
+            n = xa.shape[0] if stepper.batch_fraction >= 1 else math.ceil(stepper.batch_fraction * xa.shape[0])
+            xs, ys = (xa[:n].chunk(cfg.accum), ya[:n].chunk(cfg.accum)) if cfg.accum > 1 else ((xa[:n],), (ya[:n],))
+            per_sample = getattr(stepper, "wants_sample_losses", False)  # ESAM: the losses of each sample
             for j, (xb, yb) in enumerate(zip(xs, ys)):
+                if kind == "measure":  # ESAM: forward only at w + e (under no_grad), per-sample losses
+                    with autocast():
+                        stepper.record_sample_losses(sample_loss(forward_model(xb).float(), yb))
+                    continue
                 # DDP all-reduces in the last micro-batch only (SAM's local ascent: not at all, see ascent_pass)
                 with ddp.no_sync() if ddp is not None and j < len(xs) - 1 else nullcontext():
                     with autocast():
                         logits = forward_model(xb)
-                        loss = criterion(logits, yb)
+                        if per_sample:
+                            losses = sample_loss(logits, yb)
+                            stepper.record_sample_losses(losses)
+                            loss = losses.mean()
+                        else:
+                            loss = criterion(logits, yb)
                     scaler.scale(loss / len(xs)).backward()
                 if clean:
                     sums[0] += loss.detach().float() * yb.shape[0]
@@ -208,6 +222,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
                 "epoch_time_s": meter.time_s, "eval_time_s": eval_time, "time_s": progress.elapsed + meter.time_s,
                 "samples_per_s": total / meter.time_s if meter.time_s > 0 else None, "steps": steps_per_epoch,
                 "train_samples": total, **masks.record(),
+                # training compute so far in SGD-step equivalents (forward+backward passes, counted by the optimizer)
+                "compute": opt.compute if isinstance(opt, SAM) else float(progress.global_step),
             }
             run.end_epoch(record, model, state)
             say(f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "

@@ -151,20 +151,53 @@ def _norm(ctx: BuildContext) -> Any:
     return NormLayersMask()
 
 
+def _schedule_kwargs(ctx: BuildContext) -> dict[str, Any]:
+    """``--sam-every`` / ``--sam-start`` / ``--rho-ramp`` / ``--ascent-fraction`` (docs/variants.md); {} when all are off."""
+    cfg = ctx.cfg
+    if not is_scheduled(cfg):
+        return {}
+    return dict(every=cfg.sam_every, start=cfg.sam_start, ramp=cfg.rho_ramp, total_steps=ctx.total_steps,
+                ascent_fraction=cfg.ascent_fraction)
+
+
 def _sam(ctx: BuildContext) -> Optimizer:
     from ..optim.sam import SAM
+    from ..optim.schedule import ScheduledSAM
 
-    return SAM(ctx.base, **ctx.sam_kwargs())
+    sched = _schedule_kwargs(ctx)
+    return ScheduledSAM(ctx.base, **sched, **ctx.sam_kwargs()) if sched else SAM(ctx.base, **ctx.sam_kwargs())
 
 
-def _ssam(ctx: BuildContext) -> Optimizer:
-    from ..optim.ssam import SSAM
-
+def _ssam_kwargs(ctx: BuildContext) -> dict[str, Any]:
     cfg = ctx.cfg
     mask = ctx.mask()
     data = ctx.fisher_data if getattr(mask, "needs_data", False) else None
-    return SSAM(ctx.base, mask=mask, norm=cfg.norm, loss_fn=ctx.loss_fn, data=data, form=cfg.form,
+    return dict(mask=mask, norm=cfg.norm, loss_fn=ctx.loss_fn, data=data, form=cfg.form,
                 sparse_ascent=cfg.sparse_ascent, implicit_layers=cfg.implicit_layers, **ctx.sam_kwargs())
+
+
+def _ssam(ctx: BuildContext) -> Optimizer:
+    from ..optim.schedule import ScheduledSSAM
+    from ..optim.ssam import SSAM
+
+    sched = _schedule_kwargs(ctx)
+    return ScheduledSSAM(ctx.base, **sched, **_ssam_kwargs(ctx)) if sched else SSAM(ctx.base, **_ssam_kwargs(ctx))
+
+
+def _looksam(ctx: BuildContext) -> Optimizer:
+    from ..optim.looksam import LookSAM
+
+    sched = _schedule_kwargs(ctx)
+    sched.pop("every", None)
+    return LookSAM(ctx.base, k=ctx.cfg.look_k, alpha=ctx.cfg.look_alpha, **sched, **ctx.sam_kwargs())
+
+
+def _esam(ctx: BuildContext) -> Optimizer:
+    from ..optim.esam import ESAM
+
+    cfg = ctx.cfg
+    return ESAM(ctx.base, beta=cfg.esam_beta, gamma=cfg.esam_gamma, seed=cfg.seed, **_schedule_kwargs(ctx),
+                **ctx.sam_kwargs())
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -192,6 +225,39 @@ def _check_sgd(cfg: TrainConfig) -> None:
     if cfg.adaptive:
         sam_family = "/".join(n for n, o in OPTIMIZERS.items() if o.build is not None)
         raise ConfigError(f"--adaptive applies to {sam_family}, got --opt {cfg.opt}")
+    if is_scheduled(cfg):
+        raise ConfigError(f"--sam-every/--sam-start/--rho-ramp/--ascent-fraction apply to SAM-family optimizers, got --opt {cfg.opt}")
+
+
+def is_scheduled(values: Any) -> bool:
+    """Is a time schedule or a sub-batch ascent asked for (``--sam-every`` > 1, ``--sam-start`` > 0,
+    ``--rho-ramp`` > 0 or ``--ascent-fraction`` < 1)?"""
+    get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
+    return (get("sam_every", 1) != 1 or get("sam_start", 0.0) != 0.0 or get("rho_ramp", 0.0) != 0.0
+            or get("ascent_fraction", 1.0) != 1.0)
+
+
+def variant_tag(values: Any) -> str:
+    """The run-name suffix of a time schedule or sub-batch ascent (``-every2-start0.75``), "" without."""
+    if not is_scheduled(values):
+        return ""
+    get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
+    parts = [("every", get("sam_every", 1), 1), ("start", get("sam_start", 0.0), 0.0), ("ramp", get("rho_ramp", 0.0), 0.0),
+             ("asc", get("ascent_fraction", 1.0), 1.0)]
+    return "".join(f"-{name}{value:g}" for name, value, default in parts if value != default)
+
+
+def _check_looksam(cfg: TrainConfig) -> None:
+    if cfg.sam_every != 1:
+        raise ConfigError(f"--opt {cfg.opt} runs SAM every --look-k {cfg.look_k} steps; --sam-every {cfg.sam_every} "
+                          "contradicts it (leave --sam-every at 1)")
+
+
+def _check_esam(cfg: TrainConfig) -> None:
+    if cfg.esam_gamma < 1 and cfg.ascent_fraction < 1:
+        raise ConfigError(f"--esam-gamma {cfg.esam_gamma} (data selection) compares every sample's loss at w and w + e, "
+                          f"so pass 1 needs the whole batch; --ascent-fraction {cfg.ascent_fraction} leaves part out: "
+                          "set one of them to 1")
 
 
 def _check_asam(cfg: TrainConfig) -> None:
@@ -201,7 +267,9 @@ def _check_asam(cfg: TrainConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ the registry
 #: settings of every SAM-family optimizer
-SAM_KEYS = frozenset({"rho", "adaptive", "eta", "asam_rule", "ascent"})
+SAM_KEYS = frozenset({"rho", "adaptive", "eta", "asam_rule", "ascent", "sam_every", "sam_start", "rho_ramp",
+                      "ascent_fraction"})
+_SSAM_KEYS = frozenset({"mask", "form", "norm", "sparse_ascent", "implicit_layers"})
 _SELECTION_KEYS = frozenset({"sparsity", "pattern", "granularity", "nm", "budget", "fill", "mask_update_epochs",
                              "mask_timing"})
 
@@ -211,7 +279,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("sam", "SAM", "sam", _sam, owns=SAM_KEYS),
     OptimizerSpec("asam", "ASAM", "asam (adaptive SAM)", _sam, owns=SAM_KEYS, adaptive=True, check=_check_asam),
     OptimizerSpec("ssam", "SSAM", "ssam (sparse SAM)", _ssam, uses_mask=True, check=_check_ssam,
-                  owns=SAM_KEYS | {"mask", "form", "norm", "sparse_ascent", "implicit_layers"}),
+                  owns=SAM_KEYS | _SSAM_KEYS),
+    OptimizerSpec("looksam", "LookSAM", "looksam (SAM every --look-k steps, g_v reused)", _looksam,
+                  check=_check_looksam, owns=SAM_KEYS | {"look_k", "look_alpha"}),
+    OptimizerSpec("esam", "ESAM", "esam (random weight subsets, data selection)", _esam, check=_check_esam,
+                  owns=SAM_KEYS | {"esam_beta", "esam_gamma"}),
 )}
 
 #: ``--mask`` values (SSAM mask sources), in report order.
@@ -325,7 +397,9 @@ __all__ = [
     "OptimizerSpec",
     "build_optimizer",
     "check",
+    "is_scheduled",
     "is_sparse",
+    "variant_tag",
     "method_label",
     "method_name",
     "method_order",
