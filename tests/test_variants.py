@@ -458,3 +458,24 @@ def test_train_cli_sgd_compute_is_one_per_step_and_flags_are_checked(tmp_path, c
         assert main(["train", "--data", "digits", "--out", str(tmp_path / "x"), *argv]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_presets_carry_the_papers_settings_with_sources():
+    import json
+    from importlib import resources
+
+    from sparsam.train import build_config, list_presets
+
+    presets = list_presets()
+    esam = presets["cifar10-resnet18-cheap-esam"].values
+    assert (esam["opt"], esam["esam_beta"], esam["esam_gamma"], esam["rho"], esam["lr"], esam["weight_decay"]) == (
+        "esam", 0.6, 0.5, 0.05, 0.05, 1e-3)
+    look = presets["cifar10-resnet18-cheap-looksam"].values
+    assert (look["opt"], look["look_k"], look["look_alpha"]) == ("looksam", 5, 0.7)
+    assert presets["cifar10-resnet18-cheap-sam-every2"].values["sam_every"] == 2
+    spec = json.loads(resources.files("sparsam").joinpath("configs", "cifar10-resnet18-cheap.json").read_text())
+    for key in ("esam_beta", "esam_gamma", "look_k", "look_alpha", "sam_every", "sam_start", "ascent_fraction"):
+        assert spec["sources"].get(key), key
+    for name, p in presets.items():
+        if "cheap" in name:
+            build_config([("p", {**p.values, "data": "digits"})])
