@@ -479,3 +479,30 @@ def test_presets_carry_the_papers_settings_with_sources():
     for name, p in presets.items():
         if "cheap" in name:
             build_config([("p", {**p.values, "data": "digits"})])
+
+
+def test_report_shows_compute_and_plots_accuracy_against_it(tmp_path):
+    pytest.importorskip("sklearn")
+    from sparsam.cli.report import write_report
+    from sparsam.train import train
+
+    from .test_train_engine import tiny
+
+    train(tiny(tmp_path / "runs" / "sgd", epochs=2), quiet=True)
+    train(tiny(tmp_path / "runs" / "every2", epochs=2, opt="sam", sam_every=2), quiet=True)
+    plots = True
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plots = False
+    table = write_report([str(tmp_path / "runs")], tmp_path / "rep", plots=plots)
+    head, _, *rows = table.strip().splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    i, j = cols.index("Compute (SGD steps)"), cols.index("Compute vs SGD")
+    steps = int(cells["SGD"][i])
+    assert steps > 0 and float(cells["SAM"][i]) == 1.5 * steps  # every other step a SAM step: 1.5 passes per step
+    assert cells["SAM"][j] == "1.50x" and cells["SGD"][j] == "1.00x"
+    assert "compute_sgd_steps" in (tmp_path / "rep" / "report.csv").read_text()
+    if plots:
+        assert (tmp_path / "rep" / "acc_vs_compute.png").stat().st_size > 0

@@ -10,8 +10,8 @@ from ..train.errors import UserError
 
 
 def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool = True, title: str | None = None) -> str:
-    """Write ``report.md``, ``report.csv`` and (with ``plots``) ``acc_vs_epoch.png`` and
-    ``acc_vs_time.png`` into ``out``; return the Markdown table."""
+    """Write ``report.md``, ``report.csv`` and (with ``plots``) ``acc_vs_epoch.png``,
+    ``acc_vs_time.png`` and ``acc_vs_compute.png`` into ``out``; return the Markdown table."""
     from ..train.tables import summarize, to_csv, to_markdown
     from ..train.rundir import find_runs, load_run
 
@@ -27,7 +27,9 @@ def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool =
     notes = (
         "\nAccuracy: test accuracy in %, mean ± sample std over seeds; final = last epoch, best = best epoch "
         "(the papers report the best). Time/epoch: median training time per epoch (evaluation excluded), "
-        "mean over seeds; vs SGD: its ratio to the SGD row with the same data, model and batch settings.\n"
+        "mean over seeds; vs SGD: its ratio to the SGD row with the same data, model and batch settings. "
+        "Compute: training compute of the run in SGD-step equivalents (forward+backward passes over a batch, "
+        "counted by the optimizer, not timed; mean over seeds); Compute vs SGD: per epoch, relative to the SGD row.\n"
         f"\nRuns: {len(runs)} ({', '.join(str(d) for d in dirs[:6])}{', ...' if len(dirs) > 6 else ''})\n"
     )
     (out / "report.md").write_text(header + table + notes, encoding="utf-8")
@@ -38,6 +40,7 @@ def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool =
         groups = [r["group"] for r in rows]
         plot_accuracy(groups, out / "acc_vs_epoch.png", x="epoch", varying=varying)
         plot_accuracy(groups, out / "acc_vs_time.png", x="time", varying=varying)
+        plot_accuracy(groups, out / "acc_vs_compute.png", x="compute", varying=varying)
     return table
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str], prog: str = "sparsam report") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Summarise run directories as a table like the papers' (mean ± std over seeds) in Markdown "
-        "and CSV, with plots of test accuracy against epochs and against training time.",
+        "and CSV, with plots of test accuracy against epochs, training time and training compute.",
         epilog="example:\n  sparsam report runs/sweep            # every run directory under runs/sweep\n"
         "  sparsam report runs/a runs/b --out reports/ab",
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
@@ -62,5 +65,5 @@ def main(argv: list[str], prog: str = "sparsam report") -> int:
     out = args.out or (os.path.join(args.paths[0], "report") if len(args.paths) == 1 else "report")
     table = write_report(args.paths, out, plots=args.plots, title=args.title)
     print(table)
-    print(f"wrote {os.path.join(out, 'report.md')}, report.csv" + (", acc_vs_epoch.png, acc_vs_time.png" if args.plots else ""))
+    print(f"wrote {os.path.join(out, 'report.md')}, report.csv" + (", acc_vs_epoch.png, acc_vs_time.png, acc_vs_compute.png" if args.plots else ""))
     return 0

@@ -33,8 +33,9 @@ def _label(g: Group, varying: Sequence[str]) -> str:
 def plot_accuracy(groups: Sequence[Group], path: str | os.PathLike[str], *, x: str, varying: Sequence[str] = (),
                   title: str | None = None) -> None:
     """One line per group: mean test accuracy (%) over seeds, a band of ± one std when there are
-    several seeds. ``x="epoch"`` or ``x="time"`` (cumulative training time, s). One panel per
-    (data, model) pair."""
+    several seeds. ``x="epoch"``, ``x="time"`` (cumulative training time, s) or ``x="compute"``
+    (training compute in SGD-step equivalents, counted by the optimizer; groups whose runs did
+    not record it are left out). One panel per (data, model) pair."""
     plt = _pyplot()
     panels: dict[tuple[str, str], list[Group]] = {}
     for g in groups:
@@ -44,16 +45,16 @@ def plot_accuracy(groups: Sequence[Group], path: str | os.PathLike[str], *, x: s
     for ax, ((data, model), members) in zip(axes[0], panels.items()):
         for g in members:
             c = curves(g)
-            if not c["epoch"]:
+            if not c["epoch"] or (x == "compute" and len(c["compute"]) != len(c["epoch"])):
                 continue
-            xs = c["epoch"] if x == "epoch" else c["time_s"]
+            xs = {"epoch": c["epoch"], "time": c["time_s"], "compute": c["compute"]}[x]
             mean = [100 * v for v in c["acc_mean"]]
             line, = ax.plot(xs, mean, marker="o", markersize=3, label=_label(g, varying))
             if len(g.runs) > 1:
                 lo = [100 * (m - s) for m, s in zip(c["acc_mean"], c["acc_std"])]
                 hi = [100 * (m + s) for m, s in zip(c["acc_mean"], c["acc_std"])]
                 ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
-        ax.set_xlabel("epoch" if x == "epoch" else "training time (s)")
+        ax.set_xlabel({"epoch": "epoch", "time": "training time (s)", "compute": "training compute (SGD-step equivalents)"}[x])
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title or f"{data}, {model}")
         ax.grid(alpha=0.3)

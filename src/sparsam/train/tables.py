@@ -75,12 +75,13 @@ def run_numbers(run: RunRecord) -> dict[str, Any]:
     """Final / best test accuracy, epochs done and median epoch time of one run."""
     rows = run.metrics
     if not rows:
-        return {"final": None, "best": None, "epochs_done": 0, "epoch_time": None}
+        return {"final": None, "best": None, "epochs_done": 0, "epoch_time": None, "compute": None}
     return {
         "final": rows[-1]["test_acc"],
         "best": max(r["test_acc"] for r in rows),
         "epochs_done": rows[-1]["epoch"],
         "epoch_time": _median([r["epoch_time_s"] for r in rows]),
+        "compute": rows[-1].get("compute"),  # SGD-step equivalents so far (runs older than the counter: None)
     }
 
 
@@ -101,6 +102,7 @@ def summarize(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]
         final_m, final_s = _mean_std([n["final"] for n in nums])
         best_m, best_s = _mean_std([n["best"] for n in nums])
         times = [n["epoch_time"] for n in nums if n["epoch_time"] is not None]
+        computes = [n["compute"] for n in nums if n["compute"] is not None]
         row = {
             "method": g.label,
             "settings": {k: g.settings.get(k) for k in varying},
@@ -109,6 +111,7 @@ def summarize(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]
             "epochs_done": min(n["epochs_done"] for n in nums), "epochs": g.settings.get("epochs"),
             "finished": all(r.finished for r in g.runs),
             "epoch_time_s": statistics.fmean(times) if times else None,
+            "compute": statistics.fmean(computes) if len(computes) == len(nums) else None,
             "group": g,
         }
         rows.append(row)
@@ -119,6 +122,10 @@ def summarize(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]
             row["time_ratio"] = row["epoch_time_s"] / ref_row["epoch_time_s"]
         else:
             row["time_ratio"] = None
+        # Compute per epoch relative to SGD's (counted passes, not timed: comparable on a noisy machine).
+        row["compute_ratio"] = None
+        if ref_row and ref_row["compute"] and row["compute"] is not None and row["epochs_done"] and ref_row["epochs_done"]:
+            row["compute_ratio"] = (row["compute"] / row["epochs_done"]) / (ref_row["compute"] / ref_row["epochs_done"])
         # Time to SGD's accuracy: training time (evaluation excluded) until the first evaluation at
         # or above the SGD reference's mean final accuracy; mean over the runs that got there.
         row["to_sgd_s"], row["to_sgd_runs"] = None, 0
@@ -156,7 +163,8 @@ def _pct(mean: float | None, std: float | None) -> str:
 
 
 def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
-    head = ["Method", "Sparsity", *varying, "Seeds", "Final acc (%)", "Best acc (%)", "Epochs", "Time/epoch (s)", "vs SGD", "To SGD acc (s)"]
+    head = ["Method", "Sparsity", *varying, "Seeds", "Final acc (%)", "Best acc (%)", "Epochs", "Time/epoch (s)", "vs SGD", "To SGD acc (s)",
+            "Compute (SGD steps)", "Compute vs SGD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         g: Group = r["group"]
@@ -170,6 +178,8 @@ def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
             "—" if r["epoch_time_s"] is None else f"{r['epoch_time_s']:.3g}",
             "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x",
             _to_sgd(r),
+            "—" if r["compute"] is None else f"{r['compute']:.6g}",
+            "—" if r["compute_ratio"] is None else f"{r['compute_ratio']:.2f}x",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -189,7 +199,8 @@ def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
     w = csv.writer(buf)
     w.writerow(["method", "opt", "mask", "sparsity", *varying, "seeds", "final_acc_mean", "final_acc_std",
                 "best_acc_mean", "best_acc_std", "epochs_done", "epochs", "finished", "epoch_time_s",
-                "time_ratio_vs_sgd", "time_to_sgd_acc_s", "runs_reaching_sgd_acc", "runs"])
+                "time_ratio_vs_sgd", "time_to_sgd_acc_s", "runs_reaching_sgd_acc", "runs", "compute_sgd_steps",
+                "compute_ratio_vs_sgd"])
     for r in rows:
         g: Group = r["group"]
         spec = OPTIMIZERS.get(g.settings.get("opt", ""))
@@ -199,6 +210,7 @@ def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
             g.settings.get("sparsity", "") if ssam else "", *[r["settings"].get(k) for k in varying], r["seeds"],
             r["final_mean"], r["final_std"], r["best_mean"], r["best_std"], r["epochs_done"], r["epochs"],
             r["finished"], r["epoch_time_s"], r["time_ratio"], r["to_sgd_s"], r["to_sgd_runs"], ";".join(str(run.path) for run in g.runs),
+            r["compute"], r["compute_ratio"],
         ])
     return buf.getvalue()
 
@@ -207,13 +219,16 @@ def curves(group: Group) -> dict[str, list[float]]:
     """Mean (and std) test accuracy per epoch over a group's seeds, with the mean cumulative
     training time; only epochs every seed has reached."""
     n = min((len(r.metrics) for r in group.runs), default=0)
-    out: dict[str, list[float]] = {"epoch": [], "acc_mean": [], "acc_std": [], "time_s": []}
+    out: dict[str, list[float]] = {"epoch": [], "acc_mean": [], "acc_std": [], "time_s": [], "compute": []}
     for i in range(n):
         accs = [r.metrics[i]["test_acc"] for r in group.runs]
         out["epoch"].append(group.runs[0].metrics[i]["epoch"])
         out["acc_mean"].append(statistics.fmean(accs))
         out["acc_std"].append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
         out["time_s"].append(statistics.fmean(r.metrics[i]["time_s"] for r in group.runs))
+        computes = [r.metrics[i].get("compute") for r in group.runs]
+        if all(c is not None for c in computes):  # SGD-step equivalents (runs recorded before the counter: none)
+            out["compute"].append(statistics.fmean(computes))
     return out
 
 
