@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from ..bn import no_running_stats
 from . import _functional as F
+from . import _sharded
 
 _SAM_KEYS = ("rho", "adaptive", "eta")
 _ASCENT_MODES = ("local", "sync")
@@ -318,13 +319,14 @@ class SAM(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")
                 active, m = self._mask_of(p)
+                lp, lg = _sharded.local(p), _sharded.local(p.grad)  # FSDP2: this rank's shards
                 if active:
-                    ps.append(p)
-                    gs.append(p.grad)
+                    ps.append(lp)
+                    gs.append(lg)
                     ms.append(m)
                 if active or not use_masked:
-                    norm_ps.append(p)
-                    norm_gs.append(p.grad)
+                    norm_ps.append(lp)
+                    norm_gs.append(lg)
                     norm_ms.append(m if use_masked else None)
             if norm_gs:
                 terms += F.norm_terms(norm_ps, norm_gs, norm_ms, adaptive=adaptive, eta=eta, foreach=foreach)
@@ -334,6 +336,9 @@ class SAM(Optimizer):
         perturbed: list[Tensor] = []
         if plan:
             norm = F.global_norm(terms)
+            mesh = _sharded.sharding_of(p for g in self.param_groups if g["rho"] > 0 for p in g["params"] if p.grad is not None)
+            if mesh is not None:  # the norm over every shard on every rank: one all-reduce
+                norm = _sharded.reduce_norm(norm, mesh)
             for rho, adaptive, eta, ps, gs, ms in plan:
                 scale = rho / (norm + self.eps)
                 if self._found_inf is not None:  # non-finite ascent gradient: e = 0 (no host sync)

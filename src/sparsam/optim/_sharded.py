@@ -1,0 +1,99 @@
+"""SAM on parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``: DTensor parameters).
+
+Under FSDP2 every rank holds one shard of each parameter (a ``DTensor`` with ``Shard`` placement,
+its ``p.grad`` the matching shard of the gradient, already averaged over the ranks by FSDP's
+reduce-scatter). SAM's step is elementwise except for the norm, so it runs on the local shards:
+
+* the perturbation ``e = rho · T² g / (‖T g‖₂ + eps)``, the copy of ``w`` and the restore are done
+  on ``p.to_local()`` / ``p.grad.to_local()``: the copy of ``w`` is one shard per rank;
+* ``‖T g‖₂`` is the norm over *all* shards of all perturbed parameters: every rank sums the squares
+  of its local terms and one ``all_reduce(SUM)`` over the parameters' process group adds them up
+  (one scalar; no gradient is gathered).
+
+The norm can only be formed this way when every perturbed parameter is sharded over the same
+1-D device mesh (each coordinate lives on exactly one rank). A plain tensor next to sharded ones
+would be counted once per rank (or with a different gradient on each rank), a replicated DTensor
+likewise, and parameters on different meshes would need different all-reduces: these are refused
+with an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+try:  # torch >= 2.4 exposes DTensor publicly
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - old torch or a build without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
+
+__all__ = ["is_sharded", "local", "local_numel_bytes", "reduce_norm", "sharding_of"]
+
+
+def is_sharded(t: Any) -> bool:
+    """True for a DTensor (a parameter or gradient sharded by FSDP2 / tensor parallelism)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (the same tensor object every call, outside autograd), else ``t``."""
+    if is_sharded(t):
+        return t._local_tensor  # type: ignore[attr-defined]  # to_local() under no_grad: the stored shard
+    return t
+
+
+def sharding_of(params: Iterable[Tensor]) -> Any:
+    """The device mesh shared by ``params`` when they are sharded, ``None`` when none is.
+
+    Raises:
+        ValueError: plain and sharded parameters mixed, a parameter not sharded on every mesh
+            dimension (replicated: it would be counted once per replica), a mesh with more than
+            one dimension, or two different meshes.
+    """
+    mesh, plain, first = None, None, None
+    p: Any
+    for i, p in enumerate(params):
+        if not is_sharded(p):
+            plain = plain if plain is not None else (i, tuple(p.shape))
+            continue
+        if mesh is None:
+            mesh, first = p.device_mesh, (i, tuple(p.shape))
+        elif p.device_mesh != mesh:
+            raise ValueError(
+                f"SAM's global norm needs every sharded parameter on one device mesh; parameter #{i} of shape "
+                f"{tuple(p.shape)} is on {p.device_mesh}, parameter #{first[0] if first else '?'} on {mesh}"
+            )
+        if p.device_mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in p.placements):
+            raise ValueError(
+                f"SAM supports parameters sharded over a 1-D device mesh (fully_shard); parameter #{i} of shape "
+                f"{tuple(p.shape)} has placements {p.placements} on a {p.device_mesh.ndim}-D mesh: a replicated "
+                "coordinate would be counted once per replica in the norm"
+            )
+    if mesh is not None and plain is not None:
+        raise ValueError(
+            f"SAM got sharded (FSDP2) and plain parameters in its perturbed groups (plain: parameter #{plain[0]} of "
+            f"shape {plain[1]}): the global norm would count a plain tensor once per rank, or with a different "
+            "gradient on each rank. Apply fully_shard to the module holding it, or give it rho=0 in its own group"
+        )
+    return mesh
+
+
+def reduce_norm(local_norm: Tensor, mesh: Any) -> Tensor:
+    """The global L2 norm from this rank's norm over its shards: one all-reduce of a scalar."""
+    import torch.distributed as dist
+
+    sq = local_norm.square().reshape(1)
+    group = mesh.get_group()
+    if dist.get_backend(group) == "nccl" and sq.device.type != "cuda":
+        sq = sq.cuda()
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
+    return sq.to(local_norm.device).reshape(()).sqrt()
+
+
+def local_numel_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes held on this rank by ``tensors`` (local shards for DTensors)."""
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
