@@ -20,6 +20,11 @@ not score-based: whole tensors from the output side covering 10% of the coordina
 the cheaper pass saves when nothing near the input is perturbed (Fisher's tensor-level pick at
 s=0.9 includes the small early tensors, so its backward still runs to the input).
 
+The cheaper SAMs of docs/variants.md ("SAM every 2", "SAM ascent_fraction 0.25", "LookSAM k=5",
+"ESAM") are driven through ``opt.step(closure)`` with the closure of the pass contract; one round
+times a whole cycle of their schedule (2 steps, 1, 5 and 1) and divides by its length, so "x SAM"
+is the mean cost of a step. Their optimizer-only time is not separable from the passes ("-").
+
     python benchmarks/step_cost.py                       # the issue's full matrix (long on a CPU)
     python benchmarks/step_cost.py --models resnet18:16:32 --rounds 5   # a quick look
 """
@@ -27,6 +32,7 @@ s=0.9 includes the small early tensors, so its backward still runs to the input)
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -48,6 +54,7 @@ DEFAULT_MODELS = "resnet18:16:128,resnet18:16:32,resnet18:64:128,resnet18:64:32,
 class Variant:
     name: str
     build: Callable[[nn.Module], torch.optim.Optimizer]
+    cycle: int = 0  # > 0: driven through opt.step(closure), timed over this many steps (a schedule's cycle)
 
 
 def parse_model(spec: str) -> tuple[str, int | None, int]:
@@ -128,7 +135,45 @@ def variants(scores: dict[str, torch.Tensor]) -> list[Variant]:
         out.append(Variant(name, ssam(fn, cheap=False)))
         out.append(Variant(name + " +cheap", ssam(fn, cheap=True)))
     out.append(Variant("SSAM implicit 2:4", ssam(lambda m: select(conv_linear, None, "2:4"), cheap=False, form="implicit")))
+    out += cheap_variants(base_kw)
     return out
+
+
+def cheap_variants(base_kw: dict) -> list[Variant]:
+    """The cheaper SAMs of docs/variants.md, with the settings of their presets."""
+    from sparsam.optim.esam import ESAM
+    from sparsam.optim.looksam import LookSAM
+    from sparsam.optim.schedule import ScheduledSAM
+
+    return [
+        Variant("SAM every 2", lambda m: ScheduledSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, every=2, **base_kw), 2),
+        Variant("SAM ascent_fraction 0.25",
+                lambda m: ScheduledSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, ascent_fraction=0.25, **base_kw), 1),
+        Variant("LookSAM k=5", lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, k=5, **base_kw), 5),
+        Variant("ESAM beta=0.6 gamma=0.5",
+                lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.05, model=m, beta=0.6, gamma=0.5, **base_kw), 1),
+    ]
+
+
+def contract_closure(opt, model, x, y):
+    """The closure of the pass contract (docs/variants.md): sub-batch ascent, ESAM's selection,
+    per-sample losses and the forward-only measuring pass."""
+
+    def closure():
+        if opt.current_pass == "measure":
+            opt.record_sample_losses(F.cross_entropy(model(x), y, reduction="none"))
+            return None
+        idx = opt.batch_index
+        xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+        n = math.ceil(opt.batch_fraction * xb.shape[0])
+        losses = F.cross_entropy(model(xb[:n]), yb[:n], reduction="none")
+        if opt.wants_sample_losses:
+            opt.record_sample_losses(losses)
+        loss = losses.mean()
+        loss.backward()
+        return loss
+
+    return closure
 
 
 def sync(device: torch.device) -> None:
@@ -136,10 +181,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # timing needs the queued kernels finished
 
 
-def timed_step(model, opt, x, y, device) -> tuple[float, float, float]:
-    """(whole step, optimizer-only part, forward+backward of the clean pass) in seconds."""
+def timed_step(model, opt, x, y, device, cycle: int = 0) -> tuple[float, float, float]:
+    """(whole step, optimizer-only part, forward+backward of the clean pass) in seconds; with
+    ``cycle``: (mean step over a cycle of ``opt.step(closure)`` calls, nan, nan)."""
     sync(device)
     t0 = time.perf_counter()
+    if cycle:
+        closure = contract_closure(opt, model, x, y)
+        for _ in range(cycle):
+            opt.zero_grad()
+            opt.step(closure)
+        sync(device)
+        return (time.perf_counter() - t0) / cycle, math.nan, math.nan
     if not isinstance(opt, SAM):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -171,6 +224,7 @@ def extra_state_mb(opt) -> float:
     if not isinstance(opt, SAM):
         return 0.0
     b = sum(t.numel() * t.element_size() for t in opt._backup.values())
+    b += sum(t.numel() * t.element_size() for t in getattr(opt, "_gv", {}).values())  # LookSAM's stored g_v
     if isinstance(opt, SSAM):
         b += sum(m.numel() for m in opt._masks.values())  # bool: one byte per coordinate
     return b / 2**20
@@ -201,7 +255,7 @@ def bench_model(spec: str, args, device: torch.device) -> list[str]:
         for v, model, opt in runs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            total, o, fb = timed_step(model, opt, x, y, device)
+            total, o, fb = timed_step(model, opt, x, y, device, v.cycle)
             if device.type == "cuda":
                 peak[v.name] = max(peak.get(v.name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
             if r >= args.warmup:
@@ -219,11 +273,12 @@ def bench_model(spec: str, args, device: torch.device) -> list[str]:
         ts = times[v.name]
         x_sgd = statistics.median(ts[i] / times["SGD"][i] for i in range(n))
         x_sam = statistics.median(ts[i] / times["SAM"][i] for i in range(n))
-        ofb = statistics.median(opt_t[v.name][i] / fb_t[i] for i in range(n))
+        ofb = statistics.median(opt_t[v.name][i] / fb_t[i] for i in range(n)) if not v.cycle else math.nan
         st = extra_state_mb(opt)
         rel = f"{st / sam_state:.2f}" if sam_state else "-"
         pk = f"{peak[v.name]:.0f}" if v.name in peak else "-"
-        rows.append(f"| {v.name} | {x_sgd:.2f} | {x_sam:.2f} | {ofb:.3f} | {st:.1f} | {rel} | {pk} |")
+        ofb_s = "-" if math.isnan(ofb) else f"{ofb:.3f}"
+        rows.append(f"| {v.name} | {x_sgd:.2f} | {x_sam:.2f} | {ofb_s} | {st:.1f} | {rel} | {pk} |")
     return rows
 
 
