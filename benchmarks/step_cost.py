@@ -62,7 +62,7 @@ def parse_model(spec: str) -> tuple[str, int | None, int]:
         name, width, batch = spec.split(":")
         return name, (None if width in ("-", "") else int(width)), int(batch)
     except ValueError:
-        raise SystemExit(f"bad --models entry {spec!r}: use name:width:batch, e.g. resnet18:16:128 (width '-' = default)")
+        raise SystemExit(f"bad --models entry {spec!r}: use name:width:batch, e.g. resnet18:16:128 (width '-' = default)") from None
 
 
 def scores_for(model: nn.Module, kind: str, device: torch.device) -> dict[str, torch.Tensor]:

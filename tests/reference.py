@@ -1,5 +1,5 @@
 """Plain reference implementations used by the tests: written as simply as possible, one tensor at a
-time, straight from the formulas in DESIGN.md section 1."""
+time, straight from the formulas in docs/design.md ("One step")."""
 
 from __future__ import annotations
 

@@ -227,7 +227,7 @@ def plot_mask_density(
         raise ValueError(f"expected a non-empty dict of densities, got {runs!r}")
     first = next(iter(runs.values()))
     single = not isinstance(first, Mapping)
-    results: Mapping[str, Mapping[str, float]] = {"": runs} if single else runs  # type: ignore[dict-item]
+    results: Mapping[str, Mapping[str, float]] = {"": runs} if single else runs
     layers: list[str] = []
     for dens in results.values():
         layers += [name for name in dens if name not in layers]

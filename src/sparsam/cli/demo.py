@@ -12,6 +12,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import Any
 
 from ..train.config import build_config
 from ..train.methods import METHODS, method_values
@@ -61,7 +62,7 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
     start = time.perf_counter()
     for epoch in range(epochs):
         order = methods if epoch % 2 == 0 else list(reversed(methods))
-        accs = {}
+        accs: dict[str, Any] = {}
         for m in order:
             if epoch >= configs[m].epochs:
                 continue
@@ -81,10 +82,10 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
     ref = "sgd" if "sgd" in methods else methods[0]
     lines = [f"{'method':<8} {'final acc':>9} {'best acc':>9} {'test loss':>9} {'ms/step':>8} {'vs ' + ref.upper():>8}"]
     for m in methods:
-        accs = [r["test_acc"] for r in rows[m]]
+        test_accs = [r["test_acc"] for r in rows[m]]
         ratios = [a / b for a, b in zip(per_step[m], per_step[ref])]  # epoch by epoch, side by side
         lines.append(
-            f"{m:<8} {100 * accs[-1]:>8.2f}% {100 * max(accs):>8.2f}% {rows[m][-1]['test_loss']:>9.4f} "
+            f"{m:<8} {100 * test_accs[-1]:>8.2f}% {100 * max(test_accs):>8.2f}% {rows[m][-1]['test_loss']:>9.4f} "
             f"{1000 * statistics.median(per_step[m]):>8.2f} "
             f"{statistics.median(ratios):>7.2f}x"
         )

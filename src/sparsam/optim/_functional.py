@@ -142,7 +142,7 @@ def perturb_(
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor], *, foreach: bool) -> None:
-    """Copy ``w`` back from its backup: exact, unlike subtracting ``e`` (DESIGN.md §2, item 9)."""
+    """Copy ``w`` back from its backup: exact, unlike subtracting ``e`` (docs/design.md, "One step")."""
     if not params:
         return
     if not foreach:

@@ -272,7 +272,7 @@ class SAM(Optimizer):
         Under DDP with ``ascent="local"`` it runs inside ``model.no_sync()``, so each rank keeps
         its own gradient; otherwise it does nothing. BatchNorm statistics update here as usual.
         """
-        model = self.model
+        model: Any = self.model
         ctx = model.no_sync() if self.ascent == "local" and hasattr(model, "no_sync") else nullcontext()
         with ctx, self._in_pass("ascent"):
             yield
@@ -394,7 +394,7 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Callable[[], Any] | None = None,
         *,
@@ -636,7 +636,7 @@ class SAM(Optimizer):
                         f"{tuple(p.shape)}: the state was saved for a differently shaped model"
                     )
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The base optimizer's full state dict (param groups with the SAM settings, momentum,
         Adam moments, ...) plus a ``"sparsam"`` entry with SAM's own state. The transient copy of
         ``w`` is never saved. Save between steps, not between ``first_step`` and ``second_step``."""
@@ -649,7 +649,7 @@ class SAM(Optimizer):
         sd["sparsam"] = self._extra_state()
         return sd
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict from [`state_dict`][sparsam.SAM.state_dict] (or a plain state dict of
         the base optimizer).
 

@@ -35,20 +35,20 @@ def build_optimizer(
     For plain SGD both are the same object. Gradient clipping of SAM/SSAM is done by the
     optimizer (``max_grad_norm``, on the descent gradient); for SGD by the engine.
     """
-    params = list(params)
+    groups: list[Any] = list(params)  # parameters, or param groups (ASAM's weight-name rule)
     if cfg.asam_rule == "weight-names" and cfg.is_adaptive():
         # The official ASAM rule (sparsam.optim.asam): only parameters named *weight* are scaled.
         from ..optim.asam import asam_param_groups
 
-        ids = {id(p) for p in params}
-        params = [{**g, "params": [p for p in g["params"] if id(p) in ids]} for g in asam_param_groups(model)]
-        params = [g for g in params if g["params"]]
+        ids = {id(p) for p in groups}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) in ids]} for g in asam_param_groups(model)]
+        groups = [g for g in groups if g["params"]]
     if cfg.base == "sgd":
         base: Optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
         )
     else:
-        base = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
+        base = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     ctx = methods.BuildContext(cfg=cfg, base=base, model=model, loss_fn=loss_fn, fisher_data=fisher_data,
                                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     return methods.build_optimizer(ctx), base

@@ -73,7 +73,11 @@ def _umask() -> int:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Pretty JSON, written atomically."""
     data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    atomic_write(path, write)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -87,7 +91,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 # ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict[str, Any]:
     """The global generators' states (torch CPU, every CUDA device, numpy, Python)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (kind, keys, pos, has_gauss, cached_gaussian)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,

@@ -453,12 +453,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field. Defaults are suppressed, so the parsed namespace holds only the
     flags given on the command line (the top layer)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
+    defaults = TrainConfig()
     for name, f in FIELDS.items():
         meta = f.metadata
         group = groups.get(meta["group"])
         if group is None:
             group = groups[meta["group"]] = parser.add_argument_group(f"{meta['group']} options")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = getattr(defaults, name)
         shown = "" if default is None else f" (default: {default})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": meta["help"] + shown}
         kind, optional = TYPES[name]

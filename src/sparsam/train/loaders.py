@@ -243,11 +243,12 @@ def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: in
     if kind == "folder" and (cfg.train_subset is not None or cfg.test_subset is not None):
         splits = _folder_subset_splits(cfg)
     else:
+        folder_options: dict[str, Any] = {"skip_damaged": cfg.skip_damaged} if kind == "folder" else {}
         splits = load_dataset(
             cfg.data, root=cfg.data_root, download=cfg.download,
             num_workers=_decode_workers(cfg) if kind == "folder" else None,
             max_image_side=10**9 if cfg.folder_mode == "memory" else MEMORY_MAX_SIDE,
-            **({"skip_damaged": cfg.skip_damaged} if kind == "folder" else {}),
+            **folder_options,
         )
         splits.train = _subset_array(splits.train, cfg.train_subset, cfg, "train")
         splits.test = _subset_array(splits.test, cfg.test_subset, cfg, "test")

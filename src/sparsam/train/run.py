@@ -15,7 +15,7 @@ import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +202,7 @@ class Run:
                     "git_dirty": dirty,
                     "torch_version": torch.__version__,
                     "python_version": platform.python_version(),
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "argv": list(argv) if argv is not None else None,
                     "world_size": info.world_size,
                     "device": str(info.device),
@@ -291,7 +291,7 @@ class Run:
                 "epoch_time_s_median": median, "epoch_time_s_mean": sum(times) / len(times),
                 "steps_per_epoch": steps_per_epoch, "time_per_step_s": median / steps_per_epoch,
                 "world_size": self.info.world_size,
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             })
             self.say(f"done: final test accuracy {final_acc:.4f}, best {best['test_acc']:.4f} (epoch {best['epoch']}); "
                      f"{self.out / rundir.SUMMARY}" if best else "done")

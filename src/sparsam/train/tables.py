@@ -168,7 +168,7 @@ def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         g: Group = r["group"]
-        sparsity = "—"
+        sparsity: Any = "—"
         if is_sparse(g.settings):
             sparsity = (g.settings.get("nm") if g.settings.get("pattern") == "nm" else f"{g.settings.get('sparsity'):g}")
         epochs = f"{r['epochs_done']}/{r['epochs']}" + ("" if r["finished"] else " (running)")
