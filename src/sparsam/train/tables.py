@@ -226,8 +226,8 @@ def curves(group: Group) -> dict[str, list[float]]:
         out["acc_mean"].append(statistics.fmean(accs))
         out["acc_std"].append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
         out["time_s"].append(statistics.fmean(r.metrics[i]["time_s"] for r in group.runs))
-        computes = [r.metrics[i].get("compute") for r in group.runs]
-        if all(c is not None for c in computes):  # SGD-step equivalents (runs recorded before the counter: none)
+        computes = [float(c) for c in (r.metrics[i].get("compute") for r in group.runs) if c is not None]
+        if len(computes) == len(group.runs):  # SGD-step equivalents (runs recorded before the counter: none)
             out["compute"].append(statistics.fmean(computes))
     return out
 
