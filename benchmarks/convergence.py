@@ -56,8 +56,9 @@ LABELS = {
     "ssam-random": "SSAM, random mask, 50%",
     "ssam-fisher": "SSAM-F (Fisher mask), 50%",
 }
-# One colour per method family, fixed across the project's figures (docs: STYLE).
-COLOURS = {"sgd": "#7f7f7f", "sam": "#000000", "ssam-random": "#6baed6", "ssam-fisher": "#08519c"}
+SHORT = {"sgd": "SGD", "sam": "SAM", "ssam-random": "SSAM random", "ssam-fisher": "SSAM-F"}
+# One colour per method family: SGD grey, SAM black, SSAM-F blue, random masks green.
+COLOURS = {"sgd": "#7f7f7f", "sam": "#000000", "ssam-random": "#238b45", "ssam-fisher": "#08519c"}
 SCHEDULES = ("decay", "horizon")
 N_IMAGES = 512
 
@@ -267,42 +268,51 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
     schedules = list(result["slopes"])
     grid = result["settings"]["T"]
-    titles = {"decay": "η_t = η₀/√t, ρ_t = ρ₀/√t (the theorem's schedule)",
-              "horizon": "constant η = η₀/√T, ρ = ρ₀/√T (one run per T)"}
-    fig, axes = plt.subplots(1, len(schedules), figsize=(5.2 * len(schedules) + 2.4, 4.2), sharey=True,
-                             squeeze=False)
+    sched_words = {"decay": "η_t = η₀/√t, ρ_t = ρ₀/√t", "horizon": "η = η₀/√T, ρ = ρ₀/√T (one run per T)"}
+    quantities = {"min": ("min_grad_norm2", "min over t ≤ T of ‖∇f(w_t)‖²"),
+                  "mean": ("mean_grad_norm2", "average over t ≤ T of ‖∇f(w_t)‖²")}
+    panels = [(sc, q) for sc in schedules for q in quantities]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
     n_seeds = len(result["settings"]["seeds"])
-    for ax, schedule in zip(axes[0], schedules):
-        anchor = None
+    ref = np.array([math.log(t) / math.sqrt(t) for t in grid])
+    for ax, (schedule, q) in zip(axes[0], panels):
+        key, ylabel = quantities[q]
+        top = 0.0
+        slopes: list[tuple[str, str]] = []
         for method, label in LABELS.items():
             cs = [c for c in result["curves"] if c["method"] == method and c["schedule"] == schedule]
             if not cs:
                 continue
-            logs = np.log([c["min_grad_norm2"] for c in cs])
+            logs = np.log([c[key] for c in cs])
             centre = np.exp(logs.mean(0))
             lo, hi = np.exp(logs.min(0)), np.exp(logs.max(0))
-            slope = result["slopes"][schedule][method]["min"]
-            ax.plot(grid, centre, color=COLOURS[method], lw=1.8, label=f"{label} (slope {slope:.2f})")
+            slope = result["slopes"][schedule][method][q]
+            ax.plot(grid, centre, color=COLOURS[method], lw=1.6, marker="o", ms=3, label=label)
+            slopes.append((f"{SHORT[method]}: {slope:.2f}", COLOURS[method]))
             ax.fill_between(grid, lo, hi, color=COLOURS[method], alpha=0.18, lw=0)
-            if method == "sam":
-                anchor = centre
-        if anchor is not None:
-            ref = np.array([math.log(t) / math.sqrt(t) for t in grid])
-            c = anchor[-1] / ref[-1]
-            ax.plot(grid, c * ref, color="#d62728", ls="--", lw=1.2,
-                    label=f"c · log T / √T (slope {result['reference_slope']:.2f})")
+            top = max(top, float(hi[0]))
+        # The bound's shape, drawn through the highest curve's first point: a curve that stays below it
+        # falls at least as fast as log T / √T.
+        ax.plot(grid, top * ref / ref[0], color="#d62728", ls="--", lw=1.2, label="c · log T / √T (the bound's rate)")
+        slopes.append((f"log T / √T: {result['reference_slope']:.2f}", "#d62728"))
+        # Slopes in the empty lower-left corner (the curves fall from top left to bottom right).
+        for k, (text, colour) in enumerate(reversed(slopes)):
+            ax.text(0.03, 0.03 + 0.06 * k, text, transform=ax.transAxes, ha="left", va="bottom", fontsize=7.5,
+                    color=colour)
+        ax.text(0.03, 0.03 + 0.06 * len(slopes), "log-log slope", transform=ax.transAxes, ha="left", va="bottom",
+                fontsize=7.5, fontweight="bold")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("steps T")
-        ax.set_title(titles[schedule], fontsize=9)
+        ax.set_ylabel(ylabel + " (full batch)")
+        ax.set_title(f"{'minimum' if q == 'min' else 'average'}; {sched_words[schedule]}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].set_ylabel("min over t ≤ T of ‖∇f(w_t)‖² (full batch)")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8, frameon=False)
-    fig.suptitle("SSAM's stationarity gap falls like SAM's, at least as fast as log T / √T\n"
-                 f"(tanh MLP on digits; geometric mean, band = min-max over {n_seeds} seeds; fitted log-log slopes)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.80, 0.94))
+    fig.suptitle("SSAM (random and Fisher masks) converges like SAM and SGD, faster than the log T / √T bound\n"
+                 f"tanh MLP on digits, η and ρ ∝ 1/√t; line: geometric mean, band: min-max over {n_seeds} seeds; "
+                 "slopes: least-squares on log-log axes", fontsize=9.5)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.90))
     for ext in ("png", "pdf"):
         fig.savefig(out / f"convergence.{ext}", dpi=150)
     plt.close(fig)
