@@ -29,15 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._checks import check_positive_int as check_positive_int  # re-exported for the analysis tools
+
 LossFn = Callable[[Any, Any], Tensor]
 GeneratorLike = torch.Generator | int | None
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
-    return value
 
 
 def check_nonnegative_float(name: str, value: Any, *, positive: bool = False) -> float:

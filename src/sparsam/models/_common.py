@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int (not a bool), else raise naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+from .._checks import check_positive_int as check_positive_int  # re-exported for the model files
 
 
 def init_weights(model: nn.Module) -> None:
