@@ -19,6 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from sparsam.train.methods import is_sparse
+
 
 def mean_std(values: list[float], fmt: str) -> str:
     if not values:
@@ -93,7 +95,7 @@ def main(root: str) -> None:
         sharp = [r["sharpness"] for r in found if r.get("sharpness") is not None]
         cfg = json.loads((Path(runs[0]) / "config.json").read_text())["config"]
         pattern = "—"
-        if cfg.get("opt") == "ssam" and cfg.get("mask") != "norm":
+        if is_sparse(cfg):  # the method has a mask with a sparsity (sparsam.train.methods)
             pattern = cfg["nm"] if cfg.get("pattern") == "nm" else cfg.get("pattern", "unstructured")
         sparsity = row["sparsity"] if row["sparsity"] and pattern != "—" else "—"
         pct = lambda m, s: "—" if not m else (f"{100 * float(m):.2f}" + (f" ± {100 * float(s):.2f}" if s else ""))

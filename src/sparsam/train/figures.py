@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .methods import is_sparse
 from .tables import Group, curves
 
 
@@ -24,7 +25,7 @@ def _pyplot() -> Any:
 
 def _label(g: Group, varying: Sequence[str]) -> str:
     parts = [g.label]
-    if g.settings.get("opt") == "ssam" and g.settings.get("mask") != "norm":
+    if is_sparse(g.settings):
         parts.append(f"s={g.settings.get('sparsity'):g}")
     parts += [f"{k}={g.settings[k]}" for k in varying if k not in ("data", "model", "sparsity") and k in g.settings]
     return " ".join(parts)
