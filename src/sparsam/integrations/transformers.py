@@ -1,4 +1,4 @@
-"""SAM and SSAM in the Hugging Face ``transformers`` ``Trainer`` (and with PEFT adapters): :class:`SAMTrainer`.
+"""SAM and SSAM in the Hugging Face ``transformers`` ``Trainer`` (and with PEFT adapters): `SAMTrainer`.
 
 ```python
 trainer = SAMTrainer(
@@ -15,12 +15,12 @@ What the Trainer does on its own, and what the subclass changes (each point is t
 * **The step.** The Trainer calls ``training_step`` once per micro-batch (forward + backward),
   then clips with ``max_grad_norm``, calls ``optimizer.step()`` on the optimizer it built from
   ``args.optim`` (wrapped by Accelerate), steps the LR scheduler and zeroes the gradients. It
-  never calls a closure, so SAM cannot run inside ``optimizer.step()``. :class:`SAMTrainer` keeps
+  never calls a closure, so SAM cannot run inside ``optimizer.step()``. `SAMTrainer` keeps
   the Trainer's base optimizer (so its LR scheduler, clipping, GradScaler and ``optim=`` choice
   work as usual) and wraps it in a SAM / SSAM that shares its ``param_groups`` and ``state``.
   ``training_step`` runs pass 1 of each micro-batch as it arrives and, on the micro-batch that
   completes the accumulation window, perturbs, runs pass 2 over every micro-batch of the window
-  at ``w + e`` and restores ``w`` (:class:`~sparsam.integrations.accelerate.SAMStep` with
+  at ``w + e`` and restores ``w`` ([`SAMStep`][sparsam.integrations.accelerate.SAMStep] with
   ``base_step=False``). The Trainer then clips the descent gradient and takes the base step.
 * **Gradient accumulation**: every micro-batch goes through both passes, as SAM on the whole batch
   prescribes; the loss is normalised exactly as the Trainer normalises it (by the number of
@@ -29,7 +29,7 @@ What the Trainer does on its own, and what the subclass changes (each point is t
   gradient is unscaled by the Trainer's GradScaler before the perturbation, and a step whose pass 1
   overflowed is skipped by that scaler (the Trainer then does not step the LR scheduler).
 * **Checkpoints**: the Trainer saves the base optimizer's state (momentum, Adam moments) in
-  ``optimizer.pt``; :class:`SAMTrainer` adds ``sparsam.pt`` next to it with SAM's own state (for
+  ``optimizer.pt``; `SAMTrainer` adds ``sparsam.pt`` next to it with SAM's own state (for
   SSAM: the masks, the step count and the mask source's state) and loads it on
   ``resume_from_checkpoint``, so a resumed run continues exactly. (Resuming from a checkpoint without
   ``sparsam.pt`` loads the base optimizer's state and warns.)
@@ -63,8 +63,8 @@ from .accelerate import SAMStep
 
 __all__ = ["SPARSAM_STATE_NAME", "SAMTrainer"]
 
-#: File name of SAM's own state in a Trainer checkpoint folder (next to ``optimizer.pt``).
 SPARSAM_STATE_NAME = "sparsam.pt"
+"""File name of SAM's own state in a Trainer checkpoint folder (next to ``optimizer.pt``)."""
 
 
 class SAMTrainer(Trainer):
@@ -80,7 +80,7 @@ class SAMTrainer(Trainer):
             ``optimizers=(sam, scheduler)``; the Trainer then steps its base optimizer.
         rho: the radius of the default ``SAM``; ignored when ``sam`` is given.
 
-    The SAM / SSAM in use is :attr:`sam_optimizer` (``None`` before training starts).
+    The SAM / SSAM in use is `sam_optimizer` (``None`` before training starts).
 
     Raises:
         TypeError: ``sam`` returns something that is not a SAM, or one built around another
@@ -118,7 +118,7 @@ class SAMTrainer(Trainer):
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Optimizer:
         """The Trainer's base optimizer, wrapped in the SAM / SSAM from ``sam=`` (kept in
-        :attr:`sam_optimizer`); returns the base optimizer, which is what the Trainer steps."""
+        `sam_optimizer`); returns the base optimizer, which is what the Trainer steps."""
         self._refuse_sharding()
         if self.sam_optimizer is not None:
             return self.sam_optimizer.base_optimizer
