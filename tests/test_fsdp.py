@@ -1,5 +1,6 @@
-"""SAM on parameters sharded by FSDP2 (fully_shard, DTensor): 2 gloo processes on the CPU against a
-single process that runs the same model on the whole batch."""
+"""SAM, ASAM and SSAM on parameters sharded by FSDP2 (fully_shard, DTensor): 2 gloo processes on the
+CPU against a single process that runs the same model on the whole batch. One spawn runs every
+configuration (process start-up dominates the cost)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sparsam import SAM
+from sparsam import SAM, SSAM
+from sparsam.masks import FisherMask, RandomMask
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard") or not dist.is_available():
     pytest.skip("this torch has no torch.distributed.fsdp.fully_shard", allow_module_level=True)
 
 WORLD, STEPS, BATCH = 2, 4, 12
+CONFIGS = ("sam", "asam", "ssam-random", "ssam-random-masked-norm")
 
 
 def make_model():
@@ -32,8 +35,14 @@ def batch(step):
     return torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
-def make_opt(params, model, adaptive):
-    return SAM(params, torch.optim.SGD, rho=0.2, adaptive=adaptive, lr=0.1, momentum=0.9, model=model)
+def make_opt(config, params, model):
+    kw = {"rho": 0.2, "lr": 0.1, "momentum": 0.9, "model": model}
+    if config.startswith("ssam"):
+        # a new random mask every 2 steps (global budget over all parameters)
+        norm = "masked" if config.endswith("masked-norm") else "full"
+        return SSAM(params, torch.optim.SGD, mask=RandomMask(0.5, seed=3, update_every=2), norm=norm,
+                    sparse_ascent=False, **kw)
+    return SAM(params, torch.optim.SGD, adaptive=config == "asam", **kw)
 
 
 def run(model, opt, rank=0, world=1):
@@ -50,33 +59,67 @@ def run(model, opt, rank=0, world=1):
         opt.step(closure)
 
 
-def _worker(rank, world, port, out, adaptive):
+def sharded_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _errors(model, rank):
+    """Bad input on sharded parameters: each entry is the message of the error raised, or None."""
+    out = {}
+    extra = nn.Linear(3, 2)  # a plain parameter next to sharded ones: the norm cannot count it
+    bad = make_opt("sam", list(model.parameters()) + list(extra.parameters()), model)
+    x, _ = batch(0)
+    F.cross_entropy(extra(model(x)), torch.zeros(BATCH, dtype=torch.long)).backward()
+    try:
+        bad.first_step()
+        out["mixed"] = None
+    except ValueError as exc:
+        out["mixed"] = str(exc)
+    ssam = make_opt("ssam-random", model.parameters(), model)
+    for key, masks in (
+        ("full-shape", {"0.weight": torch.ones(7, 6, dtype=torch.bool)}),
+        ("other-world", {"0.weight": torch.ones(2, 6, dtype=torch.bool)}),
+    ):
+        try:
+            ssam.set_masks(masks)
+            out[key] = None
+        except ValueError as exc:
+            out[key] = str(exc)
+    fisher = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model,
+                  mask=FisherMask(0.5, num_samples=4), loss_fn=F.cross_entropy, data=[batch(0)])
+    try:
+        fisher.init_masks()
+        out["fisher"] = None
+    except NotImplementedError as exc:
+        out["fisher"] = str(exc)
+    return out
+
+
+def _worker(rank, world, port, out):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from torch.distributed.fsdp import fully_shard
-
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        opt = make_opt(model.parameters(), model, adaptive)
-        run(model, opt, rank, world)
-        full = [p.full_tensor() for p in model.parameters()]
-        backup_bytes = sum(b.numel() * b.element_size() for b in opt._backup.values())
-        param_bytes = sum(t.numel() * t.element_size() for t in full)
-        torch.save({"params": full, "backup_bytes": backup_bytes, "param_bytes": param_bytes}, f"{out}/rank{rank}.pt")
-
-        # Bad input: a plain (unsharded) parameter next to sharded ones.
-        extra = nn.Linear(3, 2)
-        bad = make_opt(list(model.parameters()) + list(extra.parameters()), model, adaptive)
-        x, y = batch(0)
-        F.cross_entropy(extra(model(x)), torch.zeros(BATCH, dtype=torch.long)).backward()
-        try:
-            bad.first_step()
-        except ValueError as exc:
-            torch.save(str(exc), f"{out}/mixed{rank}.pt")
+        result = {}
+        for config in CONFIGS:
+            model = sharded_model()
+            opt = make_opt(config, model.parameters(), model)
+            run(model, opt, rank, world)
+            result[config] = {
+                "params": [p.full_tensor() for p in model.parameters()],
+                "backup_bytes": sum(b.numel() * b.element_size() for b in opt._backup.values()),
+                "masks": {n: m.clone() for n, m in opt.masks.items()} if isinstance(opt, SSAM) else None,
+                "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()],
+            }
+        result["errors"] = _errors(sharded_model(), rank)
+        torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -87,19 +130,43 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    torch.multiprocessing.spawn(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
-def test_fsdp2_two_ranks_equal_one_process(adaptive, tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(WORLD, free_port(), str(tmp_path), adaptive), nprocs=WORLD)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_two_ranks_equal_one_process(config, ranks):
     ref = make_model()
-    run(ref, make_opt(ref.parameters(), ref, adaptive))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for p0, p1, q in zip(ranks[0]["params"], ranks[1]["params"], ref.parameters()):
+    ref_opt = make_opt(config, ref.parameters(), ref)
+    run(ref, ref_opt)
+    r0, r1 = ranks[0][config], ranks[1][config]
+    for p0, p1, q in zip(r0["params"], r1["params"], ref.parameters()):
         assert torch.equal(p0, p1)  # every rank gathers the same weights
         torch.testing.assert_close(p0, q.detach(), rtol=1e-5, atol=1e-6)
-    # the copy of w is one shard per rank: the ranks together hold exactly one copy
-    assert sum(r["backup_bytes"] for r in ranks) == ranks[0]["param_bytes"]
-    assert all(r["backup_bytes"] < r["param_bytes"] for r in ranks)
-    for r in range(WORLD):
-        msg = torch.load(tmp_path / f"mixed{r}.pt")
-        assert "sharded (FSDP2) and plain parameters" in msg and "(2, 3)" in msg
+    # the copy of w is one shard per rank: together the ranks hold exactly one copy
+    param_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    if config.startswith("ssam"):
+        # each rank holds the masks of its rows only; joined they are the one-process masks
+        assert r0["masks"].keys() == ref_opt.masks.keys()
+        for name, m in ref_opt.masks.items():
+            assert torch.equal(torch.cat([r0["masks"][name], r1["masks"][name]]), m), name
+            assert r0["masks"][name].shape[0] < m.shape[0]
+        assert sum(r["backup_bytes"] for r in (r0, r1)) <= param_bytes  # only partly masked tensors copied
+    else:
+        assert sum(r["backup_bytes"] for r in (r0, r1)) == param_bytes
+        assert all(r["backup_bytes"] < param_bytes for r in (r0, r1))
+    assert r0["local_shapes"][0] == (4, 6) and r1["local_shapes"][0] == (3, 6)
+
+
+@pytest.mark.slow
+def test_bad_input_is_refused_by_name(ranks):
+    for r in ranks:
+        err = r["errors"]
+        assert err["mixed"] and "sharded (FSDP2) and plain parameters" in err["mixed"] and "(2, 3)" in err["mixed"]
+        assert err["full-shape"] and "full shape (7, 6)" in err["full-shape"] and "per shard" in err["full-shape"]
+        assert err["other-world"] and "another world size" in err["other-world"]
+        assert err["fisher"] and "FisherMask" in err["fisher"]

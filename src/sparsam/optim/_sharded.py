@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 try:  # torch >= 2.4 exposes DTensor publicly
@@ -30,7 +31,7 @@ except ImportError:  # pragma: no cover - old torch or a build without distribut
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_sharded", "local", "local_numel_bytes", "reduce_norm", "sharding_of"]
+__all__ = ["is_sharded", "local", "local_numel_bytes", "local_part", "mask_shape_error", "reduce_norm", "sharding_of"]
 
 
 def is_sharded(t: Any) -> bool:
@@ -97,3 +98,34 @@ def local_numel_bytes(tensors: Iterable[Tensor]) -> int:
     """Bytes held on this rank by ``tensors`` (local shards for DTensors)."""
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
+
+
+def local_part(full: Tensor, p: Any) -> Tensor:
+    """This rank's part of ``full`` (a tensor of ``p``'s global shape), as ``p`` is sharded: the
+    chunk ``torch.chunk`` gives along the sharded dimension (FSDP2's layout)."""
+    if not is_sharded(p):
+        return full
+    (placement,) = p.placements
+    mesh = p.device_mesh
+    chunks = torch.chunk(full, mesh.size(), dim=placement.dim)
+    rank = mesh.get_local_rank()
+    part = chunks[rank] if rank < len(chunks) else full.narrow(placement.dim, 0, 0)
+    if part.shape != local(p).shape:  # pragma: no cover - a layout other than FSDP2's
+        raise ValueError(f"cannot cut a mask of shape {tuple(full.shape)} to this rank's shard {tuple(local(p).shape)}")
+    return part
+
+
+def mask_shape_error(m: Tensor, p: Tensor) -> str:
+    """The message for a mask whose shape does not fit its (possibly sharded) parameter."""
+    if not is_sharded(p):
+        return f"mask shape {tuple(m.shape)} does not match its parameter's shape {tuple(p.shape)}"
+    shard = tuple(local(p).shape)
+    if m.shape == p.shape and m.shape != local(p).shape:
+        return (
+            f"mask of the full shape {tuple(m.shape)} given for a parameter sharded by FSDP2: masks are per shard, "
+            f"give this rank's part (shape {shard})"
+        )
+    return (
+        f"mask shape {tuple(m.shape)} does not match this rank's shard {shard} of a parameter of shape "
+        f"{tuple(p.shape)} (a state saved with another world size has other shard shapes)"
+    )

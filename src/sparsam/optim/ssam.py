@@ -15,6 +15,7 @@ from ..masks.base import LossFn, MaskContext, MaskSource, check_sparsity
 from ..masks.manual import ManualMask
 from ..masks.random import RandomMask
 from .implicit import check_implicit_layers, is_2to4_rows, masked_input_gradients
+from . import _sharded
 from .sam import SAM
 
 _NORMS = ("full", "masked")
@@ -205,8 +206,8 @@ class SSAM(SAM):
                 raise TypeError(f"mask for {key if isinstance(key, str) else 'parameter'} must be a tensor, got {type(m).__name__}")
             if m.dtype != torch.bool:
                 raise TypeError(f"mask for parameter of shape {tuple(p.shape)} must have dtype torch.bool, got {m.dtype}")
-            if m.shape != p.shape:
-                raise ValueError(f"mask shape {tuple(m.shape)} does not match its parameter's shape {tuple(p.shape)}")
+            if m.shape != _sharded.local(p).shape:  # FSDP2: a mask covers this rank's shard
+                raise ValueError(_sharded.mask_shape_error(m, p))
             new[p] = m.detach().to(p.device, non_blocking=False)
         self._install(new)
 
@@ -294,6 +295,12 @@ class SSAM(SAM):
         """The :class:`MaskContext` handed to the mask source now."""
         names = self.param_names()
         params = {names[p]: p for p in self._perturbable()}
+        src = self.mask_source
+        if (src.needs_grads or getattr(src, "needs_data", False)) and any(map(_sharded.is_sharded, params.values())):
+            raise NotImplementedError(
+                f"{type(src).__name__} on parameters sharded by FSDP2 is not supported yet (its scores need a "
+                "distributed threshold); use RandomMask or masks set per shard, or DDP"
+            )
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         model = self.model
         while model is not None and hasattr(model, "no_sync") and hasattr(model, "module"):
@@ -314,6 +321,9 @@ class SSAM(SAM):
         masks = dict(result)
         if self.sync_masks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             masks = _broadcast_masks(masks)
+        if any(_sharded.is_sharded(p) for p in self._all_params()):  # FSDP2: keep this rank's part
+            by_name = {n: p for p, n in self.param_names().items()}
+            masks = {n: _sharded.local_part(m, by_name[n]) if n in by_name else m for n, m in masks.items()}
         self.set_masks(masks)
 
     def init_masks(self) -> None:
