@@ -350,3 +350,34 @@ def test_transformers_trainer_recipe(tmp_path):
     # another order: equal up to float32 rounding, not bit for bit.
     for (k, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=k)
+
+
+def test_a_sequence_changing_variant_runs_without_edits_here():
+    """A SAM subclass that runs one pass on odd steps (docs/design.md) works through SAMStep as in a
+    plain ``opt.step(closure)`` loop: same passes, same weights."""
+    from .test_train_passes import EveryOtherStepSAM
+
+    def make(params, model):
+        return EveryOtherStepSAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=model)
+
+    net = tiny_net(dtype=torch.float32, bn=True)
+    ref = copy.deepcopy(net)
+    ref_opt = make(ref.parameters(), ref)
+    EveryOtherStepSAM.calls = []
+    for x, y in loader():
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+
+        ref_opt.step(closure)
+        ref_opt.zero_grad()
+    plain, EveryOtherStepSAM.calls = EveryOtherStepSAM.calls, []
+    acc = accelerate.Accelerator(cpu=True)
+    model, opt, dl = acc.prepare(net, make(net.parameters(), None), loader())
+    step = SAMStep(acc, opt, model=model)
+    for x, y in dl:
+        step(lambda x, y: F.cross_entropy(model(x), y), x, y)
+    assert EveryOtherStepSAM.calls == plain == [[None], ["ascent", "descent"]] * 2
+    assert_same(model, ref)

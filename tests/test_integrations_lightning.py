@@ -500,3 +500,35 @@ def test_example_script(tmp_path, monkeypatch, capsys):
     main = runpy.run_path(str(script), run_name="example")["main"]
     main(["--method", "ssam-random", "--epochs", "2", "--limit-train-batches", "2", "--accelerator", "cpu", "--clip", "1.0"])
     assert capsys.readouterr().out.splitlines()[-1].endswith("after 4 steps")
+
+
+# ------------------------------------------------------------------------------ a variant, unedited
+def test_a_sequence_changing_variant_runs_without_edits_here():
+    """A SAM subclass that runs one pass on odd steps (docs/design.md) works under the callback as in
+    a plain ``opt.step(closure)`` loop: same passes, same weights."""
+    from .test_train_passes import EveryOtherStepSAM
+
+    def make(m):
+        return EveryOtherStepSAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=m)
+
+    module = Net(make)
+    ref = Holder(copy.deepcopy(module.net))
+    ref_opt = make(ref)
+    EveryOtherStepSAM.calls = []
+    t = trainer(4)
+    t.fit(module, loader())
+    under_lightning, EveryOtherStepSAM.calls = EveryOtherStepSAM.calls, []
+    for i, (x, y) in enumerate(loader()):
+        if i == 4:
+            break
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+
+        ref_opt.step(closure)
+        ref_opt.zero_grad()
+    assert under_lightning == EveryOtherStepSAM.calls == [[None], ["ascent", "descent"]] * 2
+    same_state(module, ref)
+    assert t.global_step == 4
