@@ -154,7 +154,7 @@ class SAMCallback(Callback):
 
         def optimizer_step(optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
             if isinstance(optimizer, SAM) and isinstance(model, pl.LightningModule):
-                return _two_pass_step(plugin, optimizer, model, closure, log_descent=log_descent, **kwargs)
+                return _sam_step(plugin, optimizer, model, closure, log_descent=log_descent, **kwargs)
             return original(optimizer, model=model, closure=closure, **kwargs)
 
         plugin.__dict__["optimizer_step"] = optimizer_step
@@ -193,7 +193,7 @@ class _SkipStep(Exception):
     """training_step returned None in pass 1: Lightning skips such a step, and so do we."""
 
 
-def _two_pass_step(
+def _sam_step(
     plugin: Precision, sam: SAM, model: pl.LightningModule, closure: Callable[[], Any], *, log_descent: bool, **kwargs: Any
 ) -> Any:
     """One SAM step driven from Lightning's precision plugin (automatic, or ``opt.step(closure)``):
