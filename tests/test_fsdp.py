@@ -21,7 +21,7 @@ if not hasattr(fsdp, "fully_shard") or not dist.is_available():
     pytest.skip("this torch has no torch.distributed.fsdp.fully_shard", allow_module_level=True)
 
 WORLD, STEPS, BATCH = 2, 4, 12
-CONFIGS = ("sam", "asam", "ssam-random", "ssam-random-masked-norm")
+CONFIGS = ("sam", "asam", "ssam-random", "ssam-random-masked-norm", "sam-bf16-policy")
 
 
 def make_model():
@@ -59,15 +59,33 @@ def run(model, opt, rank=0, world=1):
         opt.step(closure)
 
 
-def sharded_model():
-    from torch.distributed.fsdp import fully_shard
+def sharded_model(bf16=False):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kw = {"mp_policy": policy} if policy is not None else {}
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model
+
+
+def _checkpoint(opt):
+    """Save and load SSAM's state on the same sharding; then a state whose masks have another shard shape."""
+    sd = opt.state_dict()
+    model = sharded_model()
+    again = make_opt("ssam-random", model.parameters(), model)
+    again.load_state_dict(sd)
+    same = again._steps == opt._steps and all(torch.equal(again.masks[n], m) for n, m in opt.masks.items())
+    bad = dict(sd)
+    bad["sparsam"] = {**sd["sparsam"], "masks": {**sd["sparsam"]["masks"], 0: torch.ones(2, 6, dtype=torch.bool)}}
+    try:
+        again.load_state_dict(bad)
+        return same, None
+    except ValueError as exc:
+        return same, str(exc)
 
 
 def _errors(model, rank):
@@ -109,9 +127,11 @@ def _worker(rank, world, port, out):
     try:
         result = {}
         for config in CONFIGS:
-            model = sharded_model()
+            model = sharded_model(bf16=config.endswith("bf16-policy"))
             opt = make_opt(config, model.parameters(), model)
             run(model, opt, rank, world)
+            if config == "ssam-random":
+                result["checkpoint"] = _checkpoint(opt)
             result[config] = {
                 "params": [p.full_tensor() for p in model.parameters()],
                 "backup_bytes": sum(b.numel() * b.element_size() for b in opt._backup.values()),
@@ -144,9 +164,14 @@ def test_two_ranks_equal_one_process(config, ranks):
     ref_opt = make_opt(config, ref.parameters(), ref)
     run(ref, ref_opt)
     r0, r1 = ranks[0][config], ranks[1][config]
+    # bf16 compute (FSDP's MixedPrecisionPolicy) against the float32 run: as close as bf16 allows
+    tol = {"rtol": 0, "atol": 2e-2} if config.endswith("bf16-policy") else {"rtol": 1e-5, "atol": 1e-6}
     for p0, p1, q in zip(r0["params"], r1["params"], ref.parameters()):
         assert torch.equal(p0, p1)  # every rank gathers the same weights
-        torch.testing.assert_close(p0, q.detach(), rtol=1e-5, atol=1e-6)
+        assert p0.dtype == torch.float32  # the sharded parameters stay float32 under the policy
+        torch.testing.assert_close(p0, q.detach(), **tol)
+    if config.endswith("bf16-policy"):  # the forward did run in bf16: not the float32 weights
+        assert any(not torch.allclose(p0, q.detach(), rtol=1e-5, atol=1e-6) for p0, q in zip(r0["params"], ref.parameters()))
     # the copy of w is one shard per rank: together the ranks hold exactly one copy
     param_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     if config.startswith("ssam"):
@@ -170,3 +195,11 @@ def test_bad_input_is_refused_by_name(ranks):
         assert err["full-shape"] and "full shape (7, 6)" in err["full-shape"] and "per shard" in err["full-shape"]
         assert err["other-world"] and "another world size" in err["other-world"]
         assert err["fisher"] and "FisherMask" in err["fisher"]
+
+
+@pytest.mark.slow
+def test_ssam_state_round_trip_per_shard(ranks):
+    for r in ranks:
+        same, err = r["checkpoint"]
+        assert same  # masks (per shard) and the step count come back
+        assert err and "another world size" in err

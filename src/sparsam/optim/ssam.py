@@ -393,8 +393,14 @@ class SSAM(SAM):
             if isinstance(i, bool) or not isinstance(i, (int, str)) or not str(i).isdigit() or not int(i) < len(params):
                 raise ValueError(f"checkpoint has a mask for parameter index {i!r}, the optimizer has {len(params)} parameters")
             p = params[int(i)]
-            if not isinstance(m, Tensor) or m.shape != p.shape:
+            if not isinstance(m, Tensor) or m.shape != _sharded.local(p).shape:  # FSDP2: saved per shard
                 shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+                if _sharded.is_sharded(p):
+                    raise ValueError(
+                        f"checkpoint's mask for parameter {i} has shape {shape}, this rank's shard of it has shape "
+                        f"{tuple(_sharded.local(p).shape)}: the state was saved with another world size or sharding "
+                        "(SSAM saves its masks per shard)"
+                    )
                 raise ValueError(
                     f"checkpoint's mask for parameter {i} has shape {shape}, the parameter has shape {tuple(p.shape)}: "
                     "the state was saved for a differently shaped model"
