@@ -110,6 +110,15 @@ def _errors(model, rank):
             out[key] = None
         except ValueError as exc:
             out[key] = str(exc)
+    # the cheaper ascent pass would freeze shards rank by rank: refused
+    cheap = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model, norm="masked",
+                 mask=RandomMask(0.5, seed=3, pattern="structured"))
+    try:
+        with cheap.ascent_pass():
+            pass
+        out["sparse-ascent"] = None
+    except RuntimeError as exc:
+        out["sparse-ascent"] = str(exc)
     fisher = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model,
                   mask=FisherMask(0.5, num_samples=4), loss_fn=F.cross_entropy, data=[batch(0)])
     try:
@@ -195,6 +204,7 @@ def test_bad_input_is_refused_by_name(ranks):
         assert err["full-shape"] and "full shape (7, 6)" in err["full-shape"] and "per shard" in err["full-shape"]
         assert err["other-world"] and "another world size" in err["other-world"]
         assert err["fisher"] and "FisherMask" in err["fisher"]
+        assert err["sparse-ascent"] and "sparse_ascent=False" in err["sparse-ascent"]
 
 
 @pytest.mark.slow

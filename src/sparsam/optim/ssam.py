@@ -278,6 +278,12 @@ class SSAM(SAM):
                 ]
                 if len(frozen) == sum(p.requires_grad for p in self._all_params()):
                     frozen = []  # nothing is perturbed: keep pass 1 as it is so backward() still works
+                if frozen and any(map(_sharded.is_sharded, frozen)):
+                    raise RuntimeError(
+                        "sparse_ascent on parameters sharded by FSDP2 is not supported (a shard whose mask is all "
+                        "False on one rank only would skip FSDP's gradient reduce-scatter there): pass "
+                        "sparse_ascent=False (the default with norm='full')"
+                    )
                 if frozen and self.ascent == "sync" and hasattr(self.model, "no_sync"):
                     raise RuntimeError(
                         "sparse_ascent under DDP needs ascent='local' (pass 1 outside the gradient "
