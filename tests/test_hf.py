@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -330,3 +331,44 @@ def test_bad_input(tmp_path):
         ).train()
     with pytest.raises(TypeError, match="sam must be a function"):
         SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=0.1)
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    data = cls_data(4 * BATCH * ACCUM * world)
+    result = {}
+    for name, rho in (("plain", None), ("rho0", 0.0), ("sam", 0.1)):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        model = tiny_bert()
+        kw = {"model": model, "args": args(f"{out}/{name}", max_steps=4), "train_dataset": data}
+        trainer = transformers.Trainer(**kw) if rho is None else SAMTrainer(**kw, rho=rho)
+        trainer.train()
+        result[name] = [p.detach().clone() for p in model.parameters()]
+        result[f"{name}-ddp"] = trainer.accelerator.num_processes == world and isinstance(
+            trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel
+        )
+    torch.save(result, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    # Two CPU processes (gloo): the Trainer wraps the model in DDP. With rho = 0 SAMTrainer must give
+    # the plain Trainer's weights (pass 2 is all-reduced once per window, the loss normalised as the
+    # Trainer does across ranks); with rho > 0 every rank must end with the same weights.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for name in ("plain", "rho0", "sam"):
+        assert r0[f"{name}-ddp"] and r1[f"{name}-ddp"]  # the Trainer really ran under DDP
+        for p, q in zip(r0[name], r1[name]):
+            assert torch.equal(p, q), name
+    for p, q in zip(r0["rho0"], r0["plain"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(p, q, rtol=1e-4, atol=1e-5) for p, q in zip(r0["sam"], r0["plain"]))
