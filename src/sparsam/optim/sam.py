@@ -225,10 +225,12 @@ class SAM(Optimizer):
     def current_pass(self) -> str | None:
         """Which pass runs now: ``"ascent"`` inside [`ascent_pass`][sparsam.SAM.ascent_pass] (at
         ``w``), ``"descent"`` inside [`descent_pass`][sparsam.SAM.descent_pass] (at ``w + e``),
-        ``None`` otherwise, which includes a step that runs one plain pass. Read-only.
+        ``None`` otherwise, which includes a step that runs one plain pass. Read-only. ESAM adds
+        ``"measure"``: a forward-only pass at ``w + e`` under ``torch.no_grad()`` in which the
+        closure records per-sample losses and calls no ``backward`` (see ``docs/variants.md``).
 
         A closure given to [`step`][sparsam.SAM.step] reads it to keep side effects to the clean
-        pass (``current_pass != "descent"``: training statistics, logging) and to know whether
+        pass (``current_pass in (None, "ascent")``: training statistics, logging) and to know whether
         its gradient is all-reduced (in ``"ascent"`` with ``ascent="local"`` it is not)."""
         return self._current_pass
 
