@@ -339,6 +339,8 @@ FACTORIES = {
     "looksam": lambda m: LookSAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, k=3),
     "lookssam": lambda m: LookSSAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, k=3, sparsity=0.5),
     "esam": lambda m: ESAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, beta=0.5, gamma=0.5),
+    "esam-coordinate": lambda m: ESAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, beta=0.5,
+                                      granularity="coordinate", gamma=0.5),
     "esam-random": lambda m: ESAM(
         m.parameters(),
         torch.optim.SGD,

@@ -12,7 +12,7 @@ offered (``granularity``); the 1/β scale is applied by [`ESAM`][sparsam.optim.e
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -52,16 +52,19 @@ class StochasticMask(SeededSource):
         self.granularity = granularity
         self._seed(seed)
 
+    def draw_tensors(self, names: Iterable[str]) -> dict[str, bool]:
+        """``granularity="tensor"``: which of the named tensors the next draw perturbs, as Python
+        bools (no device work, no host synchronisation); advances the generator exactly as
+        [`update`][sparsam.masks.stochastic.StochasticMask.update] does for the same names."""
+        if self.granularity != "tensor":
+            raise ValueError(f"draw_tensors needs granularity='tensor', this source has granularity={self.granularity!r}")
+        return {n: bool(torch.rand((), generator=self.generator) < self.beta) for n in names}
+
     def _draw(self, ctx: MaskContext) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for name, p in ctx.params.items():
-            if self.granularity == "tensor":
-                keep = bool(torch.rand((), generator=self.generator) < self.beta)
-                m = torch.full(p.shape, keep, dtype=torch.bool)
-            else:
-                m = torch.rand(p.shape, generator=self.generator) < self.beta
-            out[name] = m.to(p.device)
-        return out
+        if self.granularity == "tensor":
+            keep = self.draw_tensors(ctx.params)
+            return {n: torch.full(p.shape, keep[n], dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
+        return {n: (torch.rand(p.shape, generator=self.generator) < self.beta).to(p.device) for n, p in ctx.params.items()}
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
         return self._draw(ctx)

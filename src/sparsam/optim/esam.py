@@ -34,6 +34,7 @@ from ..bn import no_running_stats
 from ..masks.base import MaskSource
 from ..masks.stochastic import StochasticMask
 from .schedule import ScheduledSSAM
+from .ssam import _DENSE, _SKIP
 
 #: Cost of a forward-only pass in forward+backward passes (a backward costs about two forwards).
 FORWARD_COST = 1.0 / 3.0
@@ -111,6 +112,7 @@ class ESAM(ScheduledSSAM):
         self._losses: list[Tensor] = []
         self._index: Tensor | None = None
         self._descent_cost = 1.0
+        self._ones: dict[Tensor, Tensor] = {}  # an all-True mask per parameter, reused by SWP's per-step draws
 
     @property
     def beta(self) -> float:
@@ -167,8 +169,30 @@ class ESAM(ScheduledSSAM):
 
     def _after_step(self) -> None:
         super()._after_step()
-        if isinstance(self.mask_source, StochasticMask):  # SWP: the next step's mask, before its ascent pass
-            self._apply_source(self.mask_source.update(self.mask_context()))
+        src = self.mask_source
+        if not isinstance(src, StochasticMask):
+            return
+        # SWP: the next step's mask, before its ascent pass.
+        if src.granularity != "tensor" or self.form != "explicit":
+            self._apply_source(src.update(self.mask_context()))
+            return
+        # Whole tensors: the draw is known on the host, so install it without reading masks back
+        # from the device (set_masks classifies each mask with two host syncs). Every rank draws
+        # the same sequence from the same seed, so no broadcast is needed.
+        names = self.param_names()
+        params = self._perturbable()
+        keep = src.draw_tensors([names[p] for p in params])
+        masks: dict[Tensor, Tensor] = {}
+        kinds: dict[Tensor, int] = {}
+        for p in params:
+            if keep[names[p]]:
+                m = self._ones.get(p)
+                if m is None or m.shape != p.shape or m.device != p.device:
+                    m = self._ones[p] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+                masks[p], kinds[p] = m, _DENSE
+            else:
+                kinds[p] = _SKIP
+        self._masks, self._kind = masks, kinds
 
     def _sam_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         if self.gamma >= 1.0:
