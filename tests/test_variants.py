@@ -339,8 +339,9 @@ FACTORIES = {
     "looksam": lambda m: LookSAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, k=3),
     "lookssam": lambda m: LookSSAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, k=3, sparsity=0.5),
     "esam": lambda m: ESAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, beta=0.5, gamma=0.5),
-    "esam-coordinate": lambda m: ESAM(m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, beta=0.5,
-                                      granularity="coordinate", gamma=0.5),
+    "esam-coordinate": lambda m: ESAM(
+        m.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, model=m, beta=0.5, granularity="coordinate", gamma=0.5
+    ),
     "esam-random": lambda m: ESAM(
         m.parameters(),
         torch.optim.SGD,
@@ -471,7 +472,13 @@ def test_presets_carry_the_papers_settings_with_sources():
     presets = list_presets()
     esam = presets["cifar10-resnet18-cheap-esam"].values
     assert (esam["opt"], esam["esam_beta"], esam["esam_gamma"], esam["rho"], esam["lr"], esam["weight_decay"]) == (
-        "esam", 0.6, 0.5, 0.05, 0.05, 1e-3)
+        "esam",
+        0.6,
+        0.5,
+        0.05,
+        0.05,
+        1e-3,
+    )
     look = presets["cifar10-resnet18-cheap-looksam"].values
     assert (look["opt"], look["look_k"], look["look_alpha"]) == ("looksam", 5, 0.7)
     assert presets["cifar10-resnet18-cheap-sam-every2"].values["sam_every"] == 2
@@ -510,11 +517,14 @@ def test_report_shows_compute_and_plots_accuracy_against_it(tmp_path):
         assert (tmp_path / "rep" / "acc_vs_compute.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("flags", [
-    ["--opt", "looksam", "--look-k", "2"],  # g_v from each rank's local ascent gradient: averaged over the ranks
-    ["--opt", "sam", "--ascent-fraction", "0.25", "--sam-every", "2"],  # each rank's first quarter, ascent local
-    ["--opt", "esam"],  # per-rank data selection, SWP masks from the same generator
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--opt", "looksam", "--look-k", "2"],  # g_v from each rank's local ascent gradient: averaged over the ranks
+        ["--opt", "sam", "--ascent-fraction", "0.25", "--sam-every", "2"],  # each rank's first quarter, ascent local
+        ["--opt", "esam"],  # per-rank data selection, SWP masks from the same generator
+    ],
+)
 def test_torchrun_two_ranks_end_identical(flags, tmp_path):
     import os
     import subprocess
@@ -529,10 +539,34 @@ def test_torchrun_two_ranks_end_identical(flags, tmp_path):
 
     out = tmp_path / "ddp"
     env = {**os.environ, "SPARSAM_DEBUG_RANK_DUMP": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "sparsam", "train", *flags, "--train-subset", "256",
-           "--test-subset", "64", "--batch-size", "64", "--epochs", "1", "--threads", "1", "--no-progress",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "sparsam",
+        "train",
+        *flags,
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "64",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(out / "debug" / f"rank{r}.pt", weights_only=True) for r in range(2))

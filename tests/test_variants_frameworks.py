@@ -18,7 +18,9 @@ from .reference import tiny_data, tiny_net
 
 KW = dict(rho=0.1, lr=0.1, momentum=0.9)
 VARIANTS = {
-    "every2-late": lambda p, **kw: ScheduledSAM(p, torch.optim.SGD, every=2, start=0.25, ramp=0.5, total_steps=8, **KW, **kw),
+    "every2-late": lambda p, **kw: ScheduledSAM(
+        p, torch.optim.SGD, every=2, start=0.25, ramp=0.5, total_steps=8, **KW, **kw
+    ),
     "looksam": lambda p, **kw: LookSAM(p, torch.optim.SGD, k=3, **KW, **kw),
     "esam-swp": lambda p, **kw: ESAM(p, torch.optim.SGD, beta=0.5, gamma=1.0, seed=7, **KW, **kw),
 }
@@ -34,6 +36,7 @@ def reference(net, make_opt):
     ref = copy.deepcopy(net)
     opt = make_opt(ref.parameters(), model=ref)
     for x, y in loader():
+
         def closure(x=x, y=y):
             loss = F.cross_entropy(ref(x), y)
             loss.backward()
@@ -69,8 +72,17 @@ def test_lightning_trainer_equals_the_closure_loop(name):
 
     module = Net()
     ref, ref_opt = reference(module.net, VARIANTS[name])
-    t = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[SAMCallback()])
+    t = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[SAMCallback()],
+    )
     import warnings
 
     with warnings.catch_warnings():

@@ -57,14 +57,18 @@ class StochasticMask(SeededSource):
         bools (no device work, no host synchronisation); advances the generator exactly as
         [`update`][sparsam.masks.stochastic.StochasticMask.update] does for the same names."""
         if self.granularity != "tensor":
-            raise ValueError(f"draw_tensors needs granularity='tensor', this source has granularity={self.granularity!r}")
+            raise ValueError(
+                f"draw_tensors needs granularity='tensor', this source has granularity={self.granularity!r}"
+            )
         return {n: bool(torch.rand((), generator=self.generator) < self.beta) for n in names}
 
     def _draw(self, ctx: MaskContext) -> dict[str, Tensor]:
         if self.granularity == "tensor":
             keep = self.draw_tensors(ctx.params)
             return {n: torch.full(p.shape, keep[n], dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
-        return {n: (torch.rand(p.shape, generator=self.generator) < self.beta).to(p.device) for n, p in ctx.params.items()}
+        return {
+            n: (torch.rand(p.shape, generator=self.generator) < self.beta).to(p.device) for n, p in ctx.params.items()
+        }
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
         return self._draw(ctx)
