@@ -21,7 +21,8 @@ if not hasattr(fsdp, "fully_shard") or not dist.is_available():
     pytest.skip("this torch has no torch.distributed.fsdp.fully_shard", allow_module_level=True)
 
 WORLD, STEPS, BATCH = 2, 4, 12
-CONFIGS = ("sam", "asam", "ssam-random", "ssam-random-masked-norm", "sam-bf16-policy")
+CONFIGS = ("sam", "asam", "ssam-random", "ssam-random-masked-norm", "sam-bf16-policy", "sam-gradscaler",
+           "sam-gradscaler-overflow")
 
 
 def make_model():
@@ -42,21 +43,32 @@ def make_opt(config, params, model):
         norm = "masked" if config.endswith("masked-norm") else "full"
         return SSAM(params, torch.optim.SGD, mask=RandomMask(0.5, seed=3, update_every=2), norm=norm,
                     sparse_ascent=False, **kw)
+    if "gradscaler" in config:
+        kw["max_grad_norm"] = 0.5  # clipping of the (unscaled) sharded descent gradient
     return SAM(params, torch.optim.SGD, adaptive=config == "asam", **kw)
 
 
-def run(model, opt, rank=0, world=1):
+def make_scaler(config):
+    if "gradscaler" not in config:
+        return None
+    # a CPU GradScaler stands in for the GPU one; an infinite scale overflows every ascent gradient
+    return torch.amp.GradScaler("cpu", init_scale=float("inf") if config.endswith("overflow") else 2.0**10)
+
+
+def run(model, opt, rank=0, world=1, scaler=None):
     for step in range(STEPS):
         x, y = batch(step)
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
 
         def closure(xs=xs, ys=ys):
             loss = F.cross_entropy(model(xs), ys)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             return loss
 
         opt.zero_grad()
-        opt.step(closure)
+        opt.step(closure, grad_scaler=scaler)
+        if scaler is not None:
+            scaler.update()
 
 
 def sharded_model(bf16=False):
@@ -138,7 +150,7 @@ def _worker(rank, world, port, out):
         for config in CONFIGS:
             model = sharded_model(bf16=config.endswith("bf16-policy"))
             opt = make_opt(config, model.parameters(), model)
-            run(model, opt, rank, world)
+            run(model, opt, rank, world, make_scaler(config))
             if config == "ssam-random":
                 result["checkpoint"] = _checkpoint(opt)
             result[config] = {
@@ -171,7 +183,9 @@ def ranks(tmp_path_factory):
 def test_two_ranks_equal_one_process(config, ranks):
     ref = make_model()
     ref_opt = make_opt(config, ref.parameters(), ref)
-    run(ref, ref_opt)
+    run(ref, ref_opt, scaler=make_scaler(config))
+    if config.endswith("overflow"):  # every step skipped by the scaler: the initial weights
+        assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), make_model().parameters()))
     r0, r1 = ranks[0][config], ranks[1][config]
     # bf16 compute (FSDP's MixedPrecisionPolicy) against the float32 run: as close as bf16 allows
     tol = {"rtol": 0, "atol": 2e-2} if config.endswith("bf16-policy") else {"rtol": 1e-5, "atol": 1e-6}

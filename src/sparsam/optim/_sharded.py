@@ -31,7 +31,10 @@ except ImportError:  # pragma: no cover - old torch or a build without distribut
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_sharded", "local", "local_numel_bytes", "local_part", "mask_shape_error", "reduce_norm", "sharding_of"]
+__all__ = [
+    "first_mesh", "is_sharded", "local", "local_numel_bytes", "local_part", "mask_shape_error", "reduce_max", "reduce_norm",
+    "sharding_of",
+]
 
 
 def is_sharded(t: Any) -> bool:
@@ -129,3 +132,20 @@ def mask_shape_error(m: Tensor, p: Tensor) -> str:
         f"mask shape {tuple(m.shape)} does not match this rank's shard {shard} of a parameter of shape "
         f"{tuple(p.shape)} (a state saved with another world size has other shard shapes)"
     )
+
+
+def first_mesh(params: Iterable[Tensor]) -> Any:
+    """The device mesh of the first sharded tensor in ``params`` (``None`` if none is sharded)."""
+    return next((p.device_mesh for p in params if is_sharded(p)), None)  # type: ignore[attr-defined]
+
+
+def reduce_max(flag: Tensor, mesh: Any) -> Tensor:
+    """``flag`` maximised over the ranks of ``mesh`` (a GradScaler overflow found on any shard)."""
+    import torch.distributed as dist
+
+    out = flag.detach().float().reshape(1).clone()
+    group = mesh.get_group()
+    if dist.get_backend(group) == "nccl" and out.device.type != "cuda":
+        out = out.cuda()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out.to(flag.device, flag.dtype).reshape(flag.shape)

@@ -302,6 +302,9 @@ class SAM(Optimizer):
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self._scaler = scaler
         self._found_inf = self._unscale_ascent_grads(scaler) if scaler is not None else None
+        mesh = _sharded.first_mesh(p for g in self.param_groups for p in g["params"]) if scaler is not None else None
+        if mesh is not None and self._found_inf is not None:  # FSDP2: an overflow in any rank's shard counts everywhere
+            self._found_inf = _sharded.reduce_max(self._found_inf, mesh)
         self._before_perturb()
 
         use_masked = self._use_masked_norm()
@@ -527,7 +530,7 @@ class SAM(Optimizer):
         return b
 
     def _grads(self) -> list[Tensor]:
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return [_sharded.local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
 
     def _unscale_ascent_grads(self, scaler: Any) -> Tensor:
         scale = getattr(scaler, "_scale", None)
