@@ -227,3 +227,61 @@ def test_ssam_state_round_trip_per_shard(ranks):
         same, err = r["checkpoint"]
         assert same  # masks (per shard) and the step count come back
         assert err and "another world size" in err
+
+
+def _dcp_worker(rank, world, port, out, phase):
+    """phase "save": 2 ranks train SSAM 2 steps, save through torch.distributed.checkpoint, then train
+    2 more (the uninterrupted run). phase "resume": 1 rank loads that checkpoint (resharded) and
+    trains the last 2 steps on the whole batch."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = sharded_model()
+        opt = make_opt("ssam-random", model.parameters(), model)
+
+        def steps(first, last):
+            for step in range(first, last):
+                x, y = batch(step)
+                xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+
+                def closure(xs=xs, ys=ys):
+                    loss = F.cross_entropy(model(xs), ys)
+                    loss.backward()
+                    return loss
+
+                opt.zero_grad()
+                opt.step(closure)
+
+        if phase == "save":
+            steps(0, 2)
+            model_sd, optim_sd = get_state_dict(model, opt.base_optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd, "sparsam": opt.state_dict()["sparsam"]},
+                     checkpoint_id=f"{out}/ckpt")
+            steps(2, STEPS)
+        else:
+            opt.init_masks()  # the template needs masks of this run's shard shapes to load into
+            model_sd, optim_sd = get_state_dict(model, opt.base_optimizer)
+            sd = {"model": model_sd, "optim": optim_sd, "sparsam": opt.state_dict()["sparsam"]}
+            dcp.load(sd, checkpoint_id=f"{out}/ckpt")
+            set_state_dict(model, opt.base_optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            opt.load_state_dict({**opt.base_optimizer.state_dict(), "sparsam": sd["sparsam"]})
+            steps(2, STEPS)
+        full = [p.full_tensor() for p in model.parameters()]
+        torch.save({"params": full, "steps": opt._steps}, f"{out}/{phase}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_resumes_at_another_world_size(tmp_path):
+    torch.multiprocessing.spawn(_dcp_worker, args=(2, free_port(), str(tmp_path), "save"), nprocs=2)
+    torch.multiprocessing.spawn(_dcp_worker, args=(1, free_port(), str(tmp_path), "resume"), nprocs=1)
+    full = torch.load(tmp_path / "save0.pt")
+    resumed = torch.load(tmp_path / "resume0.pt")
+    assert resumed["steps"] == full["steps"] == STEPS
+    for p, q in zip(resumed["params"], full["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

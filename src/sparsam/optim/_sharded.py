@@ -19,7 +19,7 @@ with an error naming the parameter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - old torch or a build without distribut
     Shard = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "first_mesh", "is_sharded", "local", "local_numel_bytes", "local_part", "mask_shape_error", "reduce_max", "reduce_norm",
-    "sharding_of",
+    "first_mesh", "is_sharded", "loaded_mask", "local", "local_numel_bytes", "local_part", "mask_shape_error",
+    "reduce_max", "reduce_norm", "saved_mask", "saved_masks", "sharding_of",
 ]
 
 
@@ -149,3 +149,38 @@ def reduce_max(flag: Tensor, mesh: Any) -> Tensor:
         out = out.cuda()
     dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
     return out.to(flag.device, flag.dtype).reshape(flag.shape)
+
+
+def saved_mask(m: Tensor, p: Any) -> Tensor:
+    """A mask as SSAM's state dict holds it: for a sharded parameter, a DTensor of the parameter's
+    global shape and sharding (so ``torch.distributed.checkpoint`` saves it sharded and can load it
+    at another world size); else the mask itself."""
+    if not is_sharded(p):
+        return m
+    return DTensor.from_local(m, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+
+
+def loaded_mask(m: Any, p: Any) -> Tensor:
+    """The local mask from a saved one: a DTensor mask must be sharded as ``p`` is now (load a
+    checkpoint of another world size through ``torch.distributed.checkpoint``, which reshards)."""
+    if not is_sharded(m):
+        return m
+    if not is_sharded(p) or m.device_mesh != p.device_mesh or m.placements != p.placements or m.shape != p.shape:
+        raise ValueError(
+            f"checkpoint's mask of shape {tuple(m.shape)} is sharded as {m.placements}, the parameter "
+            f"{'is not sharded' if not is_sharded(p) else f'as {p.placements} on another mesh or shape'}: "
+            "load sharded checkpoints with torch.distributed.checkpoint, which reshards to this run"
+        )
+    return local(m)
+
+
+def saved_masks(masks: Mapping[Tensor, Tensor], index: Mapping[Tensor, int]) -> dict[int, Tensor]:
+    """SSAM's masks by parameter index for its state dict. Every sharded parameter gets an entry on
+    every rank (all False where this rank's shard has no mask), so a sharded checkpoint holds each
+    mask whole."""
+    out = {index[p]: saved_mask(m.clone(), p) for p, m in masks.items()}
+    for p, i in index.items():
+        if is_sharded(p) and i not in out:
+            shard = local(p)
+            out[i] = saved_mask(torch.zeros(shard.shape, dtype=torch.bool, device=shard.device), p)
+    return dict(sorted(out.items()))

@@ -365,7 +365,7 @@ class SSAM(SAM):
             "norm": self.norm,
             "form": self.form,
             "masks_ready": self._masks_ready,
-            "masks": {index[p]: m.clone() for p, m in self._masks.items()},
+            "masks": _sharded.saved_masks(self._masks, index),  # FSDP2: sharded masks as DTensors
             "mask_source_type": type(self.mask_source).__name__,
             "mask_source": self.mask_source.state_dict(),
         }
@@ -399,18 +399,19 @@ class SSAM(SAM):
             if isinstance(i, bool) or not isinstance(i, (int, str)) or not str(i).isdigit() or not int(i) < len(params):
                 raise ValueError(f"checkpoint has a mask for parameter index {i!r}, the optimizer has {len(params)} parameters")
             p = params[int(i)]
-            if not isinstance(m, Tensor) or m.shape != _sharded.local(p).shape:  # FSDP2: saved per shard
+            if not isinstance(m, Tensor) or m.shape != (p if _sharded.is_sharded(m) else _sharded.local(p)).shape:
                 shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
                 if _sharded.is_sharded(p):
                     raise ValueError(
                         f"checkpoint's mask for parameter {i} has shape {shape}, this rank's shard of it has shape "
                         f"{tuple(_sharded.local(p).shape)}: the state was saved with another world size or sharding "
-                        "(SSAM saves its masks per shard)"
+                        "(load sharded checkpoints with torch.distributed.checkpoint, which reshards)"
                     )
                 raise ValueError(
                     f"checkpoint's mask for parameter {i} has shape {shape}, the parameter has shape {tuple(p.shape)}: "
                     "the state was saved for a differently shaped model"
                 )
+            _sharded.loaded_mask(m, p)  # FSDP2: a sharded mask must be sharded as the parameter is now
         steps = extra.get("steps", 0)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"the SSAM state's step count must be an int >= 0, got {steps!r}")
@@ -418,7 +419,7 @@ class SSAM(SAM):
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
         self._check_extra_state(extra)
         params = self._all_params()
-        masks = {params[int(i)]: m.to(torch.bool) for i, m in extra["masks"].items()}
+        masks = {params[int(i)]: _sharded.loaded_mask(m, params[int(i)]).to(torch.bool) for i, m in extra["masks"].items()}
         self.mask_source.load_state_dict(extra["mask_source"])
         self.set_masks(masks)
         self._masks_ready = bool(extra.get("masks_ready", True))
