@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import statistics
 import subprocess
 import sys
@@ -58,12 +59,15 @@ def sync(device: torch.device) -> None:
 
 def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str,
              scaler: torch.amp.GradScaler | None) -> None:
-    ctx = torch.autocast(x.device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
+    """One optimizer step under autocast (and a GradScaler in fp16). SAM and its variants are driven
+    through ``opt.step(closure, grad_scaler=...)`` with the closure of the pass contract
+    (docs/variants.md: sub-batch ascent, ESAM's sample selection and its forward-only pass)."""
+    ctx = (lambda: torch.autocast(x.device.type, dtype=DTYPES[precision])) if precision in DTYPES else nullcontext
 
-    def loss() -> torch.Tensor:
-        with ctx:
-            out = model(x)
-        return F.cross_entropy(out.float(), y)
+    def losses_of(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with ctx():
+            out = model(xb)
+        return F.cross_entropy(out.float(), yb, reduction="none")
 
     def backward(value: torch.Tensor) -> None:
         (scaler.scale(value) if scaler is not None else value).backward()
@@ -71,14 +75,23 @@ def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
     opt.zero_grad()
     if isinstance(opt, SAM):
 
-        def closure() -> torch.Tensor:
-            value = loss()
-            backward(value)
-            return value.detach()
+        def closure() -> torch.Tensor | None:
+            if getattr(opt, "current_pass", None) == "measure":  # forward only, at w + e
+                opt.record_sample_losses(losses_of(x, y))  # type: ignore[attr-defined]
+                return None
+            idx = getattr(opt, "batch_index", None)
+            xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+            n = math.ceil(getattr(opt, "batch_fraction", 1.0) * xb.shape[0])
+            losses = losses_of(xb[:n], yb[:n])
+            if getattr(opt, "wants_sample_losses", False):
+                opt.record_sample_losses(losses)  # type: ignore[attr-defined]
+            loss = losses.mean()
+            backward(loss)
+            return loss.detach()
 
         opt.step(closure, grad_scaler=scaler)
     else:
-        backward(loss())
+        backward(losses_of(x, y).mean())
         if scaler is not None:
             scaler.step(opt)
         else:
@@ -88,8 +101,11 @@ def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
 
 
 def interleaved(runs: list[tuple[str, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None]],
-                x: torch.Tensor, y: torch.Tensor, precision: str, warmup: int, rounds: int
-                ) -> tuple[dict[str, list[float]], dict[str, float]]:
+                x: torch.Tensor, y: torch.Tensor, precision: str, warmup: int, rounds: int,
+                cycles: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per round, one step of every variant in turn (a whole schedule cycle for variants whose steps
+    differ, e.g. LookSAM k=5: the time is then the mean step of the cycle)."""
+    cycles = cycles or {}
     device = x.device
     times: dict[str, list[float]] = {name: [] for name, *_ in runs}
     peak: dict[str, float] = {}
@@ -97,12 +113,14 @@ def interleaved(runs: list[tuple[str, nn.Module, torch.optim.Optimizer, torch.am
         for name, model, opt, scaler in runs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            n = max(1, cycles.get(name, 1))
             sync(device)
             t0 = time.perf_counter()
-            one_step(model, opt, x, y, precision, scaler)
+            for _ in range(n):
+                one_step(model, opt, x, y, precision, scaler)
             sync(device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append((time.perf_counter() - t0) / n)
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
     return times, peak
@@ -144,7 +162,8 @@ def cmd_step_cost(args: argparse.Namespace, device: torch.device) -> list[str]:
         model.train()
         scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
         runs.append((v.name, model, v.build(model), scaler))
-    times, peak = interleaved(runs, x, y, args.precision, args.warmup, args.rounds)
+    cycles = {v.name: int(getattr(v, "cycle", 0) or 1) for v in vs}
+    times, peak = interleaved(runs, x, y, args.precision, args.warmup, args.rounds, cycles)
     scale = ""
     if args.precision == "fp16":
         scale = ", GradScaler scales after the run: " + ", ".join(
@@ -260,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
     if args.dry_run:
         args.rounds, args.warmup = 1, 0
-        args.model, args.scores, args.width, args.depth, args.batch = "resnet18:4:4", "random", 64, 2, 8
+        args.model, args.scores, args.width, args.depth, args.batch = "resnet18:4:8", "random", 64, 2, 8
         torch.set_num_threads(1)  # tiny tensors: more threads only add overhead on a shared CPU
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

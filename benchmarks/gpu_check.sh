@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ $DRY == 1 ]]; then
-    DEV=cpu; FLAGS=(--dry-run --device cpu); SC=(--models resnet18:4:4 --rounds 1 --warmup 0 --scores random --only "2:4" --threads 1)
+    DEV=cpu; FLAGS=(--dry-run --device cpu); SC=(--models resnet18:4:8 --rounds 1 --warmup 0 --scores random --only "2:4" --threads 1)
     FC=(--width 4 --num-samples 4 --repeats 1 --device cpu --no-memory --threads 1); LIMIT=120
 else
     if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
