@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from sparsam import SAM, SSAM
 from sparsam.integrations.transformers import SPARSAM_STATE_NAME, SAMTrainer
-from sparsam.masks import DynamicMask, RandomMask
+from sparsam.masks import DynamicMask, FisherMask, RandomMask
 
 BATCH, ACCUM, SEQ, VOCAB = 4, 2, 8, 40
 
@@ -156,7 +156,18 @@ def ssam_factory(base):
     return SSAM(base, rho=0.1, mask=RandomMask(0.5, seed=3))
 
 
-@pytest.mark.parametrize("make_sam", [sam_factory, ssam_factory], ids=["sam", "ssam"])
+def ssam_fisher_factory(base):
+    # SSAM-F on a transformer: the Fisher mask takes (input_ids, labels) batches and a loss on the
+    # model's logits; model= is handed over by SAMTrainer (and by the reference loop)
+    fisher_data = cls_data(8, seed=5)
+    ids = torch.stack([d["input_ids"] for d in fisher_data])
+    labels = torch.stack([d["labels"] for d in fisher_data])
+    return SSAM(base, rho=0.1, mask=FisherMask(0.5, num_samples=8),
+                loss_fn=lambda out, y: F.cross_entropy(out.logits, y), data=[(ids, labels)])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over CPU attention (Fisher)
+@pytest.mark.parametrize("make_sam", [sam_factory, ssam_factory, ssam_fisher_factory], ids=["sam", "ssam", "ssam-f"])
 def test_trainer_equals_two_pass_loop(make_sam, tmp_path):
     model, data = tiny_bert(), cls_data(3 * BATCH * ACCUM)
     ref, ref_sam = reference(model, make_sam, data)

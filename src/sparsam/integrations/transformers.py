@@ -41,9 +41,9 @@ What the Trainer does on its own, and what the subclass changes (each point is t
 
 Not supported: DeepSpeed and FSDP through the Trainer (refused with an error: they shard or own
 the optimizer step, see ``docs/scaling.md``), SAM's own ``max_grad_norm`` (use the Trainer's
-``max_grad_norm``), and Fisher masks fed by the Trainer (their data must be ``(inputs, targets)``
-tensor batches with ``model(inputs)`` the outputs; pass ``data=`` and ``loss_fn=`` yourself to the
-SSAM built in ``sam=`` if your model fits that).
+``max_grad_norm``), and Fisher masks fed by the Trainer's dataloader (its batches are dicts): give
+the SSAM built in ``sam=`` a few ``(input_ids, labels)`` batches as ``data=`` and a loss on the
+logits, ``loss_fn=lambda out, y: F.cross_entropy(out.logits, y)`` (tested); the model is handed over.
 """
 
 from __future__ import annotations
