@@ -55,7 +55,7 @@ class StochasticMask(SeededSource):
     def draw_tensors(self, names: Iterable[str]) -> dict[str, bool]:
         """``granularity="tensor"``: which of the named tensors the next draw perturbs, as Python
         bools (no device work, no host synchronisation); advances the generator exactly as
-        [`update`][sparsam.masks.stochastic.StochasticMask.update] does for the same names."""
+        ``update`` does for the same names."""
         if self.granularity != "tensor":
             raise ValueError(
                 f"draw_tensors needs granularity='tensor', this source has granularity={self.granularity!r}"
