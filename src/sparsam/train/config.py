@@ -172,6 +172,9 @@ class TrainConfig:
     amp: str = _f("none", "autocast dtype (fp16 uses a GradScaler)", group="engine", choices=("none", "bf16", "fp16"))
     channels_last: bool = _f(False, "channels-last memory format", group="engine")
     compile: bool = _f(False, "torch.compile the model", group="engine")
+    fsdp: bool = _f(False, "under torchrun: shard the model with FSDP2 (fully_shard per top-level block and the "
+                    "root) instead of DDP; --opt sgd, sam, asam or ssam with --mask random, --ascent sync "
+                    "(docs/scaling.md)", group="engine", identity=False)
     accum: int = _f(1, "gradient accumulation: micro-batches per step (in both SAM passes)", group="engine")
     clip: float | None = _f(None, "clip the descent gradient to this global L2 norm", group="engine")
     seed: int = _f(0, "random seed (model init, shuffling, augmentation, masks)", group="engine")
@@ -396,6 +399,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--nesterov needs --base sgd and --momentum > 0, got --base {cfg.base} --momentum {cfg.momentum:g}")
     cfg.nm_pair()
     methods.check(cfg)  # the optimizer's and the mask source's own rules
+    if cfg.fsdp:
+        _check_fsdp(cfg)
     key = cfg.data.strip()
     if key.lower() in DATA_NAMES:
         cfg.data = key.lower()
@@ -408,6 +413,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"image-folder directory{hint}"
         )
     return cfg
+
+
+def _check_fsdp(cfg: TrainConfig) -> None:
+    """What ``--fsdp`` supports (docs/scaling.md): the rest is refused by name."""
+    if cfg.opt not in ("sgd", "sam", "asam", "ssam"):
+        raise ConfigError(f"--fsdp supports --opt sgd, sam, asam and ssam, got --opt {cfg.opt} (use DDP: drop --fsdp)")
+    sam_family = cfg.opt != "sgd"
+    if sam_family and cfg.ascent != "sync":
+        raise ConfigError(
+            f"--fsdp needs --ascent sync, got --ascent {cfg.ascent}: FSDP reduce-scatters every gradient, so a rank "
+            "only holds its shard of the averaged gradient and no per-rank ascent exists"
+        )
+    if methods.is_scheduled(cfg):
+        raise ConfigError("--fsdp does not support --sam-every/--sam-start/--rho-ramp/--ascent-fraction yet (use DDP)")
+    if cfg.compile:
+        raise ConfigError("--fsdp with --compile is not supported (untested); drop one of them")
+    if cfg.opt == "ssam":
+        if cfg.mask != "random":
+            raise ConfigError(
+                f"--fsdp with --opt ssam supports --mask random only, got --mask {cfg.mask} (Fisher and dynamic masks "
+                "on sharded parameters need a distributed threshold, not written yet; use DDP)"
+            )
+        if cfg.form != "explicit":
+            raise ConfigError(f"--fsdp supports --form explicit only, got --form {cfg.form}")
+        if cfg.sparse_ascent or (cfg.sparse_ascent is None and cfg.norm == "masked"):
+            raise ConfigError(
+                "--fsdp cannot skip weight gradients in the ascent pass (--sparse-ascent, the default with --norm "
+                "masked): a rank whose shard is unmasked would leave FSDP's reduce-scatter; pass --no-sparse-ascent"
+            )
 
 
 # ------------------------------------------------------------------------------------------ layering

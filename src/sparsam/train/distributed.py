@@ -79,6 +79,12 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if ``flag`` is true on any rank (a collective: every rank must call it)."""
     if not info.enabled:

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim import _sharded
 from ..optim.sam import SAM
 from . import distributed as D
+from . import sharding
 from .build import PlainStep, build_optimizer, build_scheduler
 from .config import TrainConfig
 from .errors import ConfigError, UserError
@@ -98,6 +100,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
     random.seed(cfg.seed)
     data = _data(cfg, info)
     steps_per_epoch = len(data.train)
+    if cfg.fsdp and not info.enabled:
+        say("--fsdp with one process: nothing to shard, the model is trained unsharded")
     model, ddp, forward_model = _model(cfg, data, info)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     sample_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
@@ -117,6 +121,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
+    sharded = cfg.fsdp and info.enabled
+    if sharded and run.ckpt is not None:  # full tensors in the file: cut to this rank's shards
+        run.ckpt = sharding.shard_checkpoint(run.ckpt, model, opt)
     progress = run.restore(model, opt, sched, scaler)
     run.start(data=data, steps_per_epoch=steps_per_epoch, argv=argv)
 
@@ -164,6 +171,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None}
 
+    def saved_state() -> Callable[[], dict[str, Any]]:
+        """What rank 0 saves. Under --fsdp every rank gathers the full tensors now (a collective)."""
+        if not sharded:
+            return state
+        snapshot = sharding.full_state(state())
+        return lambda: snapshot
+
     # ------------------------------------------------------------------ the loop
     masks = _MaskStats(opt, resumed=run.ckpt is not None)
     bar = _Bar(enabled=info.is_main and not quiet and cfg.progress and sys.stderr.isatty(), epochs=cfg.epochs,
@@ -172,7 +186,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
     epochs_this_call, samples_seen, last_test_acc = 0, 0, None
     model.train()
     say(f"training {cfg.method} on {data.name} ({data.train_size} train / {data.test_size} test images), "
-        f"{cfg.model}, {cfg.epochs} epochs x {steps_per_epoch} steps, {info.world_size} process(es) on {device}; "
+        f"{cfg.model}, {cfg.epochs} epochs x {steps_per_epoch} steps, {info.world_size} process(es) on {device}"
+        f"{' with parameters sharded by FSDP2' if any(map(_sharded.is_sharded, model.parameters())) else ''}; "
         f"run directory {run.out}")
     with StopFlag(say) as stop:
         while progress.epoch < cfg.epochs:
@@ -203,7 +218,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
             meter.time_s += time.perf_counter() - t0
             samples_seen += meter.count
             if interrupted_at is not None:  # the partial epoch's time travels in the checkpoint's "partial"
-                run.save_interrupted(state, step_in_epoch=interrupted_at, steps_per_epoch=steps_per_epoch,
+                run.save_interrupted(saved_state(), step_in_epoch=interrupted_at, steps_per_epoch=steps_per_epoch,
                                      sums=meter.reduce(info), time_s=meter.time_s, lr=meter.lr)  # host sync
                 stopped = "interrupted"
                 break
@@ -211,7 +226,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
             loss_sum, correct, total = meter.reduce(info)  # host sync: epoch metrics
             D.broadcast_buffers(model, info)  # every rank evaluates and ends with rank 0's BN statistics
             t_eval = time.perf_counter()
-            test_loss, test_acc = evaluate(model, data.test, autocast, info)
+            test_loss, test_acc = evaluate(model, data.test, autocast, info, sharded=sharded)
             eval_time = time.perf_counter() - t_eval
             epochs_this_call += 1
             last_test_acc = test_acc
@@ -225,7 +240,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
                 # training compute so far in SGD-step equivalents (forward+backward passes, counted by the optimizer)
                 "compute": opt.compute if isinstance(opt, SAM) else float(progress.global_step),
             }
-            run.end_epoch(record, model, state)
+            run.end_epoch(record, model, saved_state())
             say(f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "
                 f"{record['train_acc']:.4f}  test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  ({meter.time_s:.1f} s"
                 + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "") + ")")
@@ -272,7 +287,8 @@ def _data(cfg: TrainConfig, info: D.DistInfo) -> TrainData:
 
 
 def _model(cfg: TrainConfig, data: TrainData, info: D.DistInfo) -> tuple[nn.Module, Any, Any]:
-    """(the model, its DDP wrapper or None, what the forward pass calls: compiled if --compile)."""
+    """(the model, its DDP wrapper or None, what the forward pass calls: compiled if --compile).
+    With --fsdp under torchrun the model is sharded in place by FSDP2 (no wrapper)."""
     from ..models import create_model
 
     try:
@@ -283,7 +299,9 @@ def _model(cfg: TrainConfig, data: TrainData, info: D.DistInfo) -> tuple[nn.Modu
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ddp = None
-    if info.enabled:
+    if info.enabled and cfg.fsdp:  # FSDP2: parameters become DTensors (sparsam.train.sharding)
+        sharding.shard_model(model, info.device, info.world_size)
+    elif info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
@@ -292,16 +310,27 @@ def _model(cfg: TrainConfig, data: TrainData, info: D.DistInfo) -> tuple[nn.Modu
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Any, autocast: Callable[[], Any], info: D.DistInfo) -> tuple[float, float]:
-    """(mean loss, accuracy) over every rank's test batches. One host sync."""
+def evaluate(model: nn.Module, batches: Any, autocast: Callable[[], Any], info: D.DistInfo, *,
+             sharded: bool = False) -> tuple[float, float]:
+    """(mean loss, accuracy) over every rank's test batches. One host sync (two when ``sharded``)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
+    n_batches, last = 0, None
     for x, y in batches:
         with autocast():
             logits = model(x)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += y.shape[0]
+        n_batches, last = n_batches + 1, x
+    if sharded:  # FSDP gathers parameters in every forward: all ranks must run as many (shards differ by one image)
+        most = torch.tensor([float(n_batches)], device=info.device)
+        D.all_reduce_max(most, info)
+        for _ in range(int(most.item()) - n_batches):  # host sync above
+            if last is None:
+                raise RuntimeError("--fsdp: a rank has no test images; use a larger test set than the number of processes")
+            with autocast():
+                model(last[:1])
     D.all_reduce_sum(sums, info)
     loss_sum, correct, count = sums.tolist()  # host sync: once per evaluation
     model.train()
@@ -320,8 +349,20 @@ class _MaskStats:
         if opt is None:
             return None
         names, current = opt.param_names(), opt.masks
-        return {names[p]: current.get(names[p], torch.zeros(p.shape, dtype=torch.bool, device=p.device)).detach().cpu().clone()
-                for g in opt.param_groups if g["rho"] > 0 for p in g["params"] if p.requires_grad}
+        out = {}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if g["rho"] > 0 and p.requires_grad:
+                    m = current.get(names[p])
+                    if _sharded.is_sharded(p):  # --fsdp: this rank's part; gathered whole (a collective)
+                        local = m if m is not None else torch.zeros(_sharded.local(p).shape, dtype=torch.bool,
+                                                                    device=_sharded.local(p).device)
+                        whole: Any = _sharded.saved_mask(local, p)
+                        m = whole.full_tensor()
+                    elif m is None:
+                        m = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+                    out[names[p]] = m.detach().cpu().clone()
+        return out
 
     def record(self) -> dict[str, Any]:
         snap = self._snapshot()

@@ -252,7 +252,8 @@ class Run:
         if record["test_acc"] > p.best_acc:
             p.best_acc, p.best_epoch = record["test_acc"], p.epoch
             if self.info.is_main:
-                best_state = {"model": model.state_dict(), "epoch": p.epoch, "test_acc": record["test_acc"]}
+                # state()["model"], not model.state_dict(): under --fsdp it holds the gathered full tensors
+                best_state = {"model": state()["model"], "epoch": p.epoch, "test_acc": record["test_acc"]}
                 save_torch_file(self.out / rundir.BEST, best_state, what="best model")
         if not self.info.is_main:
             return
