@@ -289,69 +289,6 @@ def test_ddp_two_processes(tmp_path):
         assert any(not torch.allclose(p, o, rtol=1e-4, atol=1e-5) for p, o in zip(ranks[0], expected[other]))
 
 
-def test_transformers_trainer_recipe(tmp_path):
-    # The subclass from docs/frameworks.md, with accumulation and the Trainer's own clipping,
-    # against the plain two-step loop with SAM's max_grad_norm. Runs only where transformers is
-    # installed (it is not a test dependency).
-    transformers = pytest.importorskip("transformers")
-    from torch import nn
-
-    class SAMTrainer(transformers.Trainer):
-        def __init__(self, *args, rho=0.05, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.rho, self.sam_step = rho, None
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            if self.sam_step is None:
-                self.sam_step = SAMStep(self.accelerator, SAM(self.optimizer.optimizer, rho=self.rho), model=model, base_step=False)
-            model.train()
-
-            def loss_of(inputs):
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, inputs)
-                return loss / self.current_gradient_accumulation_steps
-
-            return self.sam_step(loss_of, self._prepare_inputs(inputs))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = tiny_net(dtype=torch.float32, bn=True)
-
-        def forward(self, x, labels=None):
-            return {"loss": F.cross_entropy(self.net(x), labels)}
-
-    x, y = tiny_data(n=64, dtype=torch.float32)
-    model = Net()
-    ref = copy.deepcopy(model)
-    args = transformers.TrainingArguments(
-        str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
-        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.5, weight_decay=0.0,
-        use_cpu=True, report_to="none", save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
-    )
-    data = [{"x": x[i], "labels": y[i]} for i in range(64)]
-    SAMTrainer(model=model, args=args, train_dataset=data, rho=0.1).train()
-
-    opt = SAM(ref.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, max_grad_norm=0.5, model=ref)
-    for s in range(4):
-        xs, ys = x[8 * s : 8 * s + 8], y[8 * s : 8 * s + 8]
-
-        def backward(xs=xs, ys=ys):
-            for xm, ym in zip(xs.chunk(2), ys.chunk(2)):
-                (ref(xm, ym)["loss"] / 2).backward()
-
-        with opt.ascent_pass():
-            backward()
-        opt.first_step(zero_grad=True)
-        with opt.descent_pass():
-            backward()
-        opt.second_step(zero_grad=True)
-    # The Trainer puts biases and norm weights in a second param group, so the global norms sum in
-    # another order: equal up to float32 rounding, not bit for bit.
-    for (k, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=k)
-
-
 def test_a_sequence_changing_variant_runs_without_edits_here():
     """A SAM subclass that runs one pass on odd steps (docs/design.md) works through SAMStep as in a
     plain ``opt.step(closure)`` loop: same passes, same weights."""
