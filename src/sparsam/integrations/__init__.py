@@ -3,9 +3,9 @@
 Each framework has its own module, imported only when you use it, so ``import sparsam`` and
 ``import sparsam.integrations`` never import Lightning or Accelerate:
 
-* :mod:`sparsam.integrations.lightning`: :class:`~sparsam.integrations.lightning.SAMCallback` for
+* ``sparsam.integrations.lightning``: [`SAMCallback`][sparsam.integrations.lightning.SAMCallback] for
   the PyTorch Lightning ``Trainer`` (``pip install "sparsam[lightning]"``).
-* :mod:`sparsam.integrations.accelerate`: :class:`~sparsam.integrations.accelerate.SAMStep` for
+* ``sparsam.integrations.accelerate``: [`SAMStep`][sparsam.integrations.accelerate.SAMStep] for
   Hugging Face Accelerate loops and the ``transformers`` ``Trainer``
   (``pip install "sparsam[accelerate]"``).
 
@@ -26,7 +26,7 @@ _WRAPPER_ATTRS = ("optimizer", "_optimizer")
 
 
 def unwrap_optimizer(optimizer: Any) -> SAM:
-    """The :class:`~sparsam.SAM` (or :class:`~sparsam.SSAM`) inside a framework's optimizer wrapper.
+    """The [`SAM`][sparsam.SAM] (or [`SSAM`][sparsam.SSAM]) inside a framework's optimizer wrapper.
 
     ``accelerator.prepare`` returns an ``AcceleratedOptimizer`` and Lightning hands out a
     ``LightningOptimizer``; neither exposes ``first_step`` / ``second_step`` safely (the first has

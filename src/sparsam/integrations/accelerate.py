@@ -1,18 +1,20 @@
-"""SAM and SSAM in Hugging Face Accelerate loops (and the ``transformers`` ``Trainer``): :class:`SAMStep`.
+"""SAM and SSAM in Hugging Face Accelerate loops (and the ``transformers`` ``Trainer``):
+[`SAMStep`][sparsam.integrations.accelerate.SAMStep].
 
-::
-
-    model, opt, loader = accelerator.prepare(model, SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1), loader)
-    sam_step = SAMStep(accelerator, opt, model=model)
-    for x, y in loader:
-        with accelerator.accumulate(model):
-            loss = sam_step(compute_loss, x, y)     # compute_loss(x, y) -> the batch's mean loss
-            scheduler.step()
+```python
+model, opt, loader = accelerator.prepare(model, SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1), loader)
+sam_step = SAMStep(accelerator, opt, model=model)
+for x, y in loader:
+    with accelerator.accumulate(model):
+        loss = sam_step(compute_loss, x, y)     # compute_loss(x, y) -> the batch's mean loss
+        scheduler.step()
+```
 
 Why a helper (each point is tested in ``tests/test_integrations_accelerate.py``):
 
 * ``accelerator.prepare`` wraps the optimizer in an ``AcceleratedOptimizer``, which has no
-  ``first_step`` / ``second_step`` attribute (use :func:`~sparsam.integrations.unwrap_optimizer`,
+  ``first_step`` / ``second_step`` attribute (use
+  [`unwrap_optimizer`][sparsam.integrations.unwrap_optimizer],
   or the SAM object you prepared: it is the same object).
 * ``prepared.step(closure)`` reaches ``SAM.step(closure)`` and is correct in float32 and bf16
   without accumulation. Under fp16 Accelerate steps through ``GradScaler.step(optimizer, closure)``,
@@ -21,11 +23,12 @@ Why a helper (each point is tested in ``tests/test_integrations_accelerate.py``)
 * Gradient accumulation runs every micro-batch through ``backward`` and steps once, at the end;
   SAM needs every micro-batch in *both* passes: the ascent gradient of the whole batch decides
   the perturbation, and the descent gradient of the whole batch at ``w + e`` is what the base
-  optimizer steps on. :class:`SAMStep` runs pass 1 of each micro-batch as it arrives (the ascent
-  gradients accumulate), keeps the micro-batch's arguments (not its activations), and when
-  Accelerate says the gradients sync (``accelerator.sync_gradients``) perturbs, runs pass 2 over
-  every kept micro-batch (all-reducing only in the last one under DDP) and steps: exactly SAM on
-  the whole batch, with the loss Accelerate scales by ``1 / gradient_accumulation_steps``.
+  optimizer steps on. [`SAMStep`][sparsam.integrations.accelerate.SAMStep] runs pass 1 of each
+  micro-batch as it arrives (the ascent gradients accumulate), keeps the micro-batch's arguments (not
+  its activations), and when Accelerate says the gradients sync (``accelerator.sync_gradients``)
+  perturbs, runs pass 2 over every kept micro-batch (all-reducing only in the last one under DDP) and
+  steps: exactly SAM on the whole batch, with the loss Accelerate scales by ``1 /
+  gradient_accumulation_steps``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class SAMStep:
     return the mean loss of that (micro-)batch and do nothing else: no ``backward``), backpropagates
     it with ``accelerator.backward`` at ``w`` and returns it detached. On the call that completes an
     accumulation window (``accelerator.sync_gradients``, always true without ``accumulate``) it then
-    perturbs (:meth:`~sparsam.SAM.first_step`, which unscales under fp16), calls ``compute_loss``
+    perturbs ([`first_step`][sparsam.SAM.first_step], which unscales under fp16), calls ``compute_loss``
     again for every micro-batch of the window at ``w + e`` with the same arguments, restores ``w``
     and, with ``base_step=True``, takes the base step (``scaler.step`` + ``scaler.update`` under
     fp16). Gradients are cleared when a window starts; don't call ``optimizer.step()`` yourself.

@@ -1,12 +1,13 @@
-"""SAM and SSAM under the PyTorch Lightning ``Trainer``: add :class:`SAMCallback`.
+"""SAM and SSAM under the PyTorch Lightning ``Trainer``: add
+[`SAMCallback`][sparsam.integrations.lightning.SAMCallback].
 
-::
+```python
+class Net(L.LightningModule):
+    def configure_optimizers(self):
+        return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
 
-    class Net(L.LightningModule):
-        def configure_optimizers(self):
-            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-
-    trainer = L.Trainer(precision="16-mixed", gradient_clip_val=1.0, callbacks=[SAMCallback()])
+trainer = L.Trainer(precision="16-mixed", gradient_clip_val=1.0, callbacks=[SAMCallback()])
+```
 
 Why a callback is needed, and what it does (tested against a plain two-step loop, weight for
 weight, in ``tests/test_integrations_lightning.py``):
@@ -23,11 +24,11 @@ weight, in ``tests/test_integrations_lightning.py``):
   Lightning's hooks and gradient clipping once, on the unscaled descent gradient; then
   ``scaler.update`` under ``"16-mixed"``.
 * **What pass 2 may touch.** ``training_step`` runs in both passes. Pass 2's ``self.log`` calls are
-  dropped (the logged loss is the clean loss at ``w``, as :meth:`SAM.step` returns), the Trainer's
-  reported loss and ``on_train_batch_end`` outputs are pass 1's, BatchNorm running statistics are
-  left alone (the module is handed to the optimizer as ``model=``). Other side effects of
+  dropped (the logged loss is the clean loss at ``w``, as [`SAM.step`][sparsam.SAM.step] returns), the
+  Trainer's reported loss and ``on_train_batch_end`` outputs are pass 1's, BatchNorm running statistics
+  are left alone (the module is handed to the optimizer as ``model=``). Other side effects of
   ``training_step`` (a metric object's ``update``) happen twice; guard them with
-  :func:`in_descent_pass`.
+  [`in_descent_pass`][sparsam.integrations.lightning.in_descent_pass].
 * **Gradient accumulation** (``accumulate_grad_batches=k > 1``) is refused under automatic
   optimization. Lightning runs the first k-1 micro-batches outside the optimizer and steps with
   the closure of the last one only, so pass 1 would see all k micro-batches but pass 2 only the
@@ -35,7 +36,7 @@ weight, in ``tests/test_integrations_lightning.py``):
 * **DDP.** With ``ascent="local"`` (SAM's default) pass 1 runs inside the strategy's
   ``block_backward_sync()`` (DDP's ``no_sync``), so each rank perturbs with its own gradient;
   ``ascent="sync"`` all-reduces pass 1 as well. Pass 2 is always all-reduced.
-* **Masks that need data** (SSAM with :class:`~sparsam.masks.FisherMask`): the optimizer gets the
+* **Masks that need data** (SSAM with [`FisherMask`][sparsam.masks.FisherMask]): the optimizer gets the
   Trainer's training dataloader (read when the mask is computed) and a loss function
   (``loss_fn=`` here, or the module's ``loss_fn`` attribute), unless it was given its own.
 * **Manual optimization.** ``self.optimizers()`` returns Lightning's wrapper, whose class is a
@@ -83,13 +84,14 @@ def in_descent_pass(module: nn.Module) -> bool:
     """True while ``module``'s ``training_step`` runs for SAM's second pass (at ``w + e``).
 
     Use it to keep side effects out of pass 2, e.g. ``if not in_descent_pass(self):
-    self.train_acc.update(preds, y)``. ``self.log`` needs no guard: :class:`SAMCallback` drops
+    self.train_acc.update(preds, y)``. ``self.log`` needs no guard:
+    [`SAMCallback`][sparsam.integrations.lightning.SAMCallback] drops
     pass 2's logs."""
     return module in _DESCENT
 
 
 class SAMCallback(Callback):
-    """Make the Lightning ``Trainer`` drive :class:`~sparsam.SAM` / :class:`~sparsam.SSAM` correctly.
+    """Make the Lightning ``Trainer`` drive [`SAM`][sparsam.SAM] / [`SSAM`][sparsam.SSAM] correctly.
 
     See the module docstring for what it changes and why.
 

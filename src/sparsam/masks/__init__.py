@@ -1,10 +1,15 @@
 """Mask sources for SSAM and the helpers they share.
 
-* :func:`select`: scores -> boolean masks (unstructured, structured, N:M), shared by every source.
-* Sources (:class:`MaskSource` protocol, see :mod:`sparsam.masks.base`): :class:`FisherMask`
-  (SSAM-F), :class:`DynamicMask` (SSAM-D), :class:`RandomMask`, :class:`NormLayersMask` (SAM-ON
-  style), :class:`AllOnesMask` (= SAM), :class:`ManualMask` (masks set by hand).
-* :func:`fisher_information`: batched diagonal empirical Fisher; :func:`mask_stats`: logging.
+* [`select`][sparsam.masks.select]: scores -> boolean masks (unstructured, structured, N:M), shared by
+  every source.
+* Sources ([`MaskSource`][sparsam.masks.MaskSource] protocol, see ``sparsam.masks.base``):
+  [`FisherMask`][sparsam.masks.FisherMask]
+  (SSAM-F), [`DynamicMask`][sparsam.masks.DynamicMask] (SSAM-D),
+  [`RandomMask`][sparsam.masks.RandomMask], [`NormLayersMask`][sparsam.masks.NormLayersMask] (SAM-ON
+  style), [`AllOnesMask`][sparsam.masks.AllOnesMask] (= SAM), [`ManualMask`][sparsam.masks.ManualMask]
+  (masks set by hand).
+* [`fisher_information`][sparsam.masks.fisher_information]: batched diagonal empirical Fisher;
+  [`mask_stats`][sparsam.masks.mask_stats]: logging.
 
 Conventions are in ``docs/masks.md``.
 """

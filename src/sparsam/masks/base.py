@@ -1,20 +1,21 @@
-"""The mask protocol: how a mask source talks to :class:`sparsam.SSAM`.
+"""The mask protocol: how a mask source talks to [`sparsam.SSAM`][sparsam.SSAM].
 
 A *mask source* decides which coordinates SSAM perturbs. It is its own object (not part of the
-optimizer), receives everything it needs explicitly through a :class:`MaskContext`, and returns
+optimizer), receives everything it needs explicitly through a
+[`MaskContext`][sparsam.masks.MaskContext], and returns
 masks as ``dict[str, torch.BoolTensor]`` keyed by parameter name. The optimizer stores the masks
 (bool, one byte per coordinate), applies them, saves them in its ``state_dict`` and, under
 ``torch.distributed``, broadcasts them from rank 0 so every rank holds the same mask.
 
 Lifecycle, driven by the optimizer:
 
-1. ``init(ctx)`` once, at the first :meth:`SSAM.first_step` (or an explicit
-   :meth:`SSAM.init_masks`) unless masks were loaded from a checkpoint or set by hand. The mask it
-   returns is used from the very first step.
-2. ``update(ctx)`` at the start of :meth:`SSAM.first_step` of step ``t`` (``t`` = number of
-   completed optimizer steps), whenever ``wants_update(t)`` is true, *after* the ascent gradient
-   at ``w`` is in ``p.grad`` (and unscaled, under a GradScaler), so gradient-based sources can read
-   ``ctx.grads``. Returning ``None`` keeps the current masks.
+1. ``init(ctx)`` once, at the first [`SSAM.first_step`][sparsam.SAM.first_step] (or an explicit
+   [`SSAM.init_masks`][sparsam.SSAM.init_masks]) unless masks were loaded from a checkpoint or set by
+   hand. The mask it returns is used from the very first step.
+2. ``update(ctx)`` at the start of [`SSAM.first_step`][sparsam.SAM.first_step] of step ``t`` (``t`` =
+   number of completed optimizer steps), whenever ``wants_update(t)`` is true, *after* the ascent
+   gradient at ``w`` is in ``p.grad`` (and unscaled, under a GradScaler), so gradient-based sources can
+   read ``ctx.grads``. Returning ``None`` keeps the current masks.
 3. ``state_dict()`` / ``load_state_dict()`` hold the source's own state (schedules, RNG state) so a
    resumed run makes the same masks.
 
@@ -137,7 +138,8 @@ class MaskSource(ABC):
         return None
 
     def wants_update(self, step: int) -> bool:
-        """True when the optimizer should call :meth:`update` at the start of step ``step``.
+        """True when the optimizer should call [`update`][sparsam.masks.MaskSource.update] at the start
+        of step ``step``.
 
         ``"before-step"``: steps ``P, 2P, ...``; ``"after-step"``: steps ``1, P + 1, 2P + 1, ...``
         (only step 1 without a period)."""
@@ -166,7 +168,7 @@ class MaskSource(ABC):
 class SeededSource(MaskSource):
     """A mask source that draws from its own ``torch.Generator`` (never the global RNG).
 
-    Subclasses call :meth:`_seed` in ``__init__``; the generator's state is part of
+    Subclasses call ``_seed`` in ``__init__``; the generator's state is part of
     ``state_dict`` so that a resumed run draws the same masks as an uninterrupted one.
     """
 

@@ -26,7 +26,7 @@ index first. Because grown coordinates are taken from those inactive *before* th
 coordinate dropped now is never re-grown in the same update; ``n`` is capped by the number of
 inactive coordinates (relevant only when ``s < alpha * (1 - s)``).
 
-Timing (``timing``, see :mod:`sparsam.masks.base`): ``"before-step"`` (default) updates at the
+Timing (``timing``, see ``sparsam.masks.base``): ``"before-step"`` (default) updates at the
 start of steps ``P, 2P, ...`` and the new mask serves that step. ``"after-step"`` is the authors':
 they update at steps ``0, P, 2P, ...`` (epoch ``e % update_freq == 0``, batch 0; step 0 included,
 with ``dr(0) = alpha``) from that step's gradient, *after* the step's perturbation was made with

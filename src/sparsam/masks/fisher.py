@@ -285,9 +285,10 @@ def fisher_information(
 class FisherMask(PatternOptions, SeededSource):
     """SSAM-F: perturb the coordinates with the largest diagonal empirical Fisher information.
 
-    ``init`` and every ``update`` compute :func:`fisher_information` over ``num_samples`` samples
-    drawn from ``iter(ctx.data)`` with ``ctx.model`` and ``ctx.loss_fn`` (pass ``model=``,
-    ``loss_fn=``, ``data=`` to the optimizer), then :func:`select` the mask.
+    ``init`` and every ``update`` compute [`fisher_information`][sparsam.masks.fisher_information] over
+    ``num_samples`` samples drawn from ``iter(ctx.data)`` with ``ctx.model`` and ``ctx.loss_fn`` (pass
+    ``model=``, ``loss_fn=``, ``data=`` to the optimizer), then [`select`][sparsam.masks.select] the
+    mask.
 
     When (``timing``): with ``"before-step"`` (default) the first mask is computed before step 0
     from the initial weights and refreshed at the start of steps ``P, 2P, ...``. With
@@ -302,8 +303,9 @@ class FisherMask(PatternOptions, SeededSource):
     Args:
         sparsity: fraction NOT perturbed, in ``[0, 1)``; ``None`` with an N:M pattern (implied).
         num_samples: Ns (the authors: 128).
-        pattern, n, m, granularity, budget, one_d, fill: as in :func:`select`.
-        true_fisher, chunk_size, bn_stats: as in :func:`fisher_information`.
+        pattern, n, m, granularity, budget, one_d, fill: as in [`select`][sparsam.masks.select].
+        true_fisher, chunk_size, bn_stats: as in
+            [`fisher_information`][sparsam.masks.fisher_information].
         update_every / update_every_epochs + steps_per_epoch: refresh period (the authors'
             argparse default is 5 epochs, their README examples use 1); ``None``: computed once.
         timing: ``"before-step"`` (default) or ``"after-step"`` (the authors'), see above.

@@ -19,11 +19,11 @@ class NormLayersMask(MaskSource):
     """Perturb exactly the parameters (weights and biases) of normalisation layers.
 
     A parameter is a norm parameter when it is a direct parameter of a module that is an instance
-    of :data:`NORM_TYPES` (BatchNorm/SyncBatchNorm/InstanceNorm/LayerNorm/GroupNorm/RMSNorm) or
+    of ``NORM_TYPES`` (BatchNorm/SyncBatchNorm/InstanceNorm/LayerNorm/GroupNorm/RMSNorm) or
     of ``extra_types``. Norm parameters get an all-true mask, every other perturbable parameter an
     all-false one. Parameters are matched by identity with ``ctx.model``'s, so it needs the model
     (pass ``model=`` to the optimizer). The mask is static. ``sparsity`` is not used (it is 0.0);
-    the density follows from the architecture (see :func:`~sparsam.masks.mask_stats`).
+    the density follows from the architecture (see [`mask_stats`][sparsam.masks.mask_stats]).
     """
 
     def __init__(self, extra_types: tuple[type[nn.Module], ...] = ()) -> None:

@@ -10,17 +10,17 @@ from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
 
 class RandomMask(PatternOptions, SeededSource):
-    """Uniformly random mask: :func:`~sparsam.masks.select` over uniform random scores.
+    """Uniformly random mask: [`select`][sparsam.masks.select] over uniform random scores.
 
     With the default unstructured pattern and global budget exactly ``round((1 - sparsity) * N)``
     coordinates are perturbed, ``N`` counting every perturbable coordinate. Other patterns
-    (``"structured"``, ``"2:4"``, ...) and options are those of :func:`~sparsam.masks.select`
+    (``"structured"``, ``"2:4"``, ...) and options are those of [`select`][sparsam.masks.select]
     (``one_d`` defaults to ``"rank"``: 1-D tensors are drawn like the others, also under N:M).
     Scores are drawn on the CPU from this object's generator (``seed``), one ``torch.rand`` per
     parameter in ``ctx.params`` order, so masks do not depend on the device; the generator state is
     in ``state_dict``, so a resumed run draws the same masks. With ``update_every`` set, a fresh
     random mask is drawn at each update. ``sparsity=1.0`` is accepted here (unlike
-    :func:`~sparsam.masks.select`) and gives all-false masks: SSAM then equals its base optimizer.
+    [`select`][sparsam.masks.select]) and gives all-false masks: SSAM then equals its base optimizer.
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """The one selection helper every mask source shares: scores in, boolean masks out.
 
-:func:`select` turns per-coordinate scores (Fisher information, random numbers, ``|g|``, ...) into
-masks under one of three patterns (TPAMI version of SSAM, arXiv 2306.17504):
+[`select`][sparsam.masks.select] turns per-coordinate scores (Fisher information, random numbers,
+``|g|``, ...) into masks under one of three patterns (TPAMI version of SSAM, arXiv 2306.17504):
 
 ``unstructured``
     Top-k over coordinates. ``budget="global"`` (the authors'): one ranking over every ranked
@@ -58,7 +58,7 @@ def keep_count(numel: int, sparsity: float) -> int:
     """Number of coordinates kept out of ``numel`` at ``sparsity``: ``round((1 - sparsity) * numel)``.
 
     Python's ``round`` (ties to even), computed in floating point. Every budget in
-    :mod:`sparsam.masks` goes through this function.
+    ``sparsam.masks`` goes through this function.
     """
     return round((1.0 - float(sparsity)) * int(numel))
 
@@ -393,7 +393,7 @@ def select(
 class PatternOptions:
     """Mixin of the score-based mask sources (Fisher, random): the pattern settings they keep
     (``sparsity``, ``pattern``, ``n``, ``m``, ``granularity``, ``budget``, ``one_d``, ``fill``) and the one
-    call of :func:`select` that turns their scores into masks."""
+    call of [`select`][sparsam.masks.select] that turns their scores into masks."""
 
     sparsity: float
     pattern: str

@@ -4,13 +4,15 @@ The official ASAM code (Kwon et al., ICML 2021; github.com/SamsungLabs/ASAM, ``a
 the ascent gradient by ``T = |w| + eta`` only for parameters whose name contains ``"weight"``
 (conv and linear weights, and the scales of normalisation layers, which PyTorch also calls
 ``weight``); every other parameter (biases, ...) gets the plain SAM ascent, ``T = 1``. One norm is
-taken over all of them together::
+taken over all of them together:
 
-    e_i = rho · T_i² g_i / ‖T g‖₂        T_i = |w_i| + eta for "weight" parameters, 1 otherwise
+```text
+e_i = rho · T_i² g_i / ‖T g‖₂        T_i = |w_i| + eta for "weight" parameters, 1 otherwise
+```
 
 [`SAM`][sparsam.SAM] with ``adaptive=True`` scales *every* parameter (biases too). Since
 ``adaptive`` and ``eta`` are per parameter group and the norm runs over every group, the official
-rule is two groups: :func:`asam_param_groups` builds them.
+rule is two groups: ``asam_param_groups`` builds them.
 
 ```python
 import torch

@@ -1,11 +1,13 @@
 """The implicit form of SSAM (Mi et al., TPAMI 2025): a masked backward for the ascent pass.
 
 In the ascent pass of implicit SSAM, every convolution and linear layer keeps its dense forward
-and its dense weight gradient, but sends the gradient to its *input* through the masked weight::
+and its dense weight gradient, but sends the gradient to its *input* through the masked weight:
 
-    Y  = X W^T (+ b)                  forward: dense, unchanged
-    dW = dY^T X,  db = sum dY         dense, as usual
-    dX = dY (W ⊙ M)                   the only change: the masked weight
+```text
+Y  = X W^T (+ b)                  forward: dense, unchanged
+dW = dY^T X,  db = sum dY         dense, as usual
+dX = dY (W ⊙ M)                   the only change: the masked weight
+```
 
 (written for a linear layer; a convolution does the same with its transposed convolution). The
 perturbation itself is then plain dense SAM on these gradients. The sparsity lives in the dX
@@ -179,7 +181,7 @@ def masked_input_gradients(
     """Within this context, every supported layer of ``model`` of the kind ``layers`` names
     (``"conv+linear"``, ``"conv"`` or ``"linear"``) whose weight has a mask in ``masks`` computes
     ``dX`` through ``W ⊙ M`` (forward and ``dW`` stay dense; an all-False mask gives ``dX = 0``).
-    ``sparse_ok`` marks weights whose transposed mask is 2:4 (see :func:`is_2to4_rows`). Yields
+    ``sparse_ok`` marks weights whose transposed mask is 2:4 (see ``is_2to4_rows``). Yields
     the number of layers switched. The original forwards are restored on exit, also on error."""
     check_implicit_layers(layers)
     kinds = (nn.Linear,) if layers == "linear" else (

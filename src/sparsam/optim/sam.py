@@ -42,14 +42,16 @@ def _check_group(group: Mapping[str, Any]) -> None:
 class SAM(Optimizer):
     r"""Sharpness-Aware Minimization around an existing optimizer (Foret et al., ICLR 2021).
 
-    One step, with ``g = ∇L_B(w)`` from the clean pass (pass 1, "ascent")::
+    One step, with ``g = ∇L_B(w)`` from the clean pass (pass 1, "ascent"):
 
-        T   = |w| + eta   if adaptive (ASAM, Kwon et al. ICML 2021)   else 1
-        e   = rho · T² g / (‖T g‖₂ + eps)        ‖·‖₂ over every gradient of every group with rho > 0
-        w  ← w + e                                 (the old w is kept in a buffer)
-        g' = ∇L_B(w + e)                           (pass 2, "descent")
-        w  ← w                                     (restored by copy: exact, never by subtraction)
-        w  ← base_optimizer.step(w, g')            (SGD, AdamW, ... on the perturbed gradient)
+    ```text
+    T   = |w| + eta   if adaptive (ASAM, Kwon et al. ICML 2021)   else 1
+    e   = rho · T² g / (‖T g‖₂ + eps)        ‖·‖₂ over every gradient of every group with rho > 0
+    w  ← w + e                                 (the old w is kept in a buffer)
+    g' = ∇L_B(w + e)                           (pass 2, "descent")
+    w  ← w                                     (restored by copy: exact, never by subtraction)
+    w  ← base_optimizer.step(w, g')            (SGD, AdamW, ... on the perturbed gradient)
+    ```
 
     ``rho``, ``adaptive`` and ``eta`` live in the shared ``param_groups`` and may differ per group;
     a group with ``rho = 0`` is neither perturbed nor counted in the norm. The norm is one global
@@ -68,9 +70,10 @@ class SAM(Optimizer):
         eps: added to the norm before dividing (1e-12, as davda54/sam).
         foreach: use the multi-tensor kernels (default ``None`` = yes). The for-loop kernels are
             the reference; both give bitwise-identical results on the CPU.
-        model: optional. Used only by the pass contexts: :meth:`descent_pass` stops BatchNorm
-            running statistics from updating at ``w + e``, and under DDP with ``ascent="local"``
-            :meth:`ascent_pass` runs pass 1 inside ``model.no_sync()``. :meth:`step` uses both.
+        model: optional. Used only by the pass contexts: [`descent_pass`][sparsam.SAM.descent_pass]
+            stops BatchNorm running statistics from updating at ``w + e``, and under DDP with
+            ``ascent="local"`` [`ascent_pass`][sparsam.SAM.ascent_pass] runs pass 1 inside
+            ``model.no_sync()``. [`step`][sparsam.SAM.step] uses both.
         ascent: ``"local"`` (each data-parallel worker perturbs with its own gradient, as in the
             SAM paper's m-sharpness; pass 1 needs no all-reduce) or ``"sync"`` (pass 1 gradients
             are all-reduced, so every rank applies the same perturbation).
@@ -79,22 +82,24 @@ class SAM(Optimizer):
             gradient would not change ``e`` (it is normalised), so it is not done.
         **base_kwargs: arguments of ``base_optimizer_cls``.
 
-    Two ways to drive it::
+    Two ways to drive it:
 
-        # closure: called twice; it must compute the loss AND call backward
-        def closure():
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            return loss
-        loss = opt.step(closure)            # loss at the unperturbed weights
+    ```python
+    # closure: called twice; it must compute the loss AND call backward
+    def closure():
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)            # loss at the unperturbed weights
 
-        # two-step loop
-        with opt.ascent_pass():
-            loss_fn(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        with opt.descent_pass():
-            loss_fn(model(x), y).backward()
-        opt.second_step(zero_grad=True)
+    # two-step loop
+    with opt.ascent_pass():
+        loss_fn(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with opt.descent_pass():
+        loss_fn(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    ```
 
     Mixed precision: with a ``torch.amp.GradScaler`` pass ``grad_scaler=`` to ``first_step`` (it
     is remembered for ``second_step``) or to ``step``. ``first_step`` unscales the ascent gradient
@@ -198,10 +203,11 @@ class SAM(Optimizer):
         return False
 
     def _before_perturb(self) -> None:
-        """Called in :meth:`first_step` once the ascent gradient is unscaled (SSAM: masks)."""
+        """Called in [`first_step`][sparsam.SAM.first_step] once the ascent gradient is unscaled (SSAM:
+        masks)."""
 
     def _after_step(self) -> None:
-        """Called at the end of :meth:`second_step`."""
+        """Called at the end of [`second_step`][sparsam.SAM.second_step]."""
 
     def _pass_cost(self, kind: str) -> float:
         """What the pass before [`first_step`][sparsam.SAM.first_step] (``kind="ascent"``) or
@@ -367,8 +373,8 @@ class SAM(Optimizer):
         base_step: bool = True,
     ) -> None:
         """Restore ``w`` exactly and take the base optimizer's step with the gradient in ``p.grad``
-        (computed at ``w + e``). Uses the GradScaler given to :meth:`first_step` unless another
-        is given here.
+        (computed at ``w + e``). Uses the GradScaler given to [`first_step`][sparsam.SAM.first_step]
+        unless another is given here.
 
         Args:
             zero_grad: clear the gradients afterwards.

@@ -27,10 +27,12 @@ _SKIP, _PARTIAL, _DENSE = 0, 1, 2
 class SSAM(SAM):
     r"""Sparse SAM (Mi et al., NeurIPS 2022; TPAMI 2025): only masked coordinates are perturbed.
 
-    With a bool mask ``m`` per parameter (``m = 1``: perturbed)::
+    With a bool mask ``m`` per parameter (``m = 1``: perturbed):
 
-        norm="full"   (default, the authors' code):  e = rho · m ⊙ T² g / (‖T g‖₂ + eps)    ‖e‖ <= rho
-        norm="masked" (renormalised, as SAM-ON):     e = rho · m ⊙ T² g / (‖m ⊙ T g‖₂ + eps) ‖e‖ = rho
+    ```text
+    norm="full"   (default, the authors' code):  e = rho · m ⊙ T² g / (‖T g‖₂ + eps)    ‖e‖ <= rho
+    norm="masked" (renormalised, as SAM-ON):     e = rho · m ⊙ T² g / (‖m ⊙ T g‖₂ + eps) ‖e‖ = rho
+    ```
 
     ``T = 1`` unless ``adaptive=True`` (ASAM). The descent gradient and the base step stay dense.
     ``sparsity`` is the fraction of coordinates NOT perturbed (the papers' meaning). A parameter
@@ -38,36 +40,41 @@ class SSAM(SAM):
     (with ``norm="full"`` its gradient still counts in the norm). An all-True mask gives exactly
     SAM and an all-False mask exactly the base optimizer.
 
-    Masks come from a mask source (:mod:`sparsam.masks`: random, Fisher, dynamic, ...) or are set
-    by hand with :meth:`set_masks`; built without ``sparsity`` and ``mask``, SSAM's source is a
-    [`ManualMask`][sparsam.masks.ManualMask] and the masks must be set by hand before the first
-    step. They are stored as bool tensors (1 byte per coordinate), saved in :meth:`state_dict` together with the mask source's state, and, under ``torch.distributed``,
-    broadcast from rank 0 after every init/update so all ranks perturb the same coordinates.
+    Masks come from a mask source (``sparsam.masks``: random, Fisher, dynamic, ...) or are set
+    by hand with [`set_masks`][sparsam.SSAM.set_masks]; built without ``sparsity`` and ``mask``, SSAM's
+    source is a [`ManualMask`][sparsam.masks.ManualMask] and the masks must be set by hand before the
+    first step. They are stored as bool tensors (1 byte per coordinate), saved in
+    [`state_dict`][sparsam.SAM.state_dict] together with the mask source's state, and, under
+    ``torch.distributed``, broadcast from rank 0 after every init/update so all ranks perturb the same
+    coordinates.
 
     Two forms (TPAMI 2025):
 
     - ``form="explicit"`` (default): the perturbation is masked, as above.
     - ``form="implicit"``: the perturbation is dense SAM, but in the ascent backward every
       Linear/Conv layer whose weight has a mask sends its input gradient through ``W ⊙ M``
-      (``dX = dY (W ⊙ M)^T``-style; forward and ``dW`` dense). See :mod:`sparsam.optim.implicit`.
-      Needs ``model=``; only active inside :meth:`ascent_pass` (which :meth:`step` uses).
+      (``dX = dY (W ⊙ M)^T``-style; forward and ``dW`` dense). See ``sparsam.optim.implicit``.
+      Needs ``model=``; only active inside [`ascent_pass`][sparsam.SSAM.ascent_pass] (which
+      [`step`][sparsam.SAM.step] uses).
 
     Cheaper ascent (``sparse_ascent``): with ``norm="masked"`` the ascent pass only needs the
-    gradients of perturbed coordinates, so inside :meth:`ascent_pass` every parameter whose mask is
-    entirely False has ``requires_grad`` switched off: autograd skips its weight-gradient kernels,
-    and below the lowest perturbed layer the backward stops. The perturbation is exactly the one a
-    dense pass gives. With ``norm="full"`` the norm needs every gradient, so the dense pass is
+    gradients of perturbed coordinates, so inside [`ascent_pass`][sparsam.SSAM.ascent_pass] every
+    parameter whose mask is entirely False has ``requires_grad`` switched off: autograd skips its
+    weight-gradient kernels, and below the lowest perturbed layer the backward stops. The perturbation
+    is exactly the one a dense pass gives. With ``norm="full"`` the norm needs every gradient, so the
+    dense pass is
     required: ``sparse_ascent=True`` then raises. Default ``None``: on exactly when
     ``norm="masked"`` and ``form="explicit"``. Steps on which a gradient-based mask source updates
     (``needs_grads``) always run a dense ascent pass. Under DDP it needs ``ascent="local"``.
 
     Args:
-        params_or_optimizer, base_optimizer_cls, **kwargs: as :class:`SAM`.
+        params_or_optimizer, base_optimizer_cls, **kwargs: as [`SAM`][sparsam.SAM].
         sparsity: shortcut for ``mask=RandomMask(sparsity)``; if ``mask`` is also given, it must
             agree with ``mask.sparsity``. Neither given: ``mask=ManualMask()`` (masks set by hand).
-        mask: the mask source. Its ``init`` runs at the first :meth:`first_step` (or at
-            :meth:`init_masks`), unless masks were loaded or set by hand; its ``update`` runs at
-            the start of a step when the source asks for it. The step count the source sees counts
+        mask: the mask source. Its ``init`` runs at the first [`first_step`][sparsam.SAM.first_step] (or
+            at [`init_masks`][sparsam.SSAM.init_masks]), unless masks were loaded or set by hand; its
+            ``update`` runs at the start of a step when the source asks for it. The step count the
+            source sees counts
             the steps taken: a step a GradScaler skips (non-finite gradients) does not count, as
             a skipped ``optimizer.step()`` does not count for an LR scheduler.
         norm: ``"full"`` or ``"masked"``, see above.
@@ -298,7 +305,7 @@ class SSAM(SAM):
                     p.requires_grad_(True)
 
     def mask_context(self) -> MaskContext:
-        """The :class:`MaskContext` handed to the mask source now."""
+        """The [`MaskContext`][sparsam.masks.MaskContext] handed to the mask source now."""
         names = self.param_names()
         params = {names[p]: p for p in self._perturbable()}
         src = self.mask_source
