@@ -13,6 +13,8 @@ from .base import MaskContext, MaskSource
 NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
+"""The normalisation layer types [`NormLayersMask`][sparsam.masks.NormLayersMask] perturbs: BatchNorm
+(also SyncBatchNorm), InstanceNorm, LayerNorm, GroupNorm and, where torch has it, RMSNorm."""
 
 
 class NormLayersMask(MaskSource):
