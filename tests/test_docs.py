@@ -48,6 +48,10 @@ PAGES_WITH_SNIPPETS = {
 # The modules whose public names (their `__all__`) the API reference must show.
 PUBLIC_MODULES = [
     "sparsam",
+    "sparsam.optim.schedule",
+    "sparsam.optim.looksam",
+    "sparsam.optim.esam",
+    "sparsam.optim.asam",
     "sparsam.masks",
     "sparsam.integrations",
     "sparsam.integrations.lightning",

@@ -36,8 +36,8 @@ from ..masks.stochastic import StochasticMask
 from .schedule import ScheduledSSAM
 from .ssam import _DENSE, _SKIP
 
-#: Cost of a forward-only pass in forward+backward passes (a backward costs about two forwards).
 FORWARD_COST = 1.0 / 3.0
+"""Cost of a forward-only pass in forward+backward passes (a backward costs about two forwards)."""
 
 
 class ESAM(ScheduledSSAM):
