@@ -2,9 +2,9 @@
 
 Each subcommand lives in a module with ``main(argv: list[str], prog: str) -> int`` and is imported
 only when it is run, so ``sparsam --help`` stays fast and this entry point needs neither matplotlib,
-tqdm nor scikit-learn. Adding a subcommand is one line in :data:`COMMANDS`.
+tqdm nor scikit-learn. Adding a subcommand is one line in ``COMMANDS``.
 
-Errors the user can fix (:class:`sparsam.train.errors.UserError`) are printed as one line and exit
+Errors the user can fix (``sparsam.train.errors.UserError``) are printed as one line and exit
 with status 2; set ``SPARSAM_DEBUG=1`` to see the traceback.
 """
 

@@ -7,7 +7,7 @@ every measure is computed on the same fixed batches of the run's own data (test 
 no augmentation) with the plain mean cross-entropy, in eval mode (BatchNorm uses its running
 statistics) unless ``--mode train``. Random draws (Lanczos start vectors, landscape directions) come
 from ``--seed``, so runs are compared on equal terms. The numbers go to ``results.json`` and
-``summary.md``, the figures (PNG and PDF) beside them, through :func:`sparsam.analysis.write_report`.
+``summary.md``, the figures (PNG and PDF) beside them, through ``sparsam.analysis.write_report``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Target:
 
 
 def resolve_targets(paths: list[str], weights: str) -> list[Target]:
-    """Run directories, folders of runs and checkpoint files -> one :class:`Target` each."""
+    """Run directories, folders of runs and checkpoint files -> one ``Target`` each."""
     from ..train.rundir import CONFIG, find_runs
 
     targets: list[Target] = []
@@ -113,7 +113,7 @@ def _named_masks(ckpt: dict[str, Any], model: Any) -> dict[str, Any] | None:
 
 
 def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[str, Any]:
-    """Every measure asked for, on one model; the dict :func:`sparsam.analysis.write_report` takes."""
+    """Every measure asked for, on one model; the dict ``sparsam.analysis.write_report`` takes."""
     import torch
     from torch import nn
 

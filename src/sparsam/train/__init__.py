@@ -1,11 +1,14 @@
 """The training wing: config, the registry of methods, the training loop, run directories, presets, reports.
 
->>> from sparsam.train import build_config, train
->>> cfg = build_config([("example", {"opt": "ssam", "mask": "fisher", "epochs": 2, "out": "runs/x"})])
->>> result = train(cfg)                         # doctest: +SKIP
+```python
+from sparsam.train import build_config, train
+
+cfg = build_config([("example", {"opt": "ssam", "mask": "fisher", "epochs": 2, "out": "runs/x"})])
+result = train(cfg)
+```
 
 The command line (``sparsam train|demo|sweep|report|analyze``, in ``sparsam.cli``) is a thin layer
-over these functions; see ``docs/training.md``, and ``docs/design.md`` for how the modules fit.
+over these functions; the Training guide documents them, and ``docs/design.md`` how the modules fit.
 """
 
 from .config import TrainConfig, build_config, validate

@@ -1,7 +1,7 @@
-"""The optimizer and the LR schedule, built from a :class:`TrainConfig`.
+"""The optimizer and the LR schedule, built from a [`TrainConfig`][sparsam.train.TrainConfig].
 
 Which optimizer and mask source each ``--opt`` / ``--mask`` value builds is in the registry,
-:mod:`sparsam.train.methods`; this module adds the base optimizer and the schedule.
+``sparsam.train.methods``; this module adds the base optimizer and the schedule.
 """
 
 from __future__ import annotations

@@ -1,23 +1,25 @@
 """Checkpoints and run-directory files: atomic writes, RNG states, clear errors on bad files.
 
-Checkpoint format (``checkpoint.pt``, a ``torch.save`` dict loadable with ``weights_only=True``)::
+Checkpoint format (``checkpoint.pt``, a ``torch.save`` dict loadable with ``weights_only=True``):
 
-    format          "sparsam-checkpoint"          format_version  1
-    epoch           completed epochs               step_in_epoch   steps done in epoch ``epoch``
-    global_step     optimizer steps so far         (0 unless saved by an interruption mid-epoch)
-    model           the model's state_dict (unwrapped: no "module." / "_orig_mod." prefixes)
-    optimizer       the optimizer's state_dict (SAM/SSAM: base state + "sparsam" entry with masks)
-    scheduler       the LR scheduler's state_dict
-    scaler          the GradScaler's state_dict, or None
-    rng             {"torch", "cuda", "numpy", "python"} generator states
-    partial         running sums of the interrupted epoch (or None)
-    best_acc, best_epoch, elapsed_s, config, version, world_size
+```text
+format          "sparsam-checkpoint"          format_version  1
+epoch           completed epochs               step_in_epoch   steps done in epoch `epoch`
+global_step     optimizer steps so far         (0 unless saved by an interruption mid-epoch)
+model           the model's state_dict (unwrapped: no "module." / "_orig_mod." prefixes)
+optimizer       the optimizer's state_dict (SAM/SSAM: base state + "sparsam" entry with masks)
+scheduler       the LR scheduler's state_dict
+scaler          the GradScaler's state_dict, or None
+rng             {"torch", "cuda", "numpy", "python"} generator states
+partial         running sums of the interrupted epoch (or None)
+best_acc, best_epoch, elapsed_s, config, version, world_size
+```
 
 Every file is written to a temporary name in the same folder, flushed to disk and renamed into
 place (``os.replace``), so a crash never leaves a half-written checkpoint behind. A write that
 fails (a full disk) removes its temporary file and raises a ``CheckpointError`` saying why; the
 previous file stays as it was. Temporary files left by a process that was killed while writing are
-removed by :func:`remove_stale_temp_files` (called when a run starts, resumes or is overwritten).
+removed by ``remove_stale_temp_files`` (called when a run starts, resumes or is overwritten).
 
 Reading checks the file before unpickling: the CRC-32 that the zip format stores for every part
 must match, so a file changed on disk after it was written (a flipped bit) is reported as damaged
@@ -144,7 +146,8 @@ class _WriteRecorder:
 
 
 def save_torch_file(path: str | os.PathLike[str], obj: Any, *, what: str = "checkpoint") -> None:
-    """``torch.save(obj)`` to ``path`` atomically. A failed write raises :class:`CheckpointError`
+    """``torch.save(obj)`` to ``path`` atomically. A failed write raises
+    [`CheckpointError`][sparsam.train.CheckpointError]
     naming the reason (the disk is full, ...); the temporary file is removed and a previous file at
     ``path`` is left as it was."""
     path = Path(path)
@@ -174,13 +177,13 @@ def save_torch_file(path: str | os.PathLike[str], obj: Any, *, what: str = "chec
 
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
     """Write a checkpoint atomically (``payload`` gets the format fields added); see
-    :func:`save_torch_file` for what a failed write does."""
+    ``save_torch_file`` for what a failed write does."""
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
     save_torch_file(path, full)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: tuple[str, ...] | None = None) -> list[Path]:
-    """Remove the temporary files that :func:`atomic_write` leaves behind when its process is killed
+    """Remove the temporary files that ``atomic_write`` leaves behind when its process is killed
     mid-write (``.<name>.<random>.tmp``), for the given file names (default: every name). Only call
     it while no other process writes to ``folder`` (the run directory's lock). Returns what it removed."""
     folder = Path(folder)
@@ -208,9 +211,10 @@ def _advice() -> str:
 def read_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` after checking that the file is whole.
 
-    Raises :class:`CheckpointError` (never touching the file) when it is missing, truncated, damaged
-    (a part whose CRC-32 does not match: changed on disk after it was written) or holds Python objects
-    that a safe load refuses. The message never suggests loading unsafely.
+    Raises [`CheckpointError`][sparsam.train.CheckpointError] (never touching the file) when it is
+    missing, truncated, damaged (a part whose CRC-32 does not match: changed on disk after it was
+    written) or holds Python objects that a safe load refuses. The message never suggests loading
+    unsafely.
     """
     path = Path(path)
     if not path.is_file():
@@ -246,10 +250,10 @@ def read_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", 
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a checkpoint written by ``save_checkpoint``.
 
-    Raises :class:`CheckpointError` (never touching the file) when it is missing, truncated or
-    otherwise unreadable, or not a sparsam checkpoint.
+    Raises [`CheckpointError`][sparsam.train.CheckpointError] (never touching the file) when it is
+    missing, truncated or otherwise unreadable, or not a sparsam checkpoint.
     """
     path = Path(path)
     advice = _advice()

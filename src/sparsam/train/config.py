@@ -1,10 +1,10 @@
 """The training configuration: one dataclass, its validation, and the layering
 defaults < preset < config file < command-line flags.
 
-Every field of :class:`TrainConfig` is also a command-line flag (``batch_size`` -> ``--batch-size``);
-the parser is built from the dataclass, so a new option is one field here. Fields marked
-``identity=False`` are *run control* (where to write, progress bar, how often to log, ...): they may
-change when a run is resumed; every other field must match the checkpoint.
+Every field of [`TrainConfig`][sparsam.train.TrainConfig] is also a command-line flag (``batch_size`` ->
+``--batch-size``); the parser is built from the dataclass, so a new option is one field here. Fields
+marked ``identity=False`` are *run control* (where to write, progress bar, how often to log, ...): they
+may change when a run is resumed; every other field must match the checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _f(default: Any, help: str, *, group: str, choices: Sequence[str] | None = N
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. See ``docs/training.md`` for each option."""
+    """Everything that defines a training run. The Training guide documents each option."""
 
     # ---------------------------------------------------------------- data
     data: str = _f("digits", "data set: digits (built in, no download), cifar10, cifar100, or an image-folder "
@@ -201,7 +201,8 @@ class TrainConfig:
 
     @property
     def method(self) -> str:
-        """The method name (sgd, sam, asam, ssam-f, ...; see :data:`sparsam.train.methods.METHODS`)."""
+        """The method name (sgd, sam, asam, ssam-f, ...; see
+        [`sparsam.train.methods.METHODS`][sparsam.train.METHODS])."""
         return methods.method_name(self)
 
     def nm_pair(self) -> tuple[int, int]:
@@ -333,8 +334,8 @@ def _bad(name: str, value: Any, requirement: str) -> ConfigError:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every value and cross-field rule; raise :class:`ConfigError` naming the flag and value.
-    Returns ``cfg`` (with ``data`` made absolute when it is a folder)."""
+    """Check every value and cross-field rule; raise [`ConfigError`][sparsam.train.ConfigError] naming
+    the flag and value. Returns ``cfg`` (with ``data`` made absolute when it is a folder)."""
     for name in FIELDS:
         _coerce(name, getattr(cfg, name), "command line")  # types (config files are checked on reading)
         choices = FIELDS[name].metadata["choices"]

@@ -1,9 +1,9 @@
-"""The training engine: :func:`train`, a loop that reads top to bottom.
+"""The training engine: [`train`][sparsam.train.train], a loop that reads top to bottom.
 
     open the run directory -> data -> model -> optimizer, schedule, scaler -> [restore checkpoint]
     -> for each epoch: train steps, evaluate, record (metrics, best model, checkpoint) -> summary
 
-The run directory's bookkeeping lives in :class:`sparsam.train.run.Run`; what happens in one step
+The run directory's bookkeeping lives in ``sparsam.train.run.Run``; what happens in one step
 is the optimizer's: ``opt.step(closure)`` calls the closure once per pass (twice for SAM/SSAM,
 see ``docs/design.md``). The closure runs the ``--accum`` micro-batches under autocast, scales
 the loss for the GradScaler, lets DDP all-reduce on the last micro-batch only, and adds the
@@ -55,10 +55,11 @@ def train(
     on_step: Callable[[int], None] | None = None,
     argv: list[str] | None = None,
 ) -> RunResult:
-    """Train as ``cfg`` says, writing the run directory ``cfg.out`` (see :mod:`sparsam.train.rundir`).
+    """Train as ``cfg`` says, writing the run directory ``cfg.out`` (see ``sparsam.train.rundir``).
 
     Args:
-        cfg: a validated configuration (:func:`sparsam.train.config.build_config`).
+        cfg: a validated configuration
+            ([`sparsam.train.config.build_config`][sparsam.train.build_config]).
         resume: continue the run in ``cfg.out`` from its checkpoint; its saved config must agree
             with ``cfg`` on every identity key (run-control keys may differ).
         overwrite: start over in a directory that already holds a run (its run files are removed).
@@ -67,7 +68,7 @@ def train(
         argv: the command line, recorded in ``config.json``.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process calls this; rank 0 writes the files.
-    Raises :class:`UserError` subclasses for problems the user can fix.
+    Raises [`UserError`][sparsam.train.UserError] subclasses for problems the user can fix.
     """
     threads = torch.get_num_threads()
     if cfg.threads is not None:

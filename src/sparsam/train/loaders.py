@@ -2,11 +2,12 @@
 
 Two paths, both ending in iterables of ``(x, y)`` batches already on the device:
 
-* in memory (digits, CIFAR, folders of small images): :class:`sparsam.data.DeviceLoader` cuts,
+* in memory (digits, CIFAR, folders of small images):
+  [`sparsam.data.DeviceLoader`][sparsam.data.DeviceLoader] cuts,
   normalises and augments whole batches on the device;
 * streamed (folders of large images, e.g. ImageNet): a torch ``DataLoader`` over
-  :class:`sparsam.data.ImageFolderStream` decodes in worker processes and
-  :func:`sparsam.data.to_device_batch` normalises on the device.
+  [`sparsam.data.ImageFolderStream`][sparsam.data.ImageFolderStream] decodes in worker processes and
+  [`sparsam.data.to_device_batch`][sparsam.data.to_device_batch] normalises on the device.
 
 Subsets (``--train-subset`` / ``--test-subset``) are drawn here, seeded by ``--subset-seed``;
 for an image folder in memory only the chosen files are decoded. ``--label-noise`` changes a fixed

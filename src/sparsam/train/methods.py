@@ -1,16 +1,16 @@
 """The one list of training methods: optimizers (``--opt``) and SSAM mask sources (``--mask``).
 
 Everything that needs to know which methods exist reads this module: the config (choices, help,
-validation, run labels and default run names), the builder (:mod:`sparsam.train.build`), the
+validation, run labels and default run names), the builder (``sparsam.train.build``), the
 presets' listing, ``sparsam sweep`` / ``sparsam demo`` and the report (labels, row order, which
 settings matter for a run). Nothing else lists them.
 
 A method name is an optimizer name (``sgd``, ``sam``, ``asam``) or, for an optimizer that takes a
 mask, ``<optimizer>-<mask short name>`` (``ssam-f`` = ``--opt ssam --mask fisher``).
 
-Adding a mask source: write it in ``sparsam/masks/`` and add one :class:`MaskSpec` to
-:data:`MASKS`. Adding a SAM variant: write the optimizer (a [`SAM`][sparsam.SAM] subclass, see
-``docs/design.md``) and add one :class:`OptimizerSpec` to :data:`OPTIMIZERS`. If it has settings
+Adding a mask source: write it in ``sparsam/masks/`` and add one ``MaskSpec`` to
+``MASKS``. Adding a SAM variant: write the optimizer (a [`SAM`][sparsam.SAM] subclass, see
+``docs/design.md``) and add one ``OptimizerSpec`` to ``OPTIMIZERS``. If it has settings
 of its own, add the config fields and name them in ``owns``.
 """
 
@@ -310,8 +310,8 @@ def _all_methods() -> dict[str, dict[str, Any]]:
     return out
 
 
-#: method name -> config values (``ssam-f`` -> ``{"opt": "ssam", "mask": "fisher"}``), in report order.
 METHODS: dict[str, dict[str, Any]] = _all_methods()
+"""Method name -> config values (``ssam-f`` -> ``{"opt": "ssam", "mask": "fisher"}``), in report order."""
 
 
 def _parts(values: Any) -> tuple[OptimizerSpec | None, MaskSpec | None]:
@@ -339,7 +339,7 @@ def method_label(values: Any) -> str:
 
 
 def method_order(values: Any) -> int:
-    """Position of a config's method in :data:`METHODS` (report row order)."""
+    """Position of a config's method in [`METHODS`][sparsam.train.METHODS] (report row order)."""
     name = method_name(values)
     return list(METHODS).index(name) if name in METHODS else len(METHODS)
 

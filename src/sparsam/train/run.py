@@ -1,10 +1,10 @@
 """The run directory's bookkeeping behind one object, so the training loop only trains.
 
-:class:`Run` opens a run directory (new, ``--resume`` or ``--overwrite``), restores a checkpoint
+``Run`` opens a run directory (new, ``--resume`` or ``--overwrite``), restores a checkpoint
 into the model, optimizer, schedule and scaler, writes ``config.json``, and at the end of every
 epoch the metrics line, the best model and the checkpoint; an interrupted epoch is saved as a
 partial checkpoint; a finished run gets ``summary.json``. The files are described in
-:mod:`sparsam.train.rundir`. Rank 0 writes; every rank holds the same :class:`Progress`.
+``sparsam.train.rundir``. Rank 0 writes; every rank holds the same ``Progress``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _version() -> str:
 
 
 class Run:
-    """One run directory. Build it with :meth:`open`; see the module docstring."""
+    """One run directory. Build it with ``open``; see the module docstring."""
 
     def __init__(self, cfg: TrainConfig, info: D.DistInfo, *, ckpt: dict[str, Any] | None, fresh: bool,
                  say: Callable[[str], None], done: RunResult | None = None) -> None:

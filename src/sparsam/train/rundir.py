@@ -1,22 +1,24 @@
 """The run directory: what is in it, whether it holds a run, and reading it back.
 
-Layout (every JSON file is written atomically; ``metrics.jsonl`` is appended once per epoch)::
+Layout (every JSON file is written atomically; ``metrics.jsonl`` is appended once per epoch):
 
-    RUN_DIR/
-      config.json      {"config": resolved TrainConfig, "sparsam_version", "git_commit" (or null),
-                        "torch_version", "python_version", "created", "argv", "world_size",
-                        "device", "data": {name, num_classes, in_channels, image_size,
-                        train_size, test_size, augment, mode, steps_per_epoch, mean, std}}
-      metrics.jsonl    one JSON object per epoch (see :data:`METRIC_KEYS`)
-      checkpoint.pt    latest checkpoint (see sparsam.train.checkpoint), every epoch
-      best_model.pt    {"model": state_dict, "epoch", "test_acc"} of the best epoch so far
-      summary.json     written when the run finishes: final/best accuracy, timings
-      tensorboard/     only with --tensorboard
-      debug/           only with SPARSAM_DEBUG_RANK_DUMP=1: each rank's final weights
-      .sparsam.lock    while a run uses the directory: the OS lock (see :func:`lock_dir`)
+```text
+RUN_DIR/
+  config.json      {"config": resolved TrainConfig, "sparsam_version", "git_commit" (or null),
+                    "torch_version", "python_version", "created", "argv", "world_size",
+                    "device", "data": {name, num_classes, in_channels, image_size,
+                    train_size, test_size, augment, mode, steps_per_epoch, mean, std}}
+  metrics.jsonl    one JSON object per epoch (see ``METRIC_KEYS``)
+  checkpoint.pt    latest checkpoint (see sparsam.train.checkpoint), every epoch
+  best_model.pt    {"model": state_dict, "epoch", "test_acc"} of the best epoch so far
+  summary.json     written when the run finishes: final/best accuracy, timings
+  tensorboard/     only with --tensorboard
+  debug/           only with SPARSAM_DEBUG_RANK_DUMP=1: each rank's final weights
+  .sparsam.lock    while a run uses the directory: the OS lock (see ``lock_dir``)
+```
 
 A path given as a run directory is normalised first (``~``, ``..``, symbolic links:
-:func:`resolve_dir`), so every check looks at the directory that will be written.
+``resolve_dir``), so every check looks at the directory that will be written.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ LOCK_NAMES = {"run": ".sparsam.lock", "sweep": ".sparsam-sweep.lock"}
 
 def resolve_dir(path: str | os.PathLike[str], *, flag: str = "--out") -> Path:
     """``path`` made absolute and normalised (``~``, ``..`` and symbolic links resolved), refusing a
-    path that is a file or lies under one (:class:`RunDirError` naming ``flag``)."""
+    path that is a file or lies under one ([`RunDirError`][sparsam.train.RunDirError] naming
+    ``flag``)."""
     p = Path(path).expanduser().resolve()
     if p.exists() and not p.is_dir():
         raise RunDirError(f"{flag} {path}: {p} is a file, not a directory")
@@ -70,7 +73,7 @@ def resolve_dir(path: str | os.PathLike[str], *, flag: str = "--out") -> Path:
 
 
 class DirLock:
-    """An exclusive OS lock (``flock``) on a directory, held until :meth:`release` or until the
+    """An exclusive OS lock (``flock``) on a directory, held until ``release`` or until the
     process ends, also by a crash or ``kill -9``: the OS drops it with the process."""
 
     def __init__(self, path: Path, lock_file: Path, fd: int | None, created: bool) -> None:
@@ -100,8 +103,9 @@ class DirLock:
 
 def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--out") -> DirLock:
     """Lock the directory ``path`` (created if missing) for one ``kind`` of user: ``"run"`` (a
-    training run, :func:`sparsam.train.train`) or ``"sweep"`` (a sweep on its root). A second lock
-    of the same kind, from another process or this one, raises :class:`RunDirError` naming the
+    training run, [`sparsam.train.train`][sparsam.train.train]) or ``"sweep"`` (a sweep on its root). A
+    second lock of the same kind, from another process or this one, raises
+    [`RunDirError`][sparsam.train.RunDirError] naming the
     holder's process id. Without ``fcntl`` (not POSIX), or on a filesystem that refuses locks,
     nothing is locked."""
     p = resolve_dir(path, flag=flag)
@@ -142,7 +146,7 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
 
 def read_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``config.json`` of a run directory (the whole file), checked to hold a ``"config"``
-    object; otherwise a :class:`RunDirError` says that the file is damaged."""
+    object; otherwise a [`RunDirError`][sparsam.train.RunDirError] says that the file is damaged."""
     f = Path(path) / CONFIG
     meta = read_json(f)
     if not isinstance(meta, dict):

@@ -5,9 +5,9 @@ Sharding: every top-level child module that holds parameters becomes one FSDP2 u
 parameters, which SAM, ASAM and SSAM with random masks step per local shard (``docs/scaling.md``).
 
 Checkpoints keep the format of every other run (``checkpoint.pt``, one file, written by rank 0):
-:func:`full_state` gathers every DTensor of the model's and the optimizer's state dicts into a full
+``full_state`` gathers every DTensor of the model's and the optimizer's state dicts into a full
 CPU tensor (``full_tensor()``: a collective, so every rank calls it, in the same order), and
-:func:`shard_checkpoint` cuts the full tensors of a loaded checkpoint back to this rank's shards,
+``shard_checkpoint`` cuts the full tensors of a loaded checkpoint back to this rank's shards,
 sharded like the parameters they belong to. So a run checkpointed under ``--fsdp`` resumes under
 ``--fsdp`` at any number of processes, or under DDP, and the other way round. Each rank holds the
 full state briefly while it is gathered: meant for the models of ``sparsam.models``; a model too

@@ -4,7 +4,7 @@ Runs are grouped by their configuration minus the seed; every group is one row. 
 settings that tell groups apart (method, sparsity, and any other key that differs between groups),
 the number of seeds, final and best test accuracy (mean ± sample std, in %), epochs done, time
 per epoch (median over the run's epochs, mean over seeds) and its ratio to the SGD group with the
-same data, model and batch settings. No plotting here: see :mod:`sparsam.train.figures`.
+same data, model and batch settings. No plotting here: see ``sparsam.train.figures``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _TIME_KEYS = ("data", "model", "width", "batch_size", "accum", "amp", "channels_
 
 def _relevant(cfg: dict[str, Any]) -> dict[str, Any]:
     """The identity settings that affect this run: keys owned by other methods (the registry,
-    :mod:`sparsam.train.methods`, says which) are dropped."""
+    ``sparsam.train.methods``, says which) are dropped."""
     defaults = TrainConfig().to_dict()
     out = {k: cfg.get(k, defaults[k]) for k in IDENTITY_KEYS if k not in _NOT_GROUPING}
     return {k: v for k, v in out.items() if relevant(k, out)}
