@@ -2,7 +2,8 @@
 [`SAMStep`][sparsam.integrations.accelerate.SAMStep].
 
 ```python
-model, opt, loader = accelerator.prepare(model, SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1), loader)
+opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+model, opt, loader = accelerator.prepare(model, opt, loader)
 sam_step = SAMStep(accelerator, opt, model=model)
 for x, y in loader:
     with accelerator.accumulate(model):
