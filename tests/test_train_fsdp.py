@@ -3,8 +3,9 @@
 The reference is the same run under DDP with ``--ascent sync``: SmallCNN has BatchNorm, whose batch
 statistics are per process, so one process on the whole batch is a different computation; DDP with
 the all-reduced ascent is the same one (every rank's gradient averaged in both passes, BatchNorm
-on each rank's half). The FSDP run stops after epoch 1 (--stop-after) and resumes from its
-checkpoint, so the test also checks that checkpoints of sharded runs hold the full weights, masks and
+on each rank's half). The test images split 26/25 over the ranks and are evaluated 5 at a time, so
+the ranks run different numbers of evaluation batches (FSDP's forwards must still pair up). The
+FSDP run stops after epoch 1 (--stop-after) and resumes from its checkpoint, so the test also checks that checkpoints of sharded runs hold the full weights, masks and
 momentum, and that a resumed run continues as the uninterrupted one.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from sparsam.train.errors import ConfigError
 
 COMMON = ["--opt", "ssam", "--mask", "random", "--sparsity", "0.5", "--mask-update-epochs", "1", "--rho", "0.5",
           "--ascent", "sync", "--train-subset", "128", "--test-subset", "51", "--batch-size", "64", "--epochs", "2",
-          "--width", "4", "--threads", "1", "--no-progress"]
+          "--width", "4", "--threads", "1", "--no-progress", "--eval-batch-size", "5"]
 
 
 def _free_port() -> int:
@@ -37,9 +39,17 @@ def _free_port() -> int:
 def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "sparsam", "train", *args]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    # its own session, so a hung run (unpaired collectives) is killed with its workers, not left behind
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

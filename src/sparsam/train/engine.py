@@ -317,6 +317,10 @@ def evaluate(model: nn.Module, batches: Any, autocast: Callable[[], Any], info: 
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
     n_batches, last = 0, None
+    if sharded:  # FSDP gathers parameters in every forward: all ranks must run as many (shards differ by one image)
+        most = torch.tensor([float(len(batches))], device=info.device)
+        D.all_reduce_max(most, info)  # agreed before any forward, so the collectives pair up
+        rounds = int(most.item())  # host sync
     for x, y in batches:
         with autocast():
             logits = model(x)
@@ -324,10 +328,8 @@ def evaluate(model: nn.Module, batches: Any, autocast: Callable[[], Any], info: 
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += y.shape[0]
         n_batches, last = n_batches + 1, x
-    if sharded:  # FSDP gathers parameters in every forward: all ranks must run as many (shards differ by one image)
-        most = torch.tensor([float(n_batches)], device=info.device)
-        D.all_reduce_max(most, info)
-        for _ in range(int(most.item()) - n_batches):  # host sync above
+    if sharded:
+        for _ in range(rounds - n_batches):
             if last is None:
                 raise RuntimeError("--fsdp: a rank has no test images; use a larger test set than the number of processes")
             with autocast():
