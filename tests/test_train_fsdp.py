@@ -5,8 +5,9 @@ statistics are per process, so one process on the whole batch is a different com
 the all-reduced ascent is the same one (every rank's gradient averaged in both passes, BatchNorm
 on each rank's half). The test images split 26/25 over the ranks and are evaluated 5 at a time, so
 the ranks run different numbers of evaluation batches (FSDP's forwards must still pair up). The
-FSDP run stops after epoch 1 (--stop-after) and resumes from its checkpoint, so the test also checks that checkpoints of sharded runs hold the full weights, masks and
-momentum, and that a resumed run continues as the uninterrupted one.
+FSDP run stops after epoch 1 (--stop-after) and resumes from its checkpoint, so the test also
+checks that checkpoints of sharded runs hold the full weights, masks and momentum, and that a
+resumed run continues as the uninterrupted one.
 """
 
 from __future__ import annotations
