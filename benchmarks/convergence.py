@@ -208,30 +208,57 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     for schedule in args.schedules:
         for method in args.methods:
             for seed in args.seeds:
-                key = (f"{schedule}-{method}-seed{seed}-T{args.t_min}-{args.t_max}-lr{args.lr0}-rho{args.rho0}"
-                       f"-b{args.batch}-m{args.mask_every}.json")
+                key = (
+                    f"{schedule}-{method}-seed{seed}-T{args.t_min}-{args.t_max}-lr{args.lr0}-rho{args.rho0}"
+                    f"-b{args.batch}-m{args.mask_every}.json"
+                )
                 if (cache / key).exists():
                     curves.append(json.loads((cache / key).read_text()))
                     continue
                 if schedule == "decay":
-                    r = run_trajectory(method, grid[-1], seed=seed, schedule=schedule, lr0=args.lr0,
-                                       rho0=args.rho0, batch=args.batch, mask_every=args.mask_every, problem=problem)
+                    r = run_trajectory(
+                        method,
+                        grid[-1],
+                        seed=seed,
+                        schedule=schedule,
+                        lr0=args.lr0,
+                        rho0=args.rho0,
+                        batch=args.batch,
+                        mask_every=args.mask_every,
+                        problem=problem,
+                    )
                     mins = [r["running_min"][t - 1] for t in grid]
                     means = [r["running_mean"][t - 1] for t in grid]
                 else:
                     mins, means = [], []
                     for t in grid:
-                        r = run_trajectory(method, t, seed=seed, schedule=schedule, lr0=args.lr0,
-                                           rho0=args.rho0, batch=args.batch, mask_every=args.mask_every,
-                                           problem=problem)
+                        r = run_trajectory(
+                            method,
+                            t,
+                            seed=seed,
+                            schedule=schedule,
+                            lr0=args.lr0,
+                            rho0=args.rho0,
+                            batch=args.batch,
+                            mask_every=args.mask_every,
+                            problem=problem,
+                        )
                         mins.append(r["running_min"][-1])
                         means.append(r["running_mean"][-1])
-                curve = {"method": method, "schedule": schedule, "seed": seed, "T": grid,
-                         "min_grad_norm2": mins, "mean_grad_norm2": means}
+                curve = {
+                    "method": method,
+                    "schedule": schedule,
+                    "seed": seed,
+                    "T": grid,
+                    "min_grad_norm2": mins,
+                    "mean_grad_norm2": means,
+                }
                 (cache / key).write_text(json.dumps(curve))
                 curves.append(curve)
-                print(f"{schedule:8s} {method:12s} seed {seed}: min ||grad f||^2 at T={grid[-1]}: {mins[-1]:.3g}",
-                      file=sys.stderr)
+                print(
+                    f"{schedule:8s} {method:12s} seed {seed}: min ||grad f||^2 at T={grid[-1]}: {mins[-1]:.3g}",
+                    file=sys.stderr,
+                )
     slopes: dict[str, dict[str, dict[str, float]]] = {}
     for schedule in args.schedules:
         slopes[schedule] = {}
@@ -249,10 +276,18 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "settings": {
             "problem": f"digits 8x8 (scikit-learn), {N_IMAGES} images; MLP 64-32-10, tanh, float64; mean cross-entropy",
-            "batch": args.batch, "lr0": args.lr0, "rho0": args.rho0, "sparsity": 0.5,
-            "mask_every": args.mask_every, "seeds": args.seeds, "T": grid, "fit_from": args.fit_from,
-            "schedules": {"decay": "lr_t = lr0/sqrt(t), rho_t = rho0/sqrt(t)",
-                          "horizon": "lr = lr0/sqrt(T), rho = rho0/sqrt(T), constant over a run of T steps"},
+            "batch": args.batch,
+            "lr0": args.lr0,
+            "rho0": args.rho0,
+            "sparsity": 0.5,
+            "mask_every": args.mask_every,
+            "seeds": args.seeds,
+            "T": grid,
+            "fit_from": args.fit_from,
+            "schedules": {
+                "decay": "lr_t = lr0/sqrt(t), rho_t = rho0/sqrt(t)",
+                "horizon": "lr = lr0/sqrt(T), rho = rho0/sqrt(T), constant over a run of T steps",
+            },
         },
         "reference_slope": fit_slope([grid[i] for i in keep], [ref[i] for i in keep]),
         "slopes": slopes,
@@ -269,8 +304,10 @@ def plot(result: dict[str, Any], out: Path) -> None:
     schedules = list(result["slopes"])
     grid = result["settings"]["T"]
     sched_words = {"decay": "η_t = η₀/√t, ρ_t = ρ₀/√t", "horizon": "η = η₀/√T, ρ = ρ₀/√T (one run per T)"}
-    quantities = {"min": ("min_grad_norm2", "min over t ≤ T of ‖∇f(w_t)‖²"),
-                  "mean": ("mean_grad_norm2", "average over t ≤ T of ‖∇f(w_t)‖²")}
+    quantities = {
+        "min": ("min_grad_norm2", "min over t ≤ T of ‖∇f(w_t)‖²"),
+        "mean": ("mean_grad_norm2", "average over t ≤ T of ‖∇f(w_t)‖²"),
+    }
     panels = [(sc, q) for sc in schedules for q in quantities]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
     n_seeds = len(result["settings"]["seeds"])
@@ -297,19 +334,31 @@ def plot(result: dict[str, Any], out: Path) -> None:
         slopes.append((f"log T / √T: {result['reference_slope']:.2f}", "#d62728"))
         # Slopes in the empty lower-left corner (the curves fall from top left to bottom right).
         for k, (text, colour) in enumerate(reversed(slopes)):
-            ax.text(0.03, 0.03 + 0.06 * k, text, transform=ax.transAxes, ha="left", va="bottom", fontsize=7.5,
-                    color=colour)
-        ax.text(0.03, 0.03 + 0.06 * len(slopes), "log-log slope", transform=ax.transAxes, ha="left", va="bottom",
-                fontsize=7.5, fontweight="bold")
+            ax.text(
+                0.03, 0.03 + 0.06 * k, text, transform=ax.transAxes, ha="left", va="bottom", fontsize=7.5, color=colour
+            )
+        ax.text(
+            0.03,
+            0.03 + 0.06 * len(slopes),
+            "log-log slope",
+            transform=ax.transAxes,
+            ha="left",
+            va="bottom",
+            fontsize=7.5,
+            fontweight="bold",
+        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("steps T")
         ax.set_ylabel(ylabel + " (full batch)")
         ax.set_title(f"{'minimum' if q == 'min' else 'average'}; {sched_words[schedule]}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
-    fig.suptitle("SSAM (random and Fisher masks) converges like SAM and SGD, faster than the log T / √T bound\n"
-                 f"tanh MLP on digits, η and ρ ∝ 1/√t; line: geometric mean, band: min-max over {n_seeds} seeds; "
-                 "slopes: least-squares on log-log axes", fontsize=9.5)
+    fig.suptitle(
+        "SSAM (random and Fisher masks) converges like SAM and SGD, faster than the log T / √T bound\n"
+        f"tanh MLP on digits, η and ρ ∝ 1/√t; line: geometric mean, band: min-max over {n_seeds} seeds; "
+        "slopes: least-squares on log-log axes",
+        fontsize=9.5,
+    )
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 0.90))

@@ -69,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=40, help="images per class (10 classes)")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--num-samples", type=int, nargs="+", default=[16, 128],
-                    help="Ns values (16: the cifar10 presets, NeurIPS README; 128: TPAMI README, ImageNet)")
+    ap.add_argument(
+        "--num-samples",
+        type=int,
+        nargs="+",
+        default=[16, 128],
+        help="Ns values (16: the cifar10 presets, NeurIPS README; 128: TPAMI README, ImageNet)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -100,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         for ns in args.num_samples:
             if ns > images.shape[0]:
                 raise SystemExit(f"--num-samples {ns} needs at least {ns} images (have {images.shape[0]})")
-            rows: dict[str, list[float]] = {"noise_floor_preset": [], "preset_vs_default": [],
-                                            "noise_floor_default": [], "structured_overshoot_density": [],
-                                            "structured_first_fit_density": []}
+            rows: dict[str, list[float]] = {
+                "noise_floor_preset": [],
+                "preset_vs_default": [],
+                "noise_floor_default": [],
+                "structured_overshoot_density": [],
+                "structured_first_fit_density": [],
+            }
             for _ in range(args.repeats):
                 masks = {}
                 for tag in ("preset_a", "preset_b", "default_a", "default_b"):
@@ -110,29 +119,37 @@ def main(argv: list[str] | None = None) -> int:
                     preset = tag.startswith("preset")
                     x, y = batch(idx, augment=preset)
                     model.train()
-                    fisher = fisher_information(model, loss_fn, [(x, y)], ns,
-                                                bn_stats="sample" if preset else "running")
+                    fisher = fisher_information(
+                        model, loss_fn, [(x, y)], ns, bn_stats="sample" if preset else "running"
+                    )
                     masks[tag] = select(fisher, args.sparsity)
                     if tag == "preset_a":  # whole-tensor masks of the same Fisher: the two fills
                         for fill in ("overshoot", "first-fit"):
                             m = select(fisher, args.sparsity, "structured", fill=fill)
                             total = sum(t.numel() for t in m.values())
                             rows[f"structured_{fill.replace('-', '_')}_density"].append(
-                                sum(int(t.sum()) for t in m.values()) / total)
+                                sum(int(t.sum()) for t in m.values()) / total
+                            )
                 rows["noise_floor_preset"].append(jaccard(masks["preset_a"], masks["preset_b"]))
                 rows["preset_vs_default"].append(jaccard(masks["preset_a"], masks["default_a"]))
                 rows["noise_floor_default"].append(jaccard(masks["default_a"], masks["default_b"]))
             key = f"{state}, Ns={ns}"
             results[key] = {k: sum(v) / len(v) for k, v in rows.items()}
             r = results[key]
-            print(f"{key:<22} noise floor (preset) {r['noise_floor_preset']:.3f}   preset vs default "
-                  f"{r['preset_vs_default']:.3f}   noise floor (default) {r['noise_floor_default']:.3f}   "
-                  f"structured density: overshoot {r['structured_overshoot_density']:.3f}, first-fit "
-                  f"{r['structured_first_fit_density']:.3f}", flush=True)
+            print(
+                f"{key:<22} noise floor (preset) {r['noise_floor_preset']:.3f}   preset vs default "
+                f"{r['preset_vs_default']:.3f}   noise floor (default) {r['noise_floor_default']:.3f}   "
+                f"structured density: overshoot {r['structured_overshoot_density']:.3f}, first-fit "
+                f"{r['structured_first_fit_density']:.3f}",
+                flush=True,
+            )
 
     d = 1.0 - args.sparsity
-    print(f"ResNet-18 width {args.width}, {images.shape[0]} CIFAR-10 training images, sparsity {args.sparsity}, "
-          f"{args.repeats} repeat(s); two random masks overlap {d / (2 - d):.3f}", flush=True)
+    print(
+        f"ResNet-18 width {args.width}, {images.shape[0]} CIFAR-10 training images, sparsity {args.sparsity}, "
+        f"{args.repeats} repeat(s); two random masks overlap {d / (2 - d):.3f}",
+        flush=True,
+    )
     measure("init")
     if args.train_epochs > 0:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

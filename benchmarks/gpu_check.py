@@ -57,8 +57,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str,
-             scaler: torch.amp.GradScaler | None) -> None:
+def one_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
     """One optimizer step under autocast (and a GradScaler in fp16). SAM and its variants are driven
     through ``opt.step(closure, grad_scaler=...)`` with the closure of the pass contract
     (docs/variants.md: sub-batch ascent, ESAM's sample selection and its forward-only pass)."""
@@ -100,9 +106,15 @@ def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
         scaler.update()
 
 
-def interleaved(runs: list[tuple[str, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None]],
-                x: torch.Tensor, y: torch.Tensor, precision: str, warmup: int, rounds: int,
-                cycles: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+def interleaved(
+    runs: list[tuple[str, nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str,
+    warmup: int,
+    rounds: int,
+    cycles: dict[str, int] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Per round, one step of every variant in turn (a whole schedule cycle for variants whose steps
     differ, e.g. LookSAM k=5: the time is then the mean step of the cycle)."""
     cycles = cycles or {}
@@ -130,8 +142,9 @@ def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[ref]))
 
 
-def table(title: str, times: dict[str, list[float]], peak: dict[str, float], extra: dict[str, str] | None = None
-          ) -> list[str]:
+def table(
+    title: str, times: dict[str, list[float]], peak: dict[str, float], extra: dict[str, str] | None = None
+) -> list[str]:
     extra = extra or {}
     head = "| variant | x SGD | x SAM | peak MB |" + (" note |" if extra else "")
     rows = [f"\n### {title}\n", head, "|---|---:|---:|---:|" + ("---|" if extra else "")]
@@ -150,7 +163,11 @@ def cmd_step_cost(args: argparse.Namespace, device: torch.device) -> list[str]:
     torch.manual_seed(0)
     proto = sc.create_model(name, num_classes=10, in_channels=3, width=width).to(device)
     scores = sc.scores_for(proto, args.scores, device)
-    vs = [v for v in sc.variants(scores) if not args.only or v.name in ("SGD", "SAM") or any(o in v.name for o in args.only)]
+    vs = [
+        v
+        for v in sc.variants(scores)
+        if not args.only or v.name in ("SGD", "SAM") or any(o in v.name for o in args.only)
+    ]
     g = torch.Generator().manual_seed(1)
     side = 8 if args.dry_run else 32  # CIFAR size; 8x8 in the dry run (CPU half-precision convs are slow)
     x = torch.randn(batch, 3, side, side, generator=g).to(device)
@@ -167,9 +184,12 @@ def cmd_step_cost(args: argparse.Namespace, device: torch.device) -> list[str]:
     scale = ""
     if args.precision == "fp16":
         scale = ", GradScaler scales after the run: " + ", ".join(
-            sorted({f"{s.get_scale():g}" for *_, s in runs if s is not None}))
-    title = (f"{args.precision} autocast, {name} width={width or 'default'} batch={batch}, "
-             f"rounds={args.rounds}, warmup={args.warmup}, mask scores={args.scores}{scale}")
+            sorted({f"{s.get_scale():g}" for *_, s in runs if s is not None})
+        )
+    title = (
+        f"{args.precision} autocast, {name} width={width or 'default'} batch={batch}, "
+        f"rounds={args.rounds}, warmup={args.warmup}, mask scores={args.scores}{scale}"
+    )
     return table(title, times, peak)
 
 
@@ -236,22 +256,38 @@ def cmd_implicit(args: argparse.Namespace, device: torch.device) -> list[str]:
         notes[sparse] += "; kernel FAILED, fell back to the dense product: " + failed[0]
     elif device.type == "cuda":
         notes[sparse] += "; no fallback warning (kernel ran where eligible)"
-    title = (f"implicit form, {args.precision} autocast, MLP width={args.width} depth={args.depth} batch={args.batch}, "
-             f"rounds={args.rounds}, warmup={args.warmup}")
+    title = (
+        f"implicit form, {args.precision} autocast, MLP width={args.width} depth={args.depth} batch={args.batch}, "
+        f"rounds={args.rounds}, warmup={args.warmup}"
+    )
     return table(title, times, peak, notes)
 
 
 # ---------------------------------------------------------------------------------------------- env
 def cmd_env(args: argparse.Namespace, device: torch.device) -> list[str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                check=False).stdout.strip() or "?"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "?"
+        )
     except OSError:
         commit = "?"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"none (CPU, {torch.get_num_threads()} threads)"
-    rows = ["## Machine\n", "| what | value |", "|---|---|", f"| device | {gpu} |",
-            f"| torch | {torch.__version__} (CUDA {torch.version.cuda}) |", f"| python | {sys.version.split()[0]} |",
-            f"| sparsam commit | {commit} |"]
+    gpu = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"none (CPU, {torch.get_num_threads()} threads)"
+    )
+    rows = [
+        "## Machine\n",
+        "| what | value |",
+        "|---|---|",
+        f"| device | {gpu} |",
+        f"| torch | {torch.__version__} (CUDA {torch.version.cuda}) |",
+        f"| python | {sys.version.split()[0]} |",
+        f"| sparsam commit | {commit} |",
+    ]
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         total = torch.cuda.get_device_properties(device).total_memory / 2**30

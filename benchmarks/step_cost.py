@@ -62,7 +62,9 @@ def parse_model(spec: str) -> tuple[str, int | None, int]:
         name, width, batch = spec.split(":")
         return name, (None if width in ("-", "") else int(width)), int(batch)
     except ValueError:
-        raise SystemExit(f"bad --models entry {spec!r}: use name:width:batch, e.g. resnet18:16:128 (width '-' = default)") from None
+        raise SystemExit(
+            f"bad --models entry {spec!r}: use name:width:batch, e.g. resnet18:16:128 (width '-' = default)"
+        ) from None
 
 
 def scores_for(model: nn.Module, kind: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -113,8 +115,17 @@ def variants(scores: dict[str, torch.Tensor]) -> list[Variant]:
 
     def ssam(masks_fn, cheap, form="explicit"):
         def build(model):
-            opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=AllOnesMask(), model=model, form=form,
-                       norm="masked" if cheap else "full", sparse_ascent=cheap, **base_kw)
+            opt = SSAM(
+                model.parameters(),
+                torch.optim.SGD,
+                rho=0.1,
+                mask=AllOnesMask(),
+                model=model,
+                form=form,
+                norm="masked" if cheap else "full",
+                sparse_ascent=cheap,
+                **base_kw,
+            )
             opt.set_masks(masks_fn(model))
             return opt
 
@@ -126,15 +137,21 @@ def variants(scores: dict[str, torch.Tensor]) -> list[Variant]:
         specs.append((f"SSAM unstructured s={s}", lambda m, s=s: select(scores, s)))
     for gran in ("tensor", "channel"):
         for s in (0.5, 0.9):
-            specs.append((f"SSAM structured/{gran} s={s}",
-                          lambda m, s=s, gran=gran: select(scores, s, "structured", granularity=gran)))
+            specs.append(
+                (
+                    f"SSAM structured/{gran} s={s}",
+                    lambda m, s=s, gran=gran: select(scores, s, "structured", granularity=gran),
+                )
+            )
     specs.append(("SSAM N:M 2:4", lambda m: select(scores, None, "2:4")))
     specs.append(("SSAM norm-layers-only", norm_layer_masks))
     specs.append(("SSAM deepest tensors s=0.9", lambda m: deepest_tensor_masks(scores, 0.9)))
     for name, fn in specs:
         out.append(Variant(name, ssam(fn, cheap=False)))
         out.append(Variant(name + " +cheap", ssam(fn, cheap=True)))
-    out.append(Variant("SSAM implicit 2:4", ssam(lambda m: select(conv_linear, None, "2:4"), cheap=False, form="implicit")))
+    out.append(
+        Variant("SSAM implicit 2:4", ssam(lambda m: select(conv_linear, None, "2:4"), cheap=False, form="implicit"))
+    )
     out += cheap_variants(base_kw)
     return out
 
@@ -146,12 +163,22 @@ def cheap_variants(base_kw: dict) -> list[Variant]:
     from sparsam.optim.schedule import ScheduledSAM
 
     return [
-        Variant("SAM every 2", lambda m: ScheduledSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, every=2, **base_kw), 2),
-        Variant("SAM ascent_fraction 0.25",
-                lambda m: ScheduledSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, ascent_fraction=0.25, **base_kw), 1),
+        Variant(
+            "SAM every 2",
+            lambda m: ScheduledSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, every=2, **base_kw),
+            2,
+        ),
+        Variant(
+            "SAM ascent_fraction 0.25",
+            lambda m: ScheduledSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, ascent_fraction=0.25, **base_kw),
+            1,
+        ),
         Variant("LookSAM k=5", lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, k=5, **base_kw), 5),
-        Variant("ESAM beta=0.6 gamma=0.5",
-                lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.05, model=m, beta=0.6, gamma=0.5, **base_kw), 1),
+        Variant(
+            "ESAM beta=0.6 gamma=0.5",
+            lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.05, model=m, beta=0.6, gamma=0.5, **base_kw),
+            1,
+        ),
     ]
 
 
@@ -237,7 +264,9 @@ def bench_model(spec: str, args, device: torch.device) -> list[str]:
     if args.channels_last:
         proto = proto.to(memory_format=torch.channels_last)
     scores = scores_for(proto, args.scores, device)
-    vs = [v for v in variants(scores) if not args.only or any(o in v.name for o in args.only) or v.name in ("SGD", "SAM")]
+    vs = [
+        v for v in variants(scores) if not args.only or any(o in v.name for o in args.only) or v.name in ("SGD", "SAM")
+    ]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
@@ -266,9 +295,11 @@ def bench_model(spec: str, args, device: torch.device) -> list[str]:
         print(f"  {spec}: round {r + 1}/{args.warmup + args.rounds} done", file=sys.stderr, flush=True)
     n = args.rounds
     sam_state = extra_state_mb(runs[1][2])
-    rows = [f"\n### {name} width={width or 'default'} batch={batch} ({sum(p.numel() for p in proto.parameters()) / 1e6:.2f}M params)\n",
-            "| variant | x SGD | x SAM | opt/fb | state MB | state / SAM | peak MB |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        f"\n### {name} width={width or 'default'} batch={batch} ({sum(p.numel() for p in proto.parameters()) / 1e6:.2f}M params)\n",
+        "| variant | x SGD | x SAM | opt/fb | state MB | state / SAM | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for v, model, opt in runs:
         ts = times[v.name]
         x_sgd = statistics.median(ts[i] / times["SGD"][i] for i in range(n))

@@ -50,8 +50,16 @@ def paired(base: Path) -> None:
         print("\nno finished runs under", base / "runs")
         return
     configs = sorted({k for k, _ in runs}, key=lambda k: (k != "sgd", k != "sam", k))
-    head = ["Configuration", "Seeds", "Final acc (%)", "Best acc (%)", "Final - SGD", "Best - SGD", "Final - SAM",
-            "Best - SAM"]
+    head = [
+        "Configuration",
+        "Seeds",
+        "Final acc (%)",
+        "Best acc (%)",
+        "Final - SGD",
+        "Best - SGD",
+        "Final - SAM",
+        "Best - SAM",
+    ]
     print("\nPaired differences (points; mean ± standard error over the seeds where both runs finished):\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
@@ -68,9 +76,22 @@ def paired(base: Path) -> None:
     for cfg in configs:
         final = [v["final"] for (c, _), v in runs.items() if c == cfg]
         best = [v["best"] for (c, _), v in runs.items() if c == cfg]
-        print("| " + " | ".join([cfg, str(len(final)), mean_std(final, ".2f"), mean_std(best, ".2f"),
-                                 diff(cfg, "sgd", "final"), diff(cfg, "sgd", "best"), diff(cfg, "sam", "final"),
-                                 diff(cfg, "sam", "best")]) + " |")
+        print(
+            "| "
+            + " | ".join(
+                [
+                    cfg,
+                    str(len(final)),
+                    mean_std(final, ".2f"),
+                    mean_std(best, ".2f"),
+                    diff(cfg, "sgd", "final"),
+                    diff(cfg, "sgd", "best"),
+                    diff(cfg, "sam", "final"),
+                    diff(cfg, "sam", "best"),
+                ]
+            )
+            + " |"
+        )
 
 
 def main(root: str) -> None:
@@ -84,8 +105,18 @@ def main(root: str) -> None:
         for r in json.loads(f.read_text()).values():
             run_dir = str(Path(r["weights"]).parent.resolve())
             by_run[run_dir] = r
-    head = ["Method", "Pattern", "Sparsity", "Seeds", "Final acc (%)", "Best acc (%)", "Time/epoch vs SGD",
-            "To SGD acc (s)", "Top eigenvalue", "Sharpness (rho 0.05)"]
+    head = [
+        "Method",
+        "Pattern",
+        "Sparsity",
+        "Seeds",
+        "Final acc (%)",
+        "Best acc (%)",
+        "Time/epoch vs SGD",
+        "To SGD acc (s)",
+        "Top eigenvalue",
+        "Sharpness (rho 0.05)",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for row in rows:
@@ -102,13 +133,29 @@ def main(root: str) -> None:
         ratio = f"{float(row['time_ratio_vs_sgd']):.2f}x" if row["time_ratio_vs_sgd"] else "—"
         to_sgd = row.get("time_to_sgd_acc_s") or ""
         reached = row.get("runs_reaching_sgd_acc") or "0"
-        to_sgd = "not reached" if not to_sgd else f"{float(to_sgd):.0f}" + (
-            f" ({reached}/{row['seeds']})" if reached != row["seeds"] else "")
-        print("| " + " | ".join([
-            row["method"], pattern, sparsity, row["seeds"], pct(row["final_acc_mean"], row["final_acc_std"]),
-            pct(row["best_acc_mean"], row["best_acc_std"]), ratio, to_sgd, mean_std(eig, ".3g"),
-            mean_std(sharp, ".3g"),
-        ]) + " |")
+        to_sgd = (
+            "not reached"
+            if not to_sgd
+            else f"{float(to_sgd):.0f}" + (f" ({reached}/{row['seeds']})" if reached != row["seeds"] else "")
+        )
+        print(
+            "| "
+            + " | ".join(
+                [
+                    row["method"],
+                    pattern,
+                    sparsity,
+                    row["seeds"],
+                    pct(row["final_acc_mean"], row["final_acc_std"]),
+                    pct(row["best_acc_mean"], row["best_acc_std"]),
+                    ratio,
+                    to_sgd,
+                    mean_std(eig, ".3g"),
+                    mean_std(sharp, ".3g"),
+                ]
+            )
+            + " |"
+        )
     paired(base)
 
 

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum, cpu=args.cpu)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum, cpu=args.cpu
+    )
     set_seed(args.seed)
     train_set, test_set = digits(args.seed)
     micro = args.batch_size // args.grad_accum

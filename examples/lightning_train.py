@@ -81,7 +81,9 @@ class DigitsClassifier(L.LightningModule):
             opt = SAM(self.parameters(), torch.optim.SGD, rho=a.rho, **kw)
         else:
             if a.method == "ssam-fisher":  # the authors' setting: Ns = 128, refreshed every epoch
-                mask = FisherMask(a.sparsity, num_samples=128, update_every_epochs=1, steps_per_epoch=self.steps_per_epoch)
+                mask = FisherMask(
+                    a.sparsity, num_samples=128, update_every_epochs=1, steps_per_epoch=self.steps_per_epoch
+                )
             elif a.method == "ssam-dynamic":
                 mask = DynamicMask(a.sparsity, self.total_steps, update_every=max(1, self.steps_per_epoch // 2))
             else:

@@ -160,7 +160,7 @@ def test_plots_write_non_empty_png_and_pdf(tmp_path):
     surf = {"alphas": a.tolist(), "betas": a[:5].tolist(), "losses": (a[:, None] ** 2 + 2 * a[None, :5] ** 2).tolist()}
     assert_figures(plots.plot_landscape_2d({"SGD": surf, "SAM": surf}, tmp_path / "l2", **PNG), "l2")
     assert_figures(plots.plot_landscape_2d(surf, tmp_path / "l2_single", **PNG), "l2_single")
-    sd = {"grid": np.linspace(-1, 5, 50), "density": np.exp(-np.linspace(-1, 5, 50) ** 2)}
+    sd = {"grid": np.linspace(-1, 5, 50), "density": np.exp(-(np.linspace(-1, 5, 50) ** 2))}
     runs = {
         "SGD": {"top_eigenvalues": [9.0, 4.0, 3.5], "trace": 40.0, "spectral_density": sd},
         "SSAM": {"top_eigenvalues": [3.0, 2.0]},

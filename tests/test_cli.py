@@ -48,29 +48,68 @@ def test_every_field_has_a_flag():
     flags = {s for a in parser._actions for s in a.option_strings}
     for name in FIELDS:
         assert flag(name) in flags
-    for required in ("--data", "--model", "--width", "--opt", "--sparsity", "--epochs", "--batch-size", "--lr",
-                     "--seed", "--out", "--resume", "--mask", "--pattern", "--granularity", "--nm", "--form",
-                     "--norm", "--base", "--momentum", "--weight-decay", "--nesterov", "--amp", "--accum", "--clip",
-                     "--compile", "--channels-last", "--tensorboard", "--no-progress", "--train-subset", "--download",
-                     "--num-samples", "--mask-update-epochs", "--dynamic-alpha", "--grow", "--eta", "--rho"):
+    for required in (
+        "--data",
+        "--model",
+        "--width",
+        "--opt",
+        "--sparsity",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--out",
+        "--resume",
+        "--mask",
+        "--pattern",
+        "--granularity",
+        "--nm",
+        "--form",
+        "--norm",
+        "--base",
+        "--momentum",
+        "--weight-decay",
+        "--nesterov",
+        "--amp",
+        "--accum",
+        "--clip",
+        "--compile",
+        "--channels-last",
+        "--tensorboard",
+        "--no-progress",
+        "--train-subset",
+        "--download",
+        "--num-samples",
+        "--mask-update-epochs",
+        "--dynamic-alpha",
+        "--grow",
+        "--eta",
+        "--rho",
+    ):
         assert required in flags, required
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
-    (["--opt", "adam"], "argument --opt: invalid choice: 'adam'"),
-    (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
-    (["--momentum", "1"], "--momentum must be in [0, 1)"),
-    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["--nm", "4:2", "--pattern", "nm"], "--nm needs 1 <= N <= M, got '4:2'"),
-    (["--batch-size", "10", "--accum", "3"], "--batch-size (10) must be divisible by --accum (3)"),
-    (["--opt", "ssam", "--mask", "dynamic", "--pattern", "structured"], "--mask dynamic supports only --pattern unstructured"),
-    (["--data", "/no/such/folder"], "--data '/no/such/folder' is neither a known data set"),
-    (["--preset", "cifar10-resnet99-sam"], "--preset 'cifar10-resnet99-sam' is not a known preset"),
-    (["--model", "resnet99", "--epochs", "1"], "--model 'resnet99'"),
-    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    (["--resume", "/no/such/run"], "--resume /no/such/run: no such run directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+        (["--opt", "adam"], "argument --opt: invalid choice: 'adam'"),
+        (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+        (["--momentum", "1"], "--momentum must be in [0, 1)"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--nm", "4:2", "--pattern", "nm"], "--nm needs 1 <= N <= M, got '4:2'"),
+        (["--batch-size", "10", "--accum", "3"], "--batch-size (10) must be divisible by --accum (3)"),
+        (
+            ["--opt", "ssam", "--mask", "dynamic", "--pattern", "structured"],
+            "--mask dynamic supports only --pattern unstructured",
+        ),
+        (["--data", "/no/such/folder"], "--data '/no/such/folder' is neither a known data set"),
+        (["--preset", "cifar10-resnet99-sam"], "--preset 'cifar10-resnet99-sam' is not a known preset"),
+        (["--model", "resnet99", "--epochs", "1"], "--model 'resnet99'"),
+        (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (["--resume", "/no/such/run"], "--resume /no/such/run: no such run directory"),
+    ],
+)
 def test_user_errors_name_the_value_without_a_traceback(argv, message, capsys, tmp_path):
     rc = main(["train", *argv, "--out", str(tmp_path / "r")] if "--resume" not in argv else ["train", *argv])
     err = capsys.readouterr().err
@@ -109,7 +148,13 @@ def test_presets_all_validate_and_match_the_papers():
             assert p["mask_update_epochs"] == (5 if method == "ssam-d" else 1)
     r50 = presets["imagenet-resnet50-ssam-f"].values
     assert (r50["model"], r50["epochs"], r50["batch_size"], r50["weight_decay"], r50["rho"], r50["sparsity"]) == (
-        "resnet50", 90, 256, 1e-4, 0.7, 0.5)
+        "resnet50",
+        90,
+        256,
+        1e-4,
+        0.7,
+        0.5,
+    )
     assert presets["cifar10-wrn28-10-ssam-d"].values["model"] == "wrn28-10"
     for p in presets.values():  # every preset is a valid configuration (data paths aside)
         build_config([("p", {**p.values, "data": "digits"})])
@@ -140,7 +185,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 from sparsam.__main__ import main
 assert main(['--help']) == 0
-rc = main(['train', '--lr', '-1', '--out', {str(tmp_path / 'r')!r}])
+rc = main(['train', '--lr', '-1', '--out', {str(tmp_path / "r")!r}])
 assert rc == 2, rc
 assert not any(m.split('.')[0] in ('matplotlib', 'tqdm', 'sklearn') for m in sys.modules)
 print('ok')
@@ -198,8 +243,10 @@ def test_report_mean_and_std_over_seeds(tmp_path):
 
     def record(seed, accs, times):
         cfg = {**TrainConfig(opt="sam", epochs=3).to_dict(), "seed": seed}
-        rows = [{"epoch": i + 1, "test_acc": a, "epoch_time_s": t, "time_s": sum(times[: i + 1])}
-                for i, (a, t) in enumerate(zip(accs, times))]
+        rows = [
+            {"epoch": i + 1, "test_acc": a, "epoch_time_s": t, "time_s": sum(times[: i + 1])}
+            for i, (a, t) in enumerate(zip(accs, times))
+        ]
         return RunRecord(tmp_path / str(seed), cfg, {}, rows, {"finished": True})
 
     varying, rows = summarize([record(0, [0.5, 0.9, 0.8], [1, 2, 3]), record(1, [0.6, 0.7, 0.6], [2, 2, 2])])
@@ -220,9 +267,29 @@ def test_report_without_runs_is_a_clear_error(tmp_path, capsys):
 def test_sweep_skips_finished_and_resumes_unfinished(tmp_path, capsys):
     pytest.importorskip("sklearn")
     root = tmp_path / "sweep"
-    argv = ["sweep", "--root", str(root), "--methods", "sgd,ssam-r", "--sparsities", "0.5,0.9", "--seeds", "0",
-            "--train-subset", "256", "--test-subset", "90", "--batch-size", "64", "--epochs", "2", "--threads", "1",
-            "--no-progress", "--no-report"]
+    argv = [
+        "sweep",
+        "--root",
+        str(root),
+        "--methods",
+        "sgd,ssam-r",
+        "--sparsities",
+        "0.5,0.9",
+        "--seeds",
+        "0",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "90",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-report",
+    ]
     # a time-limited slot: every run stops after one epoch
     assert main([*argv, "--stop-after", "1"]) == 0
     assert len(metrics(root / "sgd-seed0")) == 1 and not (root / "ssam-r-s0.5-seed0").exists()
@@ -240,16 +307,36 @@ def test_sweep_skips_finished_and_resumes_unfinished(tmp_path, capsys):
 
 def test_sweep_grid_file_and_family(tmp_path, capsys):
     grid = tmp_path / "grid.json"
-    grid.write_text(json.dumps({"methods": ["sgd", "ssam-f"], "sparsities": [0.9], "seeds": [0, 1],
-                                "family": "cifar10-resnet18", "train": {"epochs": 3}}))
+    grid.write_text(
+        json.dumps(
+            {
+                "methods": ["sgd", "ssam-f"],
+                "sparsities": [0.9],
+                "seeds": [0, 1],
+                "family": "cifar10-resnet18",
+                "train": {"epochs": 3},
+            }
+        )
+    )
     assert main(["sweep", "--root", str(tmp_path / "s"), "--grid", str(grid), "--dry-run"]) == 0
     out = capsys.readouterr().out.split()
-    assert out == ["empty", "sgd-seed0", "empty", "sgd-seed1", "empty", "ssam-f-s0.9-seed0", "empty", "ssam-f-s0.9-seed1"]
+    assert out == [
+        "empty",
+        "sgd-seed0",
+        "empty",
+        "sgd-seed1",
+        "empty",
+        "ssam-f-s0.9-seed0",
+        "empty",
+        "ssam-f-s0.9-seed1",
+    ]
     from sparsam.cli.sweep import plan
 
     runs = plan(str(tmp_path / "s"), ["sgd", "ssam-f"], [0.9], [0], [("t", {"epochs": 3})], "cifar10-resnet18")
     assert [(r.config.weight_decay, r.config.epochs, r.config.model) for r in runs] == [
-        (5e-4, 3, "resnet18"), (1e-3, 3, "resnet18")]
+        (5e-4, 3, "resnet18"),
+        (1e-3, 3, "resnet18"),
+    ]
     assert main(["sweep", "--root", str(tmp_path / "s"), "--methods", "sgd,adam"]) == 2
     assert "unknown method 'adam'" in capsys.readouterr().err
 
@@ -271,15 +358,21 @@ def test_report_time_to_reach_sgds_final_accuracy(tmp_path):
 
     def record(opt, seed, accs, times):
         cfg = {**TrainConfig(opt=opt, epochs=len(accs)).to_dict(), "seed": seed}
-        rows = [{"epoch": i + 1, "test_acc": a, "epoch_time_s": t, "time_s": float(sum(times[: i + 1]))}
-                for i, (a, t) in enumerate(zip(accs, times))]
+        rows = [
+            {"epoch": i + 1, "test_acc": a, "epoch_time_s": t, "time_s": float(sum(times[: i + 1]))}
+            for i, (a, t) in enumerate(zip(accs, times))
+        ]
         return RunRecord(tmp_path / f"{opt}{seed}", cfg, {}, rows, {"finished": True})
 
     # SGD's mean final accuracy is 0.7; SAM seed 0 reaches it at epoch 2 (3 s of training),
     # seed 1 at epoch 3 (9 s); SSAM never does.
-    runs = [record("sgd", 0, [0.5, 0.6, 0.7], [1, 1, 1]), record("sgd", 1, [0.5, 0.7, 0.7], [1, 1, 1]),
-            record("sam", 0, [0.6, 0.8, 0.9], [1, 2, 3]), record("sam", 1, [0.4, 0.6, 0.75], [3, 3, 3]),
-            record("ssam", 0, [0.1, 0.2, 0.3], [2, 2, 2])]
+    runs = [
+        record("sgd", 0, [0.5, 0.6, 0.7], [1, 1, 1]),
+        record("sgd", 1, [0.5, 0.7, 0.7], [1, 1, 1]),
+        record("sam", 0, [0.6, 0.8, 0.9], [1, 2, 3]),
+        record("sam", 1, [0.4, 0.6, 0.75], [3, 3, 3]),
+        record("ssam", 0, [0.1, 0.2, 0.3], [2, 2, 2]),
+    ]
     varying, rows = summarize(runs)
     by = {r["method"]: r for r in rows}
     assert by["SGD"]["to_sgd_s"] == pytest.approx(2.5)  # seed 0 at 3 s, seed 1 at 2 s

@@ -29,8 +29,27 @@ def runs(tmp_path_factory):
 
 def test_two_runs_give_numbers_and_figures(runs, tmp_path, capsys):
     out = tmp_path / "a"
-    assert main(["analyze", str(runs / "sgd"), str(runs / "ssam"), "--out", str(out), "--batch-size", "45",
-                 "--surface", "3", "--trace-samples", "4", "--density-iters", "8", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(runs / "sgd"),
+                str(runs / "ssam"),
+                "--out",
+                str(out),
+                "--batch-size",
+                "45",
+                "--surface",
+                "3",
+                "--trace-samples",
+                "4",
+                "--density-iters",
+                "8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"sgd", "ssam"}
     for name, r in res.items():
@@ -57,8 +76,24 @@ def test_two_runs_give_numbers_and_figures(runs, tmp_path, capsys):
 
 def test_numbers_equal_the_library_on_the_same_model_and_batch(runs, tmp_path):
     out = tmp_path / "b"
-    assert main(["analyze", str(runs / "sgd"), "--out", str(out), "--batch-size", "30", "--points", "5",
-                 "--quiet", "--top-k", "2"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(runs / "sgd"),
+                "--out",
+                str(out),
+                "--batch-size",
+                "30",
+                "--points",
+                "5",
+                "--quiet",
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "results.json").read_text())["sgd"]
     # Rebuild by hand: the run's model and final weights, the first 30 test images (digits test
     # subset of the run, normalised as in training), eval mode.
@@ -94,13 +129,16 @@ def test_a_checkpoint_file_and_the_default_out(runs, tmp_path, monkeypatch):
     assert (runs / "sgd" / "analysis" / "results.json").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["/nonexistent/run"], "/nonexistent/run: no such file or directory"),
-    (["--batch-size", "0", "X"], "must be > 0, got '0'"),
-    (["--points", "1", "RUNS"], "at least 2 points"),
-    (["--formats", "gif", "RUNS"], "--formats 'gif'"),
-    (["EMPTY"], "no run directories"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["/nonexistent/run"], "/nonexistent/run: no such file or directory"),
+        (["--batch-size", "0", "X"], "must be > 0, got '0'"),
+        (["--points", "1", "RUNS"], "at least 2 points"),
+        (["--formats", "gif", "RUNS"], "--formats 'gif'"),
+        (["EMPTY"], "no run directories"),
+    ],
+)
 def test_user_errors_name_the_value(runs, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     argv = [str(runs) if a == "RUNS" else str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]

@@ -51,8 +51,7 @@ def problem():
 def test_running_min_of_the_exact_full_batch_gradient(method, problem):
     x, y = problem
     steps = 25
-    r = conv.run_trajectory(method, steps, seed=1, lr0=2.0, rho0=0.5, mask_every=10, problem=problem,
-                            keep_weights=True)
+    r = conv.run_trajectory(method, steps, seed=1, lr0=2.0, rho0=0.5, mask_every=10, problem=problem, keep_weights=True)
     ref = np.array([reference_grad_norm2(w, x, y) for w in r["weights"]])
     np.testing.assert_allclose(r["grad_norm2"], ref, rtol=1e-9)
     np.testing.assert_allclose(r["running_min"], np.minimum.accumulate(ref), rtol=1e-9)
@@ -72,8 +71,7 @@ def test_decay_schedule_is_one_over_sqrt_t(problem):
 
 def test_horizon_schedule_is_one_over_sqrt_T(problem):
     for steps in (16, 36):
-        r = conv.run_trajectory("ssam-random", steps, seed=0, schedule="horizon", lr0=3.0, rho0=0.6,
-                                problem=problem)
+        r = conv.run_trajectory("ssam-random", steps, seed=0, schedule="horizon", lr0=3.0, rho0=0.6, problem=problem)
         assert r["lr"] == [3.0 / math.sqrt(steps)] * steps
         assert r["rho"] == [0.6 / math.sqrt(steps)] * steps
 
@@ -121,8 +119,26 @@ def test_cli_refuses_a_fit_range_without_points(tmp_path):
 def test_cli_writes_figure_json_and_csv(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    rc = conv.main(["--out", str(out), "--cache", str(tmp_path / "cache"), "--t-min", "4", "--t-max", "12",
-                    "--seeds", "0,1", "--methods", "sgd,sam", "--schedules", "decay,horizon", "--fit-from", "4"])
+    rc = conv.main(
+        [
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--t-min",
+            "4",
+            "--t-max",
+            "12",
+            "--seeds",
+            "0,1",
+            "--methods",
+            "sgd,sam",
+            "--schedules",
+            "decay,horizon",
+            "--fit-from",
+            "4",
+        ]
+    )
     assert rc == 0
     for name in ("convergence.png", "convergence.pdf", "convergence.json", "convergence.csv"):
         assert (out / name).stat().st_size > 0
@@ -131,6 +147,27 @@ def test_cli_writes_figure_json_and_csv(tmp_path):
     assert len(rows) == 1 + 2 * 2 * 2 * len(grid)
     # A cached trajectory is reused: the second call gives identical numbers.
     first = (out / "convergence.csv").read_text()
-    assert conv.main(["--out", str(out), "--cache", str(tmp_path / "cache"), "--t-min", "4", "--t-max", "12",
-                      "--seeds", "0,1", "--methods", "sgd,sam", "--schedules", "decay,horizon", "--fit-from", "4"]) == 0
+    assert (
+        conv.main(
+            [
+                "--out",
+                str(out),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--t-min",
+                "4",
+                "--t-max",
+                "12",
+                "--seeds",
+                "0,1",
+                "--methods",
+                "sgd,sam",
+                "--schedules",
+                "decay,horizon",
+                "--fit-from",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert (out / "convergence.csv").read_text() == first

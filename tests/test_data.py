@@ -201,8 +201,15 @@ def test_cifar_missing_says_where_and_how(tmp_path):
         load_dataset("cifar10", root=tmp_path)
     msg = str(e.value)
     assert isinstance(e.value, FileNotFoundError)
-    for part in [str(tmp_path / "cifar-10-batches-py"), "data_batch_1", "test_batch", "batches.meta",
-                 "download=True", cifar_mod.RELEASES["cifar10"].url, "cifar-10-python.tar.gz"]:
+    for part in [
+        str(tmp_path / "cifar-10-batches-py"),
+        "data_batch_1",
+        "test_batch",
+        "batches.meta",
+        "download=True",
+        cifar_mod.RELEASES["cifar10"].url,
+        "cifar-10-python.tar.gz",
+    ]:
         assert part in msg
 
 
@@ -218,8 +225,9 @@ def _fake_archive(tmp_path: Path, name: str) -> tuple[Path, str]:
 def test_cifar_download_checks_md5_and_extracts(tmp_path, monkeypatch):
     archive, md5 = _fake_archive(tmp_path, "cifar10")
     rel = cifar_mod.RELEASES["cifar10"]
-    monkeypatch.setitem(cifar_mod.RELEASES, "cifar10", cifar_mod.CifarRelease(
-        **{**rel.__dict__, "url": archive.as_uri(), "md5": md5}))
+    monkeypatch.setitem(
+        cifar_mod.RELEASES, "cifar10", cifar_mod.CifarRelease(**{**rel.__dict__, "url": archive.as_uri(), "md5": md5})
+    )
     root = tmp_path / "root"
     with pytest.raises(DatasetNotFoundError):
         load_dataset("cifar10", root=root)  # download=False: nothing fetched
@@ -238,8 +246,11 @@ def test_cifar_archive_with_wrong_md5_is_refused(tmp_path, monkeypatch):
         load_dataset("cifar100", root=root)
     monkeypatch.setitem(cifar_mod.RELEASES, "cifar100", cifar_mod.CifarRelease(**{**rel.__dict__, "md5": md5}))
     assert len(load_dataset("cifar100", root=root).test) == 3
-    monkeypatch.setitem(cifar_mod.RELEASES, "cifar100", cifar_mod.CifarRelease(
-        **{**rel.__dict__, "url": archive.as_uri(), "md5": "0" * 32}))
+    monkeypatch.setitem(
+        cifar_mod.RELEASES,
+        "cifar100",
+        cifar_mod.CifarRelease(**{**rel.__dict__, "url": archive.as_uri(), "md5": "0" * 32}),
+    )
     with pytest.raises(RuntimeError, match="expected 0000"):
         load_dataset("cifar100", root=tmp_path / "other", download=True)
     assert not any((tmp_path / "other").iterdir())  # the bad download was not kept
@@ -413,8 +424,7 @@ def test_shared_cifar10_jpeg_subset(shared_data_dir):
     if not os.path.isdir(path):
         pytest.skip(f"{path} not found")
     s = load_dataset(path, max_per_class=50, cache=False)
-    assert s.class_names == ["airplane", "automobile", "bird", "cat", "deer",
-                             "dog", "frog", "horse", "ship", "truck"]
+    assert s.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert s.train.images.shape == (500, 3, 32, 32) and s.test.images.shape == (500, 3, 32, 32)
     assert s.train.labels.tolist() == [c for c in range(10) for _ in range(50)]
     # README, full train split: mean 0.4913/0.4821/0.4465, std 0.2452/0.2428/0.2606.
@@ -566,8 +576,10 @@ def test_loader_epochs_are_deterministic():
 def test_loader_shards_like_distributed_sampler(drop_last):
     ds = tiny_dataset(n=11)
     ws = 3
-    loaders = [DeviceLoader(ds, batch_size=2, shuffle=True, drop_last=drop_last, seed=4, rank=r, world_size=ws)
-               for r in range(ws)]
+    loaders = [
+        DeviceLoader(ds, batch_size=2, shuffle=True, drop_last=drop_last, seed=4, rank=r, world_size=ws)
+        for r in range(ws)
+    ]
     for ld in loaders:
         ld.set_epoch(2)
     shards = [ld.indices().tolist() for ld in loaders]
@@ -618,8 +630,9 @@ def test_make_loaders():
     from sparsam.data import DatasetSplits
 
     splits = DatasetSplits("toy", train_ds, test_ds, 3, 3, (4, 4), [0.5] * 3, [0.25] * 3, ["a", "b", "c"])
-    train, test = make_loaders(splits, batch_size=4, augment=partial(cifar_augment, crop_padding=1, cutout=2),
-                               eval_batch_size=2)
+    train, test = make_loaders(
+        splits, batch_size=4, augment=partial(cifar_augment, crop_padding=1, cutout=2), eval_batch_size=2
+    )
     assert (len(train), len(test)) == (2, 3)  # train drops the last partial batch, test keeps it
     assert train.shuffle and not test.shuffle and test.augment is None
     xs = torch.cat([x for x, _ in test])

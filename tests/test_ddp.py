@@ -50,7 +50,9 @@ def _train(rank, out_dir, kind, ascent):
     else:
         # a different seed on each rank: without the broadcast the masks would differ
         mask = RandomMask(0.5, seed=rank, update_every=2)
-        opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.2, mask=mask, lr=0.1, momentum=0.9, model=model, ascent=ascent)
+        opt = SSAM(
+            model.parameters(), torch.optim.SGD, rho=0.2, mask=mask, lr=0.1, momentum=0.9, model=model, ascent=ascent
+        )
 
     def closure():
         opt.zero_grad()

@@ -54,11 +54,21 @@ def _authors_structured(scores: dict, sparsity: float) -> dict:
 def _resnetish_scores(seed=0):
     """Scores shaped like a small CIFAR ResNet's parameters (convs, BN vectors, classifier)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"conv1.weight": (16, 3, 3, 3), "bn1.weight": (16,), "bn1.bias": (16,),
-              "l1.conv1.weight": (16, 16, 3, 3), "l1.bn1.weight": (16,), "l1.conv2.weight": (16, 16, 3, 3),
-              "l2.conv1.weight": (32, 16, 3, 3), "l2.conv2.weight": (32, 32, 3, 3), "l2.short.weight": (32, 16, 1, 1),
-              "l3.conv1.weight": (64, 32, 3, 3), "l3.conv2.weight": (64, 64, 3, 3), "fc.weight": (10, 64),
-              "fc.bias": (10,)}
+    shapes = {
+        "conv1.weight": (16, 3, 3, 3),
+        "bn1.weight": (16,),
+        "bn1.bias": (16,),
+        "l1.conv1.weight": (16, 16, 3, 3),
+        "l1.bn1.weight": (16,),
+        "l1.conv2.weight": (16, 16, 3, 3),
+        "l2.conv1.weight": (32, 16, 3, 3),
+        "l2.conv2.weight": (32, 32, 3, 3),
+        "l2.short.weight": (32, 16, 1, 1),
+        "l3.conv1.weight": (64, 32, 3, 3),
+        "l3.conv2.weight": (64, 64, 3, 3),
+        "fc.weight": (10, 64),
+        "fc.bias": (10,),
+    }
     return {n: torch.rand(s, generator=g, dtype=torch.float64) * (1 + i % 5) for i, (n, s) in enumerate(shapes.items())}
 
 
@@ -95,10 +105,16 @@ def test_structured_overshoot_and_first_fit_differ_where_a_big_tensor_crosses_th
     scores = {"a": torch.full((10,), 3.0), "big": torch.full((60,), 2.0), "c": torch.full((30,), 1.0)}
     # k = 50: the authors take a (10 < 50) then big (10 < 50, crosses to 70) and stop.
     assert {n: bool(m.all()) for n, m in select(scores, 0.5, "structured", fill="overshoot").items()} == {
-        "a": True, "big": True, "c": False}
+        "a": True,
+        "big": True,
+        "c": False,
+    }
     # First-fit skips big (60 > 40 left) and takes c.
     assert {n: bool(m.all()) for n, m in select(scores, 0.5, "structured").items()} == {
-        "a": True, "big": False, "c": True}
+        "a": True,
+        "big": False,
+        "c": True,
+    }
 
 
 def test_fill_is_validated():
@@ -110,9 +126,15 @@ def test_fill_is_validated():
 def _bn_cnn(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5, bias=False),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5, bias=False),
     ).double()
     with torch.no_grad():  # running statistics as after some training
         for mod in model.modules():
@@ -164,8 +186,10 @@ def _mlp(seed=0, bias=True):
 
 def _steps_data(n_steps, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g))
-            for _ in range(n_steps)]
+    return [
+        (torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g))
+        for _ in range(n_steps)
+    ]
 
 
 def _grad(params, model, x, y):
@@ -185,15 +209,27 @@ def _sgd(params, grads, bufs, lr, momentum):
 
 
 def _run_ssam(model, mask, batches, fisher_data=None, rho=0.3, lr=0.1, momentum=0.9):
-    opt = SSAM(model.parameters(), torch.optim.SGD, rho=rho, mask=mask, model=model, loss_fn=F.cross_entropy,
-               data=fisher_data, lr=lr, momentum=momentum, eps=1e-7)
+    opt = SSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=rho,
+        mask=mask,
+        model=model,
+        loss_fn=F.cross_entropy,
+        data=fisher_data,
+        lr=lr,
+        momentum=momentum,
+        eps=1e-7,
+    )
     history = []
     for x, y in batches:
+
         def closure(x=x, y=y):
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
         history.append({n: m.clone() for n, m in opt.masks.items()})
     return [p.detach() for p in model.parameters()], history
@@ -233,8 +269,14 @@ def test_fisher_after_step_timing_is_the_authors_schedule():
         ref_history.append(dict(zip(names, mask)))
 
     ours_w, history = _run_ssam(
-        model, FisherMask(0.5, num_samples=6, update_every=period, timing="after-step"), batches,
-        fisher_data=[(fx, fy)], rho=rho, lr=lr, momentum=mu)
+        model,
+        FisherMask(0.5, num_samples=6, update_every=period, timing="after-step"),
+        batches,
+        fisher_data=[(fx, fy)],
+        rho=rho,
+        lr=lr,
+        momentum=mu,
+    )
     for a, b in zip(ours_w, w):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # The mask in force after step t is the authors' mask after step t (ours is installed at the
@@ -313,8 +355,9 @@ def test_dynamic_after_step_is_the_authors_schedule(drop, grow):
         w = _sgd(w, g2, bufs, lr, mu)
         ref_history.append(mask.clone())
 
-    src = DynamicMask(0.5, total_steps=n_steps, alpha=alpha, drop=drop, grow=grow, update_every=period,
-                      timing="after-step", seed=seed)
+    src = DynamicMask(
+        0.5, total_steps=n_steps, alpha=alpha, drop=drop, grow=grow, update_every=period, timing="after-step", seed=seed
+    )
     ours_w, history = _run_ssam(model, src, batches, rho=rho, lr=lr, momentum=mu)
     for a, b in zip(ours_w, w):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -377,8 +420,11 @@ class _Net(nn.Module):
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x, masks=None):
-        conv = (lambda c, h: c(h)) if masks is None else (
-            lambda c, h: _AuthorsMaskedConv.apply(h, c.weight, masks[c.weight], 1))
+        conv = (
+            (lambda c, h: c(h))
+            if masks is None
+            else (lambda c, h: _AuthorsMaskedConv.apply(h, c.weight, masks[c.weight], 1))
+        )
         h = torch.relu(conv(self.c1, x))
         h = h + torch.relu(conv(self.c2, h))  # a skip connection around c2
         h = torch.relu(conv(self.c3, h))
@@ -400,8 +446,9 @@ def test_implicit_conv_only_is_the_authors_samconv(pattern):
     g = torch.Generator().manual_seed(7)
     scores = {n: torch.rand(p.shape, generator=g) for n, p in net.named_parameters()}
     if pattern == "structured":  # c3 and the classifier kept, c1/c2 all False
-        masks = {n: torch.full(p.shape, n.startswith(("c3", "fc")), dtype=torch.bool)
-                 for n, p in net.named_parameters()}
+        masks = {
+            n: torch.full(p.shape, n.startswith(("c3", "fc")), dtype=torch.bool) for n, p in net.named_parameters()
+        }
     else:
         masks = select(scores, 0.5)
     by_param = {p: masks[n] for n, p in net.named_parameters()}
@@ -460,8 +507,17 @@ def test_implicit_ssam_with_a_structured_mask_is_not_sam():
         return [p.detach() for p in model.parameters()]
 
     def ssam(model):
-        opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, sparsity=0.5, form="implicit",
-                   model=model, implicit_layers="conv", eps=1e-7)
+        opt = SSAM(
+            model.parameters(),
+            torch.optim.SGD,
+            rho=0.5,
+            lr=0.1,
+            sparsity=0.5,
+            form="implicit",
+            model=model,
+            implicit_layers="conv",
+            eps=1e-7,
+        )
         opt.set_masks(masks)
         return opt
 
@@ -508,9 +564,19 @@ def test_asam_official_rule():
 
 
 # ------------------------------------------------------------------------------------------ presets, schedule, data
-_AUTHORS = {"fisher_bn_stats": "sample", "fisher_augment": True, "mask_timing": "after-step", "fill": "overshoot",
-            "implicit_layers": "conv", "schedule": "cosine-epoch", "drop": "gradient", "grow": "random",
-            "dynamic_alpha": 0.5, "momentum": 0.9, "lr": 0.05}
+_AUTHORS = {
+    "fisher_bn_stats": "sample",
+    "fisher_augment": True,
+    "mask_timing": "after-step",
+    "fill": "overshoot",
+    "implicit_layers": "conv",
+    "schedule": "cosine-epoch",
+    "drop": "gradient",
+    "grow": "random",
+    "dynamic_alpha": 0.5,
+    "momentum": 0.9,
+    "lr": 0.05,
+}
 
 
 def test_papers_presets_follow_the_authors_code_and_cite_each_value():
@@ -542,8 +608,15 @@ def _build_masks(values, steps_per_epoch=10, total_steps=100):
     from sparsam.train.methods import MASKS, BuildContext
 
     cfg = build_config([("preset", {**values, "data": "digits"})])
-    ctx = BuildContext(cfg=cfg, base=None, model=None, loss_fn=None, fisher_data=None,
-                       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    ctx = BuildContext(
+        cfg=cfg,
+        base=None,
+        model=None,
+        loss_fn=None,
+        fisher_data=None,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
     return MASKS[cfg.mask].build(ctx)
 
 
@@ -553,11 +626,23 @@ def test_papers_presets_build_the_authors_mask_sources():
     presets = list_presets()
     f = _build_masks(presets["cifar10-resnet18-ssam-f"].values)
     assert isinstance(f, FisherMask)
-    assert (f.bn_stats, f.timing, f.fill, f.num_samples, f.update_every) == ("sample", "after-step", "overshoot", 16, 10)
+    assert (f.bn_stats, f.timing, f.fill, f.num_samples, f.update_every) == (
+        "sample",
+        "after-step",
+        "overshoot",
+        16,
+        10,
+    )
     d = _build_masks(presets["cifar100-resnet18-ssam-d"].values)
     assert isinstance(d, DynamicMask)
     assert (d.drop, d.grow, d.alpha, d.timing, d.update_every, d.total_steps) == (
-        "gradient", "random", 0.5, "after-step", 50, 100)
+        "gradient",
+        "random",
+        0.5,
+        "after-step",
+        50,
+        100,
+    )
     # The library defaults stay one flag away.
     lib = _build_masks({"opt": "ssam", "mask": "fisher"})
     assert (lib.bn_stats, lib.timing, lib.fill) == ("running", "before-step", "first-fit")

@@ -21,8 +21,15 @@ if not hasattr(fsdp, "fully_shard") or not dist.is_available():
     pytest.skip("this torch has no torch.distributed.fsdp.fully_shard", allow_module_level=True)
 
 WORLD, STEPS, BATCH = 2, 4, 12
-CONFIGS = ("sam", "asam", "ssam-random", "ssam-random-masked-norm", "sam-bf16-policy", "sam-gradscaler",
-           "sam-gradscaler-overflow")
+CONFIGS = (
+    "sam",
+    "asam",
+    "ssam-random",
+    "ssam-random-masked-norm",
+    "sam-bf16-policy",
+    "sam-gradscaler",
+    "sam-gradscaler-overflow",
+)
 
 
 def make_model():
@@ -41,8 +48,9 @@ def make_opt(config, params, model):
     if config.startswith("ssam"):
         # a new random mask every 2 steps (global budget over all parameters)
         norm = "masked" if config.endswith("masked-norm") else "full"
-        return SSAM(params, torch.optim.SGD, mask=RandomMask(0.5, seed=3, update_every=2), norm=norm,
-                    sparse_ascent=False, **kw)
+        return SSAM(
+            params, torch.optim.SGD, mask=RandomMask(0.5, seed=3, update_every=2), norm=norm, sparse_ascent=False, **kw
+        )
     if "gradscaler" in config:
         kw["max_grad_norm"] = 0.5  # clipping of the (unscaled) sharded descent gradient
     return SAM(params, torch.optim.SGD, adaptive=config == "asam", **kw)
@@ -123,16 +131,31 @@ def _errors(model, rank):
         except ValueError as exc:
             out[key] = str(exc)
     # the cheaper ascent pass would freeze shards rank by rank: refused
-    cheap = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model, norm="masked",
-                 mask=RandomMask(0.5, seed=3, pattern="structured"))
+    cheap = SSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        lr=0.1,
+        model=model,
+        norm="masked",
+        mask=RandomMask(0.5, seed=3, pattern="structured"),
+    )
     try:
         with cheap.ascent_pass():
             pass
         out["sparse-ascent"] = None
     except RuntimeError as exc:
         out["sparse-ascent"] = str(exc)
-    fisher = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model,
-                  mask=FisherMask(0.5, num_samples=4), loss_fn=F.cross_entropy, data=[batch(0)])
+    fisher = SSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        lr=0.1,
+        model=model,
+        mask=FisherMask(0.5, num_samples=4),
+        loss_fn=F.cross_entropy,
+        data=[batch(0)],
+    )
     try:
         fisher.init_masks()
         out["fisher"] = None
@@ -194,7 +217,9 @@ def test_two_ranks_equal_one_process(config, ranks):
         assert p0.dtype == torch.float32  # the sharded parameters stay float32 under the policy
         torch.testing.assert_close(p0, q.detach(), **tol)
     if config.endswith("bf16-policy"):  # the forward did run in bf16: not the float32 weights
-        assert any(not torch.allclose(p0, q.detach(), rtol=1e-5, atol=1e-6) for p0, q in zip(r0["params"], ref.parameters()))
+        assert any(
+            not torch.allclose(p0, q.detach(), rtol=1e-5, atol=1e-6) for p0, q in zip(r0["params"], ref.parameters())
+        )
     # the copy of w is one shard per rank: together the ranks hold exactly one copy
     param_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     if config.startswith("ssam"):
@@ -259,8 +284,10 @@ def _dcp_worker(rank, world, port, out, phase):
         if phase == "save":
             steps(0, 2)
             model_sd, optim_sd = get_state_dict(model, opt.base_optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd, "sparsam": opt.state_dict()["sparsam"]},
-                     checkpoint_id=f"{out}/ckpt")
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd, "sparsam": opt.state_dict()["sparsam"]},
+                checkpoint_id=f"{out}/ckpt",
+            )
             steps(2, STEPS)
         else:
             opt.init_masks()  # the template needs masks of this run's shard shapes to load into

@@ -19,7 +19,10 @@ def test_dry_run_writes_every_table(tmp_path):
     out = tmp_path / "gpu"
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (out / "summary.md").read_text()
@@ -43,7 +46,10 @@ def test_refuses_without_a_gpu_unless_dry_run(tmp_path):
         pytest.skip("a GPU is present: the real run would start")
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "gpu")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr

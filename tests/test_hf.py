@@ -35,8 +35,15 @@ def fresh_accelerate_state():
 
 def tiny_bert(seed=0):
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=SEQ,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
     )
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification(cfg)
@@ -44,8 +51,16 @@ def tiny_bert(seed=0):
 
 def tiny_gpt2(seed=0):
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=SEQ, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=SEQ,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg)
@@ -68,10 +83,22 @@ def lm_data(n, seed=2):
 
 def args(out, **kw):
     base = {
-        "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": ACCUM, "max_steps": 3, "learning_rate": 0.05,
-        "optim": "sgd", "optim_args": "momentum=0.9", "lr_scheduler_type": "linear", "weight_decay": 0.0, "max_grad_norm": 0.5,
-        "use_cpu": True, "report_to": "none", "save_strategy": "no", "train_sampling_strategy": "sequential",
-        "disable_tqdm": True, "logging_strategy": "no", "seed": 0,
+        "per_device_train_batch_size": BATCH,
+        "gradient_accumulation_steps": ACCUM,
+        "max_steps": 3,
+        "learning_rate": 0.05,
+        "optim": "sgd",
+        "optim_args": "momentum=0.9",
+        "lr_scheduler_type": "linear",
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.5,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "train_sampling_strategy": "sequential",
+        "disable_tqdm": True,
+        "logging_strategy": "no",
+        "seed": 0,
     }
     base.update(kw)
     return transformers.TrainingArguments(str(out), **base)
@@ -107,10 +134,12 @@ def batches(data, steps):
     out = []
     for s in range(steps):
         chunk = data[s * per_step : (s + 1) * per_step]
-        out.append([
-            {k: torch.stack([d[k] for d in chunk[i : i + BATCH]]) for k in chunk[0]}
-            for i in range(0, per_step, BATCH)
-        ])
+        out.append(
+            [
+                {k: torch.stack([d[k] for d in chunk[i : i + BATCH]]) for k in chunk[0]}
+                for i in range(0, per_step, BATCH)
+            ]
+        )
     return out
 
 
@@ -162,8 +191,13 @@ def ssam_fisher_factory(base):
     fisher_data = cls_data(8, seed=5)
     ids = torch.stack([d["input_ids"] for d in fisher_data])
     labels = torch.stack([d["labels"] for d in fisher_data])
-    return SSAM(base, rho=0.1, mask=FisherMask(0.5, num_samples=8),
-                loss_fn=lambda out, y: F.cross_entropy(out.logits, y), data=[(ids, labels)])
+    return SSAM(
+        base,
+        rho=0.1,
+        mask=FisherMask(0.5, num_samples=8),
+        loss_fn=lambda out, y: F.cross_entropy(out.logits, y),
+        data=[(ids, labels)],
+    )
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over CPU attention (Fisher)
@@ -333,7 +367,9 @@ def test_bad_input(tmp_path):
         SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=lambda base: base).train()
     with pytest.raises(TypeError, match="must wrap the optimizer it is given"):
         SAMTrainer(
-            model=model, args=args(tmp_path), train_dataset=data,
+            model=model,
+            args=args(tmp_path),
+            train_dataset=data,
             sam=lambda base: SAM(model.parameters(), torch.optim.SGD, lr=0.1),
         ).train()
     with pytest.raises(ValueError, match="max_grad_norm"):
@@ -345,8 +381,9 @@ def test_bad_input(tmp_path):
 
 
 def _ddp_worker(rank, world, port, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     data = cls_data(4 * BATCH * ACCUM * world)
     result = {}

@@ -101,7 +101,10 @@ def test_sam_step_after_prepare_equals_two_step_loop(make_opt, tmp_path):
             assert torch.equal(m, ref_opt.masks[k])
         acc.save_state(str(tmp_path / "state"))  # Accelerate's checkpoint holds SAM's state dict
         saved = torch.load(tmp_path / "state" / "optimizer.bin", weights_only=False)
-        assert saved["sparsam"]["steps"] == 4 and saved["sparsam"]["masks"].keys() == sam.state_dict()["sparsam"]["masks"].keys()
+        assert (
+            saved["sparsam"]["steps"] == 4
+            and saved["sparsam"]["masks"].keys() == sam.state_dict()["sparsam"]["masks"].keys()
+        )
 
 
 def test_prepared_step_with_closure_is_correct_in_float32():
@@ -252,12 +255,28 @@ def test_example_script(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     script = Path(__file__).resolve().parent.parent / "examples" / "accelerate_train.py"
     main = runpy.run_path(str(script), run_name="example")["main"]
-    main(["--method", "ssam-random", "--epochs", "1", "--max-steps", "3", "--grad-accum", "2", "--mixed-precision", "bf16", "--cpu"])
+    main(
+        [
+            "--method",
+            "ssam-random",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "3",
+            "--grad-accum",
+            "2",
+            "--mixed-precision",
+            "bf16",
+            "--cpu",
+        ]
+    )
     assert capsys.readouterr().out.startswith("epoch 0: loss")
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     acc = accelerate.Accelerator(cpu=True)
     x, y = tiny_data(n=32, dtype=torch.float32)

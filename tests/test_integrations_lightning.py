@@ -101,7 +101,9 @@ def trainer(steps=4, callbacks=(SAMCallback,), **kw):
     )
 
 
-def reference_fit(module, make_opt, steps, *, autocast=None, scaler=None, batch=8, micro=1, skip_batches=(), dtype=None):
+def reference_fit(
+    module, make_opt, steps, *, autocast=None, scaler=None, batch=8, micro=1, skip_batches=(), dtype=None
+):
     """The two-step loop from SAM's docstring, on a copy of ``module.net`` taken before training."""
     ref = Holder(copy.deepcopy(module.net))
     if dtype is not None:
@@ -256,7 +258,11 @@ def test_bf16_mixed_equals_autocast_loop():
 
 @pytest.mark.parametrize(
     "precision,dtype,make_opt",
-    [("64-true", torch.float64, ssam_adamw), ("bf16-true", torch.bfloat16, ssam_adamw), ("16-true", torch.float16, sam_sgd)],
+    [
+        ("64-true", torch.float64, ssam_adamw),
+        ("bf16-true", torch.bfloat16, ssam_adamw),
+        ("16-true", torch.float16, sam_sgd),
+    ],
 )
 def test_true_precision_equals_loop_in_that_dtype(precision, dtype, make_opt):
     # Lightning converts the module (and the batches) to the dtype; SAM's restore is a copy in any
@@ -489,7 +495,10 @@ def test_ddp_ascent_modes(ascent):
     other = "sync" if ascent == "local" else "local"
     for p, q, o in zip(module.net.parameters(), expected[ascent].parameters(), expected[other].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(p, o, rtol=1e-4, atol=1e-5) for p, o in zip(module.net.parameters(), expected[other].parameters()))
+    assert any(
+        not torch.allclose(p, o, rtol=1e-4, atol=1e-5)
+        for p, o in zip(module.net.parameters(), expected[other].parameters())
+    )
 
 
 # ------------------------------------------------------------------------------------------ example
@@ -498,7 +507,20 @@ def test_example_script(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     script = Path(__file__).resolve().parent.parent / "examples" / "lightning_train.py"
     main = runpy.run_path(str(script), run_name="example")["main"]
-    main(["--method", "ssam-random", "--epochs", "2", "--limit-train-batches", "2", "--accelerator", "cpu", "--clip", "1.0"])
+    main(
+        [
+            "--method",
+            "ssam-random",
+            "--epochs",
+            "2",
+            "--limit-train-batches",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--clip",
+            "1.0",
+        ]
+    )
     assert capsys.readouterr().out.splitlines()[-1].endswith("after 4 steps")
 
 

@@ -53,8 +53,9 @@ def test_rejects_bad_fraction():
 
 
 def _data(**over):
-    cfg = build_config([("test", {"data": "digits", "train_subset": 300, "test_subset": 90, "threads": 1,
-                                  "progress": False, **over})])
+    cfg = build_config(
+        [("test", {"data": "digits", "train_subset": 300, "test_subset": 90, "threads": 1, "progress": False, **over})]
+    )
     return cfg, build_data(cfg, device=torch.device("cpu"), batch_per_rank=64)
 
 

@@ -216,9 +216,7 @@ def test_bad_inputs():
 
 
 def _ctx(model, data=None):
-    return MaskContext(
-        params=dict(model.named_parameters()), model=model, loss_fn=F.cross_entropy, data=data
-    )
+    return MaskContext(params=dict(model.named_parameters()), model=model, loss_fn=F.cross_entropy, data=data)
 
 
 def test_fisher_mask_selects_from_fisher():

@@ -19,9 +19,7 @@ from sparsam.masks import (
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
-    ).double()
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
 
 
 def _data(n_batches=4, bs=6):
@@ -50,8 +48,14 @@ def test_ssam_trains_with_source(kind):
     if kind == "fisher":
         fisher_first = select(fisher_information(model, F.cross_entropy, data, 12), 0.6)
     opt = SSAM(
-        model.parameters(), torch.optim.SGD, rho=rho, mask=source, model=model,
-        loss_fn=F.cross_entropy, data=data, lr=0.1,
+        model.parameters(),
+        torch.optim.SGD,
+        rho=rho,
+        mask=source,
+        model=model,
+        loss_fn=F.cross_entropy,
+        data=data,
+        lr=0.1,
     )
     history = []
     for x, y in data:

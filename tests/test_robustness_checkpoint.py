@@ -22,8 +22,14 @@ from sparsam.train.checkpoint import (
 from sparsam.train.errors import CheckpointError
 from sparsam.train.rundir import clear
 
-PAYLOAD = {"epoch": 1, "model": {"w": torch.arange(1000, dtype=torch.float32)}, "optimizer": {}, "scheduler": {},
-           "rng": {}, "config": {"seed": 0}}
+PAYLOAD = {
+    "epoch": 1,
+    "model": {"w": torch.arange(1000, dtype=torch.float32)},
+    "optimizer": {},
+    "scheduler": {},
+    "rng": {},
+    "config": {"seed": 0},
+}
 
 
 def flip_bit(path, part, at=5):

@@ -128,8 +128,22 @@ def test_the_cli_names_a_damaged_file_in_one_line_or_skips_it(tmp_path, capsys):
     make_folder(data, n=(4, 2))
     bad = data / "train" / "b" / "002.jpg"
     truncate(bad)
-    common = ["train", "--data", str(data), "--batch-size", "4", "--epochs", "1", "--threads", "1", "--workers", "2",
-              "--no-progress", "--augment", "none"]
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--workers",
+        "2",
+        "--no-progress",
+        "--augment",
+        "none",
+    ]
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "r1")]) == 2
     err = capsys.readouterr().err.strip()

@@ -89,8 +89,13 @@ def _hold_lock(path: Path, kind: str) -> subprocess.Popen:
         print("locked", flush=True)
         sys.stdin.read()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": SRC})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -135,8 +140,23 @@ def test_a_training_run_holds_its_lock_for_its_lifetime(tmp_path, capsys):
                 lock_dir(out, kind="run")
             seen.append(step)
 
-    cfg = build_config([("t", {"data": "digits", "train_subset": 128, "test_subset": 90, "batch_size": 64,
-                               "epochs": 1, "threads": 1, "progress": False, "out": str(out)})])
+    cfg = build_config(
+        [
+            (
+                "t",
+                {
+                    "data": "digits",
+                    "train_subset": 128,
+                    "test_subset": 90,
+                    "batch_size": 64,
+                    "epochs": 1,
+                    "threads": 1,
+                    "progress": False,
+                    "out": str(out),
+                },
+            )
+        ]
+    )
     train(cfg, quiet=True, on_step=during_a_step)
     assert seen
     lock_dir(out, kind="run").release()  # and gives it back when it returns

@@ -58,7 +58,9 @@ def test_sam_matches_plain_reference(base, adaptive):
     for _ in range(4):
         opt.zero_grad()
         opt.step(make_closure(m1, x, y))
-        reference_sam_step(list(m2.parameters()), ref_base, make_closure(m2, x, y), rho=0.1, adaptive=adaptive, eta=0.02)
+        reference_sam_step(
+            list(m2.parameters()), ref_base, make_closure(m2, x, y), rho=0.1, adaptive=adaptive, eta=0.02
+        )
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
@@ -71,7 +73,9 @@ def test_ssam_matches_plain_reference(norm, adaptive):
     gen = torch.Generator().manual_seed(3)
     masks = [torch.rand(p.shape, generator=gen) < 0.4 for p in m1.parameters()]
     masks[1] = torch.zeros_like(masks[1])  # one all-False mask
-    opt = SSAM(m1.parameters(), torch.optim.SGD, rho=0.2, sparsity=0.6, norm=norm, adaptive=adaptive, lr=0.1, momentum=0.9)
+    opt = SSAM(
+        m1.parameters(), torch.optim.SGD, rho=0.2, sparsity=0.6, norm=norm, adaptive=adaptive, lr=0.1, momentum=0.9
+    )
     opt.set_masks(dict(zip(m1.parameters(), masks)))
     ref_base = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
     ref_masks = [m if m.any() else None for m in masks]
@@ -79,7 +83,13 @@ def test_ssam_matches_plain_reference(norm, adaptive):
         opt.zero_grad()
         opt.step(make_closure(m1, x, y))
         reference_sam_step(
-            list(m2.parameters()), ref_base, make_closure(m2, x, y), rho=0.2, adaptive=adaptive, masks=ref_masks, norm=norm
+            list(m2.parameters()),
+            ref_base,
+            make_closure(m2, x, y),
+            rho=0.2,
+            adaptive=adaptive,
+            masks=ref_masks,
+            norm=norm,
         )
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
@@ -199,11 +209,22 @@ def _awkward_run(foreach, adaptive, masked):
     x, y = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3
     groups = [
         {"params": list(model["a"].parameters()) + [model.empty], "rho": 0.05},
-        {"params": list(model["b"].parameters()) + list(model["unused"].parameters()), "rho": 0.2, "adaptive": adaptive},
+        {
+            "params": list(model["b"].parameters()) + list(model["unused"].parameters()),
+            "rho": 0.2,
+            "adaptive": adaptive,
+        },
     ]
     base = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     if masked:
-        opt = SSAM(base, sparsity=0.5, mask=RandomMask(0.5, seed=1, update_every=2), norm="masked", foreach=foreach, model=model)
+        opt = SSAM(
+            base,
+            sparsity=0.5,
+            mask=RandomMask(0.5, seed=1, update_every=2),
+            norm="masked",
+            foreach=foreach,
+            model=model,
+        )
     else:
         opt = SAM(base, foreach=foreach, model=model)
 
@@ -313,7 +334,9 @@ def test_param_groups_are_shared_with_base_and_scheduler():
     assert base.param_groups[0]["lr"] == pytest.approx(0.05)
     extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
     opt.add_param_group({"params": [extra], "rho": 0.5})
-    assert len(base.param_groups) == 2 and base.param_groups[1]["rho"] == 0.5 and base.param_groups[1]["adaptive"] is False
+    assert (
+        len(base.param_groups) == 2 and base.param_groups[1]["rho"] == 0.5 and base.param_groups[1]["adaptive"] is False
+    )
 
 
 @pytest.mark.parametrize("cls, extra", [(SAM, {}), (SSAM, {"sparsity": 0.5})])
@@ -519,7 +542,9 @@ def test_grad_scaler_skips_step_with_non_finite_gradient(inf_in_pass):
     train_step(inf_in_pass)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
     after = opt.base_optimizer.state_dict()
-    assert all(torch.equal(after["state"][i]["momentum_buffer"], state["state"][i]["momentum_buffer"]) for i in state["state"])
+    assert all(
+        torch.equal(after["state"][i]["momentum_buffer"], state["state"][i]["momentum_buffer"]) for i in state["state"]
+    )
     assert scaler.get_scale() == scale / 2
     train_step(0)  # and training goes on
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), w))

@@ -62,13 +62,24 @@ def masks_for(model, kind):
         return {n: ones[n] for n in ("1.weight", "1.bias", "5.weight", "5.bias")}
     if kind == "late_stages":  # whole first stage left out
         g = torch.Generator().manual_seed(7)
-        return {n: torch.rand(named[n].shape, generator=g) < 0.5 for n in ("4.weight", "4.bias", "5.weight", "9.weight")}
+        return {
+            n: torch.rand(named[n].shape, generator=g) < 0.5 for n in ("4.weight", "4.bias", "5.weight", "9.weight")
+        }
     raise ValueError(kind)
 
 
 def build(model, masks, sparse_ascent):
-    opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=AllOnesMask(), norm="masked", model=model,
-               sparse_ascent=sparse_ascent, lr=0.1, momentum=0.9)
+    opt = SSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        mask=AllOnesMask(),
+        norm="masked",
+        model=model,
+        sparse_ascent=sparse_ascent,
+        lr=0.1,
+        momentum=0.9,
+    )
     opt.set_masks(masks)
     return opt
 
@@ -138,8 +149,11 @@ def _implicit_vs_reference(layer, x, mask):
     xr = x.detach().requires_grad_(True)
     y = layer(xr)
     dy = torch.autograd.grad(h(y), y)[0]
-    fwd = (lambda inp, wt: F.linear(inp, wt, layer.bias)) if isinstance(layer, nn.Linear) else (
-        lambda inp, wt: layer._conv_forward(inp, wt, layer.bias))
+    fwd = (
+        (lambda inp, wt: F.linear(inp, wt, layer.bias))
+        if isinstance(layer, nn.Linear)
+        else (lambda inp, wt: layer._conv_forward(inp, wt, layer.bias))
+    )
     dx_ref = torch.autograd.grad(fwd(xr, w * mask), xr, dy)[0]
     dw_ref, db_ref = torch.autograd.grad(fwd(xr, w), (w, layer.bias), dy)
 
@@ -164,7 +178,9 @@ def test_implicit_linear_matches_masked_weight_reference():
     _implicit_vs_reference(layer, x, mask)
 
 
-@pytest.mark.parametrize("cfg", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2), dict(groups=2, padding=1)])
+@pytest.mark.parametrize(
+    "cfg", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2), dict(groups=2, padding=1)]
+)
 def test_implicit_conv_matches_masked_weight_reference(cfg):
     torch.manual_seed(0)
     layer = nn.Conv2d(4, 6, 3, **cfg).double()
@@ -176,8 +192,11 @@ def test_implicit_conv_matches_masked_weight_reference(cfg):
 def test_implicit_ssam_is_dense_sam_on_masked_backward():
     x, y = data()
     m1, m2 = stage_net(), stage_net()
-    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.5
-             for i, (n, p) in enumerate(m1.named_parameters()) if p.dim() > 1}
+    masks = {
+        n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.5
+        for i, (n, p) in enumerate(m1.named_parameters())
+        if p.dim() > 1
+    }
     opt = SSAM(m1.parameters(), torch.optim.SGD, rho=0.1, mask=AllOnesMask(), form="implicit", model=m1, lr=0.1)
     opt.set_masks(masks)
     w0 = [p.detach().clone() for p in m1.parameters()]

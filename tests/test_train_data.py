@@ -24,8 +24,12 @@ def _write_cifar10(root, per_batch=20, test=30, seed=0):
     folder.mkdir(parents=True)
 
     def batch(n, name):
-        d = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n).tolist(),
-             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+        d = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [b"x.png"] * n,
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(d, f, protocol=2)
 
@@ -40,9 +44,32 @@ def _write_cifar10(root, per_batch=20, test=30, seed=0):
 def test_cifar_official_pickles_through_the_cli(tmp_path, capsys):
     _write_cifar10(tmp_path / "data")
     out = tmp_path / "run"
-    rc = main(["train", "--data", "cifar10", "--data-root", str(tmp_path / "data"), "--model", "smallcnn",
-               "--width", "4", "--opt", "ssam", "--mask", "dynamic", "--epochs", "1", "--batch-size", "25",
-               "--threads", "1", "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--data",
+            "cifar10",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--model",
+            "smallcnn",
+            "--width",
+            "4",
+            "--opt",
+            "ssam",
+            "--mask",
+            "dynamic",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "25",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     meta = json.loads((out / "config.json").read_text())["data"]
     assert meta["train_size"] == 100 and meta["test_size"] == 30 and meta["in_channels"] == 3
@@ -71,13 +98,32 @@ def _image_folder(root, *, size, mode, per_class=6, classes=3):
     return root
 
 
-@pytest.mark.parametrize("mode, size, folder_mode, channels",
-                         [("L", 12, "auto", 1), ("RGB", 10, "memory", 3), ("RGB", 80, "auto", 3), ("L", 40, "stream", 1)])
+@pytest.mark.parametrize(
+    "mode, size, folder_mode, channels",
+    [("L", 12, "auto", 1), ("RGB", 10, "memory", 3), ("RGB", 80, "auto", 3), ("L", 40, "stream", 1)],
+)
 def test_image_folder_any_size_gray_or_rgb(tmp_path, mode, size, folder_mode, channels):
     data = _image_folder(tmp_path / "imgs", size=size, mode=mode)
-    cfg = build_config([("t", {"data": str(data), "model": "smallcnn", "width": 4, "epochs": 1, "batch_size": 6,
-                               "folder_mode": folder_mode, "image_size": 16, "workers": 0, "threads": 1,
-                               "opt": "sam", "out": str(tmp_path / "run")})])
+    cfg = build_config(
+        [
+            (
+                "t",
+                {
+                    "data": str(data),
+                    "model": "smallcnn",
+                    "width": 4,
+                    "epochs": 1,
+                    "batch_size": 6,
+                    "folder_mode": folder_mode,
+                    "image_size": 16,
+                    "workers": 0,
+                    "threads": 1,
+                    "opt": "sam",
+                    "out": str(tmp_path / "run"),
+                },
+            )
+        ]
+    )
     assert train(cfg, quiet=True).finished
     meta = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert meta["in_channels"] == channels and meta["train_size"] == 18 and meta["test_size"] == 18
@@ -89,9 +135,36 @@ def test_image_folder_any_size_gray_or_rgb(tmp_path, mode, size, folder_mode, ch
 def test_shared_cifar10_jpeg_folder_with_a_subset(shared_data_dir, tmp_path):
     folder = f"{shared_data_dir}/cifar10-jpeg"
     out = tmp_path / "run"
-    rc = main(["train", "--data", folder, "--train-subset", "60", "--test-subset", "40", "--model", "smallcnn",
-               "--width", "4", "--epochs", "1", "--batch-size", "20", "--opt", "ssam", "--mask", "fisher",
-               "--num-samples", "8", "--threads", "1", "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--data",
+            folder,
+            "--train-subset",
+            "60",
+            "--test-subset",
+            "40",
+            "--model",
+            "smallcnn",
+            "--width",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "20",
+            "--opt",
+            "ssam",
+            "--mask",
+            "fisher",
+            "--num-samples",
+            "8",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     meta = json.loads((out / "config.json").read_text())
     assert meta["data"]["train_size"] == 60 and meta["data"]["test_size"] == 40

@@ -16,8 +16,15 @@ from sparsam.train.build import WarmupCosine
 pytest.importorskip("sklearn")  # the digits data set
 
 # 256 training digits in batches of 64: 4 steps per epoch; 90 test digits.
-TINY = {"data": "digits", "train_subset": 256, "test_subset": 90, "batch_size": 64, "epochs": 1, "threads": 1,
-        "progress": False}
+TINY = {
+    "data": "digits",
+    "train_subset": 256,
+    "test_subset": 90,
+    "batch_size": 64,
+    "epochs": 1,
+    "threads": 1,
+    "progress": False,
+}
 
 
 def tiny(out, **over):
@@ -45,8 +52,14 @@ OPTIMIZERS = {
     "ssam-dynamic": {"opt": "ssam", "mask": "dynamic", "rho": 0.5},
     "ssam-norm": {"opt": "ssam", "mask": "norm", "rho": 0.5},
     "ssam-nm": {"opt": "ssam", "mask": "fisher", "pattern": "nm", "nm": "2:4", "rho": 0.5, "num_samples": 32},
-    "ssam-structured": {"opt": "ssam", "mask": "random", "pattern": "structured", "granularity": "channel",
-                        "norm": "masked", "rho": 0.5},
+    "ssam-structured": {
+        "opt": "ssam",
+        "mask": "random",
+        "pattern": "structured",
+        "granularity": "channel",
+        "norm": "masked",
+        "rho": 0.5,
+    },
     "ssam-implicit": {"opt": "ssam", "mask": "random", "form": "implicit", "rho": 0.5},
 }
 
@@ -115,8 +128,16 @@ def test_seed_fixes_the_run_and_changes_it(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("over", [{"amp": "bf16"}, {"amp": "fp16"}, {"clip": 0.5}, {"base": "adamw", "lr": 1e-3},
-                                  {"label_smoothing": 0.1, "warmup_epochs": 0.5, "nesterov": True}])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"amp": "bf16"},
+        {"amp": "fp16"},
+        {"clip": 0.5},
+        {"base": "adamw", "lr": 1e-3},
+        {"label_smoothing": 0.1, "warmup_epochs": 0.5, "nesterov": True},
+    ],
+)
 def test_engine_options(tmp_path, over):
     result = run(tmp_path / "r", opt="sam", **over)
     assert result.finished

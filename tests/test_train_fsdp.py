@@ -26,9 +26,35 @@ import torch.distributed as dist
 from sparsam.train.config import TrainConfig, validate
 from sparsam.train.errors import ConfigError
 
-COMMON = ["--opt", "ssam", "--mask", "random", "--sparsity", "0.5", "--mask-update-epochs", "1", "--rho", "0.5",
-          "--ascent", "sync", "--train-subset", "128", "--test-subset", "51", "--batch-size", "64", "--epochs", "2",
-          "--width", "4", "--threads", "1", "--no-progress", "--eval-batch-size", "5"]
+COMMON = [
+    "--opt",
+    "ssam",
+    "--mask",
+    "random",
+    "--sparsity",
+    "0.5",
+    "--mask-update-epochs",
+    "1",
+    "--rho",
+    "0.5",
+    "--ascent",
+    "sync",
+    "--train-subset",
+    "128",
+    "--test-subset",
+    "51",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "2",
+    "--width",
+    "4",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--eval-batch-size",
+    "5",
+]
 
 
 def _free_port() -> int:
@@ -38,11 +64,30 @@ def _free_port() -> int:
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "sparsam", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "sparsam",
+        "train",
+        *args,
+    ]
     # its own session, so a hung run (unpaired collectives) is killed with its workers, not left behind
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -73,15 +118,19 @@ def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path):
         assert type(b["model"][k]) is torch.Tensor and b["model"][k].shape == v.shape, k
         torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     for i, st in a["optimizer"]["state"].items():
-        torch.testing.assert_close(b["optimizer"]["state"][i]["momentum_buffer"], st["momentum_buffer"],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            b["optimizer"]["state"][i]["momentum_buffer"], st["momentum_buffer"], rtol=1e-5, atol=1e-6
+        )
     # the masks joined from the shards are DDP's (a sharded run saves all-False masks where none is set)
     ma, mb = a["optimizer"]["sparsam"]["masks"], b["optimizer"]["sparsam"]["masks"]
     assert ma and set(ma) <= set(mb)
     for i, m in mb.items():
         assert torch.equal(m, ma.get(i, torch.zeros_like(m))), i
     best = torch.load(fsdp_out / "best_model.pt", weights_only=True)
-    assert type(best["model"]["fc.weight"]) is torch.Tensor and best["model"]["fc.weight"].shape == a["model"]["fc.weight"].shape
+    assert (
+        type(best["model"]["fc.weight"]) is torch.Tensor
+        and best["model"]["fc.weight"].shape == a["model"]["fc.weight"].shape
+    )
     rows_a = [json.loads(x) for x in (ddp_out / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (fsdp_out / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_samples"] for r in rows_b] == [128, 128]
@@ -90,16 +139,19 @@ def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
 
 
-@pytest.mark.parametrize("flags, words", [
-    ({"opt": "ssam", "mask": "fisher", "ascent": "sync"}, "--mask random only"),
-    ({"opt": "ssam", "mask": "dynamic", "ascent": "sync"}, "--mask random only"),
-    ({"opt": "sam"}, "--fsdp needs --ascent sync"),
-    ({"opt": "looksam", "ascent": "sync"}, "--fsdp supports --opt sgd, sam, asam and ssam"),
-    ({"opt": "sam", "ascent": "sync", "compile": True}, "--compile"),
-    ({"opt": "sam", "ascent": "sync", "sam_every": 2}, "--sam-every"),
-    ({"opt": "ssam", "mask": "random", "ascent": "sync", "norm": "masked"}, "--no-sparse-ascent"),
-    ({"opt": "ssam", "mask": "random", "ascent": "sync", "form": "implicit"}, "--form explicit only"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        ({"opt": "ssam", "mask": "fisher", "ascent": "sync"}, "--mask random only"),
+        ({"opt": "ssam", "mask": "dynamic", "ascent": "sync"}, "--mask random only"),
+        ({"opt": "sam"}, "--fsdp needs --ascent sync"),
+        ({"opt": "looksam", "ascent": "sync"}, "--fsdp supports --opt sgd, sam, asam and ssam"),
+        ({"opt": "sam", "ascent": "sync", "compile": True}, "--compile"),
+        ({"opt": "sam", "ascent": "sync", "sam_every": 2}, "--sam-every"),
+        ({"opt": "ssam", "mask": "random", "ascent": "sync", "norm": "masked"}, "--no-sparse-ascent"),
+        ({"opt": "ssam", "mask": "random", "ascent": "sync", "form": "implicit"}, "--form explicit only"),
+    ],
+)
 def test_fsdp_refuses_what_it_does_not_support(flags, words):
     with pytest.raises(ConfigError, match="--fsdp") as e:
         validate(TrainConfig(fsdp=True, **flags))
@@ -108,9 +160,13 @@ def test_fsdp_refuses_what_it_does_not_support(flags, words):
 
 
 def test_fsdp_accepts_its_methods():
-    for flags in ({"opt": "sgd"}, {"opt": "sam", "ascent": "sync"}, {"opt": "asam", "ascent": "sync"},
-                  {"opt": "ssam", "mask": "random", "ascent": "sync"},
-                  {"opt": "ssam", "mask": "random", "ascent": "sync", "norm": "masked", "sparse_ascent": False}):
+    for flags in (
+        {"opt": "sgd"},
+        {"opt": "sam", "ascent": "sync"},
+        {"opt": "asam", "ascent": "sync"},
+        {"opt": "ssam", "mask": "random", "ascent": "sync"},
+        {"opt": "ssam", "mask": "random", "ascent": "sync", "norm": "masked", "sparse_ascent": False},
+    ):
         assert validate(TrainConfig(fsdp=True, **flags)).fsdp
 
 

@@ -30,8 +30,15 @@ def test_every_method_builds_its_optimizer_and_mask():
     model = torch.nn.Linear(3, 2)
     for name, values in M.METHODS.items():
         cfg = build_config([("t", values)])
-        opt, base = build_optimizer(cfg, model.parameters(), model=model, loss_fn=torch.nn.functional.cross_entropy,
-                                    fisher_data=[], steps_per_epoch=2, total_steps=4)
+        opt, base = build_optimizer(
+            cfg,
+            model.parameters(),
+            model=model,
+            loss_fn=torch.nn.functional.cross_entropy,
+            fisher_data=[],
+            steps_per_epoch=2,
+            total_steps=4,
+        )
         spec = M.OPTIMIZERS[cfg.opt]
         assert (opt is base) == (spec.build is None), name
         if spec.uses_mask:

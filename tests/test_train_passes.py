@@ -93,9 +93,25 @@ def test_a_variant_runs_in_the_engine_without_edits_there(tmp_path, monkeypatch)
 
     monkeypatch.setitem(methods.OPTIMIZERS, "sam", dataclasses.replace(spec, build=build))
     EveryOtherStepSAM.calls = []
-    cfg = build_config([("test", {"data": "digits", "train_subset": 256, "test_subset": 90, "batch_size": 64,
-                                  "epochs": 1, "threads": 1, "progress": False, "opt": "sam", "accum": 2,
-                                  "out": str(tmp_path / "r")})])
+    cfg = build_config(
+        [
+            (
+                "test",
+                {
+                    "data": "digits",
+                    "train_subset": 256,
+                    "test_subset": 90,
+                    "batch_size": 64,
+                    "epochs": 1,
+                    "threads": 1,
+                    "progress": False,
+                    "opt": "sam",
+                    "accum": 2,
+                    "out": str(tmp_path / "r"),
+                },
+            )
+        ]
+    )
     result = train(cfg, quiet=True)
     assert result.finished
     assert EveryOtherStepSAM.calls == [[None], ["ascent", "descent"], [None], ["ascent", "descent"]]

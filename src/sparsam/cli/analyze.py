@@ -63,7 +63,9 @@ def resolve_targets(paths: list[str], weights: str) -> list[Target]:
     for t in targets:
         if counts[t.name] > 1:
             base = t.run_dir if t.run_dir is not None else t.weights.parent
-            t.name = f"{base.parent.name}/{t.name}" + ("" if t.weights.name == "checkpoint.pt" else f":{t.weights.stem}")
+            t.name = f"{base.parent.name}/{t.name}" + (
+                "" if t.weights.name == "checkpoint.pt" else f":{t.weights.stem}"
+            )
     seen: set[str] = set()
     for t in targets:
         if t.name in seen:
@@ -142,15 +144,27 @@ def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[s
     if args.split == "test":
         batches: Any = data.test
     elif data.mode == "memory":  # the training images, without augmentation
-        batches = DeviceLoader(data.train.dataset, batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                               device=device, mean=data.info["mean"], std=data.info["std"],
-                               channels_last=cfg.channels_last)
+        batches = DeviceLoader(
+            data.train.dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            device=device,
+            mean=data.info["mean"],
+            std=data.info["std"],
+            channels_last=cfg.channels_last,
+        )
     else:
         batches = data.fisher
     loss_fn = nn.CrossEntropyLoss()
     common = dict(device=device, n_batches=args.batches)
-    r: dict[str, Any] = {"weights": str(target.weights), "epoch": ckpt.get("epoch"), "split": args.split,
-                         "samples": None, "mode": args.mode}
+    r: dict[str, Any] = {
+        "weights": str(target.weights),
+        "epoch": ckpt.get("epoch"),
+        "split": args.split,
+        "samples": None,
+        "mode": args.mode,
+    }
     # One fixed list of batches, reused by every measure (a loader is read once by each tool).
     from ..analysis._common import collect_batches
 
@@ -159,34 +173,51 @@ def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[s
     t0 = time.perf_counter()
     r["loss"] = analysis.mean_loss(model, loss_fn, fixed, **common)
     if args.top_k:
-        r["top_eigenvalues"] = analysis.top_eigenvalues(model, loss_fn, fixed, k=args.top_k, n_iter=args.eig_iters,
-                                                        tol=args.tol, generator=args.seed, **common)
+        r["top_eigenvalues"] = analysis.top_eigenvalues(
+            model, loss_fn, fixed, k=args.top_k, n_iter=args.eig_iters, tol=args.tol, generator=args.seed, **common
+        )
     if args.trace_samples:
-        r["trace"] = analysis.hessian_trace(model, loss_fn, fixed, n_samples=args.trace_samples,
-                                            generator=args.seed, **common)
+        r["trace"] = analysis.hessian_trace(
+            model, loss_fn, fixed, n_samples=args.trace_samples, generator=args.seed, **common
+        )
     if args.density_iters:
-        r["spectral_density"] = analysis.spectral_density(model, loss_fn, fixed, n_iter=args.density_iters,
-                                                          generator=args.seed, **common)
+        r["spectral_density"] = analysis.spectral_density(
+            model, loss_fn, fixed, n_iter=args.density_iters, generator=args.seed, **common
+        )
     if args.rho > 0:
-        r["sharpness"] = analysis.sam_sharpness(model, loss_fn, fixed, rho=args.rho, n_steps=args.sharpness_steps,
-                                                **common)
+        r["sharpness"] = analysis.sam_sharpness(
+            model, loss_fn, fixed, rho=args.rho, n_steps=args.sharpness_steps, **common
+        )
     if args.points:
         grid = torch.linspace(-args.range, args.range, args.points).tolist()
-        r["landscape_1d"] = analysis.loss_landscape_1d(model, loss_fn, fixed, alphas=grid, generator=args.seed, **common)
+        r["landscape_1d"] = analysis.loss_landscape_1d(
+            model, loss_fn, fixed, alphas=grid, generator=args.seed, **common
+        )
     if args.surface:
         grid = torch.linspace(-args.range, args.range, args.surface).tolist()
-        r["landscape_2d"] = analysis.loss_landscape_2d(model, loss_fn, fixed, alphas=grid, betas=grid,
-                                                       generator=args.seed, **common)
+        r["landscape_2d"] = analysis.loss_landscape_2d(
+            model, loss_fn, fixed, alphas=grid, betas=grid, generator=args.seed, **common
+        )
     r["analysis_time_s"] = time.perf_counter() - t0
     if target.run_dir is not None:
         r["metrics"] = read_metrics(target.run_dir) or None
     masks = _named_masks(ckpt, model)
     if masks is not None:
         r["mask_density"] = {n: float(m.float().mean()) for n, m in masks.items() if m.numel()}
-    say(f"{target.name}: " + ", ".join(
-        f"{k} {v:.4g}" for k, v in (("loss", r["loss"]), ("top eigenvalue", (r.get("top_eigenvalues") or [None])[0]),
-                                    ("trace", r.get("trace")), ("sharpness", r.get("sharpness"))) if v is not None
-    ) + f" ({r['analysis_time_s']:.1f} s)")
+    say(
+        f"{target.name}: "
+        + ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in (
+                ("loss", r["loss"]),
+                ("top eigenvalue", (r.get("top_eigenvalues") or [None])[0]),
+                ("trace", r.get("trace")),
+                ("sharpness", r.get("sharpness")),
+            )
+            if v is not None
+        )
+        + f" ({r['analysis_time_s']:.1f} s)"
+    )
     return r
 
 
@@ -199,6 +230,7 @@ def _positive(kind: type, *, zero_ok: bool = False) -> Any:
         if v < 0 or (v == 0 and not zero_ok) or v != v:
             raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero_ok else '> 0'}, got {text!r}")
         return v
+
     return parse
 
 
@@ -210,39 +242,86 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
         "  sparsam analyze runs/sgd runs/sam                     # top eigenvalue, sharpness, 1-D landscape\n"
         "  sparsam analyze runs/sweep --top-k 3 --surface 21     # every run under a folder, plus 2-D surfaces\n"
         "  sparsam analyze runs/ssam/best_model.pt --trace-samples 50 --density-iters 60",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    parser.add_argument("paths", nargs="+", metavar="RUN_OR_CHECKPOINT",
-                        help="run directories, folders holding them, or checkpoint files")
-    parser.add_argument("--out", metavar="DIR", help="where results.json, summary.md and the figures go "
-                        "(default: RUN/analysis for one run directory, else ./analysis)")
-    parser.add_argument("--weights", choices=tuple(_WEIGHT_FILES), default="final",
-                        help="final (checkpoint.pt) or best (best_model.pt) weights of a run directory (default: final)")
-    parser.add_argument("--split", choices=("test", "train"), default="test",
-                        help="data the measures use, without augmentation (default: test)")
-    parser.add_argument("--mode", choices=("eval", "train"), default="eval",
-                        help="model mode: eval = BatchNorm running statistics (default), train = batch statistics")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="RUN_OR_CHECKPOINT",
+        help="run directories, folders holding them, or checkpoint files",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where results.json, summary.md and the figures go "
+        "(default: RUN/analysis for one run directory, else ./analysis)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=tuple(_WEIGHT_FILES),
+        default="final",
+        help="final (checkpoint.pt) or best (best_model.pt) weights of a run directory (default: final)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="data the measures use, without augmentation (default: test)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("eval", "train"),
+        default="eval",
+        help="model mode: eval = BatchNorm running statistics (default), train = batch statistics",
+    )
     parser.add_argument("--batch-size", type=_positive(int), default=256, help="samples per batch (default: 256)")
-    parser.add_argument("--batches", type=_positive(int), default=1,
-                        help="batches every measure uses, the same for all (default: 1)")
-    parser.add_argument("--top-k", type=_positive(int, zero_ok=True), default=1,
-                        help="top Hessian eigenvalues, Lanczos (0: skip; default: 1)")
+    parser.add_argument(
+        "--batches", type=_positive(int), default=1, help="batches every measure uses, the same for all (default: 1)"
+    )
+    parser.add_argument(
+        "--top-k",
+        type=_positive(int, zero_ok=True),
+        default=1,
+        help="top Hessian eigenvalues, Lanczos (0: skip; default: 1)",
+    )
     parser.add_argument("--eig-iters", type=_positive(int), default=100, help="Lanczos steps per eigenvalue at most")
     parser.add_argument("--tol", type=_positive(float), default=1e-3, help="relative tolerance of the eigenvalues")
-    parser.add_argument("--trace-samples", type=_positive(int, zero_ok=True), default=0,
-                        help="Hutchinson samples for the Hessian trace (0: skip; default)")
-    parser.add_argument("--density-iters", type=_positive(int, zero_ok=True), default=0,
-                        help="Lanczos steps of the spectral density (0: skip; default)")
-    parser.add_argument("--rho", type=_positive(float, zero_ok=True), default=0.05,
-                        help="radius of the SAM sharpness (0: skip; default: 0.05)")
+    parser.add_argument(
+        "--trace-samples",
+        type=_positive(int, zero_ok=True),
+        default=0,
+        help="Hutchinson samples for the Hessian trace (0: skip; default)",
+    )
+    parser.add_argument(
+        "--density-iters",
+        type=_positive(int, zero_ok=True),
+        default=0,
+        help="Lanczos steps of the spectral density (0: skip; default)",
+    )
+    parser.add_argument(
+        "--rho",
+        type=_positive(float, zero_ok=True),
+        default=0.05,
+        help="radius of the SAM sharpness (0: skip; default: 0.05)",
+    )
     parser.add_argument("--sharpness-steps", type=_positive(int), default=1, help="ascent steps of the sharpness")
-    parser.add_argument("--points", type=_positive(int, zero_ok=True), default=21,
-                        help="points of the 1-D landscape along a filter-normalised random direction (0: skip)")
-    parser.add_argument("--surface", type=_positive(int, zero_ok=True), default=0,
-                        help="points per side of a 2-D landscape (0: skip; default; 21 costs 441 evaluations)")
+    parser.add_argument(
+        "--points",
+        type=_positive(int, zero_ok=True),
+        default=21,
+        help="points of the 1-D landscape along a filter-normalised random direction (0: skip)",
+    )
+    parser.add_argument(
+        "--surface",
+        type=_positive(int, zero_ok=True),
+        default=0,
+        help="points per side of a 2-D landscape (0: skip; default; 21 costs 441 evaluations)",
+    )
     parser.add_argument("--range", type=_positive(float), default=1.0, help="landscape coordinates from -R to R")
-    parser.add_argument("--seed", type=_positive(int, zero_ok=True), default=0,
-                        help="seed of the start vectors and directions")
+    parser.add_argument(
+        "--seed", type=_positive(int, zero_ok=True), default=0, help="seed of the start vectors and directions"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--threads", type=_positive(int), help="CPU threads for PyTorch")
     parser.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (png, pdf, svg)")

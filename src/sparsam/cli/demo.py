@@ -29,13 +29,21 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
         allow_abbrev=False,
     )
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
-                        help=f"comma-separated methods among {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        metavar="LIST",
+        help=f"comma-separated methods among {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="epochs per method (default: the preset's, 8)")
     parser.add_argument("--sparsity", type=float, default=None, help="SSAM sparsity (default 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed shared by every method (default 0)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: fastest for this tiny model, and fair to a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: fastest for this tiny model, and fair to a busy machine)",
+    )
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write demo.png")
     args = parser.parse_args(argv)
 
@@ -47,8 +55,14 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
     out = resolve_dir(args.out, flag="--out")  # a file, or a path under one, is refused here
     configs = {}
     for m in methods:
-        over = {**method_values(m), "out": str(out / m), "seed": args.seed, "stop_after": 1, "progress": False,
-                "threads": args.threads}
+        over = {
+            **method_values(m),
+            "out": str(out / m),
+            "seed": args.seed,
+            "stop_after": 1,
+            "progress": False,
+            "threads": args.threads,
+        }
         if args.epochs is not None:
             over["epochs"] = args.epochs
         if args.sparsity is not None:
@@ -57,8 +71,10 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
         base = get_preset(preset).values if preset in list_presets() else get_preset("digits-smallcnn-sgd").values
         configs[m] = build_config([("preset digits-smallcnn", base), ("demo", over)])
     epochs = max(c.epochs for c in configs.values())
-    print(f"demo: {', '.join(methods)} on digits, SmallCNN, {epochs} epochs each, taking turns; writing {out}",
-          file=sys.stderr)
+    print(
+        f"demo: {', '.join(methods)} on digits, SmallCNN, {epochs} epochs each, taking turns; writing {out}",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     for epoch in range(epochs):
         order = methods if epoch % 2 == 0 else list(reversed(methods))
@@ -71,8 +87,10 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
                 print("demo interrupted", file=sys.stderr)
                 return 130
             accs[m] = r.final_test_acc
-        print(f"  epoch {epoch + 1}/{epochs}: " + "  ".join(f"{m} {100 * accs[m]:.1f}%" for m in methods if m in accs),
-              file=sys.stderr)
+        print(
+            f"  epoch {epoch + 1}/{epochs}: " + "  ".join(f"{m} {100 * accs[m]:.1f}%" for m in methods if m in accs),
+            file=sys.stderr,
+        )
     total = time.perf_counter() - start
 
     from ..train import rundir
@@ -90,8 +108,10 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
             f"{statistics.median(ratios):>7.2f}x"
         )
     print("\n".join(lines))
-    print(f"(test accuracy and loss on the 360 held-out digits; ms/step: median over epochs; vs {ref.upper()}: median "
-          f"of the epoch-by-epoch ratios of time per step; the demo took {total:.0f} s)")
+    print(
+        f"(test accuracy and loss on the 360 held-out digits; ms/step: median over epochs; vs {ref.upper()}: median "
+        f"of the epoch-by-epoch ratios of time per step; the demo took {total:.0f} s)"
+    )
     if args.plot:
         from ..train.figures import plot_accuracy
         from ..train.tables import group_runs

@@ -51,11 +51,16 @@ def main(argv: list[str], prog: str = "sparsam report") -> int:
         "and CSV, with plots of test accuracy against epochs, training time and training compute.",
         epilog="example:\n  sparsam report runs/sweep            # every run directory under runs/sweep\n"
         "  sparsam report runs/a runs/b --out reports/ab",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_ROOT", help="run directories, or folders holding them")
-    parser.add_argument("--out", metavar="DIR", help="where to write report.md, report.csv and the plots "
-                        "(default: ROOT/report for a single folder, else ./report)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write report.md, report.csv and the plots "
+        "(default: ROOT/report for a single folder, else ./report)",
+    )
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the PNG plots")
     parser.add_argument("--title", help="a title line for report.md")
     args = parser.parse_args(argv)
@@ -65,5 +70,8 @@ def main(argv: list[str], prog: str = "sparsam report") -> int:
     out = args.out or (os.path.join(args.paths[0], "report") if len(args.paths) == 1 else "report")
     table = write_report(args.paths, out, plots=args.plots, title=args.title)
     print(table)
-    print(f"wrote {os.path.join(out, 'report.md')}, report.csv" + (", acc_vs_epoch.png, acc_vs_time.png, acc_vs_compute.png" if args.plots else ""))
+    print(
+        f"wrote {os.path.join(out, 'report.md')}, report.csv"
+        + (", acc_vs_epoch.png, acc_vs_time.png, acc_vs_compute.png" if args.plots else "")
+    )
     return 0

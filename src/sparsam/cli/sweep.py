@@ -61,8 +61,14 @@ def run_name(method: str, sparsity: float | None, seed: int) -> str:
     return f"{method}" + (f"-s{sparsity:g}" if sparsity is not None else "") + f"-seed{seed}"
 
 
-def plan(root: str, methods: list[str], sparsities: list[float], seeds: list[int],
-         layers: list[tuple[str, dict[str, Any]]], family: str | None = None) -> list[SweepRun]:
+def plan(
+    root: str,
+    methods: list[str],
+    sparsities: list[float],
+    seeds: list[int],
+    layers: list[tuple[str, dict[str, Any]]],
+    family: str | None = None,
+) -> list[SweepRun]:
     """Every run of the grid (methods without a sparsity run once per seed), configs validated."""
     from ..train.presets import get_preset, list_presets
 
@@ -74,9 +80,11 @@ def plan(root: str, methods: list[str], sparsities: list[float], seeds: list[int
             name = f"{family}-{method}"
             if name not in list_presets():
                 available = sorted(p for p in list_presets() if p.startswith(family + "-"))
-                raise ConfigError(f"--family {family} has no preset for method {method!r} (available: {', '.join(available) or 'none'})")
+                raise ConfigError(
+                    f"--family {family} has no preset for method {method!r} (available: {', '.join(available) or 'none'})"
+                )
             base.append((f"preset {name}", get_preset(name).values))
-        for s in (sparsities if method in SPARSE_METHODS else [None]):
+        for s in sparsities if method in SPARSE_METHODS else [None]:
             for seed in seeds:
                 name = run_name(method, s, seed)
                 grid_values: dict[str, Any] = {**values, "seed": seed, "out": str(Path(root) / name)}
@@ -104,29 +112,53 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
     parser.add_argument("--root", required=True, metavar="DIR", help="folder that receives one run directory per run")
     parser.add_argument("--grid", metavar="FILE", help="JSON grid file (methods, sparsities, seeds, family, train)")
     parser.add_argument("--methods", metavar="LIST", help="comma-separated methods (default sgd,sam,ssam-f,ssam-d)")
-    parser.add_argument("--sparsities", metavar="LIST", help="comma-separated sparsities for SSAM methods (default 0.5)")
+    parser.add_argument(
+        "--sparsities", metavar="LIST", help="comma-separated sparsities for SSAM methods (default 0.5)"
+    )
     parser.add_argument("--seeds", metavar="LIST", help="comma-separated seeds (default 0)")
-    parser.add_argument("--family", metavar="NAME", help="preset family: each method starts from preset NAME-METHOD, "
-                        "e.g. cifar10-resnet18 (so SGD and SAM get their own weight decay)")
+    parser.add_argument(
+        "--family",
+        metavar="NAME",
+        help="preset family: each method starts from preset NAME-METHOD, "
+        "e.g. cifar10-resnet18 (so SGD and SAM get their own weight decay)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
-    parser.add_argument("--redo", action="store_true",
-                        help="start over every run whose directory was made with other settings (its files are "
-                        "deleted); without it such a re-run is refused")
-    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                        help="write ROOT/report (table and plots) at the end")
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="start over every run whose directory was made with other settings (its files are "
+        "deleted); without it such a re-run is refused",
+    )
+    parser.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write ROOT/report (table and plots) at the end",
+    )
     from .train import add_layer_flags, config_layers
 
     add_layer_flags(parser)
     add_config_flags(parser)
     args = parser.parse_args(argv)
-    for key, instead in (("out", "--root"), ("opt", "--methods"), ("mask", "--methods"), ("seed", "--seeds"),
-                         ("sparsity", "--sparsities")):
+    for key, instead in (
+        ("out", "--root"),
+        ("opt", "--methods"),
+        ("mask", "--methods"),
+        ("seed", "--seeds"),
+        ("sparsity", "--sparsities"),
+    ):
         if hasattr(args, key):
             parser.error(f"--{key} is set per run by the sweep; use {instead}")
 
     grid = read_grid(args.grid) if args.grid else {}
-    methods = _split_list(args.methods, str, "--methods") if args.methods else grid.get("methods", ["sgd", "sam", "ssam-f", "ssam-d"])
-    sparsities = _split_list(args.sparsities, float, "--sparsities") if args.sparsities else grid.get("sparsities", [0.5])
+    methods = (
+        _split_list(args.methods, str, "--methods")
+        if args.methods
+        else grid.get("methods", ["sgd", "sam", "ssam-f", "ssam-d"])
+    )
+    sparsities = (
+        _split_list(args.sparsities, float, "--sparsities") if args.sparsities else grid.get("sparsities", [0.5])
+    )
     seeds = _split_list(args.seeds, int, "--seeds") if args.seeds else grid.get("seeds", [0])
     family = args.family or grid.get("family")
     for m in methods:
@@ -141,8 +173,11 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
 
     rundir.resolve_dir(args.root, flag="--root")  # not a file, nor under one
     # One sweep per root at a time (rank 0 holds the lock under torchrun), for the sweep's lifetime.
-    lock = None if args.dry_run or os.environ.get("RANK", "0") != "0" else rundir.lock_dir(
-        args.root, kind="sweep", flag="--root")
+    lock = (
+        None
+        if args.dry_run or os.environ.get("RANK", "0") != "0"
+        else rundir.lock_dir(args.root, kind="sweep", flag="--root")
+    )
     try:
         states = {r.name: rundir.state(r.config.out or "") for r in runs}
         changed = _changed_settings(runs, states)
@@ -187,16 +222,25 @@ def _changed_settings(runs: list[SweepRun], states: dict[str, str]) -> dict[str,
     return changed
 
 
-def _run_all(args: argparse.Namespace, argv: list[str], runs: list[SweepRun], states: dict[str, str], train: Any,
-             *, quiet_rank: bool) -> int:
+def _run_all(
+    args: argparse.Namespace,
+    argv: list[str],
+    runs: list[SweepRun],
+    states: dict[str, str],
+    train: Any,
+    *,
+    quiet_rank: bool,
+) -> int:
     def log(msg: str) -> None:
         if not quiet_rank:
             print(msg, file=sys.stderr)
 
-    log(f"sweep of {len(runs)} runs under {args.root}: "
+    log(
+        f"sweep of {len(runs)} runs under {args.root}: "
         f"{sum(s == 'finished' for s in states.values())} finished, {sum(s == 'started' for s in states.values())} "
         f"started, {sum(s == 'empty' for s in states.values())} new"
-        + (f", {sum(s == 'redo' for s in states.values())} to redo" if "redo" in states.values() else ""))
+        + (f", {sum(s == 'redo' for s in states.values())} to redo" if "redo" in states.values() else "")
+    )
     for i, r in enumerate(runs, 1):
         state = states[r.name]
         if state == "finished":
@@ -204,8 +248,7 @@ def _run_all(args: argparse.Namespace, argv: list[str], runs: list[SweepRun], st
             continue
         what = {"started": "resuming", "redo": "starting over (--redo: its settings changed)"}.get(state, "starting")
         log(f"[{i}/{len(runs)}] {r.name}: {what}")
-        result = train(r.config, resume=state == "started", overwrite=state == "redo",
-                       argv=["sparsam", "sweep", *argv])
+        result = train(r.config, resume=state == "started", overwrite=state == "redo", argv=["sparsam", "sweep", *argv])
         if result.stopped == "interrupted":
             log(f"sweep interrupted during {r.name}; run the same command again to continue")
             return 130

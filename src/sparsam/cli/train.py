@@ -41,13 +41,22 @@ def config_layers(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train one model with SGD, SAM, ASAM or SSAM and write a run directory.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        prog=prog,
+        description="Train one model with SGD, SAM, ASAM or SSAM and write a run directory.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     add_layer_flags(parser)
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="continue the run in --out (or in the given run directory / checkpoint file)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="continue the run in --out (or in the given run directory / checkpoint file)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
     add_config_flags(parser)
     return parser
@@ -68,8 +77,11 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
             raise RunDirError(f"--resume {args.resume}: no such run directory or checkpoint")
         if target.is_file():
             if target.name != rundir.CHECKPOINT:
-                why = (f"{rundir.BEST} holds only the best epoch's weights" if target.name == rundir.BEST else
-                       f"to resume from a copy of a checkpoint, put it in place of {target.parent / rundir.CHECKPOINT}")
+                why = (
+                    f"{rundir.BEST} holds only the best epoch's weights"
+                    if target.name == rundir.BEST
+                    else f"to resume from a copy of a checkpoint, put it in place of {target.parent / rundir.CHECKPOINT}"
+                )
                 raise RunDirError(
                     f"--resume {args.resume}: a run resumes from its own {rundir.CHECKPOINT} (weights, optimizer, "
                     f"schedule and random states), and {target.name} is not it ({why})"

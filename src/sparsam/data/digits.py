@@ -43,9 +43,7 @@ def load_digits_splits(*, max_per_class: int | None = None) -> DatasetSplits:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # scikit-learn is an optional dependency
-        raise ImportError(
-            "the 'digits' dataset needs scikit-learn: pip install scikit-learn (or sparsam[cli])"
-        ) from e
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn (or sparsam[cli])") from e
     bunch = load_digits()
     data = np.asarray(bunch.data, dtype=np.float64).reshape(-1, 1, 8, 8)
     labels = np.asarray(bunch.target, dtype=np.int64)

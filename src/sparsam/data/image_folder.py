@@ -42,7 +42,17 @@ from ._files import atomic_path
 from .dataset import ArrayDataset, DatasetSplits, channel_stats, check_max_per_class
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
 )
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _CACHE_FORMAT = 1
@@ -203,7 +213,9 @@ def _keep_as_is(x: list[Any]) -> list[Any]:
     return x
 
 
-def decode_files(files: Sequence[str], *, num_workers: int = 0) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
+def decode_files(
+    files: Sequence[str], *, num_workers: int = 0
+) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
     """Decode ``files`` (in ``num_workers`` processes): one array (H, W, C) per file, ``None`` for a
     damaged file, and the ``(path, reason)`` of every damaged file."""
     loader = DataLoader(
@@ -418,9 +430,7 @@ def _report_damaged(damaged: Sequence[tuple[str, str]], root: Path, skip: bool) 
     if not skip:
         raise DamagedImageError(damaged_message(damaged, root), damaged)
     path, reason = damaged[0]
-    warnings.warn(
-        f"skipped {len(damaged)} damaged image file(s) of {root} (first: {path}: {reason})", stacklevel=3
-    )
+    warnings.warn(f"skipped {len(damaged)} damaged image file(s) of {root} (first: {path}: {reason})", stacklevel=3)
 
 
 def _splits_from_arrays(name: str, a: dict[str, np.ndarray]) -> DatasetSplits:

@@ -76,7 +76,9 @@ class SAMStep:
     under fp16 it would unscale the gradients a second time.
     """
 
-    def __init__(self, accelerator: Any, optimizer: Any, *, model: nn.Module | None = None, base_step: bool = True) -> None:
+    def __init__(
+        self, accelerator: Any, optimizer: Any, *, model: nn.Module | None = None, base_step: bool = True
+    ) -> None:
         self.accelerator = accelerator
         self.optimizer = unwrap_optimizer(optimizer)
         if model is not None:

@@ -104,7 +104,9 @@ class SAMCallback(Callback):
         log_descent: keep ``self.log`` calls made during pass 2 (at ``w + e``). Default: drop them.
     """
 
-    def __init__(self, *, loss_fn: LossFn | None = None, data: Iterable[Any] | None = None, log_descent: bool = False) -> None:
+    def __init__(
+        self, *, loss_fn: LossFn | None = None, data: Iterable[Any] | None = None, log_descent: bool = False
+    ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
@@ -196,7 +198,13 @@ class _SkipStep(Exception):
 
 
 def _sam_step(
-    plugin: Precision, sam: SAM, model: pl.LightningModule, closure: Callable[[], Any], *, log_descent: bool, **kwargs: Any
+    plugin: Precision,
+    sam: SAM,
+    model: pl.LightningModule,
+    closure: Callable[[], Any],
+    *,
+    log_descent: bool,
+    **kwargs: Any,
 ) -> Any:
     """One SAM step driven from Lightning's precision plugin (automatic, or ``opt.step(closure)``):
     one call to ``sam.step``, with a closure that adapts Lightning's closure to each pass."""

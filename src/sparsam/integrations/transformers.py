@@ -171,7 +171,9 @@ class SAMTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         return self._sam_step(self._micro_batch_loss, model, inputs, num_items_in_batch)
 
-    def _micro_batch_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None) -> Tensor:
+    def _micro_batch_loss(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None
+    ) -> Tensor:
         """The loss the Trainer's own ``training_step`` backpropagates for this micro-batch."""
         with self.compute_loss_context_manager():
             # compute_loss may pop "labels" (label smoothing): give each pass its own dict

@@ -200,9 +200,7 @@ def resolve_update_every(
         if not isinstance(update_every_epochs, int) or update_every_epochs < 1:
             raise ValueError(f"update_every_epochs must be a positive int, got {update_every_epochs!r}")
         if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(
-                f"update_every_epochs needs steps_per_epoch as a positive int, got {steps_per_epoch!r}"
-            )
+            raise ValueError(f"update_every_epochs needs steps_per_epoch as a positive int, got {steps_per_epoch!r}")
         return update_every_epochs * steps_per_epoch
     if update_every is not None and (not isinstance(update_every, int) or update_every < 1):
         raise ValueError(f"update_every must be a positive int or None, got {update_every!r}")

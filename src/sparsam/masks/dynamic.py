@@ -150,8 +150,9 @@ class DynamicMask(SeededSource):
             self._pending = self._next(ctx, current)
         return handed
 
-    def _scores(self, kind: str, params: list[Tensor], grads: list[Tensor | None], device: torch.device,
-                index: Tensor) -> Tensor:
+    def _scores(
+        self, kind: str, params: list[Tensor], grads: list[Tensor | None], device: torch.device, index: Tensor
+    ) -> Tensor:
         """Scores of the flat positions ``index`` of the group: |g|, |w| or uniform random."""
         if kind == "random":
             return torch.rand(index.numel(), generator=self.generator).to(device)

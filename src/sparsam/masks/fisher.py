@@ -191,9 +191,7 @@ def fisher_information(
     theta = {mn: p.detach() for _, mn, p in scored}
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in model_names}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    acc_dtype = {
-        mn: (torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for _, mn, p in scored
-    }
+    acc_dtype = {mn: (torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for _, mn, p in scored}
     acc = {mn: torch.zeros(p.shape, dtype=acc_dtype[mn], device=p.device) for _, mn, p in scored}
 
     if chunk_size is None:
@@ -350,16 +348,23 @@ class FisherMask(PatternOptions, SeededSource):
         self.true_fisher, self.chunk_size, self.bn_stats = bool(true_fisher), chunk_size, bn_stats
         self._seed(seed)
         # Fail early on bad selection options (select validates them).
-        select({}, self.sparsity, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget,
-               one_d=one_d, fill=fill)
+        select(
+            {},
+            self.sparsity,
+            self.pattern,
+            n=self.n,
+            m=self.m,
+            granularity=granularity,
+            budget=budget,
+            one_d=one_d,
+            fill=fill,
+        )
 
     def scores(self, ctx: MaskContext) -> dict[str, Tensor]:
         """The Fisher information of ``ctx.params`` (keyed by their names in ``ctx``)."""
         missing = [k for k in ("model", "loss_fn", "data") if getattr(ctx, k) is None]
         if missing:
-            raise ValueError(
-                f"FisherMask needs {', '.join(missing)}: pass model=, loss_fn= and data= to the optimizer"
-            )
+            raise ValueError(f"FisherMask needs {', '.join(missing)}: pass model=, loss_fn= and data= to the optimizer")
         return fisher_information(
             ctx.model,
             ctx.loss_fn,

@@ -42,13 +42,9 @@ class NormLayersMask(MaskSource):
                 "NormLayersMask needs the model to find its normalisation layers: pass model= to the optimizer"
             )
         norm_ids = {
-            id(p)
-            for mod in ctx.model.modules()
-            if isinstance(mod, self.types)
-            for p in mod.parameters(recurse=False)
+            id(p) for mod in ctx.model.modules() if isinstance(mod, self.types) for p in mod.parameters(recurse=False)
         }
         return {n: p.new_full(p.shape, id(p) in norm_ids, dtype=torch.bool) for n, p in ctx.params.items()}
 
     def extra_repr(self) -> str:
         return f"types={[t.__name__ for t in self.types]}"
-

@@ -52,7 +52,9 @@ class RandomMask(PatternOptions, SeededSource):
         )
         self.granularity, self.budget, self.one_d, self.fill = granularity, budget, one_d, fill
         check = 0.0 if self.sparsity == 1.0 else self.sparsity  # validates the pattern options
-        select({}, check, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d, fill=fill)
+        select(
+            {}, check, self.pattern, n=self.n, m=self.m, granularity=granularity, budget=budget, one_d=one_d, fill=fill
+        )
         self._seed(seed)
 
     def _draw(self, ctx: MaskContext) -> dict[str, Tensor]:

@@ -405,8 +405,17 @@ class PatternOptions:
     fill: str = "first-fit"
 
     def _select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return select(scores, self.sparsity, self.pattern, n=self.n, m=self.m, granularity=self.granularity,
-                      budget=self.budget, one_d=self.one_d, fill=self.fill)
+        return select(
+            scores,
+            self.sparsity,
+            self.pattern,
+            n=self.n,
+            m=self.m,
+            granularity=self.granularity,
+            budget=self.budget,
+            one_d=self.one_d,
+            fill=self.fill,
+        )
 
     def _pattern_name(self) -> str:
         return f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern

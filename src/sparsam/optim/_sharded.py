@@ -32,8 +32,18 @@ except ImportError:  # pragma: no cover - old torch or a build without distribut
     Shard = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "first_mesh", "is_sharded", "loaded_mask", "local", "local_numel_bytes", "local_part", "mask_shape_error",
-    "reduce_max", "reduce_norm", "saved_mask", "saved_masks", "sharding_of",
+    "first_mesh",
+    "is_sharded",
+    "loaded_mask",
+    "local",
+    "local_numel_bytes",
+    "local_part",
+    "mask_shape_error",
+    "reduce_max",
+    "reduce_norm",
+    "saved_mask",
+    "saved_masks",
+    "sharding_of",
 ]
 
 
@@ -100,7 +110,6 @@ def reduce_norm(local_norm: Tensor, mesh: Any) -> Tensor:
 def local_numel_bytes(tensors: Iterable[Tensor]) -> int:
     """Bytes held on this rank by ``tensors`` (local shards for DTensors)."""
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
-
 
 
 def local_part(full: Tensor, p: Any) -> Tensor:

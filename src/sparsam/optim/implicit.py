@@ -114,7 +114,17 @@ class _ImplicitConv(torch.autograd.Function):
         zeros = [0] * (w.dim() - 2)
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(
-                gy, x.to(dt), (w * m).to(dt), None, stride, padding, dilation, False, zeros, groups, [True, False, False]
+                gy,
+                x.to(dt),
+                (w * m).to(dt),
+                None,
+                stride,
+                padding,
+                dilation,
+                False,
+                zeros,
+                groups,
+                [True, False, False],
             )[0].to(x.dtype)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             _, gw, gb = torch.ops.aten.convolution_backward(
@@ -184,15 +194,16 @@ def masked_input_gradients(
     ``sparse_ok`` marks weights whose transposed mask is 2:4 (see ``is_2to4_rows``). Yields
     the number of layers switched. The original forwards are restored on exit, also on error."""
     check_implicit_layers(layers)
-    kinds = (nn.Linear,) if layers == "linear" else (
-        (nn.Conv1d, nn.Conv2d, nn.Conv3d) if layers == "conv" else (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    kinds = (
+        (nn.Linear,)
+        if layers == "linear"
+        else ((nn.Conv1d, nn.Conv2d, nn.Conv3d) if layers == "conv" else (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
     )
     patched: list[nn.Module] = []
     try:
         for module in model.modules():
             w = getattr(module, "weight", None)
-            if (isinstance(w, Tensor) and w in masks and supports_implicit(module)
-                    and isinstance(module, kinds)):
+            if isinstance(w, Tensor) and w in masks and supports_implicit(module) and isinstance(module, kinds):
                 m = masks[w]
                 ok = isinstance(module, nn.Linear) and bool(sparse_ok and sparse_ok.get(w, False))
                 module.forward = _implicit_forward(module, m, ok)  # type: ignore[method-assign]

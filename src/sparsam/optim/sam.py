@@ -19,8 +19,20 @@ _SAM_KEYS = ("rho", "adaptive", "eta")
 _ASCENT_MODES = ("local", "sync")
 # Per-coordinate buffers of torch's optimizers: each has its parameter's shape (checked at load).
 _PER_COORDINATE = frozenset(
-    {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "grad_avg",
-     "acc_delta", "sum", "prev", "step_size", "ax"}
+    {
+        "momentum_buffer",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "exp_inf",
+        "square_avg",
+        "grad_avg",
+        "acc_delta",
+        "sum",
+        "prev",
+        "step_size",
+        "ax",
+    }
 )
 
 
@@ -144,7 +156,9 @@ class SAM(Optimizer):
                     f"got params of type {type(params_or_optimizer).__name__} and no class"
                 )
             if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, Optimizer)):
-                raise TypeError(f"base_optimizer_cls must be a torch.optim.Optimizer subclass, got {base_optimizer_cls!r}")
+                raise TypeError(
+                    f"base_optimizer_cls must be a torch.optim.Optimizer subclass, got {base_optimizer_cls!r}"
+                )
             base = base_optimizer_cls(params_or_optimizer, **base_kwargs)
         if not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
@@ -302,9 +316,7 @@ class SAM(Optimizer):
                 gradients; they are unscaled in place here.
         """
         if self._in_perturbation:
-            raise RuntimeError(
-                "first_step() was called twice without second_step(): the weights are already at w + e"
-            )
+            raise RuntimeError("first_step() was called twice without second_step(): the weights are already at w + e")
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self._scaler = scaler
         self._found_inf = self._unscale_ascent_grads(scaler) if scaler is not None else None
@@ -347,7 +359,9 @@ class SAM(Optimizer):
         perturbed: list[Tensor] = []
         if plan:
             norm = F.global_norm(terms)
-            mesh = _sharded.sharding_of(p for g in self.param_groups if g["rho"] > 0 for p in g["params"] if p.grad is not None)
+            mesh = _sharded.sharding_of(
+                p for g in self.param_groups if g["rho"] > 0 for p in g["params"] if p.grad is not None
+            )
             if mesh is not None:  # the norm over every shard on every rank: one all-reduce
                 norm = _sharded.reduce_norm(norm, mesh)
             for rho, adaptive, eta, ps, gs, ms in plan:
@@ -565,7 +579,9 @@ class SAM(Optimizer):
         for g in self._grads():
             if g.numel():
                 flat = g.view(-1)[:1]
-                flat.add_(torch.where(found_inf.to(g.device) > 0, torch.tensor(math.inf, device=g.device), 0.0).to(g.dtype))
+                flat.add_(
+                    torch.where(found_inf.to(g.device) > 0, torch.tensor(math.inf, device=g.device), 0.0).to(g.dtype)
+                )
                 return
 
     def _clip(self) -> None:
@@ -575,8 +591,12 @@ class SAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
-        return {"version": 1, "type": type(self).__name__, "base": type(self.base_optimizer).__name__,
-                "compute": self._compute}
+        return {
+            "version": 1,
+            "type": type(self).__name__,
+            "base": type(self.base_optimizer).__name__,
+            "compute": self._compute,
+        }
 
     def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
         """Raise if ``extra`` (the ``"sparsam"`` entry) cannot be loaded here; change nothing."""
@@ -627,8 +647,11 @@ class SAM(Optimizer):
             # Settings the base optimizer reads at every step (flags are filled in by torch for
             # states of older versions; numbers and tuples such as momentum or betas are not).
             missing = sorted(
-                k for k, v in group.items()
-                if k not in saved and k not in ("params", "param_names", *_SAM_KEYS) and not isinstance(v, (bool, type(None)))
+                k
+                for k, v in group.items()
+                if k not in saved
+                and k not in ("params", "param_names", *_SAM_KEYS)
+                and not isinstance(v, (bool, type(None)))
             )
             if missing:
                 raise ValueError(
@@ -672,7 +695,9 @@ class SAM(Optimizer):
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"load_state_dict needs a state dict (a mapping), got {type(state_dict).__name__}")
         if self._in_perturbation:
-            raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step or restore() first")
+            raise RuntimeError(
+                "load_state_dict() between first_step() and second_step(): finish the step or restore() first"
+            )
         sd = dict(state_dict)
         extra = sd.pop("sparsam", None)
         if extra is not None:
@@ -693,5 +718,8 @@ class SAM(Optimizer):
             raise
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)}, " \
-            + ", ".join(f"{k}={self._sam_defaults[k]}" for k in _SAM_KEYS) + ")"
+        return (
+            f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)}, "
+            + ", ".join(f"{k}={self._sam_defaults[k]}" for k in _SAM_KEYS)
+            + ")"
+        )

@@ -205,14 +205,20 @@ class SSAM(SAM):
                 p = by_name[key]
             elif isinstance(key, Tensor):
                 if key not in known:
-                    raise KeyError(f"mask given for a tensor of shape {tuple(key.shape)} that is not a parameter of this optimizer")
+                    raise KeyError(
+                        f"mask given for a tensor of shape {tuple(key.shape)} that is not a parameter of this optimizer"
+                    )
                 p = key
             else:
                 raise TypeError(f"mask keys must be parameters or parameter names, got {type(key).__name__}")
             if not isinstance(m, Tensor):
-                raise TypeError(f"mask for {key if isinstance(key, str) else 'parameter'} must be a tensor, got {type(m).__name__}")
+                raise TypeError(
+                    f"mask for {key if isinstance(key, str) else 'parameter'} must be a tensor, got {type(m).__name__}"
+                )
             if m.dtype != torch.bool:
-                raise TypeError(f"mask for parameter of shape {tuple(p.shape)} must have dtype torch.bool, got {m.dtype}")
+                raise TypeError(
+                    f"mask for parameter of shape {tuple(p.shape)} must have dtype torch.bool, got {m.dtype}"
+                )
             if m.shape != _sharded.local(p).shape:  # FSDP2: a mask covers this rank's shard
                 raise ValueError(_sharded.mask_shape_error(m, p))
             new[p] = m.detach().to(p.device, non_blocking=False)
@@ -270,8 +276,12 @@ class SSAM(SAM):
             self.init_masks()  # the mask is needed now to know what pass 1 can skip
         with super().ascent_pass():
             if self.form == "implicit":
-                with masked_input_gradients(self.model, self._implicit_masks, self._sparse_ok,  # type: ignore[arg-type]
-                                            layers=self.implicit_layers):
+                with masked_input_gradients(
+                    self.model,
+                    self._implicit_masks,
+                    self._sparse_ok,  # type: ignore[arg-type]
+                    layers=self.implicit_layers,
+                ):
                     yield
                 return
             frozen: list[Tensor] = []
@@ -404,7 +414,9 @@ class SSAM(SAM):
         params = self._all_params()
         for i, m in extra["masks"].items():
             if isinstance(i, bool) or not isinstance(i, (int, str)) or not str(i).isdigit() or not int(i) < len(params):
-                raise ValueError(f"checkpoint has a mask for parameter index {i!r}, the optimizer has {len(params)} parameters")
+                raise ValueError(
+                    f"checkpoint has a mask for parameter index {i!r}, the optimizer has {len(params)} parameters"
+                )
             p = params[int(i)]
             if not isinstance(m, Tensor) or m.shape != (p if _sharded.is_sharded(m) else _sharded.local(p)).shape:
                 shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
@@ -426,7 +438,9 @@ class SSAM(SAM):
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
         self._check_extra_state(extra)
         params = self._all_params()
-        masks = {params[int(i)]: _sharded.loaded_mask(m, params[int(i)]).to(torch.bool) for i, m in extra["masks"].items()}
+        masks = {
+            params[int(i)]: _sharded.loaded_mask(m, params[int(i)]).to(torch.bool) for i, m in extra["masks"].items()
+        }
         self.mask_source.load_state_dict(extra["mask_source"])
         self.set_masks(masks)
         self._masks_ready = bool(extra.get("masks_ready", True))
@@ -440,7 +454,7 @@ def _strip_wrapper_prefix(name: str) -> str:
     # DDP and torch.compile wrap the model: "module.layer.weight", "_orig_mod.layer.weight".
     for prefix in ("module.", "_orig_mod."):
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 

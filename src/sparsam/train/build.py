@@ -49,8 +49,15 @@ def build_optimizer(
         )
     else:
         base = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
-    ctx = methods.BuildContext(cfg=cfg, base=base, model=model, loss_fn=loss_fn, fisher_data=fisher_data,
-                               steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    ctx = methods.BuildContext(
+        cfg=cfg,
+        base=base,
+        model=model,
+        loss_fn=loss_fn,
+        fisher_data=fisher_data,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
     return methods.build_optimizer(ctx), base
 
 
@@ -92,7 +99,12 @@ class WarmupCosine:
     """
 
     def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float, schedule: str) -> None:
-        self.total_steps, self.warmup_steps, self.min_ratio, self.schedule = total_steps, warmup_steps, min_ratio, schedule
+        self.total_steps, self.warmup_steps, self.min_ratio, self.schedule = (
+            total_steps,
+            warmup_steps,
+            min_ratio,
+            schedule,
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -132,7 +144,8 @@ def build_scheduler(cfg: TrainConfig, base: Optimizer, *, steps_per_epoch: int) 
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "cosine-epoch":
         return torch.optim.lr_scheduler.LambdaLR(
-            base, EpochCosine(steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.min_lr / cfg.lr))
+            base, EpochCosine(steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.min_lr / cfg.lr)
+        )
     return torch.optim.lr_scheduler.LambdaLR(base, WarmupCosine(total, warmup, cfg.min_lr / cfg.lr, cfg.schedule))
 
 

@@ -30,10 +30,24 @@ OPTIMIZERS = tuple(methods.OPTIMIZERS)
 MASKS = tuple(methods.MASKS)
 
 
-def _f(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None, identity: bool = True,
-       metavar: str | None = None, nargs: int | None = None) -> Any:
-    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None, "identity": identity,
-            "metavar": metavar, "nargs": nargs}
+def _f(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    choices: Sequence[str] | None = None,
+    identity: bool = True,
+    metavar: str | None = None,
+    nargs: int | None = None,
+) -> Any:
+    meta = {
+        "help": help,
+        "group": group,
+        "choices": tuple(choices) if choices else None,
+        "identity": identity,
+        "metavar": metavar,
+        "nargs": nargs,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,45 +58,79 @@ class TrainConfig:
     """Everything that defines a training run. The Training guide documents each option."""
 
     # ---------------------------------------------------------------- data
-    data: str = _f("digits", "data set: digits (built in, no download), cifar10, cifar100, or an image-folder "
-                   "directory in the ImageNet layout (DIR/train/CLASS/*.jpg, DIR/test|val/CLASS/*.jpg)", group="data")
-    data_root: str | None = _f(None, "folder holding the CIFAR files (default $SPARSAM_DATA, else ./data)",
-                               group="data", identity=False)
+    data: str = _f(
+        "digits",
+        "data set: digits (built in, no download), cifar10, cifar100, or an image-folder "
+        "directory in the ImageNet layout (DIR/train/CLASS/*.jpg, DIR/test|val/CLASS/*.jpg)",
+        group="data",
+    )
+    data_root: str | None = _f(
+        None, "folder holding the CIFAR files (default $SPARSAM_DATA, else ./data)", group="data", identity=False
+    )
     download: bool = _f(False, "download CIFAR (MD5-checked) if its files are missing", group="data", identity=False)
-    train_subset: int | None = _f(None, "train on a seeded subset of N training images (CPU-scale studies)",
-                                  group="data", metavar="N")
+    train_subset: int | None = _f(
+        None, "train on a seeded subset of N training images (CPU-scale studies)", group="data", metavar="N"
+    )
     test_subset: int | None = _f(None, "evaluate on a fixed subset of N test images", group="data", metavar="N")
-    subset: str = _f("balanced", "how subsets are drawn: the same number per class, or uniformly at random",
-                     group="data", choices=("balanced", "random"))
-    subset_seed: int = _f(0, "seed of the subsets (independent of --seed, so every run sees the same images)",
-                          group="data")
-    label_noise: float = _f(0.0, "symmetric label noise: give exactly round(FRACTION x N) training labels a "
-                            "different class drawn uniformly (seeded by --subset-seed; the test set stays clean)",
-                            group="data", metavar="FRACTION")
-    augment: str = _f("auto", "training augmentation: auto = cifar for CIFAR, crop-flip for image folders, none "
-                      "for digits; cifar = random crop + flip + Cutout", group="data",
-                      choices=("auto", "none", "flip", "crop-flip", "cifar"))
+    subset: str = _f(
+        "balanced",
+        "how subsets are drawn: the same number per class, or uniformly at random",
+        group="data",
+        choices=("balanced", "random"),
+    )
+    subset_seed: int = _f(
+        0, "seed of the subsets (independent of --seed, so every run sees the same images)", group="data"
+    )
+    label_noise: float = _f(
+        0.0,
+        "symmetric label noise: give exactly round(FRACTION x N) training labels a "
+        "different class drawn uniformly (seeded by --subset-seed; the test set stays clean)",
+        group="data",
+        metavar="FRACTION",
+    )
+    augment: str = _f(
+        "auto",
+        "training augmentation: auto = cifar for CIFAR, crop-flip for image folders, none "
+        "for digits; cifar = random crop + flip + Cutout",
+        group="data",
+        choices=("auto", "none", "flip", "crop-flip", "cifar"),
+    )
     crop_padding: int = _f(4, "random-crop padding in pixels", group="data")
     cutout: int = _f(16, "Cutout square side in pixels (0: off)", group="data")
     cutout_p: float = _f(0.5, "probability of Cutout per image", group="data")
-    folder_mode: str = _f("auto", "image folders: memory = decode once and keep on the device (small images), "
-                          "stream = decode in DataLoader workers every epoch (large images, e.g. ImageNet); "
-                          "auto picks by the first image's size (<= 64 px: memory)", group="data",
-                          choices=("auto", "memory", "stream"))
+    folder_mode: str = _f(
+        "auto",
+        "image folders: memory = decode once and keep on the device (small images), "
+        "stream = decode in DataLoader workers every epoch (large images, e.g. ImageNet); "
+        "auto picks by the first image's size (<= 64 px: memory)",
+        group="data",
+        choices=("auto", "memory", "stream"),
+    )
     image_size: int = _f(224, "crop size for streamed image folders (random-resized crop / centre crop)", group="data")
     workers: int = _f(4, "DataLoader worker processes for decoding image folders", group="data", identity=False)
-    skip_damaged: bool = _f(False, "image folders: leave out image files that cannot be decoded (truncated, "
-                            "corrupted), with a warning that counts them; without it the first one is an error "
-                            "naming the file", group="data")
+    skip_damaged: bool = _f(
+        False,
+        "image folders: leave out image files that cannot be decoded (truncated, "
+        "corrupted), with a warning that counts them; without it the first one is an error "
+        "naming the file",
+        group="data",
+    )
 
     # ---------------------------------------------------------------- model
-    model: str = _f("smallcnn", f"architecture from sparsam.models ({', '.join(list_models())}, any wrn{{depth}}-{{k}})",
-                    group="model")
+    model: str = _f(
+        "smallcnn",
+        f"architecture from sparsam.models ({', '.join(list_models())}, any wrn{{depth}}-{{k}})",
+        group="model",
+    )
     width: int | None = _f(None, "base width of the model (default: the published one)", group="model")
 
     # ---------------------------------------------------------------- optimizer
-    opt: str = _f("sgd", "optimizer: " + ", ".join(o.help for o in methods.OPTIMIZERS.values()),
-                  group="optimizer", choices=OPTIMIZERS)
+    opt: str = _f(
+        "sgd",
+        "optimizer: " + ", ".join(o.help for o in methods.OPTIMIZERS.values()),
+        group="optimizer",
+        choices=OPTIMIZERS,
+    )
     base: str = _f("sgd", "base optimizer that takes the descent step", group="optimizer", choices=("sgd", "adamw"))
     lr: float = _f(0.05, "peak learning rate", group="optimizer")
     momentum: float = _f(0.9, "SGD momentum", group="optimizer")
@@ -90,80 +138,160 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "weight decay (L2 for SGD, decoupled for AdamW)", group="optimizer")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas", group="optimizer", metavar="B", nargs=2)
     rho: float = _f(0.05, "SAM neighbourhood radius", group="optimizer")
-    adaptive: bool | None = _f(None, "ASAM's adaptive perturbation (default: on for --opt "
-                               + ", ".join(n for n, o in methods.OPTIMIZERS.items() if o.adaptive) + " only)",
-                               group="optimizer")
+    adaptive: bool | None = _f(
+        None,
+        "ASAM's adaptive perturbation (default: on for --opt "
+        + ", ".join(n for n, o in methods.OPTIMIZERS.items() if o.adaptive)
+        + " only)",
+        group="optimizer",
+    )
     eta: float = _f(0.01, "ASAM offset: T = |w| + eta", group="optimizer")
-    asam_rule: str = _f("all", "which parameters ASAM scales by |w| + eta: all, or those whose name contains "
-                        "'weight' (the official ASAM code; biases get the plain SAM ascent)", group="optimizer",
-                        choices=("all", "weight-names"))
-    ascent: str = _f("local", "data parallel: each rank perturbs with its own gradient (local, SAM's m-sharpness) "
-                     "or with the all-reduced one (sync)", group="optimizer", choices=("local", "sync"))
+    asam_rule: str = _f(
+        "all",
+        "which parameters ASAM scales by |w| + eta: all, or those whose name contains "
+        "'weight' (the official ASAM code; biases get the plain SAM ascent)",
+        group="optimizer",
+        choices=("all", "weight-names"),
+    )
+    ascent: str = _f(
+        "local",
+        "data parallel: each rank perturbs with its own gradient (local, SAM's m-sharpness) "
+        "or with the all-reduced one (sync)",
+        group="optimizer",
+        choices=("local", "sync"),
+    )
 
     # ---------------------------------------------------------------- SSAM
     sparsity: float = _f(0.5, "SSAM: fraction of coordinates NOT perturbed", group="ssam")
-    mask: str = _f("fisher", "SSAM mask source: " + ", ".join(m.help for m in methods.MASKS.values()),
-                   group="ssam", choices=MASKS)
+    mask: str = _f(
+        "fisher", "SSAM mask source: " + ", ".join(m.help for m in methods.MASKS.values()), group="ssam", choices=MASKS
+    )
     pattern: str = _f("unstructured", "mask pattern", group="ssam", choices=("unstructured", "structured", "nm"))
-    granularity: str = _f("tensor", "structured pattern unit: whole tensors or output channels", group="ssam",
-                          choices=("tensor", "channel"))
+    granularity: str = _f(
+        "tensor",
+        "structured pattern unit: whole tensors or output channels",
+        group="ssam",
+        choices=("tensor", "channel"),
+    )
     nm: str = _f("2:4", "N:M pattern (with --pattern nm): keep N of every M weights", group="ssam", metavar="N:M")
-    budget: str = _f("global", "one budget over all parameters, or one per layer", group="ssam",
-                     choices=("global", "layer"))
-    form: str = _f("explicit", "explicit: mask the perturbation; implicit: dense perturbation, masked input "
-                   "gradients in the ascent backward", group="ssam", choices=("explicit", "implicit"))
-    norm: str = _f("full", "perturbation norm: full gradient (the authors') or masked gradient (||e|| = rho)",
-                   group="ssam", choices=("full", "masked"))
-    sparse_ascent: bool | None = _f(None, "skip weight gradients of unperturbed tensors in the ascent pass "
-                                    "(default: on with --norm masked)", group="ssam")
+    budget: str = _f(
+        "global", "one budget over all parameters, or one per layer", group="ssam", choices=("global", "layer")
+    )
+    form: str = _f(
+        "explicit",
+        "explicit: mask the perturbation; implicit: dense perturbation, masked input gradients in the ascent backward",
+        group="ssam",
+        choices=("explicit", "implicit"),
+    )
+    norm: str = _f(
+        "full",
+        "perturbation norm: full gradient (the authors') or masked gradient (||e|| = rho)",
+        group="ssam",
+        choices=("full", "masked"),
+    )
+    sparse_ascent: bool | None = _f(
+        None,
+        "skip weight gradients of unperturbed tensors in the ascent pass (default: on with --norm masked)",
+        group="ssam",
+    )
     num_samples: int = _f(128, "SSAM-F: Ns, samples of the Fisher information", group="ssam")
     mask_update_epochs: int = _f(1, "update the mask every this many epochs (0: never)", group="ssam")
     dynamic_alpha: float = _f(0.5, "SSAM-D: initial drop rate alpha of the cosine schedule", group="ssam")
-    grow: str = _f("random", "SSAM-D: grow at random, by largest |g| or by largest |w|", group="ssam",
-                   choices=("random", "gradient", "weight"))
-    drop: str = _f("gradient", "SSAM-D: drop the smallest |g|, the smallest |w| or at random", group="ssam",
-                   choices=("gradient", "weight", "random"))
-    mask_timing: str = _f("before-step", "when masks are made: before-step (first mask before step 0, new masks "
-                          "serve the step they are made at) or after-step (the authors': SSAM-F starts all-zero so "
-                          "only step 0 is unperturbed, each mask is made after the step and serves from the next)",
-                          group="ssam", choices=("before-step", "after-step"))
-    fill: str = _f("first-fit", "structured pattern: meet the global budget first-fit (never exceeds it) or "
-                   "overshoot (the authors': whole tensors by decreasing mean until the budget is reached)",
-                   group="ssam", choices=("first-fit", "overshoot"))
-    implicit_layers: str = _f("conv+linear", "implicit form: the layers whose input gradient is masked "
-                              "(conv = the authors' --samconv)", group="ssam",
-                              choices=("conv+linear", "conv", "linear"))
-    fisher_augment: bool = _f(False, "SSAM-F: draw the Fisher samples from the augmented training images "
-                              "(the authors'), not the plain ones", group="ssam")
-    true_fisher: bool = _f(False, "SSAM-F: sample labels from the model (true Fisher) instead of the targets",
-                           group="ssam")
-    fisher_bn_stats: str = _f("running", "SSAM-F: BatchNorm statistics of the per-sample passes", group="ssam",
-                              choices=("running", "sample"))
+    grow: str = _f(
+        "random",
+        "SSAM-D: grow at random, by largest |g| or by largest |w|",
+        group="ssam",
+        choices=("random", "gradient", "weight"),
+    )
+    drop: str = _f(
+        "gradient",
+        "SSAM-D: drop the smallest |g|, the smallest |w| or at random",
+        group="ssam",
+        choices=("gradient", "weight", "random"),
+    )
+    mask_timing: str = _f(
+        "before-step",
+        "when masks are made: before-step (first mask before step 0, new masks "
+        "serve the step they are made at) or after-step (the authors': SSAM-F starts all-zero so "
+        "only step 0 is unperturbed, each mask is made after the step and serves from the next)",
+        group="ssam",
+        choices=("before-step", "after-step"),
+    )
+    fill: str = _f(
+        "first-fit",
+        "structured pattern: meet the global budget first-fit (never exceeds it) or "
+        "overshoot (the authors': whole tensors by decreasing mean until the budget is reached)",
+        group="ssam",
+        choices=("first-fit", "overshoot"),
+    )
+    implicit_layers: str = _f(
+        "conv+linear",
+        "implicit form: the layers whose input gradient is masked (conv = the authors' --samconv)",
+        group="ssam",
+        choices=("conv+linear", "conv", "linear"),
+    )
+    fisher_augment: bool = _f(
+        False,
+        "SSAM-F: draw the Fisher samples from the augmented training images (the authors'), not the plain ones",
+        group="ssam",
+    )
+    true_fisher: bool = _f(
+        False, "SSAM-F: sample labels from the model (true Fisher) instead of the targets", group="ssam"
+    )
+    fisher_bn_stats: str = _f(
+        "running", "SSAM-F: BatchNorm statistics of the per-sample passes", group="ssam", choices=("running", "sample")
+    )
 
     # ---------------------------------------------------------------- cheaper SAM (docs/variants.md)
-    sam_every: int = _f(1, "SAM's ascent on every K-th step only; the other steps run one pass (SGD's cost)",
-                        group="variants", metavar="K")
-    sam_start: float = _f(0.0, "SAM from this fraction of training on (late-phase SAM: 0.75 = the last quarter); "
-                          "before it, plain steps", group="variants", metavar="FRACTION")
-    rho_ramp: float = _f(0.0, "ramp rho linearly from rho/R to rho over R = FRACTION x training steps, from "
-                         "--sam-start on", group="variants", metavar="FRACTION")
-    ascent_fraction: float = _f(1.0, "the ascent gradient from the first FRACTION of each batch (pass 1 costs that "
-                                "fraction; SAM's m-sharpness)", group="variants", metavar="FRACTION")
-    look_k: int = _f(5, "LookSAM: a SAM step every K steps, the stored g_v reused in between", group="variants",
-                     metavar="K")
+    sam_every: int = _f(
+        1,
+        "SAM's ascent on every K-th step only; the other steps run one pass (SGD's cost)",
+        group="variants",
+        metavar="K",
+    )
+    sam_start: float = _f(
+        0.0,
+        "SAM from this fraction of training on (late-phase SAM: 0.75 = the last quarter); before it, plain steps",
+        group="variants",
+        metavar="FRACTION",
+    )
+    rho_ramp: float = _f(
+        0.0,
+        "ramp rho linearly from rho/R to rho over R = FRACTION x training steps, from --sam-start on",
+        group="variants",
+        metavar="FRACTION",
+    )
+    ascent_fraction: float = _f(
+        1.0,
+        "the ascent gradient from the first FRACTION of each batch (pass 1 costs that fraction; SAM's m-sharpness)",
+        group="variants",
+        metavar="FRACTION",
+    )
+    look_k: int = _f(
+        5, "LookSAM: a SAM step every K steps, the stored g_v reused in between", group="variants", metavar="K"
+    )
     look_alpha: float = _f(0.7, "LookSAM: weight alpha of the reused component g_v", group="variants")
-    esam_beta: float = _f(0.6, "ESAM: probability that a parameter tensor is perturbed at a step (SWP)",
-                          group="variants")
-    esam_gamma: float = _f(0.5, "ESAM: fraction of each batch whose loss rose most under the perturbation, used in "
-                           "pass 2 (SDS; 1 = off)", group="variants")
+    esam_beta: float = _f(
+        0.6, "ESAM: probability that a parameter tensor is perturbed at a step (SWP)", group="variants"
+    )
+    esam_gamma: float = _f(
+        0.5,
+        "ESAM: fraction of each batch whose loss rose most under the perturbation, used in pass 2 (SDS; 1 = off)",
+        group="variants",
+    )
 
     # ---------------------------------------------------------------- schedule
     epochs: int = _f(10, "training epochs", group="schedule")
-    batch_size: int = _f(128, "GLOBAL batch size (split over data-parallel ranks and --accum micro-batches)",
-                         group="schedule")
-    schedule: str = _f("cosine", "learning-rate schedule: cosine (every optimizer step), cosine-epoch (the "
-                       "authors': once per epoch, epoch e at the cosine value of epoch max(e - 1, 0)) or constant",
-                       group="schedule", choices=("cosine", "cosine-epoch", "constant"))
+    batch_size: int = _f(
+        128, "GLOBAL batch size (split over data-parallel ranks and --accum micro-batches)", group="schedule"
+    )
+    schedule: str = _f(
+        "cosine",
+        "learning-rate schedule: cosine (every optimizer step), cosine-epoch (the "
+        "authors': once per epoch, epoch e at the cosine value of epoch max(e - 1, 0)) or constant",
+        group="schedule",
+        choices=("cosine", "cosine-epoch", "constant"),
+    )
     warmup_epochs: float = _f(0.0, "linear warm-up length in epochs (fractions allowed)", group="schedule")
     min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule", group="schedule")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", group="schedule")
@@ -172,28 +300,46 @@ class TrainConfig:
     amp: str = _f("none", "autocast dtype (fp16 uses a GradScaler)", group="engine", choices=("none", "bf16", "fp16"))
     channels_last: bool = _f(False, "channels-last memory format", group="engine")
     compile: bool = _f(False, "torch.compile the model", group="engine")
-    fsdp: bool = _f(False, "under torchrun: shard the model with FSDP2 (fully_shard per top-level block and the "
-                    "root) instead of DDP; --opt sgd, sam, asam or ssam with --mask random, --ascent sync "
-                    "(docs/scaling.md)", group="engine", identity=False)
+    fsdp: bool = _f(
+        False,
+        "under torchrun: shard the model with FSDP2 (fully_shard per top-level block and the "
+        "root) instead of DDP; --opt sgd, sam, asam or ssam with --mask random, --ascent sync "
+        "(docs/scaling.md)",
+        group="engine",
+        identity=False,
+    )
     accum: int = _f(1, "gradient accumulation: micro-batches per step (in both SAM passes)", group="engine")
     clip: float | None = _f(None, "clip the descent gradient to this global L2 norm", group="engine")
     seed: int = _f(0, "random seed (model init, shuffling, augmentation, masks)", group="engine")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda if available)", group="engine", identity=False)
-    threads: int | None = _f(None, "CPU threads for intra-op parallelism (default: PyTorch's choice; 1 is often "
-                             "fastest for tiny models on a busy machine)", group="engine", identity=False)
+    threads: int | None = _f(
+        None,
+        "CPU threads for intra-op parallelism (default: PyTorch's choice; 1 is often "
+        "fastest for tiny models on a busy machine)",
+        group="engine",
+        identity=False,
+    )
     eval_batch_size: int = _f(500, "evaluation batch size per rank", group="engine", identity=False)
 
     # ---------------------------------------------------------------- run control
-    out: str | None = _f(None, "run directory (default runs/DATA-MODEL-METHOD-seedSEED)", group="run",
-                         identity=False, metavar="DIR")
+    out: str | None = _f(
+        None, "run directory (default runs/DATA-MODEL-METHOD-seedSEED)", group="run", identity=False, metavar="DIR"
+    )
     progress: bool = _f(True, "progress bar (rank 0, only on a terminal)", group="run", identity=False)
-    log_every: int = _f(20, "steps between progress-bar updates (each reads the loss: one host sync)",
-                        group="run", identity=False)
-    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)", group="run",
-                           identity=False)
-    stop_after: int | None = _f(None, "stop with a checkpoint after this many epochs in this invocation "
-                                "(time-limited job slots; continue with --resume)", group="run", identity=False,
-                                metavar="EPOCHS")
+    log_every: int = _f(
+        20, "steps between progress-bar updates (each reads the loss: one host sync)", group="run", identity=False
+    )
+    tensorboard: bool = _f(
+        False, "also log to TensorBoard (needs the tensorboard package)", group="run", identity=False
+    )
+    stop_after: int | None = _f(
+        None,
+        "stop with a checkpoint after this many epochs in this invocation "
+        "(time-limited job slots; continue with --resume)",
+        group="run",
+        identity=False,
+        metavar="EPOCHS",
+    )
 
     # ---------------------------------------------------------------- helpers
     def to_dict(self) -> dict[str, Any]:
@@ -377,8 +523,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise _bad(name, getattr(cfg, name), "must be a fraction in (0, 1]")
     if not finite("look_alpha") >= 0:
         raise _bad("look_alpha", cfg.look_alpha, "must be >= 0")
-    for name in ("epochs", "batch_size", "accum", "num_samples", "log_every", "eval_batch_size", "image_size",
-                 "sam_every", "look_k"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "accum",
+        "num_samples",
+        "log_every",
+        "eval_batch_size",
+        "image_size",
+        "sam_every",
+        "look_k",
+    ):
         if getattr(cfg, name) < 1:
             raise _bad(name, getattr(cfg, name), "must be >= 1")
     for name in ("crop_padding", "cutout", "mask_update_epochs", "seed", "subset_seed", "workers"):
@@ -397,7 +552,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.batch_size % cfg.accum:
         raise ConfigError(f"--batch-size ({cfg.batch_size}) must be divisible by --accum ({cfg.accum})")
     if cfg.nesterov and (cfg.base != "sgd" or cfg.momentum <= 0):
-        raise ConfigError(f"--nesterov needs --base sgd and --momentum > 0, got --base {cfg.base} --momentum {cfg.momentum:g}")
+        raise ConfigError(
+            f"--nesterov needs --base sgd and --momentum > 0, got --base {cfg.base} --momentum {cfg.momentum:g}"
+        )
     cfg.nm_pair()
     methods.check(cfg)  # the optimizer's and the mask source's own rules
     if cfg.fsdp:
@@ -478,7 +635,9 @@ def _parse_optional(kind: str, name: str) -> Any:
         try:
             return int(text) if kind == "int" else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind == 'int' else 'a number'} or 'none', got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind == 'int' else 'a number'} or 'none', got {text!r}"
+            ) from None
 
     parse.__name__ = kind  # argparse names the type in its error message
     return parse

@@ -123,8 +123,9 @@ def broadcast_error(message: str | None, info: DistInfo) -> str | None:
     return box[0]
 
 
-def dump_rank_state(folder: Path, info: DistInfo, *, model: torch.nn.Module, opt: Any, train_loader: Any,
-                    samples_seen: int, epoch: int) -> None:
+def dump_rank_state(
+    folder: Path, info: DistInfo, *, model: torch.nn.Module, opt: Any, train_loader: Any, samples_seen: int, epoch: int
+) -> None:
     """Save this rank's final weights (and their SHA-256), SSAM masks and the training samples it
     drew in epoch 0 to ``folder/rank{R}.pt``: how ``tests/test_train_ddp.py`` checks that the ranks
     trained on disjoint data and still ended bit-identical (``SPARSAM_DEBUG_RANK_DUMP=1``)."""
@@ -137,8 +138,16 @@ def dump_rank_state(folder: Path, info: DistInfo, *, model: torch.nn.Module, opt
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "digest": h.hexdigest(),
-                "rank": info.rank, "world_size": info.world_size, "samples_seen": samples_seen, "epoch": epoch,
-                "shard_epoch0": shard_epoch0,
-                "masks": {k: v.cpu() for k, v in opt.masks.items()} if hasattr(opt, "masks") else None},
-               folder / f"rank{info.rank}.pt")
+    torch.save(
+        {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "digest": h.hexdigest(),
+            "rank": info.rank,
+            "world_size": info.world_size,
+            "samples_seen": samples_seen,
+            "epoch": epoch,
+            "shard_epoch0": shard_epoch0,
+            "masks": {k: v.cpu() for k, v in opt.masks.items()} if hasattr(opt, "masks") else None,
+        },
+        folder / f"rank{info.rank}.pt",
+    )

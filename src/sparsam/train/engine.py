@@ -82,8 +82,16 @@ def train(
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool, quiet: bool,
-           on_step: Callable[[int], None] | None, argv: list[str] | None) -> RunResult:
+def _train(
+    cfg: TrainConfig,
+    info: D.DistInfo,
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    on_step: Callable[[int], None] | None,
+    argv: list[str] | None,
+) -> RunResult:
     device = info.device
 
     def say(msg: str) -> None:
@@ -107,9 +115,15 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     sample_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     try:  # SAM/SSAM get the DDP wrapper (no_sync, BatchNorm, names), never the torch.compile one
-        opt, base_opt = build_optimizer(cfg, model.parameters(), model=ddp or model, loss_fn=criterion,
-                                        fisher_data=data.fisher, steps_per_epoch=steps_per_epoch,
-                                        total_steps=cfg.epochs * steps_per_epoch)
+        opt, base_opt = build_optimizer(
+            cfg,
+            model.parameters(),
+            model=ddp or model,
+            loss_fn=criterion,
+            fisher_data=data.fisher,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=cfg.epochs * steps_per_epoch,
+        )
     except UserError:
         raise
     except (ValueError, TypeError) as e:  # the optimizer and mask classes validate their arguments
@@ -169,8 +183,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
         return seen[0]
 
     def state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+        return {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        }
 
     def saved_state() -> Callable[[], dict[str, Any]]:
         """What rank 0 saves. Under --fsdp every rank gathers the full tensors now (a collective)."""
@@ -181,15 +199,22 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
 
     # ------------------------------------------------------------------ the loop
     masks = _MaskStats(opt, resumed=run.ckpt is not None)
-    bar = _Bar(enabled=info.is_main and not quiet and cfg.progress and sys.stderr.isatty(), epochs=cfg.epochs,
-               steps=steps_per_epoch, log_every=cfg.log_every, world_size=info.world_size)
+    bar = _Bar(
+        enabled=info.is_main and not quiet and cfg.progress and sys.stderr.isatty(),
+        epochs=cfg.epochs,
+        steps=steps_per_epoch,
+        log_every=cfg.log_every,
+        world_size=info.world_size,
+    )
     stopped: str | None = None
     epochs_this_call, samples_seen, last_test_acc = 0, 0, None
     model.train()
-    say(f"training {cfg.method} on {data.name} ({data.train_size} train / {data.test_size} test images), "
+    say(
+        f"training {cfg.method} on {data.name} ({data.train_size} train / {data.test_size} test images), "
         f"{cfg.model}, {cfg.epochs} epochs x {steps_per_epoch} steps, {info.world_size} process(es) on {device}"
         f"{' with parameters sharded by FSDP2' if any(map(_sharded.is_sharded, model.parameters())) else ''}; "
-        f"run directory {run.out}")
+        f"run directory {run.out}"
+    )
     with StopFlag(say) as stop:
         while progress.epoch < cfg.epochs:
             data.train.set_epoch(progress.epoch)
@@ -219,8 +244,14 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
             meter.time_s += time.perf_counter() - t0
             samples_seen += meter.count
             if interrupted_at is not None:  # the partial epoch's time travels in the checkpoint's "partial"
-                run.save_interrupted(saved_state(), step_in_epoch=interrupted_at, steps_per_epoch=steps_per_epoch,
-                                     sums=meter.reduce(info), time_s=meter.time_s, lr=meter.lr)  # host sync
+                run.save_interrupted(
+                    saved_state(),
+                    step_in_epoch=interrupted_at,
+                    steps_per_epoch=steps_per_epoch,
+                    sums=meter.reduce(info),
+                    time_s=meter.time_s,
+                    lr=meter.lr,
+                )  # host sync
                 stopped = "interrupted"
                 break
             # ---------------------------------------------------------- end of epoch
@@ -232,23 +263,36 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
             epochs_this_call += 1
             last_test_acc = test_acc
             record: dict[str, Any] = {
-                "epoch": progress.epoch + 1, "step": progress.global_step, "lr": meter.lr,
-                "train_loss": loss_sum / total, "train_acc": correct / total,
-                "test_loss": test_loss, "test_acc": test_acc,
-                "epoch_time_s": meter.time_s, "eval_time_s": eval_time, "time_s": progress.elapsed + meter.time_s,
-                "samples_per_s": total / meter.time_s if meter.time_s > 0 else None, "steps": steps_per_epoch,
-                "train_samples": total, **masks.record(),
+                "epoch": progress.epoch + 1,
+                "step": progress.global_step,
+                "lr": meter.lr,
+                "train_loss": loss_sum / total,
+                "train_acc": correct / total,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "epoch_time_s": meter.time_s,
+                "eval_time_s": eval_time,
+                "time_s": progress.elapsed + meter.time_s,
+                "samples_per_s": total / meter.time_s if meter.time_s > 0 else None,
+                "steps": steps_per_epoch,
+                "train_samples": total,
+                **masks.record(),
                 # training compute so far in SGD-step equivalents (forward+backward passes, counted by the optimizer)
                 "compute": opt.compute if isinstance(opt, SAM) else float(progress.global_step),
             }
             run.end_epoch(record, model, saved_state())
-            say(f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "
+            say(
+                f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "
                 f"{record['train_acc']:.4f}  test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  ({meter.time_s:.1f} s"
-                + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "") + ")")
+                + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "")
+                + ")"
+            )
             if not math.isfinite(record["train_loss"]):
                 say("warning: the training loss is not finite")
             if D.any_rank(stop.requested, info) and progress.epoch < cfg.epochs:
-                say(f"stopped after epoch {progress.epoch}; checkpoint saved. Continue with: sparsam train --resume {run.out}")
+                say(
+                    f"stopped after epoch {progress.epoch}; checkpoint saved. Continue with: sparsam train --resume {run.out}"
+                )
                 stopped = "interrupted"
                 break
             if cfg.stop_after is not None and epochs_this_call >= cfg.stop_after and progress.epoch < cfg.epochs:
@@ -257,21 +301,31 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
                 break
 
     if os.environ.get(DEBUG_DUMP_ENV):  # tests/test_train_ddp.py: each rank's final state
-        D.dump_rank_state(run.out / "debug", info, model=model, opt=opt, train_loader=data.train,
-                          samples_seen=samples_seen, epoch=progress.epoch)
+        D.dump_rank_state(
+            run.out / "debug",
+            info,
+            model=model,
+            opt=opt,
+            train_loader=data.train,
+            samples_seen=samples_seen,
+            epoch=progress.epoch,
+        )
     return run.finish(stopped=stopped, last_test_acc=last_test_acc, steps_per_epoch=steps_per_epoch)
 
 
 # ---------------------------------------------------------------------------------- the pieces
 def _data(cfg: TrainConfig, info: D.DistInfo) -> TrainData:
     if cfg.batch_size % info.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({info.world_size})")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({info.world_size})"
+        )
     batch_per_rank = cfg.batch_size // info.world_size
     if batch_per_rank % cfg.accum:
         raise ConfigError(f"the per-process batch ({batch_per_rank}) must be divisible by --accum ({cfg.accum})")
     try:
-        return build_data(cfg, device=info.device, rank=info.rank, world_size=info.world_size,
-                          batch_per_rank=batch_per_rank)
+        return build_data(
+            cfg, device=info.device, rank=info.rank, world_size=info.world_size, batch_per_rank=batch_per_rank
+        )
     except UserError:
         raise
     except (ValueError, OSError, ImportError) as e:  # missing files, bad folders, unknown names
@@ -311,8 +365,9 @@ def _model(cfg: TrainConfig, data: TrainData, info: D.DistInfo) -> tuple[nn.Modu
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Any, autocast: Callable[[], Any], info: D.DistInfo, *,
-             sharded: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, batches: Any, autocast: Callable[[], Any], info: D.DistInfo, *, sharded: bool = False
+) -> tuple[float, float]:
     """(mean loss, accuracy) over every rank's test batches. One host sync (two when ``sharded``)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
@@ -331,7 +386,9 @@ def evaluate(model: nn.Module, batches: Any, autocast: Callable[[], Any], info: 
     if sharded:
         for _ in range(rounds - n_batches):
             if last is None:
-                raise RuntimeError("--fsdp: a rank has no test images; use a larger test set than the number of processes")
+                raise RuntimeError(
+                    "--fsdp: a rank has no test images; use a larger test set than the number of processes"
+                )
             with autocast():
                 model(last[:1])
     D.all_reduce_sum(sums, info)
@@ -358,8 +415,11 @@ class _MaskStats:
                 if g["rho"] > 0 and p.requires_grad:
                     m = current.get(names[p])
                     if _sharded.is_sharded(p):  # --fsdp: this rank's part; gathered whole (a collective)
-                        local = m if m is not None else torch.zeros(_sharded.local(p).shape, dtype=torch.bool,
-                                                                    device=_sharded.local(p).device)
+                        local = (
+                            m
+                            if m is not None
+                            else torch.zeros(_sharded.local(p).shape, dtype=torch.bool, device=_sharded.local(p).device)
+                        )
                         whole: Any = _sharded.saved_mask(local, p)
                         m = whole.full_tensor()
                     elif m is None:
@@ -399,8 +459,13 @@ class _Bar:
 
     def start(self, epoch: int, meter: EpochMeter) -> None:
         if self.tqdm is not None:
-            self.bar = self.tqdm(total=self.steps, initial=meter.skip, desc=f"epoch {epoch + 1}/{self.epochs}",
-                                 leave=False, dynamic_ncols=True)
+            self.bar = self.tqdm(
+                total=self.steps,
+                initial=meter.skip,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
             self.window = (*meter.snapshot(), time.perf_counter())
 
     def update(self, meter: EpochMeter, at_log: bool) -> None:
@@ -409,9 +474,11 @@ class _Bar:
         if at_log:  # host sync: progress-bar values, every --log-every steps
             loss0, correct0, count0, t0 = self.window
             n, now = meter.count - count0, time.perf_counter()
-            self.bar.set_postfix(loss=f"{(meter.sums[0] - loss0).item() / n:.4f}",
-                                 acc=f"{(meter.sums[1] - correct0).item() / n:.3f}",
-                                 img_s=f"{n * self.world_size / (now - t0):.0f}")
+            self.bar.set_postfix(
+                loss=f"{(meter.sums[0] - loss0).item() / n:.4f}",
+                acc=f"{(meter.sums[1] - correct0).item() / n:.3f}",
+                img_s=f"{n * self.world_size / (now - t0):.0f}",
+            )
             self.window = (*meter.snapshot(), now)
         self.bar.update(1)
 

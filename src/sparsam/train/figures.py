@@ -16,7 +16,9 @@ def _pyplot() -> Any:
     except ImportError as e:
         from .errors import UserError
 
-        raise UserError("plots need matplotlib (pip install matplotlib, or sparsam[cli]); pass --no-plots to skip them") from e
+        raise UserError(
+            "plots need matplotlib (pip install matplotlib, or sparsam[cli]); pass --no-plots to skip them"
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -31,8 +33,14 @@ def _label(g: Group, varying: Sequence[str]) -> str:
     return " ".join(parts)
 
 
-def plot_accuracy(groups: Sequence[Group], path: str | os.PathLike[str], *, x: str, varying: Sequence[str] = (),
-                  title: str | None = None) -> None:
+def plot_accuracy(
+    groups: Sequence[Group],
+    path: str | os.PathLike[str],
+    *,
+    x: str,
+    varying: Sequence[str] = (),
+    title: str | None = None,
+) -> None:
     """One line per group: mean test accuracy (%) over seeds, a band of ± one std when there are
     several seeds. ``x="epoch"``, ``x="time"`` (cumulative training time, s) or ``x="compute"``
     (training compute in SGD-step equivalents, counted by the optimizer; groups whose runs did
@@ -50,12 +58,14 @@ def plot_accuracy(groups: Sequence[Group], path: str | os.PathLike[str], *, x: s
                 continue
             xs = {"epoch": c["epoch"], "time": c["time_s"], "compute": c["compute"]}[x]
             mean = [100 * v for v in c["acc_mean"]]
-            line, = ax.plot(xs, mean, marker="o", markersize=3, label=_label(g, varying))
+            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=_label(g, varying))
             if len(g.runs) > 1:
                 lo = [100 * (m - s) for m, s in zip(c["acc_mean"], c["acc_std"])]
                 hi = [100 * (m + s) for m, s in zip(c["acc_mean"], c["acc_std"])]
                 ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
-        ax.set_xlabel({"epoch": "epoch", "time": "training time (s)", "compute": "training compute (SGD-step equivalents)"}[x])
+        ax.set_xlabel(
+            {"epoch": "epoch", "time": "training time (s)", "compute": "training compute (SGD-step equivalents)"}[x]
+        )
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title or f"{data}, {model}")
         ax.grid(alpha=0.3)

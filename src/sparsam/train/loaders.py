@@ -40,6 +40,7 @@ def _decode_workers(cfg: TrainConfig) -> int:
         cpus = os.cpu_count() or 1
     return max(0, min(cfg.workers, cpus))
 
+
 # Folders whose first image is at most this many pixels on a side are held in memory (auto mode).
 MEMORY_MAX_SIDE = 64
 # Streams of the derived seeds (see sparsam.data.loader.derive_seed).
@@ -163,12 +164,16 @@ def _folder_subset_splits(cfg: TrainConfig) -> Any:
             raise UserError(f"--data {cfg.data}: {damaged_message(damaged, cfg.data)}")
         import warnings
 
-        warnings.warn(f"skipped {len(damaged)} damaged image file(s) of {cfg.data} (first: {damaged[0][0]}: "
-                      f"{damaged[0][1]})", stacklevel=2)
+        warnings.warn(
+            f"skipped {len(damaged)} damaged image file(s) of {cfg.data} (first: {damaged[0][0]}: {damaged[0][1]})",
+            stacklevel=2,
+        )
         for split, lo, hi in (("train", 0, n_train), ("test", n_train, len(files))):
             fs, ys = picked[split]
-            picked[split] = ([f for f, a in zip(fs, decoded[lo:hi]) if a is not None],
-                             [y for y, a in zip(ys, decoded[lo:hi]) if a is not None])
+            picked[split] = (
+                [f for f, a in zip(fs, decoded[lo:hi]) if a is not None],
+                [y for y, a in zip(ys, decoded[lo:hi]) if a is not None],
+            )
         n_train = len(picked["train"][0])
         files = [f for f, a in zip(files, decoded) if a is not None]
     images, _ = _stack(files, [a for a in decoded if a is not None])
@@ -176,8 +181,15 @@ def _folder_subset_splits(cfg: TrainConfig) -> Any:
     test = ArrayDataset(torch.from_numpy(images[n_train:].copy()), torch.tensor(picked["test"][1], dtype=torch.int64))
     mean, std = channel_stats(train.images)
     return DatasetSplits(
-        name=cfg.data, train=train, test=test, num_classes=len(classes), in_channels=train.images.shape[1],
-        image_size=(train.images.shape[2], train.images.shape[3]), mean=mean, std=std, class_names=classes,
+        name=cfg.data,
+        train=train,
+        test=test,
+        num_classes=len(classes),
+        in_channels=train.images.shape[1],
+        image_size=(train.images.shape[2], train.images.shape[3]),
+        mean=mean,
+        std=std,
+        class_names=classes,
     )
 
 
@@ -236,8 +248,9 @@ def build_data(
     return _build_memory(cfg, kind, device=device, rank=rank, world_size=world_size, batch_per_rank=batch_per_rank)
 
 
-def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: int, world_size: int,
-                  batch_per_rank: int) -> TrainData:
+def _build_memory(
+    cfg: TrainConfig, kind: str, *, device: torch.device, rank: int, world_size: int, batch_per_rank: int
+) -> TrainData:
     from ..data import ArrayDataset, DeviceLoader, load_dataset
     from ..data.loader import derive_seed
 
@@ -246,7 +259,9 @@ def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: in
     else:
         folder_options: dict[str, Any] = {"skip_damaged": cfg.skip_damaged} if kind == "folder" else {}
         splits = load_dataset(
-            cfg.data, root=cfg.data_root, download=cfg.download,
+            cfg.data,
+            root=cfg.data_root,
+            download=cfg.download,
             num_workers=_decode_workers(cfg) if kind == "folder" else None,
             max_image_side=10**9 if cfg.folder_mode == "memory" else MEMORY_MAX_SIDE,
             **folder_options,
@@ -268,23 +283,50 @@ def _build_memory(cfg: TrainConfig, kind: str, *, device: torch.device, rank: in
     if len(splits.test) == 0:
         raise UserError(f"--data {cfg.data}: the test split is empty")
     common: dict[str, Any] = dict(device=device, mean=splits.mean, std=splits.std, channels_last=cfg.channels_last)
-    train = DeviceLoader(train_ds, batch_size=batch_per_rank, shuffle=True, drop_last=True,
-                         augment=augment_fn(cfg, aug_name), seed=cfg.seed, rank=rank, world_size=world_size, **common)
+    train = DeviceLoader(
+        train_ds,
+        batch_size=batch_per_rank,
+        shuffle=True,
+        drop_last=True,
+        augment=augment_fn(cfg, aug_name),
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        **common,
+    )
     # Test: this rank's disjoint, unpadded shard (rank, rank + world_size, ...); sums are all-reduced.
     shard = ArrayDataset(splits.test.images[rank::world_size], splits.test.labels[rank::world_size])
     test = DeviceLoader(shard, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False, **common)
     # Fisher samples: the training images (augmented as for training with --fisher-augment, the
     # authors' choice), in an order of their own (seeded by (seed, epoch)), the same on every rank;
     # rank 0's mask is broadcast anyway.
-    fisher = DeviceLoader(train_ds, batch_size=min(cfg.num_samples, 256), shuffle=True, drop_last=False,
-                          augment=augment_fn(cfg, aug_name) if cfg.fisher_augment else None,
-                          seed=derive_seed(cfg.seed, _FISHER_STREAM), **common)
+    fisher = DeviceLoader(
+        train_ds,
+        batch_size=min(cfg.num_samples, 256),
+        shuffle=True,
+        drop_last=False,
+        augment=augment_fn(cfg, aug_name) if cfg.fisher_augment else None,
+        seed=derive_seed(cfg.seed, _FISHER_STREAM),
+        **common,
+    )
     return TrainData(
-        name=splits.name, train=train, test=test, fisher=fisher, num_classes=splits.num_classes,
-        in_channels=splits.in_channels, image_size=tuple(splits.image_size), train_size=len(train_ds),
-        test_size=len(splits.test), augment=aug_name, mode="memory",
-        info={"mean": list(splits.mean), "std": list(splits.std), "class_names": list(splits.class_names),
-              "label_noise_flipped": flipped},
+        name=splits.name,
+        train=train,
+        test=test,
+        fisher=fisher,
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        image_size=tuple(splits.image_size),
+        train_size=len(train_ds),
+        test_size=len(splits.test),
+        augment=aug_name,
+        mode="memory",
+        info={
+            "mean": list(splits.mean),
+            "std": list(splits.std),
+            "class_names": list(splits.class_names),
+            "label_noise_flipped": flipped,
+        },
     )
 
 
@@ -298,9 +340,22 @@ class StreamLoader:
     generator, so an epoch is reproducible for a fixed number of workers.
     """
 
-    def __init__(self, dataset: Any, *, batch_size: int, shuffle: bool, drop_last: bool, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], seed: int, rank: int, world_size: int,
-                 workers: int, channels_last: bool) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        channels_last: bool,
+    ) -> None:
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
         self.device, self.mean, self.std, self.seed = device, list(mean), list(std), seed
         self.rank, self.world_size, self.workers, self.channels_last = rank, world_size, workers, channels_last
@@ -335,9 +390,14 @@ class StreamLoader:
 
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _STREAM_SHUFFLE, self.rank))
         loader = DataLoader(
-            Subset(self.dataset, self._indices()), batch_size=self.batch_size, shuffle=False,
-            drop_last=self.drop_last, num_workers=self.workers, generator=g,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            Subset(self.dataset, self._indices()),
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=self.drop_last,
+            num_workers=self.workers,
+            generator=g,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
         )
         from ..data import DamagedImageError
 
@@ -349,12 +409,20 @@ class StreamLoader:
                 return
             except DamagedImageError as e:  # one line naming the file, not a worker's traceback
                 raise UserError(f"--data: {e}") from None
-            yield to_device_batch(x, y, device=self.device, mean=self.mean, std=self.std,
-                                  channels_last=self.channels_last, non_blocking=self.device.type == "cuda")
+            yield to_device_batch(
+                x,
+                y,
+                device=self.device,
+                mean=self.mean,
+                std=self.std,
+                channels_last=self.channels_last,
+                non_blocking=self.device.type == "cuda",
+            )
 
 
-def _build_stream(cfg: TrainConfig, *, device: torch.device, rank: int, world_size: int,
-                  batch_per_rank: int) -> TrainData:
+def _build_stream(
+    cfg: TrainConfig, *, device: torch.device, rank: int, world_size: int, batch_per_rank: int
+) -> TrainData:
     from torch.utils.data import Subset
 
     from ..data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderStream, RandomResizedCrop, ResizeCenterCrop
@@ -371,14 +439,17 @@ def _build_stream(cfg: TrainConfig, *, device: torch.device, rank: int, world_si
     train_tf = ResizeCenterCrop(cfg.image_size) if aug_name == "none" else RandomResizedCrop(cfg.image_size)
     skip = cfg.skip_damaged
     train_ds: Any = ImageFolderStream(cfg.data, split="train", transform=train_tf, mode=mode, skip_damaged=skip)
-    test_ds: Any = ImageFolderStream(cfg.data, split="test", transform=ResizeCenterCrop(cfg.image_size), mode=mode,
-                                     skip_damaged=skip)
+    test_ds: Any = ImageFolderStream(
+        cfg.data, split="test", transform=ResizeCenterCrop(cfg.image_size), mode=mode, skip_damaged=skip
+    )
     fisher_tf = train_tf if cfg.fisher_augment else ResizeCenterCrop(cfg.image_size)  # augmented: the authors'
     fisher_ds: Any = ImageFolderStream(cfg.data, split="train", transform=fisher_tf, mode=mode, skip_damaged=skip)
     classes = train_ds.class_names
     if cfg.label_noise > 0:
-        raise ConfigError("--label-noise needs the data in memory (CIFAR, digits, or a folder of small images "
-                          f"with --folder-mode memory), not a streamed folder ({cfg.data})")
+        raise ConfigError(
+            "--label-noise needs the data in memory (CIFAR, digits, or a folder of small images "
+            f"with --folder-mode memory), not a streamed folder ({cfg.data})"
+        )
     if cfg.train_subset is not None:
         keep = choose_subset(train_ds.labels, cfg.train_subset, cfg.subset, cfg.subset_seed, what="train").tolist()
         train_ds, fisher_ds = Subset(train_ds, keep), Subset(fisher_ds, keep)
@@ -386,17 +457,53 @@ def _build_stream(cfg: TrainConfig, *, device: torch.device, rank: int, world_si
         keep = choose_subset(test_ds.labels, cfg.test_subset, cfg.subset, cfg.subset_seed, what="test").tolist()
         test_ds = Subset(test_ds, keep)
     if len(train_ds) // world_size < batch_per_rank:
-        raise ConfigError(f"--batch-size {batch_per_rank * world_size} is larger than the training set ({len(train_ds)} images)")
-    common: dict[str, Any] = dict(device=device, mean=mean, std=std, workers=cfg.workers, channels_last=cfg.channels_last)
-    train = StreamLoader(train_ds, batch_size=batch_per_rank, shuffle=True, drop_last=True, seed=cfg.seed,
-                         rank=rank, world_size=world_size, **common)
-    test = StreamLoader(test_ds, batch_size=cfg.eval_batch_size, shuffle=False, drop_last=False, seed=cfg.seed,
-                        rank=rank, world_size=world_size, **common)
-    fisher = StreamLoader(fisher_ds, batch_size=min(cfg.num_samples, 64), shuffle=True, drop_last=False,
-                          seed=derive_seed(cfg.seed, _FISHER_STREAM), rank=0, world_size=1, **common)
+        raise ConfigError(
+            f"--batch-size {batch_per_rank * world_size} is larger than the training set ({len(train_ds)} images)"
+        )
+    common: dict[str, Any] = dict(
+        device=device, mean=mean, std=std, workers=cfg.workers, channels_last=cfg.channels_last
+    )
+    train = StreamLoader(
+        train_ds,
+        batch_size=batch_per_rank,
+        shuffle=True,
+        drop_last=True,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        **common,
+    )
+    test = StreamLoader(
+        test_ds,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        **common,
+    )
+    fisher = StreamLoader(
+        fisher_ds,
+        batch_size=min(cfg.num_samples, 64),
+        shuffle=True,
+        drop_last=False,
+        seed=derive_seed(cfg.seed, _FISHER_STREAM),
+        rank=0,
+        world_size=1,
+        **common,
+    )
     return TrainData(
-        name=os.path.abspath(cfg.data), train=train, test=test, fisher=fisher, num_classes=len(classes),
-        in_channels=1 if gray else 3, image_size=(cfg.image_size, cfg.image_size), train_size=len(train_ds),
-        test_size=len(test_ds), augment=aug_name, mode="stream",
+        name=os.path.abspath(cfg.data),
+        train=train,
+        test=test,
+        fisher=fisher,
+        num_classes=len(classes),
+        in_channels=1 if gray else 3,
+        image_size=(cfg.image_size, cfg.image_size),
+        train_size=len(train_ds),
+        test_size=len(test_ds),
+        augment=aug_name,
+        mode="stream",
         info={"mean": mean, "std": std, "class_names": list(classes)},
     )

@@ -48,8 +48,14 @@ class BuildContext:
     def sam_kwargs(self) -> dict[str, Any]:
         """The arguments every SAM-family optimizer takes from the config."""
         cfg = self.cfg
-        return dict(rho=cfg.rho, adaptive=cfg.is_adaptive(), eta=cfg.eta, model=self.model, ascent=cfg.ascent,
-                    max_grad_norm=cfg.clip)
+        return dict(
+            rho=cfg.rho,
+            adaptive=cfg.is_adaptive(),
+            eta=cfg.eta,
+            model=self.model,
+            ascent=cfg.ascent,
+            max_grad_norm=cfg.clip,
+        )
 
     def mask(self) -> Any:
         """The mask source named by ``--mask``."""
@@ -117,8 +123,12 @@ def _selection(cfg: TrainConfig) -> tuple[float | None, dict[str, Any]]:
     if cfg.pattern == "nm":
         n, m = cfg.nm_pair()
         return None, {"pattern": f"{n}:{m}", "granularity": cfg.granularity, "budget": cfg.budget, "fill": cfg.fill}
-    return cfg.sparsity, {"pattern": cfg.pattern, "granularity": cfg.granularity, "budget": cfg.budget,
-                          "fill": cfg.fill}
+    return cfg.sparsity, {
+        "pattern": cfg.pattern,
+        "granularity": cfg.granularity,
+        "budget": cfg.budget,
+        "fill": cfg.fill,
+    }
 
 
 def _fisher(ctx: BuildContext) -> Any:
@@ -126,8 +136,16 @@ def _fisher(ctx: BuildContext) -> Any:
 
     cfg = ctx.cfg
     sparsity, selection = _selection(cfg)
-    return FisherMask(sparsity, cfg.num_samples, true_fisher=cfg.true_fisher, bn_stats=cfg.fisher_bn_stats,
-                      timing=cfg.mask_timing, seed=cfg.seed, **selection, **_period(ctx))
+    return FisherMask(
+        sparsity,
+        cfg.num_samples,
+        true_fisher=cfg.true_fisher,
+        bn_stats=cfg.fisher_bn_stats,
+        timing=cfg.mask_timing,
+        seed=cfg.seed,
+        **selection,
+        **_period(ctx),
+    )
 
 
 def _random(ctx: BuildContext) -> Any:
@@ -141,8 +159,17 @@ def _dynamic(ctx: BuildContext) -> Any:
     from ..masks import DynamicMask
 
     cfg = ctx.cfg
-    return DynamicMask(cfg.sparsity, ctx.total_steps, alpha=cfg.dynamic_alpha, drop=cfg.drop, grow=cfg.grow,
-                       budget=cfg.budget, timing=cfg.mask_timing, seed=cfg.seed, **_period(ctx))
+    return DynamicMask(
+        cfg.sparsity,
+        ctx.total_steps,
+        alpha=cfg.dynamic_alpha,
+        drop=cfg.drop,
+        grow=cfg.grow,
+        budget=cfg.budget,
+        timing=cfg.mask_timing,
+        seed=cfg.seed,
+        **_period(ctx),
+    )
 
 
 def _norm(ctx: BuildContext) -> Any:
@@ -156,8 +183,13 @@ def _schedule_kwargs(ctx: BuildContext) -> dict[str, Any]:
     cfg = ctx.cfg
     if not is_scheduled(cfg):
         return {}
-    return dict(every=cfg.sam_every, start=cfg.sam_start, ramp=cfg.rho_ramp, total_steps=ctx.total_steps,
-                ascent_fraction=cfg.ascent_fraction)
+    return dict(
+        every=cfg.sam_every,
+        start=cfg.sam_start,
+        ramp=cfg.rho_ramp,
+        total_steps=ctx.total_steps,
+        ascent_fraction=cfg.ascent_fraction,
+    )
 
 
 def _sam(ctx: BuildContext) -> Optimizer:
@@ -172,8 +204,16 @@ def _ssam_kwargs(ctx: BuildContext) -> dict[str, Any]:
     cfg = ctx.cfg
     mask = ctx.mask()
     data = ctx.fisher_data if getattr(mask, "needs_data", False) else None
-    return dict(mask=mask, norm=cfg.norm, loss_fn=ctx.loss_fn, data=data, form=cfg.form,
-                sparse_ascent=cfg.sparse_ascent, implicit_layers=cfg.implicit_layers, **ctx.sam_kwargs())
+    return dict(
+        mask=mask,
+        norm=cfg.norm,
+        loss_fn=ctx.loss_fn,
+        data=data,
+        form=cfg.form,
+        sparse_ascent=cfg.sparse_ascent,
+        implicit_layers=cfg.implicit_layers,
+        **ctx.sam_kwargs(),
+    )
 
 
 def _ssam(ctx: BuildContext) -> Optimizer:
@@ -196,8 +236,9 @@ def _esam(ctx: BuildContext) -> Optimizer:
     from ..optim.esam import ESAM
 
     cfg = ctx.cfg
-    return ESAM(ctx.base, beta=cfg.esam_beta, gamma=cfg.esam_gamma, seed=cfg.seed, **_schedule_kwargs(ctx),
-                **ctx.sam_kwargs())
+    return ESAM(
+        ctx.base, beta=cfg.esam_beta, gamma=cfg.esam_gamma, seed=cfg.seed, **_schedule_kwargs(ctx), **ctx.sam_kwargs()
+    )
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -205,6 +246,7 @@ def _check_unstructured_only(what: str) -> Callable[[TrainConfig], None]:
     def check(cfg: TrainConfig) -> None:
         if cfg.pattern != "unstructured":
             raise ConfigError(f"--mask {cfg.mask} {what}, got --pattern {cfg.pattern}")
+
     return check
 
 
@@ -216,7 +258,9 @@ def _check_dynamic(cfg: TrainConfig) -> None:
 
 def _check_ssam(cfg: TrainConfig) -> None:
     if cfg.sparse_ascent and cfg.norm != "masked":
-        raise ConfigError("--sparse-ascent needs --norm masked: with the full-gradient norm the ascent pass needs every gradient")
+        raise ConfigError(
+            "--sparse-ascent needs --norm masked: with the full-gradient norm the ascent pass needs every gradient"
+        )
     if cfg.sparse_ascent and cfg.form != "explicit":
         raise ConfigError("--sparse-ascent needs --form explicit: the implicit form perturbs densely")
 
@@ -226,15 +270,21 @@ def _check_sgd(cfg: TrainConfig) -> None:
         sam_family = "/".join(n for n, o in OPTIMIZERS.items() if o.build is not None)
         raise ConfigError(f"--adaptive applies to {sam_family}, got --opt {cfg.opt}")
     if is_scheduled(cfg):
-        raise ConfigError(f"--sam-every/--sam-start/--rho-ramp/--ascent-fraction apply to SAM-family optimizers, got --opt {cfg.opt}")
+        raise ConfigError(
+            f"--sam-every/--sam-start/--rho-ramp/--ascent-fraction apply to SAM-family optimizers, got --opt {cfg.opt}"
+        )
 
 
 def is_scheduled(values: Any) -> bool:
     """Is a time schedule or a sub-batch ascent asked for (``--sam-every`` > 1, ``--sam-start`` > 0,
     ``--rho-ramp`` > 0 or ``--ascent-fraction`` < 1)?"""
     get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
-    return (get("sam_every", 1) != 1 or get("sam_start", 0.0) != 0.0 or get("rho_ramp", 0.0) != 0.0
-            or get("ascent_fraction", 1.0) != 1.0)
+    return (
+        get("sam_every", 1) != 1
+        or get("sam_start", 0.0) != 0.0
+        or get("rho_ramp", 0.0) != 0.0
+        or get("ascent_fraction", 1.0) != 1.0
+    )
 
 
 def variant_tag(values: Any) -> str:
@@ -242,22 +292,30 @@ def variant_tag(values: Any) -> str:
     if not is_scheduled(values):
         return ""
     get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
-    parts = [("every", get("sam_every", 1), 1), ("start", get("sam_start", 0.0), 0.0), ("ramp", get("rho_ramp", 0.0), 0.0),
-             ("asc", get("ascent_fraction", 1.0), 1.0)]
+    parts = [
+        ("every", get("sam_every", 1), 1),
+        ("start", get("sam_start", 0.0), 0.0),
+        ("ramp", get("rho_ramp", 0.0), 0.0),
+        ("asc", get("ascent_fraction", 1.0), 1.0),
+    ]
     return "".join(f"-{name}{value:g}" for name, value, default in parts if value != default)
 
 
 def _check_looksam(cfg: TrainConfig) -> None:
     if cfg.sam_every != 1:
-        raise ConfigError(f"--opt {cfg.opt} runs SAM every --look-k {cfg.look_k} steps; --sam-every {cfg.sam_every} "
-                          "contradicts it (leave --sam-every at 1)")
+        raise ConfigError(
+            f"--opt {cfg.opt} runs SAM every --look-k {cfg.look_k} steps; --sam-every {cfg.sam_every} "
+            "contradicts it (leave --sam-every at 1)"
+        )
 
 
 def _check_esam(cfg: TrainConfig) -> None:
     if cfg.esam_gamma < 1 and cfg.ascent_fraction < 1:
-        raise ConfigError(f"--esam-gamma {cfg.esam_gamma} (data selection) compares every sample's loss at w and w + e, "
-                          f"so pass 1 needs the whole batch; --ascent-fraction {cfg.ascent_fraction} leaves part out: "
-                          "set one of them to 1")
+        raise ConfigError(
+            f"--esam-gamma {cfg.esam_gamma} (data selection) compares every sample's loss at w and w + e, "
+            f"so pass 1 needs the whole batch; --ascent-fraction {cfg.ascent_fraction} leaves part out: "
+            "set one of them to 1"
+        )
 
 
 def _check_asam(cfg: TrainConfig) -> None:
@@ -267,36 +325,78 @@ def _check_asam(cfg: TrainConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ the registry
 #: settings of every SAM-family optimizer
-SAM_KEYS = frozenset({"rho", "adaptive", "eta", "asam_rule", "ascent", "sam_every", "sam_start", "rho_ramp",
-                      "ascent_fraction"})
+SAM_KEYS = frozenset(
+    {"rho", "adaptive", "eta", "asam_rule", "ascent", "sam_every", "sam_start", "rho_ramp", "ascent_fraction"}
+)
 _SSAM_KEYS = frozenset({"mask", "form", "norm", "sparse_ascent", "implicit_layers"})
-_SELECTION_KEYS = frozenset({"sparsity", "pattern", "granularity", "nm", "budget", "fill", "mask_update_epochs",
-                             "mask_timing"})
+_SELECTION_KEYS = frozenset(
+    {"sparsity", "pattern", "granularity", "nm", "budget", "fill", "mask_update_epochs", "mask_timing"}
+)
 
 #: ``--opt`` values, in report order.
-OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
-    OptimizerSpec("sgd", "SGD", "sgd (base only)", None, check=_check_sgd),
-    OptimizerSpec("sam", "SAM", "sam", _sam, owns=SAM_KEYS),
-    OptimizerSpec("asam", "ASAM", "asam (adaptive SAM)", _sam, owns=SAM_KEYS, adaptive=True, check=_check_asam),
-    OptimizerSpec("ssam", "SSAM", "ssam (sparse SAM)", _ssam, uses_mask=True, check=_check_ssam,
-                  owns=SAM_KEYS | _SSAM_KEYS),
-    OptimizerSpec("looksam", "LookSAM", "looksam (SAM every --look-k steps, g_v reused)", _looksam,
-                  check=_check_looksam, owns=SAM_KEYS | {"look_k", "look_alpha"}),
-    OptimizerSpec("esam", "ESAM", "esam (random weight subsets, data selection)", _esam, check=_check_esam,
-                  owns=SAM_KEYS | {"esam_beta", "esam_gamma"}),
-)}
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in (
+        OptimizerSpec("sgd", "SGD", "sgd (base only)", None, check=_check_sgd),
+        OptimizerSpec("sam", "SAM", "sam", _sam, owns=SAM_KEYS),
+        OptimizerSpec("asam", "ASAM", "asam (adaptive SAM)", _sam, owns=SAM_KEYS, adaptive=True, check=_check_asam),
+        OptimizerSpec(
+            "ssam", "SSAM", "ssam (sparse SAM)", _ssam, uses_mask=True, check=_check_ssam, owns=SAM_KEYS | _SSAM_KEYS
+        ),
+        OptimizerSpec(
+            "looksam",
+            "LookSAM",
+            "looksam (SAM every --look-k steps, g_v reused)",
+            _looksam,
+            check=_check_looksam,
+            owns=SAM_KEYS | {"look_k", "look_alpha"},
+        ),
+        OptimizerSpec(
+            "esam",
+            "ESAM",
+            "esam (random weight subsets, data selection)",
+            _esam,
+            check=_check_esam,
+            owns=SAM_KEYS | {"esam_beta", "esam_gamma"},
+        ),
+    )
+}
 
 #: ``--mask`` values (SSAM mask sources), in report order.
-MASKS: dict[str, MaskSpec] = {s.name: s for s in (
-    MaskSpec("fisher", "f", "F", "fisher (SSAM-F)", _fisher,
-             owns=_SELECTION_KEYS | {"num_samples", "true_fisher", "fisher_bn_stats", "fisher_augment"}),
-    MaskSpec("dynamic", "d", "D", "dynamic (SSAM-D)", _dynamic, check=_check_dynamic,
-             owns=frozenset({"sparsity", "budget", "mask_update_epochs", "mask_timing", "dynamic_alpha", "drop",
-                             "grow"})),
-    MaskSpec("random", "r", "R", "random", _random, owns=_SELECTION_KEYS),
-    MaskSpec("norm", "n", "N (norm layers)", "norm (normalisation layers only, SAM-ON)", _norm, sparse=False,
-             check=_check_unstructured_only("has no pattern (it perturbs whole normalisation layers)")),
-)}
+MASKS: dict[str, MaskSpec] = {
+    s.name: s
+    for s in (
+        MaskSpec(
+            "fisher",
+            "f",
+            "F",
+            "fisher (SSAM-F)",
+            _fisher,
+            owns=_SELECTION_KEYS | {"num_samples", "true_fisher", "fisher_bn_stats", "fisher_augment"},
+        ),
+        MaskSpec(
+            "dynamic",
+            "d",
+            "D",
+            "dynamic (SSAM-D)",
+            _dynamic,
+            check=_check_dynamic,
+            owns=frozenset(
+                {"sparsity", "budget", "mask_update_epochs", "mask_timing", "dynamic_alpha", "drop", "grow"}
+            ),
+        ),
+        MaskSpec("random", "r", "R", "random", _random, owns=_SELECTION_KEYS),
+        MaskSpec(
+            "norm",
+            "n",
+            "N (norm layers)",
+            "norm (normalisation layers only, SAM-ON)",
+            _norm,
+            sparse=False,
+            check=_check_unstructured_only("has no pattern (it perturbs whole normalisation layers)"),
+        ),
+    )
+}
 
 
 def _all_methods() -> dict[str, dict[str, Any]]:
@@ -354,8 +454,9 @@ def is_sparse(values: Any) -> bool:
 SPARSE_METHODS: tuple[str, ...] = tuple(n for n, v in METHODS.items() if is_sparse(v))
 
 #: config keys owned by some optimizer or mask; every other key matters for every method
-OWNED_KEYS: frozenset[str] = frozenset().union(*(o.owns for o in OPTIMIZERS.values()),
-                                               *(m.owns for m in MASKS.values()))
+OWNED_KEYS: frozenset[str] = frozenset().union(
+    *(o.owns for o in OPTIMIZERS.values()), *(m.owns for m in MASKS.values())
+)
 
 
 def relevant(key: str, values: Any) -> bool:

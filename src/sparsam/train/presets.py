@@ -78,7 +78,8 @@ def format_presets() -> str:
             lines += [f"    {n}" for n in p.notes]
         v = p.values
         summary = ", ".join(
-            f"{k}={v[k]}" for k in ("opt", "mask", "sparsity", "rho", "weight_decay", "epochs", "batch_size", "lr")
+            f"{k}={v[k]}"
+            for k in ("opt", "mask", "sparsity", "rho", "weight_decay", "epochs", "batch_size", "lr")
             if k in v and relevant(k, v)
         )
         lines.append(f"  {p.name:<28} {summary}")

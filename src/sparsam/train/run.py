@@ -95,8 +95,16 @@ def _version() -> str:
 class Run:
     """One run directory. Build it with ``open``; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, info: D.DistInfo, *, ckpt: dict[str, Any] | None, fresh: bool,
-                 say: Callable[[str], None], done: RunResult | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: D.DistInfo,
+        *,
+        ckpt: dict[str, Any] | None,
+        fresh: bool,
+        say: Callable[[str], None],
+        done: RunResult | None = None,
+    ) -> None:
         self.cfg, self.info, self.say = cfg, info, say
         self.out = Path(str(cfg.out))
         self.ckpt = ckpt  # the checkpoint to resume from, if any
@@ -107,8 +115,9 @@ class Run:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool,
-             say: Callable[[str], None]) -> Run:
+    def open(
+        cls, cfg: TrainConfig, info: D.DistInfo, *, resume: bool, overwrite: bool, say: Callable[[str], None]
+    ) -> Run:
         """Inspect ``cfg.out`` and decide: a new run, a resumed one, or nothing to do (``run.done``).
         Raises RunDirError / CheckpointError / ConfigError for what the user must fix."""
         out = rundir.resolve_dir(cfg.out or cfg.default_out())  # "ghost/../runA" is runA: checked as such
@@ -126,14 +135,22 @@ class Run:
                 diffs = diffs or diff_identity(ckpt["config"], cfg)
             if diffs:
                 raise CheckpointError(
-                    f"--resume: the run in {out} was made with a different configuration:\n  " + "\n  ".join(diffs)
+                    f"--resume: the run in {out} was made with a different configuration:\n  "
+                    + "\n  ".join(diffs)
                     + "\nResume with the same settings, or start a new run (another --out, or --overwrite)."
                 )
             if state == "finished" and ckpt is not None and ckpt["epoch"] >= cfg.epochs:
                 summary = read_json(out / rundir.SUMMARY)
                 say(f"{out}: the run already finished ({cfg.epochs} epochs); nothing to do")
-                done = RunResult(str(out), cfg.epochs, True, None, summary.get("final_test_acc"),
-                                 summary.get("best_test_acc"), summary.get("best_epoch"))
+                done = RunResult(
+                    str(out),
+                    cfg.epochs,
+                    True,
+                    None,
+                    summary.get("final_test_acc"),
+                    summary.get("best_test_acc"),
+                    summary.get("best_epoch"),
+                )
                 return cls(cfg, info, ckpt=ckpt, fresh=False, say=say, done=done)
             if ckpt is None:
                 _refuse_to_clear(out)
@@ -147,7 +164,9 @@ class Run:
             import importlib.util
 
             if importlib.util.find_spec("tensorboard") is None:
-                raise ConfigError("--tensorboard needs the tensorboard package, which is not installed (pip install tensorboard)")
+                raise ConfigError(
+                    "--tensorboard needs the tensorboard package, which is not installed (pip install tensorboard)"
+                )
         D.barrier(info)  # every rank has inspected the directory before rank 0 writes to it
         return cls(cfg, info, ckpt=ckpt, fresh=ckpt is None and (overwrite or resume), say=say)
 
@@ -171,13 +190,19 @@ class Run:
         set_rng_state(ckpt["rng"])
         partial = ckpt.get("partial")
         if int(ckpt.get("world_size", 1)) != self.info.world_size:
-            self.say(f"warning: the checkpoint was written by {ckpt.get('world_size')} process(es), this run has "
-                     f"{self.info.world_size}: the run continues, but not bit-exactly as it would have")
+            self.say(
+                f"warning: the checkpoint was written by {ckpt.get('world_size')} process(es), this run has "
+                f"{self.info.world_size}: the run continues, but not bit-exactly as it would have"
+            )
         if partial is not None and not self.info.is_main:
             partial = {**partial, "loss_sum": 0.0, "correct": 0, "count": 0}  # rank 0 holds the reduced sums
         self.progress = Progress(
-            epoch=int(ckpt["epoch"]), global_step=int(ckpt["global_step"]), best_acc=float(ckpt["best_acc"]),
-            best_epoch=int(ckpt["best_epoch"]), elapsed=float(ckpt["elapsed_s"]), partial=partial,
+            epoch=int(ckpt["epoch"]),
+            global_step=int(ckpt["global_step"]),
+            best_acc=float(ckpt["best_acc"]),
+            best_epoch=int(ckpt["best_epoch"]),
+            elapsed=float(ckpt["elapsed_s"]),
+            partial=partial,
         )
         p = self.progress
         where = f"epoch {p.epoch}" + (f", step {partial['step_in_epoch']} of epoch {p.epoch + 1}" if partial else "")
@@ -195,24 +220,34 @@ class Run:
                 if self.fresh:
                     rundir.clear(out)
                 commit, dirty = rundir.git_commit()
-                write_json(out / rundir.CONFIG, {
-                    "config": self.cfg.to_dict(),
-                    "sparsam_version": _version(),
-                    "git_commit": commit,
-                    "git_dirty": dirty,
-                    "torch_version": torch.__version__,
-                    "python_version": platform.python_version(),
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "argv": list(argv) if argv is not None else None,
-                    "world_size": info.world_size,
-                    "device": str(info.device),
-                    "data": {
-                        "name": data.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
-                        "image_size": list(data.image_size), "train_size": data.train_size, "test_size": data.test_size,
-                        "augment": data.augment, "mode": data.mode, "steps_per_epoch": steps_per_epoch,
-                        "mean": data.info.get("mean"), "std": data.info.get("std"),
+                write_json(
+                    out / rundir.CONFIG,
+                    {
+                        "config": self.cfg.to_dict(),
+                        "sparsam_version": _version(),
+                        "git_commit": commit,
+                        "git_dirty": dirty,
+                        "torch_version": torch.__version__,
+                        "python_version": platform.python_version(),
+                        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "argv": list(argv) if argv is not None else None,
+                        "world_size": info.world_size,
+                        "device": str(info.device),
+                        "data": {
+                            "name": data.name,
+                            "num_classes": data.num_classes,
+                            "in_channels": data.in_channels,
+                            "image_size": list(data.image_size),
+                            "train_size": data.train_size,
+                            "test_size": data.test_size,
+                            "augment": data.augment,
+                            "mode": data.mode,
+                            "steps_per_epoch": steps_per_epoch,
+                            "mean": data.info.get("mean"),
+                            "std": data.info.get("std"),
+                        },
                     },
-                })
+                )
                 (out / rundir.METRICS).write_text("")
             else:  # drop epoch lines written after the checkpoint (a crash between the two writes)
                 kept = [r for r in rundir.read_metrics(out) if r.get("epoch", 0) <= self.progress.epoch]
@@ -226,22 +261,50 @@ class Run:
     def _payload(self, state: dict[str, Any], partial: dict[str, Any] | None) -> dict[str, Any]:
         p = self.progress
         return {
-            "epoch": p.epoch, "global_step": p.global_step, **state, "rng": rng_state(), "partial": partial,
-            "best_acc": p.best_acc, "best_epoch": p.best_epoch, "elapsed_s": p.elapsed,
-            "config": self.cfg.to_dict(), "version": _version(), "world_size": self.info.world_size,
+            "epoch": p.epoch,
+            "global_step": p.global_step,
+            **state,
+            "rng": rng_state(),
+            "partial": partial,
+            "best_acc": p.best_acc,
+            "best_epoch": p.best_epoch,
+            "elapsed_s": p.elapsed,
+            "config": self.cfg.to_dict(),
+            "version": _version(),
+            "world_size": self.info.world_size,
         }
 
-    def save_interrupted(self, state: Callable[[], dict[str, Any]], *, step_in_epoch: int, steps_per_epoch: int,
-                         sums: tuple[float, int, int], time_s: float, lr: float) -> None:
+    def save_interrupted(
+        self,
+        state: Callable[[], dict[str, Any]],
+        *,
+        step_in_epoch: int,
+        steps_per_epoch: int,
+        sums: tuple[float, int, int],
+        time_s: float,
+        lr: float,
+    ) -> None:
         """Checkpoint in the middle of an epoch (``state()``: model, optimizer, scheduler, scaler)."""
         if self.info.is_main:
             loss_sum, correct, count = sums
-            save_checkpoint(self.out / rundir.CHECKPOINT, self._payload(state(), {
-                "step_in_epoch": step_in_epoch, "loss_sum": loss_sum, "correct": correct,
-                "count": count, "time_s": time_s, "lr": lr,
-            }))
-            self.say(f"interrupted in epoch {self.progress.epoch + 1} after step {step_in_epoch}/{steps_per_epoch}; checkpoint "
-                     f"saved to {self.out / rundir.CHECKPOINT}. Continue with: sparsam train --resume {self.out}")
+            save_checkpoint(
+                self.out / rundir.CHECKPOINT,
+                self._payload(
+                    state(),
+                    {
+                        "step_in_epoch": step_in_epoch,
+                        "loss_sum": loss_sum,
+                        "correct": correct,
+                        "count": count,
+                        "time_s": time_s,
+                        "lr": lr,
+                    },
+                ),
+            )
+            self.say(
+                f"interrupted in epoch {self.progress.epoch + 1} after step {step_in_epoch}/{steps_per_epoch}; checkpoint "
+                f"saved to {self.out / rundir.CHECKPOINT}. Continue with: sparsam train --resume {self.out}"
+            )
 
     def end_epoch(self, record: dict[str, Any], model: nn.Module, state: Callable[[], dict[str, Any]]) -> None:
         """Record a finished epoch (``record["epoch"]`` = epochs done): best model, metrics line
@@ -258,8 +321,9 @@ class Run:
         if not self.info.is_main:
             return
         prior = rundir.read_metrics(self.out)
-        record["wall_time_s"] = (prior[-1].get("wall_time_s", 0.0) if prior else 0.0) + record["epoch_time_s"] \
-            + record["eval_time_s"]
+        record["wall_time_s"] = (
+            (prior[-1].get("wall_time_s", 0.0) if prior else 0.0) + record["epoch_time_s"] + record["eval_time_s"]
+        )
         with open(self.out / rundir.METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         save_checkpoint(self.out / rundir.CHECKPOINT, self._payload(state(), None))
@@ -282,22 +346,38 @@ class Run:
             times = sorted(r["epoch_time_s"] for r in rows)
             mid = len(times) // 2
             median = times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
-            write_json(self.out / rundir.SUMMARY, {
-                "finished": True, "method": cfg.method, "epochs": cfg.epochs,
-                "final_test_acc": final_acc, "best_test_acc": best["test_acc"] if best else None,
-                "best_epoch": best["epoch"] if best else None,
-                "final_train_loss": rows[-1]["train_loss"] if rows else None,
-                "final_test_loss": rows[-1]["test_loss"] if rows else None,
-                "train_time_s": rows[-1]["time_s"] if rows else None,
-                "epoch_time_s_median": median, "epoch_time_s_mean": sum(times) / len(times),
-                "steps_per_epoch": steps_per_epoch, "time_per_step_s": median / steps_per_epoch,
-                "world_size": self.info.world_size,
-                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            })
-            self.say(f"done: final test accuracy {final_acc:.4f}, best {best['test_acc']:.4f} (epoch {best['epoch']}); "
-                     f"{self.out / rundir.SUMMARY}" if best else "done")
+            write_json(
+                self.out / rundir.SUMMARY,
+                {
+                    "finished": True,
+                    "method": cfg.method,
+                    "epochs": cfg.epochs,
+                    "final_test_acc": final_acc,
+                    "best_test_acc": best["test_acc"] if best else None,
+                    "best_epoch": best["epoch"] if best else None,
+                    "final_train_loss": rows[-1]["train_loss"] if rows else None,
+                    "final_test_loss": rows[-1]["test_loss"] if rows else None,
+                    "train_time_s": rows[-1]["time_s"] if rows else None,
+                    "epoch_time_s_median": median,
+                    "epoch_time_s_mean": sum(times) / len(times),
+                    "steps_per_epoch": steps_per_epoch,
+                    "time_per_step_s": median / steps_per_epoch,
+                    "world_size": self.info.world_size,
+                    "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                },
+            )
+            self.say(
+                f"done: final test accuracy {final_acc:.4f}, best {best['test_acc']:.4f} (epoch {best['epoch']}); "
+                f"{self.out / rundir.SUMMARY}"
+                if best
+                else "done"
+            )
         return RunResult(
-            out=str(self.out), epochs_done=p.epoch, finished=finished, stopped=stopped, final_test_acc=final_acc,
+            out=str(self.out),
+            epochs_done=p.epoch,
+            finished=finished,
+            stopped=stopped,
+            final_test_acc=final_acc,
             best_test_acc=best["test_acc"] if best else (p.best_acc if p.best_acc >= 0 else None),
             best_epoch=best["epoch"] if best else (p.best_epoch or None),
         )
@@ -321,7 +401,10 @@ class EpochMeter:
     continued from a partial checkpoint when the run resumes mid-epoch."""
 
     def __init__(self, device: torch.device, partial: dict[str, Any] | None, lr: float) -> None:
-        self.sums = [torch.zeros((), dtype=torch.float32, device=device), torch.zeros((), dtype=torch.int64, device=device)]
+        self.sums = [
+            torch.zeros((), dtype=torch.float32, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
+        ]
         if partial:
             self.sums[0] += partial["loss_sum"]
             self.sums[1] += partial["correct"]
@@ -333,8 +416,13 @@ class EpochMeter:
 
     def reduce(self, info: D.DistInfo) -> tuple[float, int, int]:
         """(loss sum, correct, count) over every rank. Host sync."""
-        red = torch.stack([self.sums[0].double(), self.sums[1].double(),
-                           torch.tensor(float(self.count), dtype=torch.float64, device=self.device)])
+        red = torch.stack(
+            [
+                self.sums[0].double(),
+                self.sums[1].double(),
+                torch.tensor(float(self.count), dtype=torch.float64, device=self.device),
+            ]
+        )
         D.all_reduce_sum(red, info)
         loss_sum, correct, total = red.tolist()
         return loss_sum, int(correct), int(total)

@@ -49,8 +49,20 @@ RUN_DIRS = ("tensorboard", "debug")
 
 #: keys of every metrics.jsonl line (mask_* only for SSAM)
 METRIC_KEYS = (
-    "epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "eval_time_s",
-    "time_s", "wall_time_s", "samples_per_s", "steps", "train_samples",
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "epoch_time_s",
+    "eval_time_s",
+    "time_s",
+    "wall_time_s",
+    "samples_per_s",
+    "steps",
+    "train_samples",
 )
 
 
@@ -206,10 +218,17 @@ def git_commit() -> tuple[str | None, bool | None]:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
-            timeout=5, check=True,
-        ).stdout.strip() != ""
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
         return (commit or None), dirty
     except (OSError, subprocess.SubprocessError):
         return None, None

@@ -55,8 +55,12 @@ def full_state(obj: Any) -> Any:
 def _like(value: Any, p: Any) -> Any:
     """A full tensor of ``p``'s global shape as a DTensor sharded like ``p`` (this rank's part);
     anything else unchanged (a wrongly shaped tensor is then refused by the load that follows)."""
-    if not (_sharded.is_sharded(p) and isinstance(value, Tensor) and not _sharded.is_sharded(value)
-            and value.shape == p.shape):
+    if not (
+        _sharded.is_sharded(p)
+        and isinstance(value, Tensor)
+        and not _sharded.is_sharded(value)
+        and value.shape == p.shape
+    ):
         return value
     from torch.distributed.tensor import DTensor
 
@@ -79,8 +83,10 @@ def shard_checkpoint(ckpt: dict[str, Any], model: nn.Module, opt: Any) -> dict[s
     if isinstance(sd, Mapping):
         sd = dict(sd)
         if isinstance(sd.get("state"), Mapping):
-            sd["state"] = {i: ({k: _like(v, param(i)) for k, v in st.items()} if isinstance(st, Mapping) else st)
-                           for i, st in sd["state"].items()}
+            sd["state"] = {
+                i: ({k: _like(v, param(i)) for k, v in st.items()} if isinstance(st, Mapping) else st)
+                for i, st in sd["state"].items()
+            }
         extra = sd.get("sparsam")
         if isinstance(extra, Mapping) and isinstance(extra.get("masks"), Mapping):
             sd["sparsam"] = {**extra, "masks": {i: _like(m, param(i)) for i, m in extra["masks"].items()}}

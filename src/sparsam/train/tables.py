@@ -24,8 +24,19 @@ from .rundir import RunRecord
 # Keys that do not split groups: the seed (what we average over) and run control.
 _NOT_GROUPING = {"seed"}
 # Keys an SGD reference must share with a group for a time ratio to mean something.
-_TIME_KEYS = ("data", "model", "width", "batch_size", "accum", "amp", "channels_last", "compile", "train_subset",
-              "base", "image_size")
+_TIME_KEYS = (
+    "data",
+    "model",
+    "width",
+    "batch_size",
+    "accum",
+    "amp",
+    "channels_last",
+    "compile",
+    "train_subset",
+    "base",
+    "image_size",
+)
 
 
 def _relevant(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +118,12 @@ def summarize(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]
             "method": g.label,
             "settings": {k: g.settings.get(k) for k in varying},
             "seeds": len(g.runs),
-            "final_mean": final_m, "final_std": final_s, "best_mean": best_m, "best_std": best_s,
-            "epochs_done": min(n["epochs_done"] for n in nums), "epochs": g.settings.get("epochs"),
+            "final_mean": final_m,
+            "final_std": final_s,
+            "best_mean": best_m,
+            "best_std": best_s,
+            "epochs_done": min(n["epochs_done"] for n in nums),
+            "epochs": g.settings.get("epochs"),
             "finished": all(r.finished for r in g.runs),
             "epoch_time_s": statistics.fmean(times) if times else None,
             "compute": statistics.fmean(computes) if len(computes) == len(nums) else None,
@@ -124,15 +139,22 @@ def summarize(runs: Sequence[RunRecord]) -> tuple[list[str], list[dict[str, Any]
             row["time_ratio"] = None
         # Compute per epoch relative to SGD's (counted passes, not timed: comparable on a noisy machine).
         row["compute_ratio"] = None
-        if ref_row and ref_row["compute"] and row["compute"] is not None and row["epochs_done"] and ref_row["epochs_done"]:
+        if (
+            ref_row
+            and ref_row["compute"]
+            and row["compute"] is not None
+            and row["epochs_done"]
+            and ref_row["epochs_done"]
+        ):
             row["compute_ratio"] = (row["compute"] / row["epochs_done"]) / (ref_row["compute"] / ref_row["epochs_done"])
         # Time to SGD's accuracy: training time (evaluation excluded) until the first evaluation at
         # or above the SGD reference's mean final accuracy; mean over the runs that got there.
         row["to_sgd_s"], row["to_sgd_runs"] = None, 0
         row["sgd_target"] = ref_row["final_mean"] if ref_row else None
         if row["sgd_target"] is not None:
-            reached = [t for t in (time_to_accuracy(r.metrics, row["sgd_target"]) for r in row["group"].runs)
-                       if t is not None]
+            reached = [
+                t for t in (time_to_accuracy(r.metrics, row["sgd_target"]) for r in row["group"].runs) if t is not None
+            ]
             row["to_sgd_runs"] = len(reached)
             row["to_sgd_s"] = statistics.fmean(reached) if reached else None
     return [k for k in varying if k != "sparsity"], rows
@@ -149,9 +171,7 @@ def time_to_accuracy(metrics: Sequence[dict[str, Any]], target: float) -> float 
 
 def _sgd_reference(g: Group, groups: list[Group]) -> Group | None:
     for other in groups:
-        if other.settings.get("opt") == "sgd" and all(
-            other.settings.get(k) == g.settings.get(k) for k in _TIME_KEYS
-        ):
+        if other.settings.get("opt") == "sgd" and all(other.settings.get(k) == g.settings.get(k) for k in _TIME_KEYS):
             return other
     return None
 
@@ -163,18 +183,35 @@ def _pct(mean: float | None, std: float | None) -> str:
 
 
 def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
-    head = ["Method", "Sparsity", *varying, "Seeds", "Final acc (%)", "Best acc (%)", "Epochs", "Time/epoch (s)", "vs SGD", "To SGD acc (s)",
-            "Compute (SGD steps)", "Compute vs SGD"]
+    head = [
+        "Method",
+        "Sparsity",
+        *varying,
+        "Seeds",
+        "Final acc (%)",
+        "Best acc (%)",
+        "Epochs",
+        "Time/epoch (s)",
+        "vs SGD",
+        "To SGD acc (s)",
+        "Compute (SGD steps)",
+        "Compute vs SGD",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         g: Group = r["group"]
         sparsity: Any = "—"
         if is_sparse(g.settings):
-            sparsity = (g.settings.get("nm") if g.settings.get("pattern") == "nm" else f"{g.settings.get('sparsity'):g}")
+            sparsity = g.settings.get("nm") if g.settings.get("pattern") == "nm" else f"{g.settings.get('sparsity'):g}"
         epochs = f"{r['epochs_done']}/{r['epochs']}" + ("" if r["finished"] else " (running)")
         cells = [
-            r["method"], str(sparsity), *["—" if k not in g.settings else str(g.settings[k]) for k in varying], str(r["seeds"]),
-            _pct(r["final_mean"], r["final_std"]), _pct(r["best_mean"], r["best_std"]), epochs,
+            r["method"],
+            str(sparsity),
+            *["—" if k not in g.settings else str(g.settings[k]) for k in varying],
+            str(r["seeds"]),
+            _pct(r["final_mean"], r["final_std"]),
+            _pct(r["best_mean"], r["best_std"]),
+            epochs,
             "—" if r["epoch_time_s"] is None else f"{r['epoch_time_s']:.3g}",
             "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x",
             _to_sgd(r),
@@ -197,21 +234,58 @@ def _to_sgd(r: dict[str, Any]) -> str:
 def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "opt", "mask", "sparsity", *varying, "seeds", "final_acc_mean", "final_acc_std",
-                "best_acc_mean", "best_acc_std", "epochs_done", "epochs", "finished", "epoch_time_s",
-                "time_ratio_vs_sgd", "time_to_sgd_acc_s", "runs_reaching_sgd_acc", "runs", "compute_sgd_steps",
-                "compute_ratio_vs_sgd"])
+    w.writerow(
+        [
+            "method",
+            "opt",
+            "mask",
+            "sparsity",
+            *varying,
+            "seeds",
+            "final_acc_mean",
+            "final_acc_std",
+            "best_acc_mean",
+            "best_acc_std",
+            "epochs_done",
+            "epochs",
+            "finished",
+            "epoch_time_s",
+            "time_ratio_vs_sgd",
+            "time_to_sgd_acc_s",
+            "runs_reaching_sgd_acc",
+            "runs",
+            "compute_sgd_steps",
+            "compute_ratio_vs_sgd",
+        ]
+    )
     for r in rows:
         g: Group = r["group"]
         spec = OPTIMIZERS.get(g.settings.get("opt", ""))
         ssam = spec is not None and spec.uses_mask
-        w.writerow([
-            r["method"], g.settings.get("opt"), g.settings.get("mask", "") if ssam else "",
-            g.settings.get("sparsity", "") if ssam else "", *[r["settings"].get(k) for k in varying], r["seeds"],
-            r["final_mean"], r["final_std"], r["best_mean"], r["best_std"], r["epochs_done"], r["epochs"],
-            r["finished"], r["epoch_time_s"], r["time_ratio"], r["to_sgd_s"], r["to_sgd_runs"], ";".join(str(run.path) for run in g.runs),
-            r["compute"], r["compute_ratio"],
-        ])
+        w.writerow(
+            [
+                r["method"],
+                g.settings.get("opt"),
+                g.settings.get("mask", "") if ssam else "",
+                g.settings.get("sparsity", "") if ssam else "",
+                *[r["settings"].get(k) for k in varying],
+                r["seeds"],
+                r["final_mean"],
+                r["final_std"],
+                r["best_mean"],
+                r["best_std"],
+                r["epochs_done"],
+                r["epochs"],
+                r["finished"],
+                r["epoch_time_s"],
+                r["time_ratio"],
+                r["to_sgd_s"],
+                r["to_sgd_runs"],
+                ";".join(str(run.path) for run in g.runs),
+                r["compute"],
+                r["compute_ratio"],
+            ]
+        )
     return buf.getvalue()
 
 
