@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -16,15 +15,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sparsam import SAM, SSAM
 from sparsam.masks import RandomMask
 
+from .launch import free_port
 from .reference import tiny_data, tiny_net
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CONFIGS = [(k, a) for k in ("sam", "ssam") for a in ("local", "sync")]
@@ -71,7 +65,7 @@ def _train(rank, out_dir, kind, ascent):
 @pytest.fixture(scope="module")
 def ddp_results():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), d), nprocs=2, join=True)
         return {
             (k, a): [torch.load(os.path.join(d, f"{k}-{a}-rank{r}.pt"), weights_only=True) for r in range(2)]
             for k, a in CONFIGS

@@ -13,15 +13,13 @@ resumed run continues as the uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+
+from .launch import torchrun_sparsam
 
 from sparsam.train.config import TrainConfig, validate
 from sparsam.train.errors import ConfigError
@@ -57,45 +55,8 @@ COMMON = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "sparsam",
-        "train",
-        *args,
-    ]
-    # its own session, so a hung run (unpaired collectives) is killed with its workers, not left behind
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s: {err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return torchrun_sparsam("train", *args)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -526,31 +526,15 @@ def test_report_shows_compute_and_plots_accuracy_against_it(tmp_path):
     ],
 )
 def test_torchrun_two_ranks_end_identical(flags, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     import torch.distributed as dist
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     pytest.importorskip("sklearn")
-    from .test_train_ddp import _free_port
+    from .launch import torchrun_sparsam
 
     out = tmp_path / "ddp"
-    env = {**os.environ, "SPARSAM_DEBUG_RANK_DUMP": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "sparsam",
+    torchrun_sparsam(
         "train",
         *flags,
         "--train-subset",
@@ -566,9 +550,8 @@ def test_torchrun_two_ranks_end_identical(flags, tmp_path):
         "--no-progress",
         "--out",
         str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        env={"SPARSAM_DEBUG_RANK_DUMP": "1"},
+    )
     r0, r1 = (torch.load(out / "debug" / f"rank{r}.pt", weights_only=True) for r in range(2))
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
