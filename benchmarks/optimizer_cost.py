@@ -1,0 +1,84 @@
+"""The optimizer's own work: ``first_step + second_step`` of SAM and SSAM against one ``SGD.step``.
+
+Gradients are put in place once (random, fixed); no forward or backward runs. Every round times
+one step of each optimizer in turn (A B C A B C ...), each on its own copy of the model, and the
+figure is the median over rounds of the per-round ratio to ``SGD.step`` (momentum 0.9, weight
+decay 5e-4, the same for every base). This is the quantity issue 15 point 7 asks to bring to
+<= 2.3x; timings of whole training steps are in ``step_cost.py``.
+
+    python benchmarks/optimizer_cost.py                       # ResNet-18 width 64, 1 thread
+    python benchmarks/optimizer_cost.py --width 16 --rounds 31
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from sparsam import SAM, SSAM
+from sparsam.masks import RandomMask
+from sparsam.models import create_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="SSAM's random-mask sparsity")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    def model() -> torch.nn.Module:
+        m = create_model(args.model, num_classes=10, in_channels=3, width=args.width)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        return m
+
+    def sgd(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    m0, m1, m2 = model(), model(), model()
+    base = sgd(m0)
+    sam = SAM(sgd(m1), rho=0.05, model=m1)
+    ssam = SSAM(sgd(m2), rho=0.05, mask=RandomMask(args.sparsity, seed=0), model=m2)
+
+    def timed(fn: Callable[[], None]) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    def two_step(opt: SAM) -> Callable[[], None]:
+        def run() -> None:
+            opt.first_step()
+            opt.second_step()
+
+        return run
+
+    variants = {"SAM": two_step(sam), f"SSAM random s={args.sparsity}": two_step(ssam)}
+    ratios: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.warmup + args.rounds):
+        t_sgd = timed(base.step)
+        for name, fn in variants.items():
+            t = timed(fn)
+            if r >= args.warmup:
+                ratios[name].append(t / t_sgd)
+    n_params = sum(p.numel() for p in m0.parameters())
+    print(
+        f"{args.model} width {args.width} ({n_params / 1e6:.2f}M params), {args.threads} thread(s), "
+        f"torch {torch.__version__}, {args.rounds} rounds"
+    )
+    print("\n| optimizer work | x SGD.step (median) | min | max |\n|---|---:|---:|---:|")
+    for name, rs in ratios.items():
+        print(f"| {name} first_step + second_step | {statistics.median(rs):.2f} | {min(rs):.2f} | {max(rs):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
