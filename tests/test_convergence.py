@@ -119,26 +119,25 @@ def test_cli_refuses_a_fit_range_without_points(tmp_path):
 def test_cli_writes_figure_json_and_csv(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    rc = conv.main(
-        [
-            "--out",
-            str(out),
-            "--cache",
-            str(tmp_path / "cache"),
-            "--t-min",
-            "4",
-            "--t-max",
-            "12",
-            "--seeds",
-            "0,1",
-            "--methods",
-            "sgd,sam",
-            "--schedules",
-            "decay,horizon",
-            "--fit-from",
-            "4",
-        ]
-    )
+    argv = [
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--t-min",
+        "4",
+        "--t-max",
+        "12",
+        "--seeds",
+        "0,1",
+        "--methods",
+        "sgd,sam",
+        "--schedules",
+        "decay,horizon",
+        "--fit-from",
+        "4",
+    ]
+    rc = conv.main(argv)
     assert rc == 0
     for name in ("convergence.png", "convergence.pdf", "convergence.json", "convergence.csv"):
         assert (out / name).stat().st_size > 0
@@ -147,27 +146,5 @@ def test_cli_writes_figure_json_and_csv(tmp_path):
     assert len(rows) == 1 + 2 * 2 * 2 * len(grid)
     # A cached trajectory is reused: the second call gives identical numbers.
     first = (out / "convergence.csv").read_text()
-    assert (
-        conv.main(
-            [
-                "--out",
-                str(out),
-                "--cache",
-                str(tmp_path / "cache"),
-                "--t-min",
-                "4",
-                "--t-max",
-                "12",
-                "--seeds",
-                "0,1",
-                "--methods",
-                "sgd,sam",
-                "--schedules",
-                "decay,horizon",
-                "--fit-from",
-                "4",
-            ]
-        )
-        == 0
-    )
+    assert conv.main(argv) == 0
     assert (out / "convergence.csv").read_text() == first
