@@ -1,15 +1,20 @@
-"""The cheaper SAMs under Lightning and Accelerate, unchanged integrations: a Trainer / SAMStep run
-equals the plain ``opt.step(closure)`` loop on a copy of the network, weight for weight."""
+"""The cheaper SAMs under Lightning and Accelerate: a Trainer / SAMStep run equals the plain
+``opt.step(closure)`` loop on a copy of the network, weight for weight. The reference closure is
+written out here (the contract of docs/design.md: the sub-batch ascent's first ceil(f·n) samples,
+ESAM's per-sample losses, its forward-only "measure" pass and its selected samples in pass 2)."""
 
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from sparsam.integrations import pass_batch, pass_loss
 from sparsam.optim.esam import ESAM
 from sparsam.optim.looksam import LookSAM
 from sparsam.optim.schedule import ScheduledSAM
@@ -23,6 +28,9 @@ VARIANTS = {
     ),
     "looksam": lambda p, **kw: LookSAM(p, torch.optim.SGD, k=3, **KW, **kw),
     "esam-swp": lambda p, **kw: ESAM(p, torch.optim.SGD, beta=0.5, gamma=1.0, seed=7, **KW, **kw),
+    "esam-sds": lambda p, **kw: ESAM(p, torch.optim.SGD, beta=0.5, gamma=0.5, seed=7, **KW, **kw),
+    "asc-half": lambda p, **kw: ScheduledSAM(p, torch.optim.SGD, ascent_fraction=0.3, every=2, **KW, **kw),
+    "looksam-asc": lambda p, **kw: LookSAM(p, torch.optim.SGD, k=2, ascent_fraction=0.5, **KW, **kw),
 }
 STEPS = 8
 
@@ -32,18 +40,32 @@ def loader(batch=8, n=64):
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
-def reference(net, make_opt):
+def contract_closure(opt, model, x, y):
+    """The closure of docs/variants.md, written out: what every framework path must reproduce."""
+
+    def closure():
+        if opt.current_pass == "measure":  # forward only, every sample, per-sample losses
+            opt.record_sample_losses(F.cross_entropy(model(x), y, reduction="none"))
+            return None
+        idx = opt.batch_index
+        xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+        n = math.ceil(opt.batch_fraction * len(xb))
+        losses = F.cross_entropy(model(xb[:n]), yb[:n], reduction="none")
+        if opt.wants_sample_losses:
+            opt.record_sample_losses(losses)
+        loss = losses.mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def reference(net, make_opt, batches=None):
     ref = copy.deepcopy(net)
     opt = make_opt(ref.parameters(), model=ref)
-    for x, y in loader():
-
-        def closure(x=x, y=y):
-            loss = F.cross_entropy(ref(x), y)
-            loss.backward()
-            return loss
-
+    for x, y in batches if batches is not None else loader():
         opt.zero_grad()
-        opt.step(closure)
+        opt.step(contract_closure(opt, ref, x, y))
     return ref, opt
 
 
@@ -64,8 +86,9 @@ def test_lightning_trainer_equals_the_closure_loop(name):
             self.net = tiny_net(dtype=torch.float32, bn=True)
 
         def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
+            opt = self.optimizers()
+            x, y = pass_batch(opt, batch)  # this pass's samples
+            return pass_loss(opt, F.cross_entropy(self.net(x), y, reduction="none"))
 
         def configure_optimizers(self):
             return VARIANTS[name](self.net.parameters(), model=self.net)
@@ -83,8 +106,6 @@ def test_lightning_trainer_equals_the_closure_loop(name):
         num_sanity_val_steps=0,
         callbacks=[SAMCallback()],
     )
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t.fit(module, loader())
@@ -111,9 +132,60 @@ def test_accelerate_samstep_equals_the_closure_loop(name):
         model, popt, dl = acc.prepare(net, opt, loader())
         step = SAMStep(acc, popt, model=model)
         for x, y in dl:
-            step(lambda a, b: F.cross_entropy(model(a), b), x, y)
+            step(lambda a, b: F.cross_entropy(model(a), b, reduction="none"), x, y)  # per-sample losses
         same(net, ref)
         assert opt.compute == ref_opt.compute
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def _accelerate():
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_accelerate_esam_selection_with_accumulation_is_esam_on_the_whole_batch():
+    """Two micro-batches of 8 = one batch of 16: pass 1's and the measure pass's per-sample losses
+    cover both, the selection indexes the 16, pass 2 is the mean over the selected samples."""
+    _accelerate()
+    from accelerate import Accelerator
+
+    from sparsam.integrations.accelerate import SAMStep
+
+    net = tiny_net(dtype=torch.float64)
+    x, y = tiny_data(n=64)
+    ref, ref_opt = reference(net, VARIANTS["esam-sds"], list(zip(x.split(16), y.split(16))))
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = VARIANTS["esam-sds"](net.parameters(), model=net)
+    dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+    model, popt, dl = acc.prepare(net, opt, dl)
+    step = SAMStep(acc, popt, model=model)
+    for xb, yb in dl:
+        with acc.accumulate(model):
+            step(lambda a, b: F.cross_entropy(model(a), b, reduction="none"), xb, yb)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert opt.compute == pytest.approx(ref_opt.compute) == 4 * (1 + 1 / 3 + 0.5)
+
+
+def test_a_reduced_loss_is_refused_where_esam_selects():
+    _accelerate()
+    from accelerate import Accelerator
+
+    from sparsam.integrations.accelerate import SAMStep
+
+    net = tiny_net(dtype=torch.float32)
+    acc = Accelerator(cpu=True)
+    opt = VARIANTS["esam-sds"](net.parameters(), model=net)
+    model, popt = acc.prepare(net, opt)
+    x, y = tiny_data(n=8, dtype=torch.float32)
+    w = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match=r"gamma=0.5.*reduction='none'"):
+        SAMStep(acc, popt, model=model)(lambda a, b: F.cross_entropy(model(a), b), x, y)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), w))  # nothing moved
+    with pytest.raises(TypeError, match=r"1-D tensor.*shape \(8, 3\)"):
+        SAMStep(acc, popt, model=model)(lambda a, b: model(a), x, y)

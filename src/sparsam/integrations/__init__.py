@@ -10,15 +10,26 @@ Each framework has its own module, imported only when you use it, so ``import sp
   (``pip install "sparsam[accelerate]"``).
 
 What goes wrong without them, and why, is in ``docs/frameworks.md``.
+
+Two helpers, [`pass_batch`][sparsam.integrations.pass_batch] and
+[`pass_loss`][sparsam.integrations.pass_loss], are the closure contract of
+[`SAM.step`][sparsam.SAM.step] (``docs/design.md``) for a loss function that sees a batch: the
+part of the batch the current pass uses (sub-batch ascent, ESAM's data selection) and the
+per-sample losses ESAM records. ``SAMStep``, ``SAMTrainer`` and a Lightning ``training_step``
+use them, so every variant runs in every framework from the same code.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
+
+from torch import Tensor
 
 from ..optim.sam import SAM
 
-__all__ = ["unwrap_optimizer"]
+__all__ = ["pass_batch", "pass_loss", "unwrap_optimizer"]
 
 # Attribute under which each framework's optimizer wrapper keeps the wrapped optimizer:
 # Accelerate's AcceleratedOptimizer (.optimizer), Lightning's LightningOptimizer (._optimizer).
@@ -48,3 +59,121 @@ def unwrap_optimizer(optimizer: Any) -> SAM:
     if not isinstance(obj, SAM):
         raise TypeError(f"no sparsam SAM/SSAM optimizer found inside {type(optimizer).__name__}")
     return obj
+
+
+# ---------------------------------------------------------------------------------- the closure contract
+def selects_samples(optimizer: Any) -> bool:
+    """Does the optimizer choose the samples of its descent pass from per-sample losses (ESAM
+    with ``gamma < 1``)? Then the closure must report per-sample losses."""
+    return float(getattr(unwrap_optimizer(optimizer), "gamma", 1.0)) < 1.0
+
+
+def batch_size(batch: Any) -> int | None:
+    """The first dimension of the first tensor in ``batch`` (a tensor, or a tuple / list / dict of
+    them, nested), ``None`` without a tensor."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        n = batch_size(item)
+        if n is not None:
+            return n
+    return None
+
+
+def take(batch: Any, index: Tensor | None = None, fraction: float = 1.0, *, n: int | None = None) -> Any:
+    """``batch`` with every tensor whose first dimension is the batch size ``n`` cut to the
+    samples ``index`` (if given), then to the first ``ceil(fraction · m)`` of the m left; other
+    leaves are passed unchanged. Tuples (named ones too), lists and dicts keep their type."""
+    if index is None and fraction >= 1.0:
+        return batch
+    n = batch_size(batch) if n is None else n
+    if n is None:
+        raise TypeError(
+            f"the batch ({type(batch).__name__}) holds no tensor with a batch dimension to cut for this pass "
+            "(a sub-batch ascent or ESAM's data selection)"
+        )
+    m = n if index is None else int(index.numel())
+    keep = m if fraction >= 1.0 else math.ceil(fraction * m)
+
+    def cut(t: Any) -> Any:
+        if isinstance(t, Tensor):
+            if t.dim() == 0 or t.shape[0] != n:
+                return t
+            if index is not None:
+                t = t[index.to(t.device)]
+            return t[:keep] if keep < m else t
+        if isinstance(t, Mapping):
+            d = {k: cut(v) for k, v in t.items()}
+            return d if type(t) is dict else type(t)(d)  # type: ignore[call-arg]
+        if isinstance(t, tuple):
+            parts = [cut(v) for v in t]
+            return type(t)(*parts) if hasattr(t, "_fields") else tuple(parts)
+        if isinstance(t, list):
+            return [cut(v) for v in t]
+        return t
+
+    return cut(batch)
+
+
+def pass_batch(optimizer: Any, batch: Any) -> Any:
+    """The part of ``batch`` the current pass of a SAM-family optimizer uses.
+
+    ``batch`` is a tensor, or a tuple / list / dict (nested) of them; every tensor whose first
+    dimension is the batch size (that of the first tensor found) is cut, other values pass
+    unchanged. In ESAM's descent pass that is the samples
+    [`batch_index`][sparsam.SAM.batch_index] names; in the ascent pass of a sub-batch ascent
+    (``ascent_fraction``) the first ``ceil(f · n)`` samples
+    ([`batch_fraction`][sparsam.SAM.batch_fraction]); otherwise the whole batch, unchanged.
+    ``optimizer`` may be a framework's wrapper (Lightning's ``self.optimizers()``).
+    """
+    sam = unwrap_optimizer(optimizer)
+    return take(batch, sam.batch_index, sam.batch_fraction)
+
+
+def pass_loss(optimizer: Any, losses: Tensor) -> Tensor:
+    """The loss to backpropagate in the current pass, from the per-sample losses of the samples
+    [`pass_batch`][sparsam.integrations.pass_batch] gave (``reduction="none"``): their mean. While
+    the optimizer wants them ([`wants_sample_losses`][sparsam.SAM.wants_sample_losses]: ESAM's
+    data selection, in its ascent and its forward-only ``"measure"`` pass) they are handed to
+    [`record_sample_losses`][sparsam.SAM.record_sample_losses] first.
+
+    A 0-d loss (already reduced) is returned as it is, unless the optimizer wants per-sample
+    losses: then a ``RuntimeError`` says so.
+    """
+    sam = unwrap_optimizer(optimizer)
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"pass_loss needs a tensor of per-sample losses, got {type(losses).__name__}")
+    if losses.dim() == 0:
+        if sam.wants_sample_losses:
+            raise RuntimeError(
+                f"{type(sam).__name__}(gamma={getattr(sam, 'gamma', '?')}) selects samples by their losses, but the "
+                "loss is already reduced to one number: compute it with reduction='none' (one loss per sample)"
+            )
+        return losses
+    if losses.dim() != 1:
+        raise ValueError(f"pass_loss needs one loss per sample (a 1-D tensor), got shape {tuple(losses.shape)}")
+    if sam.wants_sample_losses:
+        sam.record_sample_losses(losses)
+    return losses.mean()
+
+
+def sum_for_selection(losses: Tensor, selected: int, micro_batches: int) -> Tensor:
+    """A micro-batch's share of the mean over ESAM's selected samples: ``Σ losses · m / K`` for
+    ``selected`` = K samples spread over ``micro_batches`` = m micro-batches (a caller that divides
+    each micro-batch's loss by m, as gradient accumulation does, gets the mean over the K)."""
+    if micro_batches == 1:
+        return losses.mean() if losses.numel() == selected else losses.sum() / selected
+    return losses.sum() * (micro_batches / selected)
+
+
+def split_index(index: Tensor, sizes: list[int]) -> list[Tensor]:
+    """ESAM's ``batch_index`` over the concatenation of micro-batches of ``sizes``, as one local
+    index per micro-batch."""
+    out, start = [], 0
+    index = index.cpu()
+    for size in sizes:
+        inside = (index >= start) & (index < start + size)
+        out.append(index[inside] - start)
+        start += size
+    return out

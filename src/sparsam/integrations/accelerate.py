@@ -40,22 +40,48 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import unwrap_optimizer
+from . import batch_size, pass_loss, split_index, sum_for_selection, take, unwrap_optimizer
 
 __all__ = ["SAMStep"]
+
+
+def _call(
+    fn: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any], n: int | None, index: Any, fraction: float
+) -> Tensor:
+    """``fn`` on the part of its arguments a pass uses (see ``sparsam.integrations.take``)."""
+    if index is not None or fraction < 1.0:
+        args, kwargs = take((args, kwargs), index, fraction, n=n)
+    out = fn(*args, **kwargs)
+    if not isinstance(out, Tensor) or out.dim() > 1:
+        raise TypeError(
+            "compute_loss must return the loss (a 0-d tensor) or one loss per sample (a 1-D tensor, "
+            f"reduction='none'), got {type(out).__name__}"
+            + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else "")
+        )
+    return out
 
 
 class SAMStep:
     """One SAM / SSAM step per call in an Accelerate loop: both passes, accumulation, fp16/bf16, DDP.
 
     ``sam_step(compute_loss, *args, **kwargs)`` calls ``compute_loss(*args, **kwargs)`` (it must
-    return the mean loss of that (micro-)batch and do nothing else: no ``backward``), backpropagates
-    it with ``accelerator.backward`` at ``w`` and returns it detached. On the call that completes an
+    return the mean loss of that (micro-)batch, or one loss per sample (``reduction="none"``), and
+    do nothing else: no ``backward``), backpropagates it (the mean of per-sample losses) with
+    ``accelerator.backward`` at ``w`` and returns it detached. On the call that completes an
     accumulation window (``accelerator.sync_gradients``, always true without ``accumulate``) it then
     perturbs ([`first_step`][sparsam.SAM.first_step], which unscales under fp16), calls ``compute_loss``
     again for every micro-batch of the window at ``w + e`` with the same arguments, restores ``w``
     and, with ``base_step=True``, takes the base step (``scaler.step`` + ``scaler.update`` under
     fp16). Gradients are cleared when a window starts; don't call ``optimizer.step()`` yourself.
+
+    Each pass gets the part of the arguments it uses: every tensor argument whose first dimension
+    is the batch size (that of the first tensor argument) is cut with
+    [`pass_batch`][sparsam.integrations.pass_batch]'s rule, so a sub-batch ascent
+    (``ascent_fraction``) costs its fraction, and ESAM's data selection (``gamma < 1``) works when
+    ``compute_loss`` returns per-sample losses: they are recorded at ``w`` (every micro-batch of
+    the window) and in ESAM's forward-only pass at ``w + e``, and pass 2 runs on the selected
+    samples of each micro-batch, weighted so that the window's descent gradient is the mean over
+    the selected ones. ``compute_loss`` itself does not read ``batch_fraction`` or ``batch_index``.
 
     Args:
         accelerator: the ``accelerate.Accelerator``.
@@ -95,33 +121,59 @@ class SAMStep:
             # accelerator.prepare(base) reloads the base optimizer's state dict, which replaces its
             # param_groups; a SAM built around it before that still holds the old ones. Relink.
             sam.load_state_dict(sam.state_dict())
-        self._pending: list[tuple[Callable[..., Tensor], tuple[Any, ...], dict[str, Any]]] = []
+        self._pending: list[tuple[Callable[..., Tensor], tuple[Any, ...], dict[str, Any], int | None]] = []
+        self._held: list[Tensor] = []
 
     def __call__(self, compute_loss: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
         acc, sam = self.accelerator, self.optimizer
         if not self._pending:
             sam.zero_grad()  # a new window: pass 1 accumulates from zero
-        self._pending.append((compute_loss, args, kwargs))
+            self._held = []
+        n = batch_size((args, kwargs))
+        self._pending.append((compute_loss, args, kwargs, n))
         if not acc.sync_gradients:
             # Not the window's last micro-batch: its ascent pass now (the gradient accumulates).
             with sam.ascent_pass():
-                loss = compute_loss(*args, **kwargs)
+                out = _call(compute_loss, args, kwargs, n, None, sam.batch_fraction)
+                if out.dim() == 1:  # per-sample losses at w: ESAM compares them with those at w + e
+                    self._held.append(out.detach())
+                loss = out.mean() if out.dim() == 1 else out
                 acc.backward(loss)
             return loss.detach()
 
-        window, self._pending = self._pending, []
+        window, held, self._pending, self._held = self._pending, self._held, [], []
         model = sam.model
 
         def closure() -> Tensor | None:
-            if sam.current_pass != "descent":  # the window's last micro-batch at w
-                loss = compute_loss(*args, **kwargs)
+            kind = sam.current_pass
+            if kind == "measure":  # ESAM: forward only at w + e (under no_grad), every micro-batch
+                for fn, a, kw, size in window:
+                    pass_loss(sam, _call(fn, a, kw, size, None, 1.0))
+                return None
+            if kind != "descent":  # the window's last micro-batch at w
+                if sam.wants_sample_losses:
+                    for h in held:
+                        sam.record_sample_losses(h)
+                fn, a, kw, size = window[-1]
+                loss = pass_loss(sam, _call(fn, a, kw, size, None, sam.batch_fraction))
                 acc.backward(loss)
                 return loss
-            for i, (fn, a, kw) in enumerate(window):  # every micro-batch of the window at w + e
+            index = sam.batch_index  # ESAM's data selection: indices over the whole window
+            local = split_index(index, [size or 0 for *_, size in window]) if index is not None else None
+            for i, (fn, a, kw, size) in enumerate(window):  # every micro-batch of the window at w + e
                 last = i == len(window) - 1
+                if local is not None and not local[i].numel() and not last:
+                    continue  # none of its samples was selected
                 # Under DDP the descent gradient is all-reduced once, in the window's last backward.
                 with nullcontext() if last or model is None else acc.no_sync(model):
-                    acc.backward(fn(*a, **kw))
+                    if local is None:
+                        loss = pass_loss(sam, _call(fn, a, kw, size, None, 1.0))
+                    elif not local[i].numel():  # the last backward must run (DDP's all-reduce): zero loss
+                        loss = _call(fn, a, kw, size, None, 1.0)[:0].sum()
+                    else:
+                        out = _call(fn, a, kw, size, local[i], 1.0)
+                        loss = sum_for_selection(out, int(index.numel()), len(window))  # type: ignore[union-attr]
+                    acc.backward(loss)
             return None
 
         scaler = acc.scaler if acc.scaler is not None and acc.scaler.is_enabled() else None

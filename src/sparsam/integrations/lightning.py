@@ -215,6 +215,13 @@ def _sam_step(
     scaler = _enabled_scaler(plugin)
 
     def pass_closure() -> Any:
+        if sam.current_pass == "measure":  # ESAM: forward only at w + e (under no_grad), no backward
+            step_fn = getattr(closure, "_step_fn", None)  # automatic optimization: training_step alone
+            with _descent(model, quiet=not log_descent):
+                if step_fn is None:  # manual optimization: the user's closure follows the contract itself
+                    return closure()
+                step_fn()  # training_step records its per-sample losses through pass_loss
+            return None
         if sam.current_pass == "descent":  # at w + e: pass 1's logs and result are the ones kept
             with _descent(model, quiet=not log_descent), _keep_closure_result(closure):
                 return closure()
