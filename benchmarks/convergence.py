@@ -14,21 +14,26 @@ measures it on a problem where ∇f can be computed exactly:
   quantity is its running minimum min_{t ≤ T} ‖∇f(w_t)‖² (and the running average, the
   theorem's left-hand side).
 
-Two schedules (``--schedule``):
+Two schedules (``--schedules``):
 
 - ``decay`` (the theorem's): η_t = η₀/√t, ρ_t = ρ₀/√t. The schedule does not depend on T, so one
   trajectory of length T_max gives every T.
 - ``horizon``: one run per T with the constant η = η₀/√T and ρ = ρ₀/√T (the fixed-horizon form).
 
-Run (one trajectory of 10,000 steps takes about a minute on one CPU core):
+Run (one trajectory of 10,000 steps takes about a minute on one CPU core; the horizon schedule
+runs every T of the grid from scratch, about 2.3x the steps of one decay trajectory for the default
+grid of 4 horizons per decade):
 
     python benchmarks/convergence.py --out docs/figures --t-max 10000 --seeds 0,1,2 --schedules decay
+    python benchmarks/convergence.py --out docs/figures --t-max 10000 --seeds 0,1,2 --schedules horizon
 
-Every finished trajectory is cached in ``--cache`` (default ``runs/convergence``) and skipped when
-the command is run again, so an interrupted run resumes.
+Every finished trajectory (decay) or set of runs (horizon) is cached in ``--cache`` (default
+``runs/convergence``) and skipped when the command is run again, so an interrupted run resumes.
 
-Writes ``convergence.png``/``.pdf`` (figure), ``convergence.json`` (settings, per-seed curves,
-fitted slopes) and ``convergence.csv`` (method, schedule, seed, T, running min, running mean).
+Writes ``STEM.png``/``.pdf`` (figure), ``STEM.json`` (settings, per-seed curves, fitted slopes)
+and ``STEM.csv`` (method, schedule, seed, T, running min, running mean), where STEM is ``--stem``,
+by default ``convergence`` for ``--schedules decay`` and ``convergence_`` + the schedules joined by
+``_`` otherwise (``convergence_horizon``), so the two schedules' figures do not overwrite each other.
 """
 
 from __future__ import annotations
@@ -290,12 +295,14 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             },
         },
         "reference_slope": fit_slope([grid[i] for i in keep], [ref[i] for i in keep]),
+        # 1/√T: the fixed-horizon rate of SGD's non-convex analysis (no log factor), drawn with horizon.
+        "reference_slope_inv_sqrt": fit_slope([grid[i] for i in keep], [grid[i] ** -0.5 for i in keep]),
         "slopes": slopes,
         "curves": curves,
     }
 
 
-def plot(result: dict[str, Any], out: Path) -> None:
+def plot(result: dict[str, Any], out: Path, stem: str = "convergence") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,6 +339,11 @@ def plot(result: dict[str, Any], out: Path) -> None:
         # falls at least as fast as log T / √T.
         ax.plot(grid, top * ref / ref[0], color="#d62728", ls="--", lw=1.2, label="c · log T / √T (the bound's rate)")
         slopes.append((f"log T / √T: {result['reference_slope']:.2f}", "#d62728"))
+        if schedule == "horizon":
+            inv = np.array([t**-0.5 for t in grid])
+            ax.plot(grid, top * inv / inv[0], color="#ff7f0e", ls=":", lw=1.4, label="c / √T")
+            inv_slope = result.get("reference_slope_inv_sqrt", -0.5)
+            slopes.append((f"1 / √T: {inv_slope:.2f}", "#ff7f0e"))
         # Slopes in the empty lower-left corner (the curves fall from top left to bottom right).
         for k, (text, colour) in enumerate(reversed(slopes)):
             ax.text(
@@ -353,17 +365,22 @@ def plot(result: dict[str, Any], out: Path) -> None:
         ax.set_ylabel(ylabel + " (full batch)")
         ax.set_title(f"{'minimum' if q == 'min' else 'average'}; {sched_words[schedule]}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
+    # The title states the setting, not a conclusion: what the curves show is read in docs/RESULTS.md.
+    how = sched_words[schedules[0]] if len(schedules) == 1 else "η and ρ as in the panel titles"
     fig.suptitle(
-        "SSAM (random and Fisher masks) converges like SAM and SGD, faster than the log T / √T bound\n"
-        f"tanh MLP on digits, η and ρ ∝ 1/√t; line: geometric mean, band: min-max over {n_seeds} seeds; "
+        "SGD, SAM and SSAM (random and Fisher masks, 50%): exact full-batch ‖∇f‖² against the number of steps T\n"
+        f"tanh MLP on digits, {how}; line: geometric mean, band: min-max over {n_seeds} seeds; "
         "slopes: least-squares on log-log axes",
         fontsize=9.5,
     )
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 0.90))
     for ext in ("png", "pdf"):
-        fig.savefig(out / f"convergence.{ext}", dpi=150)
+        fig.savefig(out / f"{stem}.{ext}", dpi=150)
     plt.close(fig)
 
 
@@ -391,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-every", type=int, default=100)
     p.add_argument("--fit-from", type=int, default=100, help="fit slopes over T >= this")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--stem",
+        help="output file name without extension (default: convergence for --schedules decay, "
+        "else convergence_ + the schedules joined by _)",
+    )
     args = p.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -411,9 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result = collect(args)
-    (args.out / "convergence.json").write_text(json.dumps(result, indent=1))
-    write_csv(result, args.out / "convergence.csv")
-    plot(result, args.out)
+    stem = args.stem or ("convergence" if args.schedules == ["decay"] else "convergence_" + "_".join(args.schedules))
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    write_csv(result, args.out / f"{stem}.csv")
+    plot(result, args.out, stem)
     print(json.dumps({"reference_slope": result["reference_slope"], "slopes": result["slopes"]}, indent=1))
     return 0
 

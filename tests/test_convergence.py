@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -139,12 +140,38 @@ def test_cli_writes_figure_json_and_csv(tmp_path):
     ]
     rc = conv.main(argv)
     assert rc == 0
-    for name in ("convergence.png", "convergence.pdf", "convergence.json", "convergence.csv"):
-        assert (out / name).stat().st_size > 0
-    rows = (out / "convergence.csv").read_text().splitlines()
+    # Both schedules in one figure: the files are named after them, not after the decay figure alone.
+    stem = "convergence_decay_horizon"
+    assert not (out / "convergence.png").exists()
+    for ext in ("png", "pdf", "json", "csv"):
+        assert (out / f"{stem}.{ext}").stat().st_size > 0
+    rows = (out / f"{stem}.csv").read_text().splitlines()
     grid = conv.t_grid(4, 12)
     assert len(rows) == 1 + 2 * 2 * 2 * len(grid)
     # A cached trajectory is reused: the second call gives identical numbers.
-    first = (out / "convergence.csv").read_text()
+    first = (out / f"{stem}.csv").read_text()
     assert conv.main(argv) == 0
-    assert (out / "convergence.csv").read_text() == first
+    assert (out / f"{stem}.csv").read_text() == first
+
+
+def test_cli_one_schedule_per_file_and_horizon_runs_every_T(tmp_path):
+    """decay alone writes convergence.*, horizon alone convergence_horizon.*; a horizon entry at T is
+    the last running min / mean of its own run of T steps at the constant lr0/√T, rho0/√T."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--cache", str(tmp_path / "cache"), "--t-min", "4", "--t-max", "12"]
+    common += ["--seeds", "0", "--methods", "sam", "--fit-from", "4"]
+    assert conv.main([*common, "--schedules", "decay"]) == 0
+    assert conv.main([*common, "--schedules", "horizon"]) == 0
+    for stem in ("convergence", "convergence_horizon"):
+        for ext in ("png", "pdf", "json", "csv"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 0
+    decay = json.loads((out / "convergence.json").read_text())
+    horizon = json.loads((out / "convergence_horizon.json").read_text())
+    assert list(decay["slopes"]) == ["decay"] and list(horizon["slopes"]) == ["horizon"]
+    (curve,) = horizon["curves"]
+    for t, mn, me in zip(curve["T"], curve["min_grad_norm2"], curve["mean_grad_norm2"]):
+        r = conv.run_trajectory("sam", t, seed=0, schedule="horizon", lr0=2.0, rho0=0.5)
+        assert mn == pytest.approx(r["running_min"][-1], rel=1e-12)
+        assert me == pytest.approx(r["running_mean"][-1], rel=1e-12)
+    assert horizon["reference_slope_inv_sqrt"] == pytest.approx(-0.5)
