@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsam import SAM, SSAM
-from sparsam.masks import FisherMask, RandomMask
+from sparsam.masks import DynamicMask, FisherMask, RandomMask, select
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard") or not dist.is_available():
@@ -29,7 +29,16 @@ CONFIGS = (
     "sam-bf16-policy",
     "sam-gradscaler",
     "sam-gradscaler-overflow",
+    "ssam-fisher-ties",
+    "ssam-fisher-channel",
+    "ssam-fisher-bf16-policy",
+    "ssam-dynamic",
+    "ssam-dynamic-layer",
 )
+# Fisher samples: the first 2 input features are 0, so the first layer's columns 0 and 1 have zero
+# Fisher information: 14 tied scores. Keeping 103 of the 107 coordinates takes every nonzero score
+# (93) and the first 10 zeros in flat order: 8 in rank 0's rows (0-3) and 2 in rank 1's (row 4).
+TIES_SPARSITY = 4 / 107
 
 
 def make_model():
@@ -43,8 +52,33 @@ def batch(step):
     return torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
-def make_opt(config, params, model):
+def fisher_data(rank=0):
+    """The Fisher samples rank ``rank`` is given: each rank its own, of which rank 0's are used."""
+    x, y = batch(50 + rank)
+    x[:, :2] = 0.0
+    return [(x[:5], y[:5]), (x[5:], y[5:])]
+
+
+def make_mask(config):
+    if "fisher" in config:
+        if "channel" in config:  # rows of the weights (whole on one rank), the authors' overshoot
+            kw = {"sparsity": 0.5, "pattern": "structured", "granularity": "channel", "fill": "overshoot"}
+        else:
+            kw = {"sparsity": TIES_SPARSITY}
+        return FisherMask(num_samples=7, update_every=2, **kw)
+    if "dynamic" in config:
+        if config.endswith("layer"):
+            return DynamicMask(0.5, STEPS, update_every=1, drop="weight", grow="gradient", budget="layer", seed=5)
+        return DynamicMask(0.5, STEPS, update_every=1, seed=5)  # drop the smallest |g|, grow at random
+    return RandomMask(0.5, seed=3, update_every=2)
+
+
+def make_opt(config, params, model, rank=0):
     kw = {"rho": 0.2, "lr": 0.1, "momentum": 0.9, "model": model}
+    if "fisher" in config or "dynamic" in config:
+        return SSAM(
+            params, torch.optim.SGD, mask=make_mask(config), loss_fn=F.cross_entropy, data=fisher_data(rank), **kw
+        )
     if config.startswith("ssam"):
         # a new random mask every 2 steps (global budget over all parameters)
         norm = "masked" if config.endswith("masked-norm") else "full"
@@ -63,7 +97,19 @@ def make_scaler(config):
     return torch.amp.GradScaler("cpu", init_scale=float("inf") if config.endswith("overflow") else 2.0**10)
 
 
+def all_masks(opt, model):
+    """Every parameter's mask on this rank (SSAM holds none for a shard whose mask is all False)."""
+    names, masks = opt.param_names(), opt.masks
+    out = {}
+    for p in model.parameters():
+        shape = p.to_local().shape if hasattr(p, "to_local") else p.shape
+        out[names[p]] = masks[names[p]].clone() if names[p] in masks else torch.zeros(shape, dtype=torch.bool)
+    return out
+
+
 def run(model, opt, rank=0, world=1, scaler=None):
+    """STEPS steps on this rank's part of each batch; SSAM's masks after each step (per shard)."""
+    history = []
     for step in range(STEPS):
         x, y = batch(step)
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -77,6 +123,9 @@ def run(model, opt, rank=0, world=1, scaler=None):
         opt.step(closure, grad_scaler=scaler)
         if scaler is not None:
             scaler.update()
+        if isinstance(opt, SSAM):
+            history.append(all_masks(opt, model))
+    return history
 
 
 def sharded_model(bf16=False):
@@ -146,21 +195,65 @@ def _errors(model, rank):
         out["sparse-ascent"] = None
     except RuntimeError as exc:
         out["sparse-ascent"] = str(exc)
-    fisher = SSAM(
-        model.parameters(),
-        torch.optim.SGD,
-        rho=0.1,
-        lr=0.1,
-        model=model,
-        mask=FisherMask(0.5, num_samples=4),
-        loss_fn=F.cross_entropy,
-        data=[batch(0)],
-    )
-    try:
-        fisher.init_masks()
-        out["fisher"] = None
-    except NotImplementedError as exc:
-        out["fisher"] = str(exc)
+    return out
+
+
+def select_scores():
+    """Full scores for the selection cases: integer-valued (long runs of ties), 7 and 5 rows."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "a": torch.randint(0, 3, (7, 6), generator=g).float(),
+        "b": torch.randint(0, 3, (7,), generator=g).float(),
+        "c": torch.zeros(5, 8),  # all tied
+        "d": torch.randint(0, 4, (5, 2, 3), generator=g).double(),
+    }
+
+
+SELECT_CASES = {
+    "global": {"sparsity": 0.4},
+    "layer": {"sparsity": 0.7, "budget": "layer"},
+    "one-d-always": {"sparsity": 0.5, "one_d": "always"},
+    "channel": {"sparsity": 0.5, "pattern": "structured", "granularity": "channel"},
+    "channel-overshoot": {"sparsity": 0.3, "pattern": "structured", "granularity": "channel", "fill": "overshoot"},
+    "channel-layer": {"sparsity": 0.5, "pattern": "structured", "granularity": "channel", "budget": "layer"},
+    "2:4": {"sparsity": None, "pattern": "2:4"},
+    "1:2-rank": {"sparsity": None, "pattern": "1:2", "one_d": "rank"},  # b: shards of 4 and 3
+}
+
+
+def _select_cases(rank):
+    """select() on DTensor scores: each rank's parts (joined and checked by the test), and the
+    errors of what is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    def sharded(full):
+        part = full.chunk(WORLD)[rank] if rank < len(full.chunk(WORLD)) else full[:0]
+        return DTensor.from_local(part.clone(), mesh, [Shard(0)], shape=full.shape, stride=full.stride())
+
+    scores = {k: sharded(v) for k, v in select_scores().items()}
+    out = {}
+    for case, kw in SELECT_CASES.items():
+        kw = dict(kw)
+        masks = select(scores, kw.pop("sparsity"), **kw)
+        out[case] = {k: (type(m).__name__, m.shape, m.to_local().clone()) for k, m in masks.items()}
+    errors = {}
+    nan = dict(scores)
+    if rank == 1:  # NaN on one rank only: both raise
+        nan["a"] = sharded(select_scores()["a"].index_fill(0, torch.tensor([6]), float("nan")))
+    for key, call in (
+        ("tensor", lambda: select(scores, 0.5, "structured")),
+        ("1-d-crossing", lambda: select({"b": scores["b"]}, None, "1:3", one_d="rank")),
+        ("nan", lambda: select(nan, 0.5)),
+    ):
+        try:
+            call()
+            errors[key] = None
+        except ValueError as exc:
+            errors[key] = str(exc)
+    out["errors"] = errors
     return out
 
 
@@ -172,17 +265,19 @@ def _worker(rank, world, port, out):
         result = {}
         for config in CONFIGS:
             model = sharded_model(bf16=config.endswith("bf16-policy"))
-            opt = make_opt(config, model.parameters(), model)
-            run(model, opt, rank, world, make_scaler(config))
+            opt = make_opt(config, model.parameters(), model, rank)
+            history = run(model, opt, rank, world, make_scaler(config))
             if config == "ssam-random":
                 result["checkpoint"] = _checkpoint(opt)
             result[config] = {
                 "params": [p.full_tensor() for p in model.parameters()],
                 "backup_bytes": sum(b.numel() * b.element_size() for b in opt._backup.values()),
                 "masks": {n: m.clone() for n, m in opt.masks.items()} if isinstance(opt, SSAM) else None,
+                "history": history,
                 "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()],
             }
         result["errors"] = _errors(sharded_model(), rank)
+        result["select"] = _select_cases(rank)
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -206,7 +301,7 @@ def ranks(tmp_path_factory):
 def test_two_ranks_equal_one_process(config, ranks):
     ref = make_model()
     ref_opt = make_opt(config, ref.parameters(), ref)
-    run(ref, ref_opt, scaler=make_scaler(config))
+    history = run(ref, ref_opt, scaler=make_scaler(config))
     if config.endswith("overflow"):  # every step skipped by the scaler: the initial weights
         assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), make_model().parameters()))
     r0, r1 = ranks[0][config], ranks[1][config]
@@ -224,11 +319,24 @@ def test_two_ranks_equal_one_process(config, ranks):
     param_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     if config.startswith("ssam"):
         # each rank holds the masks of its rows only; joined they are the one-process masks
-        assert r0["masks"].keys() == ref_opt.masks.keys()
+        # (a rank holds no mask for a shard whose mask is all False)
         for name, m in ref_opt.masks.items():
-            assert torch.equal(torch.cat([r0["masks"][name], r1["masks"][name]]), m), name
-            assert r0["masks"][name].shape[0] < m.shape[0]
+            parts = [r["masks"].get(name, torch.zeros(0, *m.shape[1:], dtype=torch.bool)) for r in (r0, r1)]
+            if all(name in r["masks"] for r in (r0, r1)):
+                assert torch.equal(torch.cat(parts), m), name
+                assert r0["masks"][name].shape[0] < m.shape[0]
         assert sum(r["backup_bytes"] for r in (r0, r1)) <= param_bytes  # only partly masked tensors copied
+        # Fisher and dynamic masks chosen per shard by the distributed threshold: at every step
+        for step, ref_masks in enumerate(history):
+            m0, m1 = r0["history"][step], r1["history"][step]
+            assert m0.keys() == ref_masks.keys(), step
+            for name, m in ref_masks.items():
+                assert torch.equal(torch.cat([m0[name], m1[name]]), m), (step, name)
+        if "fisher" in config and "channel" not in config:
+            # the 14 tied zeros of layer 0 (columns 0, 1): the first 10 in flat order, over both ranks
+            for masks in history:
+                assert sum(int(m.sum()) for m in masks.values()) == 103
+                assert masks["0.weight"][:5, :2].all() and not masks["0.weight"][5:, :2].any()
     else:
         assert sum(r["backup_bytes"] for r in (r0, r1)) == param_bytes
         assert all(r["backup_bytes"] < param_bytes for r in (r0, r1))
@@ -242,8 +350,29 @@ def test_bad_input_is_refused_by_name(ranks):
         assert err["mixed"] and "sharded (FSDP2) and plain parameters" in err["mixed"] and "(2, 3)" in err["mixed"]
         assert err["full-shape"] and "full shape (7, 6)" in err["full-shape"] and "per shard" in err["full-shape"]
         assert err["other-world"] and "another world size" in err["other-world"]
-        assert err["fisher"] and "FisherMask" in err["fisher"]
         assert err["sparse-ascent"] and "sparse_ascent=False" in err["sparse-ascent"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SELECT_CASES)
+def test_select_on_sharded_scores_is_the_one_process_selection(case, ranks):
+    kw = dict(SELECT_CASES[case])
+    full = select_scores()
+    ref = select(full, kw.pop("sparsity"), **kw)
+    p0, p1 = ranks[0]["select"][case], ranks[1]["select"][case]
+    assert p0.keys() == ref.keys()
+    for name, m in ref.items():
+        assert p0[name][0] == "DTensor" and p0[name][1] == m.shape  # sharded like the scores
+        assert torch.equal(torch.cat([p0[name][2], p1[name][2]]), m), name
+
+
+@pytest.mark.slow
+def test_select_on_sharded_scores_refuses_what_it_cannot_match(ranks):
+    for r in ranks:
+        err = r["select"]["errors"]
+        assert err["tensor"] and "granularity='tensor'" in err["tensor"] and "channel" in err["tensor"]
+        assert err["1-d-crossing"] and "'b'" in err["1-d-crossing"] and "[0, 4]" in err["1-d-crossing"]
+        assert err["nan"] and "scores['a'] contains NaN" in err["nan"]  # raised on both ranks
 
 
 @pytest.mark.slow

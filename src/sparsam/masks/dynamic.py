@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _distributed as _dist
 from .base import MaskContext, SeededSource, check_sparsity
 from .selection import BUDGETS, select, top_positions
 
@@ -168,6 +169,8 @@ class DynamicMask(SeededSource):
         return absg[index]
 
     def _next(self, ctx: MaskContext, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if any(map(_dist.is_dtensor, ctx.params.values())):
+            return self._next_sharded(ctx, masks)
         names = list(ctx.params)
         groups = [names] if self.budget == "global" else [[n] for n in names]
         rate = self.drop_rate(ctx.step)
@@ -198,6 +201,109 @@ class DynamicMask(SeededSource):
                 out[n] = new[i : i + p.numel()].reshape(p.shape).to(p.device)
                 i += p.numel()
         return out
+
+    def _next_sharded(self, ctx: MaskContext, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``_next`` on parameters sharded by FSDP2: the same drop and grow as one process, chosen
+        with the distributed threshold over this rank's shards (``sparsam.masks._distributed``).
+        Random scores are drawn for the whole group in one-process order and each rank keeps the
+        numbers of its own candidates; gradients and weights are this rank's shards."""
+        names = list(ctx.params)
+        params = [ctx.params[n] for n in names]
+        for n, p in zip(names, params):
+            if not _dist.is_dtensor(p):
+                raise ValueError(f"DynamicMask got the plain parameter {n!r} next to sharded (FSDP2) ones")
+            _dist.check_layout(p, f"parameter {n!r}")
+        comm = _dist.Comm.of(params[0])
+        groups = [0] * len(names) if self.budget == "global" else list(range(len(names)))
+        n_groups = max(groups) + 1 if groups else 0
+        live = [self._local_mask(masks.get(n), p).reshape(-1) for n, p in zip(names, params)]
+        counts = torch.tensor([[int(m.sum()), m.numel()] for m in live], dtype=torch.int64).reshape(-1, 2)
+        every = comm.all_gather(counts)  # [world, S, (live, local numel)]
+        live_total, numel = [0] * n_groups, [0] * n_groups
+        for i, g in enumerate(groups):
+            live_total[g] += int(every[:, i, 0].sum())
+            numel[g] += int(every[:, i, 1].sum())
+        rate = self.drop_rate(ctx.step)
+        n_move = [min(round(rate * live_total[g]), numel[g] - live_total[g]) for g in range(n_groups)]
+        if not any(k > 0 for k in n_move):
+            return {n: _dist.shard(p.shape, m.reshape(_dist.local(p).shape), p) for n, p, m in zip(names, params, live)}
+        grads = [ctx.grads.get(n) for n in names]
+        cands = {
+            "drop": [torch.nonzero(m).flatten() for m in live],
+            "grow": [torch.nonzero(~m).flatten() for m in live],
+        }
+        # per (segment, rank) candidate counts: dead = local numel - live
+        n_cand = {"drop": every[:, :, 0], "grow": every[:, :, 1] - every[:, :, 0]}
+        vals: dict[str, list[Tensor | None]] = {"drop": [None] * len(names), "grow": [None] * len(names)}
+        for g in range(n_groups):  # one process draws group by group, drop scores before grow scores
+            members = [i for i, gi in enumerate(groups) if gi == g]
+            for what, kind in (("drop", self.drop), ("grow", self.grow)):
+                if n_move[g] <= 0:
+                    for i in members:  # k = 0: nothing is taken, the values do not matter
+                        vals[what][i] = torch.zeros(cands[what][i].numel())
+                    continue
+                for i, v in zip(
+                    members, self._sharded_scores(kind, members, params, grads, cands[what], n_cand[what], comm)
+                ):
+                    vals[what][i] = v
+        drop = _dist.sharded_top(vals["drop"], groups, n_move, comm, largest=False)  # type: ignore[arg-type]
+        grow = _dist.sharded_top(vals["grow"], groups, n_move, comm, largest=True)  # type: ignore[arg-type]
+        out = {}
+        for i, (n, p) in enumerate(zip(names, params)):
+            new = live[i].clone()
+            new[cands["drop"][i][drop[i]]] = False
+            new[cands["grow"][i][grow[i]]] = True
+            out[n] = _dist.shard(p.shape, new.reshape(_dist.local(p).shape), p)
+        return out
+
+    def _sharded_scores(
+        self,
+        kind: str,
+        members: list[int],
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        cands: list[Tensor],
+        n_cand: Tensor,
+        comm: Any,
+    ) -> list[Tensor]:
+        """This rank's scores of its candidates in each member segment of one group."""
+        if kind == "random":
+            # the group's numbers in one-process order: segment by segment, rank by rank
+            drawn = torch.rand(int(n_cand[:, members].sum()), generator=self.generator)
+            out, start = [], 0
+            for i in members:
+                mine = start + int(n_cand[: comm.rank, i].sum())
+                out.append(drawn[mine : mine + int(n_cand[comm.rank, i])].to(_dist.local(params[i]).device))
+                start += int(n_cand[:, i].sum())
+            return out
+        if kind == "weight":
+            first = params[members[0]]
+            dtype = first.dtype if first.dtype.is_floating_point else torch.float32
+            return [_dist.local(params[i]).reshape(-1).abs().to(dtype)[cands[i]] for i in members]
+        gdtype = next((g.dtype for g in (grads[i] for i in members) if g is not None), torch.float32)
+        gdtype = gdtype if gdtype.is_floating_point else torch.float32
+        out = []
+        for i in members:
+            g = grads[i]
+            absg = (
+                _dist.local(g).reshape(-1).abs().to(gdtype)
+                if g is not None
+                else torch.zeros(_dist.local(params[i]).numel(), dtype=gdtype)
+            )
+            out.append(absg[cands[i]])
+        return out
+
+    @staticmethod
+    def _local_mask(m: Tensor | None, p: Tensor) -> Tensor:
+        """This rank's part of a mask of ``p``: a sharded mask, one of the full shape or one of the shard's."""
+        shard = _dist.local(p)
+        if m is None:
+            return torch.zeros(shard.shape, dtype=torch.bool, device=shard.device)
+        if _dist.is_dtensor(m):
+            return _dist.local(m).to(torch.bool)
+        if m.shape == shard.shape:
+            return m.to(shard.device, torch.bool)
+        return _dist.local_part(m, p).to(shard.device, torch.bool)
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self._pending is None else {n: m.cpu().clone() for n, m in self._pending.items()}

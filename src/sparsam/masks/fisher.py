@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from ._distributed import Comm, is_dtensor, local, shard
 from .base import LossFn, MaskContext, SeededSource
 from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
@@ -184,6 +185,8 @@ def fisher_information(
     scored = _resolve_params(model, params)
     if not scored:
         return {}
+    if any(is_dtensor(p) for _, _, p in scored):
+        return _sharded_fisher(model, loss_fn, data, n_total, scored, chunk_size, true_fisher, generator, bn_stats)
     device = scored[0][2].device
     inputs, targets = _take_samples(data, n_total, device)
 
@@ -278,6 +281,83 @@ def fisher_information(
             for mn, g in gs.items():
                 acc[mn].add_(g.to(acc_dtype[mn]).pow(2).sum(0))
     return {out_name: acc[mn] for out_name, mn, _ in scored}
+
+
+def _sharded_fisher(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    n_total: int,
+    scored: list[tuple[str, str, Tensor]],
+    chunk_size: int | None,
+    true_fisher: bool,
+    generator: torch.Generator | None,
+    bn_stats: str,
+) -> dict[str, Tensor]:
+    """The Fisher of parameters sharded by FSDP2, per shard (DTensor scores sharded like them).
+
+    Every rank runs the same ``n_total`` samples: rank 0's, broadcast to the others (one object
+    broadcast), each through the sharded model's own forward and backward on a batch of one. FSDP
+    averages the ranks' gradients in its reduce-scatter; as they are gradients of the same sample
+    at the same weights, each rank's ``p.grad`` is then its shard of that sample's gradient, whose
+    square is added to the rank's part of ``F``. Per-sample passes are FSDP collectives, so every
+    rank makes the same number of them. The ``.grad`` of every parameter is restored afterwards.
+    """
+    plain = [out for out, _, p in scored if not is_dtensor(p)]
+    if plain:
+        raise ValueError(
+            f"fisher_information: parameters {plain[:3]} are plain tensors next to sharded (FSDP2) ones; "
+            "shard the modules holding them too"
+        )
+    comm = Comm.of(scored[0][2])
+    device = local(scored[0][2]).device
+    mine = _take_samples(data, n_total, device)
+    inputs, targets = comm.broadcast_object((mine[0].cpu(), mine[1].cpu()))  # rank 0's samples everywhere
+    inputs, targets = inputs.to(device), targets.to(device)
+    acc_dtype = {mn: (torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype) for _, mn, p in scored}
+    acc = {mn: torch.zeros(local(p).shape, dtype=acc_dtype[mn], device=device) for _, mn, p in scored}
+    if chunk_size is None:  # as one process would chunk (only the true-Fisher labels depend on it)
+        per_sample = sum(p.numel() * p.element_size() for _, _, p in scored)
+        chunk_size = max(1, min(n_total, _CHUNK_MAX, _CHUNK_BYTES // max(per_sample, 1)))
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+
+    def labels(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            out = torch.cat([model(x[j : j + 1]) for j in range(x.shape[0])])
+        if out.dim() != 2:
+            raise ValueError(
+                f"true_fisher needs logits of shape (batch, classes), got outputs of shape {tuple(out.shape)}"
+            )
+        sample_device = generator.device if generator is not None else out.device
+        probs = torch.softmax(out.detach().to(sample_device, torch.float64), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
+
+    try:
+        for p in params:
+            p.grad = None
+        with _norm_mode(model, bn_stats), torch.enable_grad():
+            for start in range(0, n_total, chunk_size):
+                x = inputs[start : start + chunk_size]
+                y = labels(x) if true_fisher else targets[start : start + chunk_size]
+                for j in range(x.shape[0]):
+                    loss = loss_fn(model(x[j : j + 1]), y[j : j + 1])
+                    if loss.dim() != 0:
+                        raise ValueError(_NOT_SCALAR.format(tuple(loss.shape)))
+                    if not bool(torch.isfinite(loss.detach())):  # the same sample on every rank: all raise
+                        raise ValueError(
+                            f"loss is not finite ({float(loss)}) for sample {start + j} while computing the Fisher"
+                        )
+                    loss.backward()
+                    for _, mn, p in scored:
+                        if p.grad is not None:
+                            acc[mn].add_(local(p.grad).to(acc_dtype[mn]).square())
+                    for p in params:
+                        p.grad = None
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return {out: shard(p.shape, acc[mn], p) for out, mn, p in scored}
 
 
 class FisherMask(PatternOptions, SeededSource):

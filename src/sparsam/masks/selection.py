@@ -43,6 +43,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from . import _distributed as _dist
+from ._distributed import is_dtensor
 from .base import check_sparsity
 
 PATTERNS = ("unstructured", "structured", "nm")
@@ -248,37 +250,41 @@ def _structured(
     names = list(scores)
     if granularity == "tensor" and budget == "layer":
         raise ValueError("budget='layer' has no meaning with granularity='tensor' (a tensor is one unit); use 'global'")
+    means = {name: _unit_means(scores[name], granularity) for name in names}
+    rows = _structured_units(means, {n: scores[n].numel() for n in names}, sparsity, granularity, budget, fill)
     out: dict[str, Tensor] = {}
+    for name in names:
+        s = scores[name]
+        if granularity == "tensor":
+            out[name] = torch.full(s.shape, bool(rows[name][0]), dtype=torch.bool, device=s.device)
+        else:
+            out[name] = _rows_to_mask(rows[name], s)
+    return out
+
+
+def _structured_units(
+    means: dict[str, Tensor], numels: dict[str, int], sparsity: float, granularity: str, budget: str, fill: str
+) -> dict[str, Tensor]:
+    """Which units of each tensor are kept, from the units' mean scores (one bool per unit, CPU)."""
+    names = list(means)
     if granularity == "channel" and budget == "layer":
-        for name in names:
-            s = scores[name]
-            means = _unit_means(s, "channel")
-            rows = top_positions(means.cpu(), keep_count(means.numel(), sparsity))
-            out[name] = _rows_to_mask(rows, s)
-        return out
+        return {name: top_positions(means[name].cpu(), keep_count(means[name].numel(), sparsity)) for name in names}
     # Global budget: units of every tensor compete for k = round((1 - s) N) coordinates.
     unit_means: list[float] = []
     unit_sizes: list[int] = []
     spans: list[tuple[int, int]] = []
     for name in names:
-        s = scores[name]
-        means = _unit_means(s, granularity).cpu().tolist()  # host sync: a few thousand numbers
-        n_units = len(means)
-        size = s.numel() if granularity == "tensor" else (s.numel() // max(n_units, 1))
+        unit = means[name].cpu().tolist()  # host sync: a few thousand numbers
+        n_units = len(unit)
+        size = numels[name] if granularity == "tensor" else (numels[name] // max(n_units, 1))
         spans.append((len(unit_means), n_units))
-        unit_means.extend(means)
+        unit_means.extend(unit)
         unit_sizes.extend([size] * n_units)
-    total = sum(scores[n].numel() for n in names)
     walk = _overshoot_units if fill == "overshoot" else _greedy_units
-    taken = walk(unit_means, unit_sizes, keep_count(total, sparsity))
-    for name, (start, count) in zip(names, spans):
-        s = scores[name]
-        rows = torch.tensor(taken[start : start + count], dtype=torch.bool)
-        if granularity == "tensor":
-            out[name] = torch.full(s.shape, bool(rows[0]), dtype=torch.bool, device=s.device)
-        else:
-            out[name] = _rows_to_mask(rows, s)
-    return out
+    taken = walk(unit_means, unit_sizes, keep_count(sum(numels.values()), sparsity))
+    return {
+        name: torch.tensor(taken[start : start + count], dtype=torch.bool) for name, (start, count) in zip(names, spans)
+    }
 
 
 def _rows_to_mask(rows: Tensor, like: Tensor) -> Tensor:
@@ -371,6 +377,8 @@ def select(
     if one_d is None:
         one_d = "always" if p == "nm" else "rank"
     _check_choice("one_d", one_d, ONE_D_POLICIES)
+    if isinstance(scores, Mapping) and any(map(is_dtensor, scores.values())):
+        return _select_sharded(scores, s, p, n, m, granularity, budget, one_d, fill)
     _check_scores(scores)
 
     fixed: dict[str, Tensor] = {}
@@ -388,6 +396,100 @@ def select(
     else:
         chosen = {name: nm_mask(t, n, m) for name, t in ranked.items()}
     return {name: (fixed[name] if name in fixed else chosen[name]) for name in scores}
+
+
+def _select_sharded(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    pattern: str,
+    n: int | None,
+    m: int | None,
+    granularity: str,
+    budget: str,
+    one_d: str,
+    fill: str,
+) -> dict[str, Tensor]:
+    """[`select`][sparsam.masks.select] on scores sharded as FSDP2 shards parameters (DTensors,
+    ``Shard(0)`` on a 1-D mesh): each rank gets its part of the masks a single process would
+    choose from the full scores, as DTensors sharded like the scores. See ``docs/scaling.md``."""
+    first = None
+    for name, t in scores.items():
+        if not is_dtensor(t):
+            raise ValueError(
+                f"scores[{name!r}] is a plain tensor next to sharded (DTensor) scores: give every score sharded "
+                "(FSDP2) or none"
+            )
+        _dist.check_layout(t, f"scores[{name!r}]")
+        if first is None:
+            first = t
+        elif t.device_mesh != first.device_mesh:
+            raise ValueError(f"scores[{name!r}] is on another device mesh than the first sharded score")
+        if t.is_complex():
+            raise TypeError(f"scores[{name!r}] is complex; scores must be real")
+    if first is None:
+        return {}
+    comm = _dist.Comm.of(first)
+    parts = {name: _dist.local(t) for name, t in scores.items()}
+    # NaN on any rank's part: every rank raises (a rank alone would leave the others waiting).
+    nan = torch.tensor(
+        [bool(t.is_floating_point() and torch.isnan(t).any()) for t in parts.values()], dtype=torch.int64
+    )
+    nan = comm.all_reduce_sum(nan)
+    for name, flag in zip(parts, nan.tolist()):
+        if flag:
+            raise ValueError(f"scores[{name!r}] contains NaN; scores must be ordered numbers")
+    fixed: dict[str, Tensor] = {}
+    ranked: list[str] = []
+    for name, t in scores.items():
+        if t.dim() <= 1 and one_d != "rank":
+            fixed[name] = torch.full(parts[name].shape, one_d == "always", dtype=torch.bool, device=parts[name].device)
+        else:
+            ranked.append(name)
+    chosen: dict[str, Tensor] = {}
+    if pattern == "unstructured":
+        if budget == "global":
+            groups, ks = [0] * len(ranked), [keep_count(sum(scores[x].numel() for x in ranked), sparsity)]
+        else:
+            groups, ks = list(range(len(ranked))), [keep_count(scores[x].numel(), sparsity) for x in ranked]
+        keeps = _dist.sharded_top([parts[x].reshape(-1) for x in ranked], groups, ks, comm)
+        chosen = {x: k.reshape(parts[x].shape) for x, k in zip(ranked, keeps)}
+    elif pattern == "structured":
+        if granularity == "tensor":
+            raise ValueError(
+                "pattern='structured' with granularity='tensor' is not supported on sharded (FSDP2) scores: a "
+                "tensor's mean score would be summed over the shards, whose rounding differs from one process's, "
+                "so the chosen tensors could differ; use granularity='channel' (rows lie whole on one rank)"
+            )
+        if budget == "layer" and granularity == "tensor":  # pragma: no cover - refused above
+            raise ValueError("budget='layer' has no meaning with granularity='tensor'")
+        local_means = [_unit_means(parts[x], "channel") for x in ranked]
+        full_means, offsets = _dist.gather_vectors(local_means, comm)
+        rows = _structured_units(
+            dict(zip(ranked, full_means)),
+            {x: scores[x].numel() for x in ranked},
+            sparsity,
+            "channel",
+            budget,
+            fill,
+        )
+        for x, off, mine in zip(ranked, offsets, local_means):
+            chosen[x] = _rows_to_mask(rows[x][off : off + mine.numel()], parts[x])
+    else:
+        for x in ranked:
+            t = scores[x]
+            if t.dim() <= 1:  # one row over the whole vector: its groups must not cross a shard boundary
+                starts = _dist.chunk_starts(t.numel(), comm.world)
+                if any(st % m for st in starts):
+                    raise ValueError(
+                        f"the {n}:{m} pattern on the sharded 1-D tensor {x!r} of length {t.numel()}: its shards start "
+                        f"at {starts}, so groups of {m} would cross a shard boundary; use one_d='always' or 'never' "
+                        f"(the N:M default), or a world size whose shards of it are multiples of {m}"
+                    )
+            chosen[x] = nm_mask(parts[x], n, m)  # rows (dim 0) lie whole on one rank
+    return {
+        name: _dist.shard(scores[name].shape, fixed[name] if name in fixed else chosen[name], scores[name])
+        for name in scores
+    }
 
 
 class PatternOptions:

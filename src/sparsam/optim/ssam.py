@@ -318,12 +318,6 @@ class SSAM(SAM):
         """The [`MaskContext`][sparsam.masks.MaskContext] handed to the mask source now."""
         names = self.param_names()
         params = {names[p]: p for p in self._perturbable()}
-        src = self.mask_source
-        if (src.needs_grads or getattr(src, "needs_data", False)) and any(map(_sharded.is_sharded, params.values())):
-            raise NotImplementedError(
-                f"{type(src).__name__} on parameters sharded by FSDP2 is not supported yet (its scores need a "
-                "distributed threshold); use RandomMask or masks set per shard, or DDP"
-            )
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         model = self.model
         while model is not None and hasattr(model, "no_sync") and hasattr(model, "module"):
@@ -341,13 +335,16 @@ class SSAM(SAM):
     def _apply_source(self, result: Mapping[str, Tensor] | None) -> None:
         if result is None:
             return
-        masks = dict(result)
-        if self.sync_masks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Sharded masks (DTensors, FSDP2: chosen per shard by the distributed threshold) are this
+        # rank's own part already; full masks are rank 0's on every rank, cut to this rank's rows.
+        sharded = {n: _sharded.local(m) for n, m in result.items() if _sharded.is_sharded(m)}
+        masks = {n: m for n, m in result.items() if n not in sharded}
+        if masks and self.sync_masks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             masks = _broadcast_masks(masks)
-        if any(_sharded.is_sharded(p) for p in self._all_params()):  # FSDP2: keep this rank's part
+        if masks and any(_sharded.is_sharded(p) for p in self._all_params()):  # FSDP2: keep this rank's part
             by_name = {n: p for p, n in self.param_names().items()}
             masks = {n: _sharded.local_part(m, by_name[n]) if n in by_name else m for n, m in masks.items()}
-        self.set_masks(masks)
+        self.set_masks({n: sharded[n] if n in sharded else masks[n] for n in result})
 
     def init_masks(self) -> None:
         """Ask the mask source for the first masks now (otherwise done at the first step)."""

@@ -1,0 +1,282 @@
+"""Top-k over scores sharded by FSDP2: a distributed threshold with the one-process tie rule.
+
+FSDP2 (``fully_shard``) shards every parameter along dim 0 in ``torch.chunk`` order: rank ``r``
+holds a contiguous block of rows, so in the flat order [`select`][sparsam.masks.select] ranks by
+(parameters in order, row-major inside each) the coordinates of one parameter lie rank 0's first,
+then rank 1's, ... The flat order is therefore (parameter, rank, local position), and a rank can
+place each of its coordinates in it from per-(parameter, rank) counts alone.
+
+[`sharded_top`][sparsam.masks._distributed.sharded_top] keeps, in every group of segments, the
+``k`` largest scores with ties going to the lower flat positions (exactly what
+``selection.top_positions`` does in one process), without gathering any score:
+
+1. every score becomes an integer key with the same order (the IEEE-754 bit pattern, its lower
+   bits flipped for negative numbers; ``-0.0`` counts as ``+0.0``, as ``==`` does): float32 keys
+   span 2³² values, float64 keys 2⁶⁴;
+2. one ``all_gather`` of each group's (count, min key, max key) per rank;
+3. a bisection on the key: each round counts the local keys ``>= mid`` and ``all_reduce``\\s the
+   counts (one int64 per group): at most 32 rounds for float32 scores (64 for float64), fewer when
+   the keys span a narrower range; the result is the exact ``k``-th largest key ``T``;
+4. one ``all_gather`` of each segment's (keys ``> T``, keys ``== T``) per rank: every rank then
+   knows how many tied coordinates lie at lower flat positions than its own and takes the
+   ``k - #(> T)`` first ties of the group.
+
+So a selection costs ``2 +`` (number of bisection rounds) collectives of a few integers per group,
+whatever the number of coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # torch >= 2.4 exposes DTensor publicly
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - a build without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
+
+_I64_MAX = 2**63 - 1
+_I64_MIN = -(2**63)
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a DTensor (a tensor sharded by FSDP2 / tensor parallelism)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of a DTensor (outside autograd), else ``t`` itself."""
+    if is_dtensor(t):
+        return t.to_local().detach()  # type: ignore[attr-defined]
+    return t
+
+
+def check_layout(t: Any, name: str) -> None:
+    """Refuse a DTensor that is not sharded as FSDP2 shards: dim 0 over a 1-D mesh."""
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise ValueError(
+            f"{name}: selection on sharded tensors needs FSDP2's layout (Shard(0) over a 1-D device mesh), got "
+            f"placements {tuple(t.placements)} on a {t.device_mesh.ndim}-D mesh: the flat order of the coordinates "
+            "would not be (tensor, rank, local position)"
+        )
+
+
+def shard(full_shape: Sequence[int], mask: Tensor, like: Any) -> Tensor:
+    """``mask`` (this rank's part) as a DTensor sharded like ``like`` (a DTensor of ``full_shape``)."""
+    return DTensor.from_local(
+        mask, like.device_mesh, like.placements, shape=torch.Size(full_shape), stride=like.stride(), run_check=False
+    )
+
+
+def local_part(full: Tensor, like: Any) -> Tensor:
+    """This rank's rows of ``full`` (a tensor of ``like``'s global shape), as FSDP2 cuts them."""
+    mesh = like.device_mesh
+    parts = torch.chunk(full, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    return parts[rank] if rank < len(parts) else full.narrow(0, 0, 0)
+
+
+class Comm:
+    """The few collectives of the selection, over one process group (a 1-D device mesh's)."""
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.calls = 0  # collectives issued (docs/scaling.md states the count)
+
+    @classmethod
+    def of(cls, t: Any) -> Comm:
+        return cls(t.device_mesh.get_group())
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        self.calls += 1
+        buf = t.to(self.device).clone()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        return buf.to(t.device)
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        """``[world, *t.shape]``: every rank's ``t`` (same shape on every rank)."""
+        import torch.distributed as dist
+
+        self.calls += 1
+        buf = t.to(self.device).contiguous()
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(parts, buf, group=self.group)
+        return torch.stack(parts).to(t.device)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's (of the group) ``obj``, on every rank."""
+        import torch.distributed as dist
+
+        self.calls += 1
+        box = [obj]
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=self.group, device=self.device)
+        return box[0]
+
+
+def gather_vectors(parts: Sequence[Tensor], comm: Any) -> tuple[list[Tensor], list[int]]:
+    """Every rank's 1-D tensors ``parts[i]`` (float64, lengths free) joined in rank order: the full
+    vector of each ``i``, and this rank's offset in it. Two collectives."""
+    lengths = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
+    all_len = comm.all_gather(lengths)  # [world, S]
+    width = int(all_len.sum(1).max()) if all_len.numel() else 0
+    flat = torch.cat([p.reshape(-1).to(torch.float64).cpu() for p in parts]) if parts else torch.zeros(0)
+    padded = torch.zeros(width, dtype=torch.float64)
+    padded[: flat.numel()] = flat
+    everyone = comm.all_gather(padded)  # [world, width]
+    full: list[list[Tensor]] = [[] for _ in parts]
+    for w in range(all_len.shape[0]):
+        i0 = 0
+        for i in range(len(parts)):
+            n = int(all_len[w, i])
+            full[i].append(everyone[w, i0 : i0 + n])
+            i0 += n
+    offsets = [int(all_len[: comm.rank, i].sum()) for i in range(len(parts))]
+    return [torch.cat(f) if f else torch.zeros(0, dtype=torch.float64) for f in full], offsets
+
+
+def wide_keys(dtypes: Sequence[torch.dtype]) -> bool:
+    """Whether scores of these dtypes are compared as float64 (as ``select`` does for float64,
+    integer or bool scores); float16/bfloat16/float32 compare exactly as float32."""
+    return any(not d.is_floating_point or d == torch.float64 for d in dtypes)
+
+
+def order_keys(values: Tensor, *, wide: bool, largest: bool = True) -> Tensor:
+    """Integer keys ordered as ``values`` (as float32, or float64 when ``wide``): equal values give
+    equal keys (``-0.0`` and ``+0.0`` included), a larger value a larger key; with ``largest=False``
+    the order is reversed. NaN has no place in the order (callers refuse it)."""
+    v = values.detach().reshape(-1).to(torch.float64 if wide else torch.float32)
+    v = torch.where(v == 0, torch.zeros_like(v), v)  # -0.0 -> +0.0
+    bits = v.view(torch.int64 if wide else torch.int32)
+    low = _I64_MAX if wide else 2**31 - 1
+    keys = bits ^ ((bits >> (63 if wide else 31)) & low)  # negative numbers: flip all but the sign bit
+    return keys if largest else ~keys
+
+
+def sharded_top(
+    values: Sequence[Tensor],
+    groups: Sequence[int],
+    ks: Sequence[int],
+    comm: Any,
+    *,
+    largest: bool = True,
+    wide: bool | None = None,
+) -> list[Tensor]:
+    """In each group of segments keep the ``ks[g]`` largest (or smallest) values over all ranks.
+
+    Args:
+        values: this rank's 1-D scores of each segment, segments in their global order (every
+            rank passes the same number of segments; a segment's parts lie in rank order).
+        groups: the group of each segment (``0 .. len(ks) - 1``).
+        ks: the number of values to keep in each group (over all ranks).
+        comm: the collectives (``Comm``, or a stand-in with ``rank``, ``all_reduce_sum`` and
+            ``all_gather``).
+        largest: keep the largest (default) or the smallest values.
+        wide: compare as float64; ``None``: as ``select`` would for these dtypes.
+
+    Returns:
+        this rank's bool keep mask of each segment. Ties go to the lower flat position
+        (segment, then rank, then local index).
+
+    Raises:
+        ValueError: a ``k`` outside ``[0, n]`` for its group.
+    """
+    n_seg, n_groups = len(values), len(ks)
+    if len(groups) != n_seg:
+        raise ValueError(f"got {n_seg} segments but {len(groups)} group labels")
+    if wide is None:
+        wide = wide_keys([v.dtype for v in values])
+    keys = [order_keys(v, wide=wide, largest=largest) for v in values]
+    stats = torch.zeros(n_groups, 3, dtype=torch.int64)
+    stats[:, 1], stats[:, 2] = _I64_MAX, _I64_MIN
+    for key, g in zip(keys, groups):
+        if key.numel():
+            stats[g, 0] += key.numel()
+            stats[g, 1] = min(int(stats[g, 1]), int(key.min()))
+            stats[g, 2] = max(int(stats[g, 2]), int(key.max()))
+    every = comm.all_gather(stats)  # [world, G, 3]
+    total = [int(x) for x in every[:, :, 0].sum(0)]
+    lo = [int(x) for x in every[:, :, 1].min(0).values]
+    hi = [int(x) for x in every[:, :, 2].max(0).values]
+    for g, k in enumerate(ks):
+        if not 0 <= int(k) <= total[g]:
+            raise ValueError(f"k must be in [0, {total[g]}] for group {g}, got {k}")
+    active = [g for g in range(n_groups) if 0 < ks[g] < total[g]]
+    # Bisection: T[g] = the largest key t with #(keys >= t) >= k, i.e. the k-th largest key.
+    while True:
+        todo = [g for g in active if lo[g] < hi[g]]
+        if not todo:
+            break
+        mid = {g: lo[g] + (hi[g] - lo[g] + 1) // 2 for g in todo}
+        counts = torch.zeros(n_groups, dtype=torch.int64)
+        for key, g in zip(keys, groups):
+            if g in mid and key.numel():
+                counts[g] += int((key >= mid[g]).sum())
+        counts = comm.all_reduce_sum(counts)
+        for g in todo:
+            if int(counts[g]) >= ks[g]:
+                lo[g] = mid[g]
+            else:
+                hi[g] = mid[g] - 1
+    thr = lo
+    mine = torch.zeros(n_seg, 2, dtype=torch.int64)
+    for i, (key, g) in enumerate(zip(keys, groups)):
+        if g in active and key.numel():
+            mine[i, 0] = int((key > thr[g]).sum())
+            mine[i, 1] = int((key == thr[g]).sum())
+    seen = comm.all_gather(mine)  # [world, S, 2]
+    above = [0] * n_groups
+    for i, g in enumerate(groups):
+        above[g] += int(seen[:, i, 0].sum())
+    ties_before = [0] * n_groups  # ties of the group at lower flat positions than segment i
+    out = []
+    for i, (key, g) in enumerate(zip(keys, groups)):
+        if g not in active:
+            out.append(torch.full(key.shape, ks[g] == total[g] and ks[g] > 0, dtype=torch.bool, device=key.device))
+            continue
+        need = ks[g] - above[g]
+        before = ties_before[g] + int(seen[: comm.rank, i, 1].sum())
+        take = min(max(need - before, 0), int(seen[comm.rank, i, 1]))
+        ties_before[g] += int(seen[:, i, 1].sum())
+        keep = key > thr[g]
+        if take > 0:
+            tie = key == thr[g]
+            keep |= tie & (tie.cumsum(0) <= take)
+        out.append(keep)
+    return out
+
+
+def chunk_starts(length: int, world: int) -> list[int]:
+    """Where each rank's part of a dimension of ``length`` starts, as ``torch.chunk`` cuts it
+    (ranks past the last chunk hold nothing)."""
+    if length == 0:
+        return [0] * world
+    size = -(-length // world)
+    return [min(r * size, length) for r in range(world)]
+
+
+__all__ = [
+    "Comm",
+    "check_layout",
+    "chunk_starts",
+    "gather_vectors",
+    "is_dtensor",
+    "local",
+    "local_part",
+    "order_keys",
+    "shard",
+    "sharded_top",
+    "wide_keys",
+]
