@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState, GradientState
 from sparsam import SAM, SSAM
 from sparsam.integrations.transformers import SPARSAM_STATE_NAME, SAMTrainer
 from sparsam.masks import DynamicMask, FisherMask, RandomMask
+from sparsam.optim.esam import ESAM
 
 BATCH, ACCUM, SEQ, VOCAB = 4, 2, 8, 40
 
@@ -213,6 +214,70 @@ def test_trainer_equals_two_pass_loop(make_sam, tmp_path):
         ours = trainer.sam_optimizer.masks
         assert ours.keys() == ref_sam.masks.keys() and ours
         assert all(torch.equal(ours[k], ref_sam.masks[k]) for k in ours)
+
+
+def sample_ce(outputs, inputs):
+    return F.cross_entropy(outputs.logits, inputs["labels"], reduction="none")
+
+
+def esam_factory(base):
+    return ESAM(base, rho=0.1, beta=0.6, gamma=0.5, seed=3)
+
+
+def test_esam_data_selection_equals_the_contract_loop(tmp_path):
+    """ESAM with gamma = 0.5 through the Trainer (2 micro-batches of 4 per step): the per-sample
+    losses of both micro-batches at w and at w + e, pass 2 on the 4 of 8 whose loss rose most;
+    the reference runs ESAM's step on the window's 8 samples with the closure of docs/variants.md."""
+    model, data = tiny_bert(), cls_data(3 * BATCH * ACCUM)
+    ref = copy.deepcopy(model)
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, ref))
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay]}, {"params": [p for n, p in named if n not in decay]}]
+    sam = esam_factory(torch.optim.SGD(groups, lr=0.05, momentum=0.9))
+    sam.model = ref
+    sched = torch.optim.lr_scheduler.LambdaLR(sam.base_optimizer, lambda t: max(0.0, (3 - t) / 3))
+    ref.train()
+    for window in batches(data, 3):
+        ids = torch.cat([mb["input_ids"] for mb in window])
+        labels = torch.cat([mb["labels"] for mb in window])
+
+        def closure(ids=ids, labels=labels):
+            if sam.current_pass == "measure":
+                sam.record_sample_losses(F.cross_entropy(ref(input_ids=ids).logits, labels, reduction="none"))
+                return None
+            idx = sam.batch_index
+            i, y = (ids, labels) if idx is None else (ids[idx], labels[idx])
+            losses = F.cross_entropy(ref(input_ids=i).logits, y, reduction="none")
+            if sam.wants_sample_losses:
+                sam.record_sample_losses(losses)
+            loss = losses.mean()
+            loss.backward()
+            return loss
+
+        sam.zero_grad()
+        sam.step(closure, base_step=False)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 0.5)
+        sam.base_optimizer.step()
+        sched.step()
+    trainer = SAMTrainer(model=model, args=args(tmp_path), train_dataset=data, sam=esam_factory, sample_loss=sample_ce)
+    trainer.train()
+    assert_close(model, ref)
+    assert trainer.sam_optimizer.compute == pytest.approx(sam.compute) == 3 * (1 + 1 / 3 + 0.5)
+
+
+def test_esam_data_selection_needs_sample_loss(tmp_path):
+    trainer = SAMTrainer(model=tiny_bert(), args=args(tmp_path), train_dataset=cls_data(8), sam=esam_factory)
+    with pytest.raises(ValueError, match=r"gamma=0.5.*sample_loss="):
+        trainer.train()
+    bad = SAMTrainer(
+        model=tiny_bert(),
+        args=args(tmp_path),
+        train_dataset=cls_data(8),
+        sam=esam_factory,
+        sample_loss=lambda out, inp: out.logits,
+    )
+    with pytest.raises(ValueError, match=r"1-D tensor of length 4.*shape \(4, 3\)"):
+        bad.train()
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

@@ -189,3 +189,80 @@ def test_a_reduced_loss_is_refused_where_esam_selects():
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), w))  # nothing moved
     with pytest.raises(TypeError, match=r"1-D tensor.*shape \(8, 3\)"):
         SAMStep(acc, popt, model=model)(lambda a, b: model(a), x, y)
+
+
+def _fit(module, steps=STEPS):
+    L = pytest.importorskip("lightning.pytorch")
+    from sparsam.integrations.lightning import SAMCallback
+
+    t = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[SAMCallback()],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(module, loader())
+    return t
+
+
+def test_lightning_manual_optimization_esam_selection_equals_the_closure_loop():
+    """A manual closure on Lightning's wrapper reads the pass from it (the callback forwards the
+    optimizer's properties to the wrapper, whose own copy would be stale) and uses the helpers."""
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Manual(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = tiny_net(dtype=torch.float32, bn=True)
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+
+            def closure():
+                x, y = pass_batch(opt, batch)
+                loss = pass_loss(opt, F.cross_entropy(self.net(x), y, reduction="none"))
+                if opt.current_pass != "measure":  # forward only there
+                    self.manual_backward(loss)
+                return loss
+
+            opt.zero_grad()
+            opt.step(closure=closure)
+
+        def configure_optimizers(self):
+            return VARIANTS["esam-sds"](self.net.parameters(), model=self.net)
+
+    module = Manual()
+    ref, ref_opt = reference(module.net, VARIANTS["esam-sds"])
+    t = _fit(module)
+    same(module.net, ref)
+    assert t.global_step == STEPS and t.optimizers[0].compute == ref_opt.compute
+
+
+def test_lightning_training_step_without_sample_losses_is_refused_where_esam_selects():
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Reduced(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net(dtype=torch.float32)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)  # one number: ESAM cannot rank the samples
+
+        def configure_optimizers(self):
+            return VARIANTS["esam-sds"](self.net.parameters(), model=self.net)
+
+    module = Reduced()
+    w = copy.deepcopy(module.net.state_dict())
+    with pytest.raises(RuntimeError, match=r"gamma=0.5.*record_sample_losses"):
+        _fit(module)
+    assert all(torch.equal(v, w[k]) for k, v in module.net.state_dict().items())  # nothing moved

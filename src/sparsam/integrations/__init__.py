@@ -62,32 +62,32 @@ def unwrap_optimizer(optimizer: Any) -> SAM:
 
 
 # ---------------------------------------------------------------------------------- the closure contract
-def selects_samples(optimizer: Any) -> bool:
+def _selects_samples(optimizer: Any) -> bool:
     """Does the optimizer choose the samples of its descent pass from per-sample losses (ESAM
     with ``gamma < 1``)? Then the closure must report per-sample losses."""
     return float(getattr(unwrap_optimizer(optimizer), "gamma", 1.0)) < 1.0
 
 
-def batch_size(batch: Any) -> int | None:
+def _batch_size(batch: Any) -> int | None:
     """The first dimension of the first tensor in ``batch`` (a tensor, or a tuple / list / dict of
     them, nested), ``None`` without a tensor."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.dim() else None
     items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
     for item in items:
-        n = batch_size(item)
+        n = _batch_size(item)
         if n is not None:
             return n
     return None
 
 
-def take(batch: Any, index: Tensor | None = None, fraction: float = 1.0, *, n: int | None = None) -> Any:
+def _take(batch: Any, index: Tensor | None = None, fraction: float = 1.0, *, n: int | None = None) -> Any:
     """``batch`` with every tensor whose first dimension is the batch size ``n`` cut to the
     samples ``index`` (if given), then to the first ``ceil(fraction · m)`` of the m left; other
     leaves are passed unchanged. Tuples (named ones too), lists and dicts keep their type."""
     if index is None and fraction >= 1.0:
         return batch
-    n = batch_size(batch) if n is None else n
+    n = _batch_size(batch) if n is None else n
     if n is None:
         raise TypeError(
             f"the batch ({type(batch).__name__}) holds no tensor with a batch dimension to cut for this pass "
@@ -128,7 +128,7 @@ def pass_batch(optimizer: Any, batch: Any) -> Any:
     ``optimizer`` may be a framework's wrapper (Lightning's ``self.optimizers()``).
     """
     sam = unwrap_optimizer(optimizer)
-    return take(batch, sam.batch_index, sam.batch_fraction)
+    return _take(batch, sam.batch_index, sam.batch_fraction)
 
 
 def pass_loss(optimizer: Any, losses: Tensor) -> Tensor:
@@ -158,7 +158,7 @@ def pass_loss(optimizer: Any, losses: Tensor) -> Tensor:
     return losses.mean()
 
 
-def sum_for_selection(losses: Tensor, selected: int, micro_batches: int) -> Tensor:
+def _sum_for_selection(losses: Tensor, selected: int, micro_batches: int) -> Tensor:
     """A micro-batch's share of the mean over ESAM's selected samples: ``Σ losses · m / K`` for
     ``selected`` = K samples spread over ``micro_batches`` = m micro-batches (a caller that divides
     each micro-batch's loss by m, as gradient accumulation does, gets the mean over the K)."""
@@ -167,7 +167,7 @@ def sum_for_selection(losses: Tensor, selected: int, micro_batches: int) -> Tens
     return losses.sum() * (micro_batches / selected)
 
 
-def split_index(index: Tensor, sizes: list[int]) -> list[Tensor]:
+def _split_index(index: Tensor, sizes: list[int]) -> list[Tensor]:
     """ESAM's ``batch_index`` over the concatenation of micro-batches of ``sizes``, as one local
     index per micro-batch."""
     out, start = [], 0

@@ -40,7 +40,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import batch_size, pass_loss, split_index, sum_for_selection, take, unwrap_optimizer
+from . import _batch_size, _split_index, _sum_for_selection, _take, pass_loss, unwrap_optimizer
 
 __all__ = ["SAMStep"]
 
@@ -48,9 +48,9 @@ __all__ = ["SAMStep"]
 def _call(
     fn: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any], n: int | None, index: Any, fraction: float
 ) -> Tensor:
-    """``fn`` on the part of its arguments a pass uses (see ``sparsam.integrations.take``)."""
+    """``fn`` on the part of its arguments a pass uses (``sparsam.integrations._take``)."""
     if index is not None or fraction < 1.0:
-        args, kwargs = take((args, kwargs), index, fraction, n=n)
+        args, kwargs = _take((args, kwargs), index, fraction, n=n)
     out = fn(*args, **kwargs)
     if not isinstance(out, Tensor) or out.dim() > 1:
         raise TypeError(
@@ -129,7 +129,7 @@ class SAMStep:
         if not self._pending:
             sam.zero_grad()  # a new window: pass 1 accumulates from zero
             self._held = []
-        n = batch_size((args, kwargs))
+        n = _batch_size((args, kwargs))
         self._pending.append((compute_loss, args, kwargs, n))
         if not acc.sync_gradients:
             # Not the window's last micro-batch: its ascent pass now (the gradient accumulates).
@@ -159,7 +159,7 @@ class SAMStep:
                 acc.backward(loss)
                 return loss
             index = sam.batch_index  # ESAM's data selection: indices over the whole window
-            local = split_index(index, [size or 0 for *_, size in window]) if index is not None else None
+            local = _split_index(index, [size or 0 for *_, size in window]) if index is not None else None
             for i, (fn, a, kw, size) in enumerate(window):  # every micro-batch of the window at w + e
                 last = i == len(window) - 1
                 if local is not None and not local[i].numel() and not last:
@@ -172,7 +172,7 @@ class SAMStep:
                         loss = _call(fn, a, kw, size, None, 1.0)[:0].sum()
                     else:
                         out = _call(fn, a, kw, size, local[i], 1.0)
-                        loss = sum_for_selection(out, int(index.numel()), len(window))  # type: ignore[union-attr]
+                        loss = _sum_for_selection(out, int(index.numel()), len(window))  # type: ignore[union-attr]
                     acc.backward(loss)
             return None
 

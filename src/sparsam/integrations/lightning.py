@@ -113,6 +113,7 @@ class SAMCallback(Callback):
         self.data = data
         self.log_descent = bool(log_descent)
         self._patched: list[tuple[Any, list[str]]] = []
+        self._patched_classes: list[tuple[type, list[str]]] = []
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -137,6 +138,11 @@ class SAMCallback(Callback):
             for name in names:
                 obj.__dict__.pop(name, None)
         self._patched = []
+        for cls, names in self._patched_classes:
+            for name in names:
+                if name in vars(cls):
+                    delattr(cls, name)
+        self._patched_classes = []
 
     # ------------------------------------------------------------------ wiring
     def _take_over_step(self, plugin: Precision) -> None:
@@ -190,6 +196,14 @@ class SAMCallback(Callback):
                 lopt.__dict__[name] = getattr(sam, name)
             lopt.__dict__["first_step"], lopt.__dict__["second_step"] = _counted_steps(lopt, sam, plugin)
             self._patched.append((lopt, names))
+            # The wrapper's properties (current_pass, batch_index, ...) would read its own stale copy
+            # of the optimizer's attributes; its class is made for it alone, so forward them there.
+            cls = type(lopt)
+            if cls.__name__ == "Lightning" + type(sam).__name__ and issubclass(cls, type(sam)):
+                props = _sam_property_names(type(sam))
+                for name in props:
+                    setattr(cls, name, _forwarded(sam, name))
+                self._patched_classes.append((cls, props))
 
 
 # ---------------------------------------------------------------------------------- the step
@@ -274,6 +288,22 @@ def _sam_method_names(cls: type) -> list[str]:
         for name, value in vars(klass).items():
             if inspect.isfunction(value) and not name.startswith("__") and name != "step" and name not in names:
                 names.append(name)
+    return names
+
+
+def _forwarded(sam: SAM, name: str) -> property:
+    def get(_wrapper: Any) -> Any:
+        return getattr(sam, name)
+
+    return property(get)
+
+
+def _sam_property_names(cls: type) -> list[str]:
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is Optimizer or not issubclass(klass, SAM):
+            continue
+        names += [n for n, v in vars(klass).items() if isinstance(v, property) and n not in names]
     return names
 
 

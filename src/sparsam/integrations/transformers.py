@@ -59,6 +59,7 @@ from torch.optim import Optimizer
 from transformers import Trainer
 
 from ..optim.sam import SAM
+from . import _selects_samples
 from .accelerate import SAMStep
 
 __all__ = ["SPARSAM_STATE_NAME", "SAMTrainer"]
@@ -79,13 +80,21 @@ class SAMTrainer(Trainer):
             Default: ``SAM(base, rho=rho)``. You may also pass a ready SAM / SSAM as
             ``optimizers=(sam, scheduler)``; the Trainer then steps its base optimizer.
         rho: the radius of the default ``SAM``; ignored when ``sam`` is given.
+        sample_loss: ``sample_loss(outputs, inputs) -> Tensor`` with one loss per sample of the
+            micro-batch (``inputs`` is the batch dict, ``outputs`` the model's output), e.g.
+            ``lambda out, inp: F.cross_entropy(out.logits, inp["labels"], reduction="none")``.
+            Needed by an optimizer that selects samples by their losses (ESAM with ``gamma < 1``)
+            and used only then: every pass's loss is then the mean of these losses over the
+            window (each micro-batch's mean divided by the number of micro-batches), pass 2 the
+            mean over the selected samples, instead of the Trainer's own loss.
 
     The SAM / SSAM in use is `sam_optimizer` (``None`` before training starts).
 
     Raises:
         TypeError: ``sam`` returns something that is not a SAM, or one built around another
             optimizer than the one it was given.
-        ValueError: the SAM has ``max_grad_norm`` (the Trainer clips; use ``args.max_grad_norm``).
+        ValueError: the SAM has ``max_grad_norm`` (the Trainer clips; use ``args.max_grad_norm``),
+            or it selects samples (ESAM with ``gamma < 1``) and ``sample_loss`` is not given.
         RuntimeError: the Trainer runs under DeepSpeed or FSDP.
     """
 
@@ -94,10 +103,16 @@ class SAMTrainer(Trainer):
         *args: Any,
         sam: Callable[[Optimizer], SAM] | None = None,
         rho: float = 0.05,
+        sample_loss: Callable[[Any, dict[str, Any]], Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         if sam is not None and not callable(sam):
             raise TypeError(f"sam must be a function base_optimizer -> SAM, got {type(sam).__name__}")
+        if sample_loss is not None and not callable(sample_loss):
+            raise TypeError(
+                f"sample_loss must be a function (outputs, inputs) -> losses, got {type(sample_loss).__name__}"
+            )
+        self._sample_loss = sample_loss
         self._sam_factory = sam
         self._sam_rho = rho
         self.sam_optimizer: SAM | None = None
@@ -112,6 +127,12 @@ class SAMTrainer(Trainer):
             raise ValueError(
                 f"the SAM optimizer has max_grad_norm={sam.max_grad_norm!r}; under the Trainer clip with "
                 "TrainingArguments(max_grad_norm=...) instead (it clips the descent gradient before the base step)"
+            )
+        if _selects_samples(sam) and self._sample_loss is None:
+            raise ValueError(
+                f"{type(sam).__name__}(gamma={getattr(sam, 'gamma', '?')}) runs pass 2 on the samples whose loss rose "
+                "most, so it needs one loss per sample: pass SAMTrainer(sample_loss=lambda outputs, inputs: "
+                "F.cross_entropy(outputs.logits, inputs['labels'], reduction='none')) or the equivalent for your model"
             )
         self.sam_optimizer = sam
         self.optimizer = sam.base_optimizer  # the Trainer clips, steps and schedules the base optimizer
@@ -174,7 +195,23 @@ class SAMTrainer(Trainer):
     def _micro_batch_loss(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None
     ) -> Tensor:
-        """The loss the Trainer's own ``training_step`` backpropagates for this micro-batch."""
+        """The loss the Trainer's own ``training_step`` backpropagates for this micro-batch; with
+        data selection, the micro-batch's per-sample losses (``sample_loss``) scaled so that their
+        mean over the window is the window's mean (``SAMStep`` selects and reduces them)."""
+        if self._sample_loss is not None and self.sam_optimizer is not None and _selects_samples(self.sam_optimizer):
+            with self.compute_loss_context_manager():
+                _, outputs = self.compute_loss(
+                    model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+                losses = self._sample_loss(outputs, inputs)
+            n = next((v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim()), None)
+            if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != n:
+                raise ValueError(
+                    f"sample_loss must return one loss per sample (a 1-D tensor of length {n}), got "
+                    + (f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else type(losses).__name__)
+                )
+            steps = getattr(self.accelerator, "gradient_accumulation_steps", 1)
+            return losses.float() * (steps / self.current_gradient_accumulation_steps)
         with self.compute_loss_context_manager():
             # compute_loss may pop "labels" (label smoothing): give each pass its own dict
             loss = cast(Tensor, self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch))
