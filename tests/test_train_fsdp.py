@@ -7,7 +7,10 @@ on each rank's half). The test images split 26/25 over the ranks and are evaluat
 the ranks run different numbers of evaluation batches (FSDP's forwards must still pair up). The
 FSDP run stops after epoch 1 (--stop-after) and resumes from its checkpoint, so the test also
 checks that checkpoints of sharded runs hold the full weights, masks and momentum, and that a
-resumed run continues as the uninterrupted one.
+resumed run continues as the uninterrupted one. The masks are SSAM-F's (made before step 0 and again
+at step 2, the first step of epoch 2): under DDP rank 0's Fisher, broadcast; under FSDP per-shard
+Fisher scores of rank 0's samples and running statistics, chosen by the distributed threshold.
+Random masks under FSDP2 are tested in ``tests/test_fsdp.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ COMMON = [
     "--opt",
     "ssam",
     "--mask",
-    "random",
+    "fisher",
+    "--num-samples",
+    "16",
     "--sparsity",
     "0.5",
     "--mask-update-epochs",
@@ -103,8 +108,11 @@ def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path):
 @pytest.mark.parametrize(
     "flags, words",
     [
-        ({"opt": "ssam", "mask": "fisher", "ascent": "sync"}, "--mask random only"),
-        ({"opt": "ssam", "mask": "dynamic", "ascent": "sync"}, "--mask random only"),
+        ({"opt": "ssam", "mask": "norm", "ascent": "sync"}, "--mask random, fisher and dynamic"),
+        (
+            {"opt": "ssam", "mask": "fisher", "ascent": "sync", "pattern": "structured"},
+            "needs --granularity channel",
+        ),
         ({"opt": "sam"}, "--fsdp needs --ascent sync"),
         ({"opt": "looksam", "ascent": "sync"}, "--fsdp supports --opt sgd, sam, asam and ssam"),
         ({"opt": "sam", "ascent": "sync", "compile": True}, "--compile"),
@@ -127,6 +135,9 @@ def test_fsdp_accepts_its_methods():
         {"opt": "asam", "ascent": "sync"},
         {"opt": "ssam", "mask": "random", "ascent": "sync"},
         {"opt": "ssam", "mask": "random", "ascent": "sync", "norm": "masked", "sparse_ascent": False},
+        {"opt": "ssam", "mask": "fisher", "ascent": "sync"},
+        {"opt": "ssam", "mask": "fisher", "ascent": "sync", "pattern": "structured", "granularity": "channel"},
+        {"opt": "ssam", "mask": "dynamic", "ascent": "sync"},
     ):
         assert validate(TrainConfig(fsdp=True, **flags)).fsdp
 
@@ -134,6 +145,6 @@ def test_fsdp_accepts_its_methods():
 def test_fsdp_cli_error_is_one_line(capsys):
     from sparsam.__main__ import main
 
-    assert main(["train", "--fsdp", "--opt", "ssam", "--mask", "fisher", "--ascent", "sync"]) == 2
+    assert main(["train", "--fsdp", "--opt", "ssam", "--mask", "norm", "--ascent", "sync"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--mask random only" in err
+    assert len(err.splitlines()) == 1 and "--mask random, fisher and dynamic" in err

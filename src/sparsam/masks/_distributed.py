@@ -115,6 +115,18 @@ class Comm:
         dist.all_gather(parts, buf, group=self.group)
         return torch.stack(parts).to(t.device)
 
+    def broadcast_(self, t: Tensor) -> Tensor:
+        """``t`` overwritten with rank 0's (of the group) values, in place."""
+        import torch.distributed as dist
+
+        self.calls += 1
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        buf = t.detach().to(self.device).contiguous()
+        dist.broadcast(buf, src=src, group=self.group)
+        if buf.data_ptr() != t.data_ptr():
+            t.detach().copy_(buf)
+        return t
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's (of the group) ``obj``, on every rank."""
         import torch.distributed as dist

@@ -306,7 +306,11 @@ class DynamicMask(SeededSource):
         return _dist.local_part(m, p).to(shard.device, torch.bool)
 
     def state_dict(self) -> dict[str, Any]:
-        pending = None if self._pending is None else {n: m.cpu().clone() for n, m in self._pending.items()}
+        pending = (
+            None
+            if self._pending is None
+            else {n: m.clone() if _dist.is_dtensor(m) else m.cpu().clone() for n, m in self._pending.items()}
+        )
         return {**super().state_dict(), "pending": pending}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

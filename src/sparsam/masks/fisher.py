@@ -297,7 +297,8 @@ def _sharded_fisher(
     """The Fisher of parameters sharded by FSDP2, per shard (DTensor scores sharded like them).
 
     Every rank runs the same ``n_total`` samples: rank 0's, broadcast to the others (one object
-    broadcast), each through the sharded model's own forward and backward on a batch of one. FSDP
+    broadcast), each through the sharded model's own forward and backward on a batch of one, with
+    rank 0's buffers (running statistics; each rank's own are restored afterwards). FSDP
     averages the ranks' gradients in its reduce-scatter; as they are gradients of the same sample
     at the same weights, each rank's ``p.grad`` is then its shard of that sample's gradient, whose
     square is added to the rank's part of ``F``. Per-sample passes are FSDP collectives, so every
@@ -321,6 +322,10 @@ def _sharded_fisher(
         chunk_size = max(1, min(n_total, _CHUNK_MAX, _CHUNK_BYTES // max(per_sample, 1)))
     params = list(model.parameters())
     saved = [p.grad for p in params]
+    # Buffers (BatchNorm running statistics) are per rank under FSDP2: every rank computes with
+    # rank 0's for the duration of the call, so all ranks take the gradient of the same function.
+    buffers = [b for b in model.buffers() if not is_dtensor(b)]
+    saved_buffers = [b.detach().clone() for b in buffers]
 
     def labels(x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -334,6 +339,8 @@ def _sharded_fisher(
         return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
 
     try:
+        for b in buffers:
+            comm.broadcast_(b)
         for p in params:
             p.grad = None
         with _norm_mode(model, bn_stats), torch.enable_grad():
@@ -357,6 +364,9 @@ def _sharded_fisher(
     finally:
         for p, g in zip(params, saved):
             p.grad = g
+        with torch.no_grad():
+            for b, v in zip(buffers, saved_buffers):
+                b.copy_(v)
     return {out: shard(p.shape, acc[mn], p) for out, mn, p in scored}
 
 

@@ -588,10 +588,15 @@ def _check_fsdp(cfg: TrainConfig) -> None:
     if cfg.compile:
         raise ConfigError("--fsdp with --compile is not supported (untested); drop one of them")
     if cfg.opt == "ssam":
-        if cfg.mask != "random":
+        if cfg.mask not in ("random", "fisher", "dynamic"):
             raise ConfigError(
-                f"--fsdp with --opt ssam supports --mask random only, got --mask {cfg.mask} (Fisher and dynamic masks "
-                "on sharded parameters need a distributed threshold, not written yet; use DDP)"
+                f"--fsdp with --opt ssam supports --mask random, fisher and dynamic, got --mask {cfg.mask} (not "
+                "tested on sharded parameters; use DDP)"
+            )
+        if cfg.mask == "fisher" and cfg.pattern == "structured" and cfg.granularity == "tensor":
+            raise ConfigError(
+                "--fsdp with --mask fisher --pattern structured needs --granularity channel: a whole tensor's mean "
+                "Fisher would be summed over the shards, whose rounding differs from one process's"
             )
         if cfg.form != "explicit":
             raise ConfigError(f"--fsdp supports --form explicit only, got --form {cfg.form}")
