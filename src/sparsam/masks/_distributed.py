@@ -80,6 +80,24 @@ def local_part(full: Tensor, like: Any) -> Tensor:
     return parts[rank] if rank < len(parts) else full.narrow(0, 0, 0)
 
 
+def sharded_draw(params: Any, generator: torch.Generator) -> dict[str, Tensor] | None:
+    """Uniform scores for ``params`` (name -> parameter) drawn as one process draws them (one
+    ``torch.rand`` of each full shape, in order, from ``generator``), kept as DTensors holding this
+    rank's rows only: a full tensor exists for one parameter at a time. ``None`` when no parameter
+    is sharded (draw as usual)."""
+    if not any(map(is_dtensor, params.values())):
+        return None
+    out = {}
+    for n, p in params.items():
+        full = torch.rand(p.shape, generator=generator)
+        if not is_dtensor(p):
+            raise ValueError(f"parameter {n!r} is a plain tensor next to sharded (FSDP2) ones")
+        check_layout(p, f"parameter {n!r}")
+        part = local_part(full, p).to(local(p).device).clone()
+        out[n] = shard(p.shape, part, p)
+    return out
+
+
 class Comm:
     """The few collectives of the selection, over one process group (a 1-D device mesh's)."""
 
@@ -289,6 +307,7 @@ __all__ = [
     "local_part",
     "order_keys",
     "shard",
+    "sharded_draw",
     "sharded_top",
     "wide_keys",
 ]

@@ -135,8 +135,17 @@ class DynamicMask(SeededSource):
         return super().wants_update(step)
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
-        scores = {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}
+        sharded = _dist.sharded_draw(ctx.params, self.generator)  # FSDP2: this rank's rows only
+        scores = (
+            sharded
+            if sharded is not None
+            else {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}
+        )
         masks = select(scores, self.sparsity, "unstructured", budget=self.budget, one_d="rank")
+        if sharded is not None:
+            if self.timing == "after-step":
+                self._pending = self._next(ctx, masks)
+            return masks
         first = {n: m.to(ctx.params[n].device) for n, m in masks.items()}
         if self.timing == "after-step":  # the authors also update at step 0, for step 1 on
             self._pending = self._next(ctx, first)

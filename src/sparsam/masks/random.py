@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _distributed as _dist
 from .base import MaskContext, SeededSource, check_sparsity
 from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
@@ -21,6 +22,11 @@ class RandomMask(PatternOptions, SeededSource):
     in ``state_dict``, so a resumed run draws the same masks. With ``update_every`` set, a fresh
     random mask is drawn at each update. ``sparsity=1.0`` is accepted here (unlike
     [`select`][sparsam.masks.select]) and gives all-false masks: SSAM then equals its base optimizer.
+
+    On parameters sharded by FSDP2 each rank draws the same numbers (one parameter at a time) and
+    keeps its own rows; the selection is the distributed one of [`select`][sparsam.masks.select]
+    for the unstructured and channel-structured patterns (for per-tensor structured and N:M masks,
+    which it cannot always match, every rank draws and selects the full masks instead).
     """
 
     def __init__(
@@ -60,6 +66,10 @@ class RandomMask(PatternOptions, SeededSource):
     def _draw(self, ctx: MaskContext) -> dict[str, Tensor]:
         if self.sparsity == 1.0:
             return {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
+        sharded = self.pattern == "unstructured" or (self.pattern == "structured" and self.granularity == "channel")
+        scores = _dist.sharded_draw(ctx.params, self.generator) if sharded else None
+        if scores is not None:  # FSDP2: this rank's scores; select() chooses with the distributed threshold
+            return self._select(scores)
         scores = {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}
         masks = self._select(scores)
         return {n: m.to(ctx.params[n].device) for n, m in masks.items()}
