@@ -19,7 +19,7 @@ def test_method_names_round_trip_and_are_unique():
         assert cfg.method == name == M.method_name(values)
         assert M.method_values(name) == values
     assert list(M.METHODS)[:3] == ["sgd", "sam", "asam"]
-    assert M.SPARSE_METHODS == ("ssam-f", "ssam-d", "ssam-r")
+    assert M.SPARSE_METHODS == ("ssam-f", "ssam-d", "ssam-r", "lookssam-f", "lookssam-d", "lookssam-r")
     with pytest.raises(ConfigError, match="unknown method 'adam'"):
         M.method_values("adam")
 
@@ -57,7 +57,7 @@ def test_relevant_keys_follow_ownership():
 def test_registry_checks_run_in_validation():
     with pytest.raises(ConfigError, match="--mask dynamic supports only --pattern unstructured"):
         build_config([("t", {"opt": "ssam", "mask": "dynamic", "pattern": "structured"})])
-    with pytest.raises(ConfigError, match="--adaptive applies to sam/asam/ssam/looksam/esam, got --opt sgd"):
+    with pytest.raises(ConfigError, match="--adaptive applies to sam/asam/ssam/looksam/lookssam/esam, got --opt sgd"):
         build_config([("t", {"opt": "sgd", "adaptive": True})])
     with pytest.raises(ConfigError, match="--no-adaptive contradicts it"):
         build_config([("t", {"opt": "asam", "adaptive": False})])

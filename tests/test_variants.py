@@ -206,6 +206,38 @@ def test_looksam_k1_is_sam_and_lookssam_with_all_true_masks_is_looksam():
     assert torch.equal(flat(c), flat(d))
 
 
+def test_lookssam_refuses_what_changes_pass_1s_gradient():
+    params = list(quad().parameters())
+    with pytest.raises(ValueError, match="sparse_ascent=True"):
+        LookSSAM(params, torch.optim.SGD, lr=LR, mask=RandomMask(0.5), norm="masked", sparse_ascent=True)
+    with pytest.raises(ValueError, match="form='implicit'"):
+        LookSSAM(params, torch.optim.SGD, lr=LR, mask=RandomMask(0.5), form="implicit", model=quad())
+    # norm="masked" turns SSAM's sparse ascent on by default; LookSSAM keeps pass 1 whole
+    assert not LookSSAM(params, torch.optim.SGD, lr=LR, mask=RandomMask(0.5), norm="masked").sparse_ascent
+
+
+def test_train_cli_lookssam_with_a_fisher_mask(tmp_path):
+    """``sparsam train --opt lookssam --mask fisher`` end to end on 128 digits: the method's name
+    and label, a LookSSAM with Fisher masks in the checkpoint, 1 + 1/k passes per step."""
+    pytest.importorskip("sklearn")
+    import json
+
+    from sparsam.__main__ import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--opt", "lookssam", "--mask", "fisher", "--look-k", "2"]
+    argv += ["--num-samples", "16", "--train-subset", "128", "--test-subset", "30", "--batch-size", "32"]
+    argv += ["--epochs", "1", "--threads", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert (cfg["opt"], cfg["mask"], cfg["look_k"]) == ("lookssam", "fisher", 2)
+    assert json.loads((out / "summary.json").read_text())["method"] == "lookssam-f"
+    sd = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["sparsam"]
+    assert sd["type"] == "LookSSAM" and sd["mask_source_type"] == "FisherMask" and sd["masks"]
+    assert sd["look_gv"] and sd["schedule_step"] == 4
+    assert sd["compute"] == pytest.approx(2 * 2 + 2)  # 4 steps, k = 2: two SAM steps (2 passes), two with one
+
+
 # ---------------------------------------------------------------------------------- ESAM
 def _swp_draws(seed: int, beta: float, n_draws: int) -> list[list[bool]]:
     g = torch.Generator().manual_seed(seed)
@@ -410,6 +442,7 @@ ENGINE_CASES = {
     "sam-every2-asc": {"opt": "sam", "sam_every": 2, "ascent_fraction": 0.25, "sam_start": 0.25, "rho_ramp": 0.25},
     "ssam-every2": {"opt": "ssam", "mask": "random", "sam_every": 2},
     "looksam": {"opt": "looksam", "look_k": 2},
+    "lookssam-f": {"opt": "lookssam", "mask": "fisher", "look_k": 2, "num_samples": 16},
     "esam": {"opt": "esam", "accum": 2},
 }
 
@@ -456,6 +489,9 @@ def test_train_cli_sgd_compute_is_one_per_step_and_flags_are_checked(tmp_path, c
         (["--opt", "sgd", "--sam-every", "2"], "--opt sgd"),
         (["--opt", "esam", "--ascent-fraction", "0.5"], "--ascent-fraction 0.5"),
         (["--opt", "looksam", "--sam-every", "3"], "--sam-every 3"),
+        (["--opt", "lookssam", "--sam-every", "2"], "--sam-every 2"),
+        (["--opt", "lookssam", "--sparse-ascent", "--norm", "masked"], "--sparse-ascent"),
+        (["--opt", "lookssam", "--form", "implicit"], "--form implicit"),
         (["--opt", "sam", "--ascent-fraction", "1.5"], "--ascent-fraction"),
     ]:
         assert main(["train", "--data", "digits", "--out", str(tmp_path / "x"), *argv]) == 2

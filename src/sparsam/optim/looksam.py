@@ -173,7 +173,35 @@ class LookSAM(ScheduledSAM):
 class LookSSAM(LookSAM, SSAM):
     """[`LookSAM`][sparsam.optim.looksam.LookSAM] with SSAM's masks: on the SAM steps the
     perturbation is masked (g_s is SSAM's gradient), in between g_v is reused as in LookSAM.
-    Every [`SSAM`][sparsam.SSAM] argument is accepted."""
+    ``sparsam train --opt lookssam --mask fisher`` (method ``lookssam-f``).
+
+    Every [`SSAM`][sparsam.SSAM] argument is accepted except two that change pass 1's gradient,
+    which LookSAM needs whole (g_v is g_s minus its projection on g = ∇L(w)):
+    ``sparse_ascent=True`` (the unperturbed tensors would have no g) and ``form="implicit"`` (g
+    would come from the masked backward); both raise ``ValueError``. ``sparse_ascent`` defaults
+    to ``False`` here, also with ``norm="masked"``.
+    """
+
+    def __init__(
+        self,
+        params_or_optimizer: Any,
+        base_optimizer_cls: type[torch.optim.Optimizer] | None = None,
+        *,
+        sparse_ascent: bool | None = None,
+        form: str = "explicit",
+        **kwargs: Any,
+    ) -> None:
+        if sparse_ascent:
+            raise ValueError(
+                "LookSSAM needs pass 1's gradient g = ∇L(w) of every parameter (g_v is g_s minus its projection on "
+                "g); sparse_ascent=True leaves the unperturbed tensors out of it: use sparse_ascent=False"
+            )
+        if form != "explicit":
+            raise ValueError(
+                f"LookSSAM needs form='explicit', got form={form!r}: the implicit form's pass 1 runs a masked "
+                "backward, so its gradient is not the g = ∇L(w) that LookSAM projects g_s on"
+            )
+        super().__init__(params_or_optimizer, base_optimizer_cls, sparse_ascent=False, form=form, **kwargs)
 
 
 __all__ = ["LookSAM", "LookSSAM"]

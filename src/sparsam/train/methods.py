@@ -232,6 +232,14 @@ def _looksam(ctx: BuildContext) -> Optimizer:
     return LookSAM(ctx.base, k=ctx.cfg.look_k, alpha=ctx.cfg.look_alpha, **sched, **ctx.sam_kwargs())
 
 
+def _lookssam(ctx: BuildContext) -> Optimizer:
+    from ..optim.looksam import LookSSAM
+
+    sched = _schedule_kwargs(ctx)
+    sched.pop("every", None)
+    return LookSSAM(ctx.base, k=ctx.cfg.look_k, alpha=ctx.cfg.look_alpha, **sched, **_ssam_kwargs(ctx))
+
+
 def _esam(ctx: BuildContext) -> Optimizer:
     from ..optim.esam import ESAM
 
@@ -309,6 +317,21 @@ def _check_looksam(cfg: TrainConfig) -> None:
         )
 
 
+def _check_lookssam(cfg: TrainConfig) -> None:
+    _check_looksam(cfg)
+    # LookSAM projects g_s on pass 1's gradient g = ∇L(w): it needs that gradient whole.
+    if cfg.sparse_ascent:
+        raise ConfigError(
+            f"--opt {cfg.opt} needs pass 1's full gradient (g_v is g_s minus its projection on it); "
+            "--sparse-ascent leaves the unperturbed tensors out of it: drop --sparse-ascent"
+        )
+    if cfg.form != "explicit":
+        raise ConfigError(
+            f"--opt {cfg.opt} needs --form explicit, got --form {cfg.form}: the implicit form's pass 1 runs a masked "
+            "backward, so its gradient is not the one LookSAM projects on"
+        )
+
+
 def _check_esam(cfg: TrainConfig) -> None:
     if cfg.esam_gamma < 1 and cfg.ascent_fraction < 1:
         raise ConfigError(
@@ -350,6 +373,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _looksam,
             check=_check_looksam,
             owns=SAM_KEYS | {"look_k", "look_alpha"},
+        ),
+        OptimizerSpec(
+            "lookssam",
+            "LookSSAM",
+            "lookssam (LookSAM with SSAM's --mask)",
+            _lookssam,
+            uses_mask=True,
+            check=_check_lookssam,
+            owns=SAM_KEYS | _SSAM_KEYS | {"look_k", "look_alpha"},
         ),
         OptimizerSpec(
             "esam",
