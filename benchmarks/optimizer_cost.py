@@ -45,10 +45,15 @@ def main() -> None:
     def sgd(m: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
-    m0, m1, m2 = model(), model(), model()
-    base = sgd(m0)
-    sam = SAM(sgd(m1), rho=0.05, model=m1)
-    ssam = SSAM(sgd(m2), rho=0.05, mask=RandomMask(args.sparsity, seed=0), model=m2)
+    def sam(exchange: bool) -> SAM:
+        m = model()
+        return SAM(sgd(m), rho=0.05, model=m, exchange=exchange)
+
+    def ssam(exchange: bool) -> SAM:
+        m = model()
+        return SSAM(sgd(m), rho=0.05, mask=RandomMask(args.sparsity, seed=0), model=m, exchange=exchange)
+
+    base = sgd(model())
 
     def timed(fn: Callable[[], None]) -> float:
         t = time.perf_counter()
@@ -62,7 +67,12 @@ def main() -> None:
 
         return run
 
-    variants = {"SAM": two_step(sam), f"SSAM random s={args.sparsity}": two_step(ssam)}
+    variants = {
+        "SAM": two_step(sam(True)),
+        "SAM, exchange=False (copy w back)": two_step(sam(False)),
+        f"SSAM random s={args.sparsity}": two_step(ssam(True)),
+        f"SSAM random s={args.sparsity}, exchange=False": two_step(ssam(False)),
+    }
     ratios: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):
         t_sgd = timed(base.step)
@@ -70,7 +80,7 @@ def main() -> None:
             t = timed(fn)
             if r >= args.warmup:
                 ratios[name].append(t / t_sgd)
-    n_params = sum(p.numel() for p in m0.parameters())
+    n_params = sum(p.numel() for g in base.param_groups for p in g["params"])
     print(
         f"{args.model} width {args.width} ({n_params / 1e6:.2f}M params), {args.threads} thread(s), "
         f"torch {torch.__version__}, {args.rounds} rounds"

@@ -12,6 +12,7 @@ from torch import nn
 
 from sparsam import SAM, SSAM, no_running_stats
 from sparsam.masks import AllOnesMask, RandomMask
+from sparsam.optim import _functional as functional
 
 from .reference import quadratic_setup, reference_sam_step, tiny_data, tiny_net
 
@@ -243,12 +244,94 @@ def _awkward_run(foreach, adaptive, masked):
     return model
 
 
+@pytest.mark.parametrize("fused_cpu", [True, False])
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_foreach_matches_for_loop_bitwise(adaptive, masked):
+def test_foreach_matches_for_loop_bitwise(adaptive, masked, fused_cpu, monkeypatch):
+    # fused_cpu=False runs the generic kernels (the accelerators' path) on the CPU
+    monkeypatch.setattr(functional, "FUSED_CPU", fused_cpu)
     a = _awkward_run(True, adaptive, masked)
     b = _awkward_run(False, adaptive, masked)
     assert params_equal(a, b)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_cpu_kernel_matches_generic_kernels(adaptive, masked, monkeypatch):
+    # one fused multiply-add rounds once where the generic kernels round e first: equal to rounding
+    a = _awkward_run(True, adaptive, masked)
+    monkeypatch.setattr(functional, "FUSED_CPU", False)
+    b = _awkward_run(True, adaptive, masked)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["sam", "asam", "ssam"])
+def test_exchanged_storage_equals_copy_back_bitwise(kind):
+    # exchange=True writes w + e into the spare buffer and swaps storages; exchange=False copies w
+    # away and back: the same arithmetic, so the same weights, bit for bit
+    x, y = tiny_data()
+    runs = []
+    for exchange in (True, False):
+        model = tiny_net(bn=True)
+        kw = dict(rho=0.1, lr=0.1, momentum=0.9, model=model, exchange=exchange)
+        if kind == "ssam":
+            opt = SSAM(model.parameters(), torch.optim.SGD, sparsity=0.5, mask=RandomMask(0.5, seed=2), **kw)
+        else:
+            opt = SAM(model.parameters(), torch.optim.SGD, adaptive=kind == "asam", **kw)
+        for _ in range(4):
+            opt.zero_grad()
+            opt.step(make_closure(model, x, y))
+        runs.append(model)
+    assert params_equal(*runs)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].buffers(), runs[1].buffers()))
+
+
+def test_exchange_keeps_the_parameter_object_and_its_storage_outside_the_step():
+    model = tiny_net()
+    x, y = tiny_data()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    params = list(model.parameters())
+    ptrs = [p.data_ptr() for p in params]
+    w = [p.detach().clone() for p in params]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    # pass 2 runs on the spare's storage, holding w + e; the parameters are the same objects
+    assert list(model.parameters()) == params
+    assert all(p.data_ptr() != q for p, q in zip(params, ptrs))
+    assert all(not torch.equal(p, q) for p, q in zip(params, w))
+    with pytest.raises(RuntimeError, match="between first_step"):
+        opt.load_state_dict(opt.state_dict())
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    assert [p.data_ptr() for p in params] == ptrs  # the base step updated w in its own storage
+    assert set(opt.state) == set(params)  # momentum is keyed by the same parameters
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    w = [p.detach().clone() for p in params]
+    opt.first_step(zero_grad=True)
+    assert opt.restore() is True
+    assert [p.data_ptr() for p in params] == ptrs and all(torch.equal(p, q) for p, q in zip(params, w))
+
+
+def test_views_into_a_flat_buffer_are_copied_not_exchanged():
+    # Parameters that are views of one flat buffer (as flat-parameter wrappers make them): whoever
+    # reads the buffer must see w + e in pass 2, so these are perturbed in place and copied back.
+    flat = torch.randn(7 * 5 + 7, dtype=torch.float64)
+    lin = nn.Linear(5, 7).double()
+    lin.weight = nn.Parameter(flat[:35].view(7, 5))
+    lin.bias = nn.Parameter(flat[35:])
+    x, y = tiny_data(n=8)
+    x = x[:, :5]
+    opt = SAM(lin.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    w = flat.clone()
+    F.cross_entropy(lin(x), y % 7).backward()
+    opt.first_step(zero_grad=True)
+    assert lin.weight.data_ptr() == flat.data_ptr()
+    assert not torch.equal(flat, w)  # the buffer holds w + e
+    torch.testing.assert_close(flat[:35].view(7, 5), lin.weight.detach(), rtol=0, atol=0)
+    assert opt.restore() is True
+    assert torch.equal(flat, w)
 
 
 def test_foreach_matches_loop_float32_and_half():

@@ -2,8 +2,24 @@
 
 Each kernel has a for-loop path (the ground truth, one tensor at a time) and a multi-tensor path
 (``torch._foreach_*``) that performs the same elementwise operations in the same order, so the two
-agree bitwise on the CPU (tests pin this). Nothing here synchronises with the host: scales are
-0-dim tensors and never leave the device.
+agree bitwise (tests pin this). On an accelerator nothing here synchronises with the host: scales
+are 0-dim tensors and never leave the device.
+
+The perturbation is one kernel, ``add_perturbation``: ``dst ← w + e`` reading ``w`` from ``src``.
+SAM's step uses it two ways: with ``dst`` a spare buffer whose storage is then exchanged into
+the parameter for pass 2 (``w`` is never copied, the restore is an exchange back), or, where a
+parameter's storage must stay in place (FSDP2 shards, views into a flat buffer), with
+``src`` a copy of ``w`` and ``dst`` the parameter (the restore copies ``w`` back).
+
+On the CPU, where PyTorch has no multi-tensor kernels (``_foreach_*`` loops over tensors there),
+``add_perturbation`` runs one fused kernel per tensor (``add`` with ``alpha``, or ``addcmul``
+with the mask), reading the scale as a Python number (a CPU tensor: no device synchronisation)
+and writing no temporary. Counted in reads and writes of a weight-sized tensor, SAM's extra work
+is then 4 with the exchange (norm: read g; perturb: read w and g, write w + e) and 8 with the
+copy (+ copy w, + copy it back), against 10 and a fresh temporary for the generic kernels. The
+fused result equals the generic one to rounding (a fused multiply-add rounds once where the
+generic kernels round ``e`` first); where a mask entry is False, ``dst`` gets ``w`` exactly
+either way.
 
 Notation (Foret et al. 2021, Kwon et al. 2021, Mi et al. 2022):
 
@@ -106,12 +122,36 @@ def perturb_(
 
     Where a mask entry is False, ``e`` is ±0 and ``w`` keeps its exact value.
     """
+    copy_(backups, params, foreach=foreach)
+    add_perturbation(backups, grads, masks, params, scale, adaptive=adaptive, eta=eta, foreach=foreach)
+
+
+def add_perturbation(
+    srcs: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    dsts: Sequence[Tensor],
+    scale: Tensor,
+    *,
+    adaptive: bool,
+    eta: float,
+    foreach: bool,
+) -> None:
+    """``dst ← w + e`` for every ``src`` holding ``w``, with ``e = scale · m ⊙ T² g`` and ``T`` from
+    ``w`` (``dst`` may be a separate buffer, or hold a copy of ``w`` already; ``src`` is only read).
+
+    Where a mask entry is False, ``e`` is ±0 and ``dst`` gets ``w``'s exact value.
+    """
+    if not srcs:
+        return
     if not foreach:
-        for p, g, m, b in zip(params, grads, masks, backups):
-            b.copy_(p)
-            s = scale.to(p.device)
+        for w, g, m, d in zip(srcs, grads, masks, dsts):
+            if w.device.type == "cpu" and FUSED_CPU:
+                _add_perturbation_cpu([w], [g], [m], [d], scale, adaptive, eta)
+                continue
+            s = scale.to(w.device)
             if adaptive:
-                t = p.abs().add_(eta)
+                t = w.abs().add_(eta)
                 e = g * t
                 e.mul_(t)
                 e.mul_(s)
@@ -119,16 +159,18 @@ def perturb_(
                 e = g * s
             if m is not None:
                 e.mul_(m)
-            p.add_(e)
+            torch.add(w, e, out=d)
         return
 
-    for (device, _), idx in _buckets(params).items():
-        ps = [params[i] for i in idx]
+    for (device, _), idx in _buckets(srcs).items():
+        ws = [srcs[i] for i in idx]
         gs = [grads[i] for i in idx]
-        torch._foreach_copy_([backups[i] for i in idx], ps)
+        if device.type == "cpu" and FUSED_CPU:
+            _add_perturbation_cpu(ws, gs, [masks[i] for i in idx], [dsts[i] for i in idx], scale, adaptive, eta)
+            continue
         s = scale.to(device)
         if adaptive:
-            t = torch._foreach_abs(ps)
+            t = torch._foreach_abs(ws)
             torch._foreach_add_(t, eta)
             es = torch._foreach_mul(gs, t)
             torch._foreach_mul_(es, t)
@@ -138,16 +180,53 @@ def perturb_(
         sel = [j for j, i in enumerate(idx) if masks[i] is not None]
         if sel:
             torch._foreach_mul_([es[j] for j in sel], [masks[idx[j]] for j in sel])
-        torch._foreach_add_(ps, es)
+        torch._foreach_add_(es, ws)  # e + w: IEEE addition commutes, so this is the loop's w + e
+        torch._foreach_copy_([dsts[i] for i in idx], es)
+
+
+# The CPU kernel of ``add_perturbation`` (tests switch it off to run the generic kernels on the CPU).
+FUSED_CPU = True
+
+
+def _add_perturbation_cpu(
+    ws: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    ms: Sequence[Tensor | None],
+    ds: Sequence[Tensor],
+    scale: Tensor,
+    adaptive: bool,
+    eta: float,
+) -> None:
+    """``add_perturbation`` on CPU tensors: one fused kernel per tensor writing ``dst`` directly."""
+    s = float(scale)  # a CPU scalar: reading it costs no device synchronisation
+    for w, g, m, d in zip(ws, gs, ms, ds):
+        # A bool mask multiplies as uint8 (the same bytes): the CPU kernels convert uint8 to
+        # float faster than bool.
+        mu8 = None if m is None else m.view(torch.uint8)
+        if adaptive:
+            t = w.abs().add_(eta)
+            t.mul_(t)
+            if mu8 is not None:
+                t.mul_(mu8)
+            torch.addcmul(w, g, t, value=s, out=d)
+        elif mu8 is None:
+            torch.add(w, g, alpha=s, out=d)
+        else:
+            torch.addcmul(w, g, mu8, value=s, out=d)
+
+
+def copy_(dsts: Sequence[Tensor], srcs: Sequence[Tensor], *, foreach: bool) -> None:
+    """``dst.copy_(src)`` for every pair (multi-tensor where possible)."""
+    if not srcs:
+        return
+    if not foreach:
+        for d, w in zip(dsts, srcs):
+            d.copy_(w)
+        return
+    for _, idx in _buckets(srcs).items():
+        torch._foreach_copy_([dsts[i] for i in idx], [srcs[i] for i in idx])
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor], *, foreach: bool) -> None:
     """Copy ``w`` back from its backup: exact, unlike subtracting ``e`` (docs/design.md, "One step")."""
-    if not params:
-        return
-    if not foreach:
-        for p, b in zip(params, backups):
-            p.copy_(b)
-        return
-    for _, idx in _buckets(params).items():
-        torch._foreach_copy_([params[i] for i in idx], [backups[i] for i in idx])
+    copy_(params, backups, foreach=foreach)

@@ -36,6 +36,14 @@ _PER_COORDINATE = frozenset(
 )
 
 
+def _exchange(p: Tensor, other: Tensor) -> Tensor:
+    """Give parameter ``p`` the storage of ``other``; return a tensor holding ``p``'s old storage.
+    ``p`` stays the same object (optimizer state, hooks and modules keep referring to it)."""
+    old = p.data
+    p.data = other
+    return old
+
+
 def _check_rho(rho: Any) -> float:
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or math.isnan(rho) or not 0.0 <= rho < math.inf:
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
@@ -92,6 +100,13 @@ class SAM(Optimizer):
         max_grad_norm: if set, the descent gradient is clipped to this global L2 norm (after
             unscaling under a GradScaler) right before the base step. Clipping the ascent
             gradient would not change ``e`` (it is normalised), so it is not done.
+        exchange: where a parameter owns its storage (a plain tensor, not a view into a larger
+            buffer and not a tensor subclass such as FSDP2's DTensor), write ``w + e`` into the
+            spare buffer and exchange the two storages for pass 2 (``p.data``), so ``w`` is never
+            copied and the restore is an exchange back: exact, and about half the optimizer's
+            extra memory traffic (``docs/benchmarks.md``). ``False`` copies ``w`` and copies it
+            back. Turn it off if something holds the parameter's storage address across the two
+            passes (CUDA graphs captured around the forward re-record when it changes).
         **base_kwargs: arguments of ``base_optimizer_cls``.
 
     Two ways to drive it:
@@ -137,6 +152,7 @@ class SAM(Optimizer):
         model: nn.Module | None = None,
         ascent: str = "local",
         max_grad_norm: float | None = None,
+        exchange: bool = True,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(params_or_optimizer, Optimizer):
@@ -174,8 +190,10 @@ class SAM(Optimizer):
         self.model = model
         self.ascent = ascent
         self.max_grad_norm = max_grad_norm
+        self.exchange = bool(exchange)
         self._backup: dict[Tensor, Tensor] = {}  # transient: w during the perturbed pass
         self._perturbed: list[Tensor] = []  # params currently at w + e
+        self._exchanged: list[bool] = []  # per entry of _perturbed: w + e is in the spare's storage
         self._in_perturbation = False
         self._found_inf: Tensor | None = None
         self._scaler: Any = None
@@ -334,7 +352,7 @@ class SAM(Optimizer):
             if rho == 0.0:
                 continue
             adaptive, eta = group["adaptive"], group["eta"]
-            ps, gs, ms = [], [], []  # perturbed
+            ps, gs, ms, owned = [], [], [], []  # perturbed
             norm_ps, norm_gs, norm_ms = [], [], []  # counted in the norm
             for p in group["params"]:
                 if p.grad is None:
@@ -347,6 +365,7 @@ class SAM(Optimizer):
                     ps.append(lp)
                     gs.append(lg)
                     ms.append(m)
+                    owned.append(lp is p)  # a shard is FSDP's storage, read by its all-gather: never exchanged
                 if active or not use_masked:
                     norm_ps.append(lp)
                     norm_gs.append(lg)
@@ -354,9 +373,10 @@ class SAM(Optimizer):
             if norm_gs:
                 terms += F.norm_terms(norm_ps, norm_gs, norm_ms, adaptive=adaptive, eta=eta, foreach=foreach)
             if ps:
-                plan.append((rho, adaptive, eta, ps, gs, ms))
+                plan.append((rho, adaptive, eta, ps, gs, ms, owned))
 
         perturbed: list[Tensor] = []
+        exchanged: list[bool] = []
         if plan:
             norm = F.global_norm(terms)
             mesh = _sharded.sharding_of(
@@ -364,14 +384,27 @@ class SAM(Optimizer):
             )
             if mesh is not None:  # the norm over every shard on every rank: one all-reduce
                 norm = _sharded.reduce_norm(norm, mesh)
-            for rho, adaptive, eta, ps, gs, ms in plan:
+            for rho, adaptive, eta, ps, gs, ms, owned in plan:
                 scale = rho / (norm + self.eps)
                 if self._found_inf is not None:  # non-finite ascent gradient: e = 0 (no host sync)
                     scale = torch.where(self._found_inf.to(scale.device) > 0, torch.zeros_like(scale), scale)
-                backups = [self._backup_for(p) for p in ps]
-                F.perturb_(ps, gs, ms, backups, scale, adaptive=adaptive, eta=eta, foreach=foreach)
+                spares = [self._backup_for(p) for p in ps]
+                swap = [o and self._exchangeable(p, b) for p, b, o in zip(ps, spares, owned)]
+                # Exchanged: w + e is written into the spare, w stays in place. Copied: w goes into
+                # the spare and w + e is written over it.
+                F.copy_(
+                    [b for b, x in zip(spares, swap) if not x], [p for p, x in zip(ps, swap) if not x], foreach=foreach
+                )
+                srcs = [p if x else b for p, b, x in zip(ps, spares, swap)]
+                dsts = [b if x else p for p, b, x in zip(ps, spares, swap)]
+                F.add_perturbation(srcs, gs, ms, dsts, scale, adaptive=adaptive, eta=eta, foreach=foreach)
+                for p, b, x in zip(ps, spares, swap):
+                    if x:
+                        self._backup[p] = _exchange(p, b)
                 perturbed += ps
+                exchanged += swap
         self._perturbed = perturbed
+        self._exchanged = exchanged
         self._in_perturbation = True
         self._compute += self._pass_cost("ascent")
         if zero_grad:
@@ -401,8 +434,7 @@ class SAM(Optimizer):
                 ``scaler.step`` skips)."""
         if not self._in_perturbation:
             raise RuntimeError("second_step() was called before first_step(): there is no perturbation to undo")
-        F.restore_(self._perturbed, [self._backup[p] for p in self._perturbed], foreach=self.foreach is not False)
-        self._perturbed = []
+        self._restore_weights()
         self._in_perturbation = False
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else self._scaler
         found_inf, self._found_inf, self._scaler = self._found_inf, None, None
@@ -499,8 +531,7 @@ class SAM(Optimizer):
         a perturbation to undo, ``False`` (doing nothing) otherwise."""
         if not self._in_perturbation:
             return False
-        F.restore_(self._perturbed, [self._backup[p] for p in self._perturbed], foreach=self.foreach is not False)
-        self._perturbed = []
+        self._restore_weights()
         self._in_perturbation = False
         self._found_inf, self._scaler = None, None
         return True
@@ -542,9 +573,29 @@ class SAM(Optimizer):
         self.second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
 
     # ------------------------------------------------------------------ helpers
+    def _restore_weights(self) -> None:
+        """Every perturbed parameter back to ``w`` exactly: an exchange of storages back, or a copy."""
+        copied = [p for p, x in zip(self._perturbed, self._exchanged) if not x]
+        F.restore_(copied, [self._backup[p] for p in copied], foreach=self.foreach is not False)
+        for p, x in zip(self._perturbed, self._exchanged):
+            if x:
+                self._backup[p] = _exchange(p, self._backup[p])
+        self._perturbed, self._exchanged = [], []
+
+    def _exchangeable(self, p: Tensor, spare: Tensor) -> bool:
+        """Whether pass 2 may run on ``spare``'s storage exchanged into ``p`` (see ``exchange``)."""
+        return (
+            self.exchange
+            and type(p) in (Tensor, nn.Parameter)  # not a subclass: DTensor, FSDP1's FlatParameter, ...
+            and p.storage_offset() == 0
+            # owns all of its storage: not a view into a flat buffer that a wrapper reads instead
+            and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+            and spare.stride() == p.stride()
+        )
+
     def _backup_for(self, p: Tensor) -> Tensor:
         b = self._backup.get(p)
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device or b.stride() != p.stride():
             b = torch.empty_like(p, memory_format=torch.preserve_format)
             self._backup[p] = b
         return b
@@ -697,6 +748,11 @@ class SAM(Optimizer):
         if self._in_perturbation:
             raise RuntimeError(
                 "load_state_dict() between first_step() and second_step(): finish the step or restore() first"
+            )
+        if self._in_perturbation:
+            raise RuntimeError(
+                "load_state_dict() between first_step() and second_step(): the weights are at w + e; "
+                "call second_step() or restore() first"
             )
         sd = dict(state_dict)
         extra = sd.pop("sparsam", None)
