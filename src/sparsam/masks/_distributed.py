@@ -1,12 +1,12 @@
 """Top-k over scores sharded by FSDP2: a distributed threshold with the one-process tie rule.
 
 FSDP2 (``fully_shard``) shards every parameter along dim 0 in ``torch.chunk`` order: rank ``r``
-holds a contiguous block of rows, so in the flat order [`select`][sparsam.masks.select] ranks by
+holds a contiguous block of rows, so in the flat order ``select`` ranks by
 (parameters in order, row-major inside each) the coordinates of one parameter lie rank 0's first,
 then rank 1's, ... The flat order is therefore (parameter, rank, local position), and a rank can
 place each of its coordinates in it from per-(parameter, rank) counts alone.
 
-[`sharded_top`][sparsam.masks._distributed.sharded_top] keeps, in every group of segments, the
+``sharded_top`` keeps, in every group of segments, the
 ``k`` largest scores with ties going to the lower flat positions (exactly what
 ``selection.top_positions`` does in one process), without gathering any score:
 
@@ -14,7 +14,7 @@ place each of its coordinates in it from per-(parameter, rank) counts alone.
    bits flipped for negative numbers; ``-0.0`` counts as ``+0.0``, as ``==`` does): float32 keys
    span 2³² values, float64 keys 2⁶⁴;
 2. one ``all_gather`` of each group's (count, min key, max key) per rank;
-3. a bisection on the key: each round counts the local keys ``>= mid`` and ``all_reduce``\\s the
+3. a bisection on the key: each round counts the local keys ``>= mid`` and all-reduces the
    counts (one int64 per group): at most 32 rounds for float32 scores (64 for float64), fewer when
    the keys span a narrower range; the result is the exact ``k``-th largest key ``T``;
 4. one ``all_gather`` of each segment's (keys ``> T``, keys ``== T``) per rank: every rank then

@@ -364,9 +364,17 @@ def select(
     ResNet-18 at ``s = 0.5`` the density can end far above 0.5). N:M keeps
     ``min(n, g)`` of each group of ``g <= m`` real entries. Ties: lower flat index first.
 
+    Sharded scores: when the scores are DTensors sharded as FSDP2 shards parameters
+    (``Shard(0)`` on a 1-D device mesh), every rank passes its DTensors and gets DTensor masks
+    sharded the same way, each rank's part of exactly the masks one process would choose from the
+    full scores (a distributed threshold, no gather of scores; ``docs/scaling.md``). Supported:
+    unstructured, structured with ``granularity="channel"``, N:M.
+
     Raises:
         ValueError: sparsity outside ``[0, 1)``, unknown pattern/granularity/budget/one_d/fill,
-            ``n > m``, ``n < 1``, ``m < 1``, NaN scores.
+            ``n > m``, ``n < 1``, ``m < 1``, NaN scores; for sharded scores also plain and
+            sharded scores mixed, a layout other than FSDP2's, structured with
+            ``granularity="tensor"`` and N:M groups of a 1-D tensor crossing a shard boundary.
         TypeError: scores not a dict of tensors, non-int ``n``/``m``.
     """
     p, n, m = parse_pattern(pattern, n, m)
@@ -460,8 +468,6 @@ def _select_sharded(
                 "tensor's mean score would be summed over the shards, whose rounding differs from one process's, "
                 "so the chosen tensors could differ; use granularity='channel' (rows lie whole on one rank)"
             )
-        if budget == "layer" and granularity == "tensor":  # pragma: no cover - refused above
-            raise ValueError("budget='layer' has no meaning with granularity='tensor'")
         local_means = [_unit_means(parts[x], "channel") for x in ranked]
         full_means, offsets = _dist.gather_vectors(local_means, comm)
         rows = _structured_units(
