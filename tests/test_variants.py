@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsam import SAM, SSAM
-from sparsam.masks import AllOnesMask, RandomMask
+from sparsam.masks import AllOnesMask, ManualMask, RandomMask
 from sparsam.masks.stochastic import StochasticMask
 from sparsam.optim.esam import ESAM, FORWARD_COST
 from sparsam.optim.looksam import LookSAM, LookSSAM
@@ -161,6 +161,84 @@ def test_schedule_composes_with_ssam_masks():
     run(plain, ref, 6)
     assert torch.equal(flat(model), flat(ref))  # SSAM with all-true masks is SAM, step for step
     assert ones._steps == 2  # the mask clock counts perturbing steps
+
+
+# ---------------------------------------------------------------------------------- with a partial SSAM mask
+M1 = torch.tensor([True, False, True])  # w1's coordinates 0 and 2 perturbed; w2 not at all
+M = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+
+
+def _mask():
+    return ManualMask({"w1": M1})
+
+
+def _w0() -> torch.Tensor:
+    return torch.cat([quad().w1.detach(), quad().w2.detach()])
+
+
+def test_scheduled_ssam_with_a_partial_mask_and_a_sub_batch_ascent_matches_closed_form():
+    model = quad()
+    opt = ScheduledSSAM(
+        model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, model=model, mask=_mask(), every=2, ascent_fraction=0.5
+    )
+    run(opt, model, 6)
+    w = _w0()
+    for t in range(6):
+        if t % 2 == 0:  # e = ρ m ⊙ g / ‖g‖ (norm="full"), g from the first 4 of 8 samples
+            g = grad(w, C[:4])
+            w = w - LR * grad(w + RHO * M * g / (g.norm() + EPS), C)
+        else:
+            w = w - LR * grad(w, C)
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    assert opt.compute == pytest.approx(3 * 1.5 + 3)
+
+
+def test_lookssam_with_a_partial_mask_and_a_sub_batch_ascent_matches_the_papers_rule():
+    k, alpha, steps = 3, 0.7, 7
+    model = quad()
+    opt = LookSSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=RHO,
+        lr=LR,
+        model=model,
+        mask=_mask(),
+        k=k,
+        alpha=alpha,
+        ascent_fraction=0.5,
+    )
+    run(opt, model, steps)
+    w, gv = _w0(), None
+    for t in range(steps):
+        if t % k == 0:  # g_s is SSAM's gradient; g the sub-batch gradient, as LookSAM's pass 1 has it
+            g = grad(w, C[:4])
+            gs = grad(w + RHO * M * g / (g.norm() + EPS), C)
+            gv = gs - (g @ gs) / (g @ g) * g
+            w = w - LR * gs
+        else:
+            g = grad(w, C)
+            w = w - LR * (g + alpha * g.norm() / (gv.norm() + EPS) * gv)
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    assert opt.compute == pytest.approx(3 * 1.5 + 4)
+
+
+def test_esam_with_another_mask_source_a_schedule_and_data_selection_matches_closed_form():
+    model = quad()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, model=model, mask=_mask(), gamma=0.5, every=2)
+    assert opt.beta == 1.0  # no SWP rescaling with another source
+    run(opt, model, 6)
+    w = _w0()
+    for t in range(6):
+        if t % 2 == 0:  # norm="masked" (ESAM's): e = ρ m ⊙ g / ‖m ⊙ g‖; pass 2 on the 4 whose loss rose most
+            gm = M * grad(w, C)
+            e = RHO * gm / (gm.norm() + EPS)
+            rise = losses(w + e, C) - losses(w, C)
+            idx = torch.topk(rise, 4).indices.sort().values
+            w = w - LR * grad(w + e, C[idx])
+        else:
+            w = w - LR * grad(w, C)
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    assert opt.compute == pytest.approx(3 * (1 + 1 / 3 + 0.5) + 3)
 
 
 # ---------------------------------------------------------------------------------- sparse in samples

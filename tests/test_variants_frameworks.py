@@ -266,3 +266,41 @@ def test_lightning_training_step_without_sample_losses_is_refused_where_esam_sel
     with pytest.raises(RuntimeError, match=r"gamma=0.5.*record_sample_losses"):
         _fit(module)
     assert all(torch.equal(v, w[k]) for k, v in module.net.state_dict().items())  # nothing moved
+
+
+@pytest.mark.parametrize("name", ["asc-half", "looksam-asc"])
+def test_accelerate_schedule_and_sub_batch_ascent_with_accumulation(name):
+    """Two micro-batches of 8 per step: the ascent uses the first part of each micro-batch, and a
+    step the schedule runs without ascent uses every sample of both (not the ascent's part)."""
+    _accelerate()
+    from accelerate import Accelerator
+
+    from sparsam.integrations.accelerate import SAMStep
+
+    net = tiny_net(dtype=torch.float64)
+    x, y = tiny_data(n=64)
+    frac = 0.3 if name == "asc-half" else 0.5
+    k = math.ceil(frac * 8)
+    # the reference's batch of 16: both micro-batches' ascent parts first (the passes over all 16
+    # samples are means, which do not depend on the order)
+    order = [mb + i for part in (range(k), range(k, 8)) for mb in (0, 8) for i in part]
+    ref_batches = [(xb[order], yb[order]) for xb, yb in zip(x.split(16), y.split(16))]
+    ref_frac = VARIANTS[name]
+
+    def make_ref(p, **kw):  # ceil(f' · 16) = 2k: the two micro-batches' ascent parts
+        opt = ref_frac(p, **kw)
+        opt.ascent_fraction = 2 * k / 16
+        return opt
+
+    ref, ref_opt = reference(net, make_ref, ref_batches)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = VARIANTS[name](net.parameters(), model=net)
+    dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+    model, popt, dl = acc.prepare(net, opt, dl)
+    step = SAMStep(acc, popt, model=model)
+    for xb, yb in dl:
+        with acc.accumulate(model):
+            step(lambda a, b: F.cross_entropy(model(a), b, reduction="none"), xb, yb)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert opt.steps == 4

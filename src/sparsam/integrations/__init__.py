@@ -68,6 +68,14 @@ def _selects_samples(optimizer: Any) -> bool:
     return float(getattr(unwrap_optimizer(optimizer), "gamma", 1.0)) < 1.0
 
 
+def _ascends_next(sam: SAM) -> bool:
+    """Will the optimizer's next ``step`` run the ascent? False only on the steps a schedule
+    (``ScheduledSAM``, LookSAM, ESAM: ``schedule.ascent_at``) runs as one plain pass."""
+    schedule = getattr(sam, "schedule", None)
+    steps = getattr(sam, "steps", None)
+    return schedule is None or not isinstance(steps, int) or bool(schedule.ascent_at(steps))
+
+
 def _batch_size(batch: Any) -> int | None:
     """The first dimension of the first tensor in ``batch`` (a tensor, or a tuple / list / dict of
     them, nested), ``None`` without a tensor."""

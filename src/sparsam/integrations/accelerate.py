@@ -40,7 +40,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import _batch_size, _split_index, _sum_for_selection, _take, pass_loss, unwrap_optimizer
+from . import _ascends_next, _batch_size, _split_index, _sum_for_selection, _take, pass_loss, unwrap_optimizer
 
 __all__ = ["SAMStep"]
 
@@ -132,8 +132,9 @@ class SAMStep:
         n = _batch_size((args, kwargs))
         self._pending.append((compute_loss, args, kwargs, n))
         if not acc.sync_gradients:
-            # Not the window's last micro-batch: its ascent pass now (the gradient accumulates).
-            with sam.ascent_pass():
+            # Not the window's last micro-batch: its ascent pass now (the gradient accumulates), or
+            # its plain pass if a schedule makes this step one without ascent.
+            with sam.ascent_pass() if _ascends_next(sam) else nullcontext():
                 out = _call(compute_loss, args, kwargs, n, None, sam.batch_fraction)
                 if out.dim() == 1:  # per-sample losses at w: ESAM compares them with those at w + e
                     self._held.append(out.detach())
