@@ -4,6 +4,7 @@ configuration (process start-up dominates the cost)."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from sparsam import SAM, SSAM
 from sparsam.masks import DynamicMask, FisherMask, RandomMask, select
+from sparsam.optim.schedule import ScheduledSAM, ScheduledSSAM
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard") or not dist.is_available():
@@ -34,6 +36,8 @@ CONFIGS = (
     "ssam-fisher-bf16-policy",
     "ssam-dynamic",
     "ssam-dynamic-layer",
+    "sam-schedule",
+    "ssam-fraction",
 )
 # Fisher samples: the first 2 input features are 0, so the first layer's columns 0 and 1 have zero
 # Fisher information: 14 tied scores. Keeping 103 of the 107 coordinates takes every nonzero score
@@ -75,6 +79,11 @@ def make_mask(config):
 
 def make_opt(config, params, model, rank=0):
     kw = {"rho": 0.2, "lr": 0.1, "momentum": 0.9, "model": model}
+    if config == "sam-schedule":  # perturbs at steps 1 and 3 (start, every), rho ramped over 2 steps
+        return ScheduledSAM(params, torch.optim.SGD, every=2, start=0.25, ramp=0.5, total_steps=STEPS, **kw)
+    if config == "ssam-fraction":  # pass 1 on the first half of every rank's part of the batch
+        mask = RandomMask(0.5, seed=3, update_every=2)
+        return ScheduledSSAM(params, torch.optim.SGD, mask=mask, ascent_fraction=0.5, sparse_ascent=False, **kw)
     if "fisher" in config or "dynamic" in config:
         return SSAM(
             params, torch.optim.SGD, mask=make_mask(config), loss_fn=F.cross_entropy, data=fisher_data(rank), **kw
@@ -112,9 +121,14 @@ def run(model, opt, rank=0, world=1, scaler=None):
     history = []
     for step in range(STEPS):
         x, y = batch(step)
-        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
 
-        def closure(xs=xs, ys=ys):
+        def closure(x=x, y=y):
+            # every rank its part of the batch, and of it the first batch_fraction (sub-batch ascent);
+            # one process takes the same samples: each rank's first fraction, joined
+            f = opt.batch_fraction
+            ranks = range(WORLD) if world == 1 else [rank]
+            xs = torch.cat([x.chunk(WORLD)[r][: math.ceil(f * len(x.chunk(WORLD)[r]))] for r in ranks])
+            ys = torch.cat([y.chunk(WORLD)[r][: math.ceil(f * len(y.chunk(WORLD)[r]))] for r in ranks])
             loss = F.cross_entropy(model(xs), ys)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             return loss

@@ -583,8 +583,8 @@ def _check_fsdp(cfg: TrainConfig) -> None:
             f"--fsdp needs --ascent sync, got --ascent {cfg.ascent}: FSDP reduce-scatters every gradient, so a rank "
             "only holds its shard of the averaged gradient and no per-rank ascent exists"
         )
-    if methods.is_scheduled(cfg):
-        raise ConfigError("--fsdp does not support --sam-every/--sam-start/--rho-ramp/--ascent-fraction yet (use DDP)")
+    # --sam-every/--sam-start/--rho-ramp decide per step whether it perturbs (the same on every rank);
+    # --ascent-fraction: every rank runs pass 1 on its first fraction, so FSDP's reduce-scatter pairs up.
     if cfg.compile:
         raise ConfigError("--fsdp with --compile is not supported (untested); drop one of them")
     if cfg.opt == "ssam":
