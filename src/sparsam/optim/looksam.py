@@ -107,6 +107,26 @@ class LookSAM(ScheduledSAM):
             self._store_gv(self._g, checked=scaler is not None)
         super()._base_step(scaler, before_base_step)
 
+    @torch.no_grad()
+    def second_step(
+        self,
+        zero_grad: bool = False,
+        *,
+        grad_scaler: Any = None,
+        before_base_step: Any = None,
+        base_step: bool = True,
+    ) -> None:
+        # base_step=False (the transformers Trainer steps the base optimizer itself): no _base_step
+        # runs, so g_v is stored here, from the same g_s (scaled or not: g_v's scale cancels; a
+        # descent gradient marked non-finite after an overflowed ascent stores nothing).
+        store = not base_step and self._g is not None and self._in_perturbation
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else self._scaler
+        super().second_step(grad_scaler=grad_scaler, before_base_step=before_base_step, base_step=base_step)
+        if store and self._g is not None:
+            self._store_gv(self._g, checked=scaler is not None)
+        if zero_grad:
+            self.zero_grad()
+
     def _store_gv(self, g: dict[Tensor, Tensor], *, checked: bool) -> None:
         params = [p for grp in self.param_groups for p in grp["params"] if p.grad is not None]
         if not params:
