@@ -34,6 +34,7 @@ CONFIGS = (
     "ssam-fisher-ties",
     "ssam-fisher-channel",
     "ssam-fisher-bf16-policy",
+    "ssam-fisher-true-after-step",
     "ssam-dynamic",
     "ssam-dynamic-layer",
     "sam-schedule",
@@ -67,6 +68,8 @@ def make_mask(config):
     if "fisher" in config:
         if "channel" in config:  # rows of the weights (whole on one rank), the authors' overshoot
             kw = {"sparsity": 0.5, "pattern": "structured", "granularity": "channel", "fill": "overshoot"}
+        elif "true" in config:  # labels drawn from the model's softmax; all-False mask at step 0
+            kw = {"sparsity": 0.5, "true_fisher": True, "timing": "after-step", "seed": 4}
         else:
             kw = {"sparsity": TIES_SPARSITY}
         return FisherMask(num_samples=7, update_every=2, **kw)
@@ -346,7 +349,7 @@ def test_two_ranks_equal_one_process(config, ranks):
             assert m0.keys() == ref_masks.keys(), step
             for name, m in ref_masks.items():
                 assert torch.equal(torch.cat([m0[name], m1[name]]), m), (step, name)
-        if "fisher" in config and "channel" not in config:
+        if "fisher" in config and "channel" not in config and "true" not in config:
             # the 14 tied zeros of layer 0 (columns 0, 1): the first 10 in flat order, over both ranks
             for masks in history:
                 assert sum(int(m.sum()) for m in masks.values()) == 103

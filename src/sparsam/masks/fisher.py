@@ -472,7 +472,12 @@ class FisherMask(PatternOptions, SeededSource):
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
         if self.timing == "after-step":  # the authors' all-zero start: step 0 is unperturbed
-            return {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
+            return {
+                n: shard(p.shape, torch.zeros(local(p).shape, dtype=torch.bool, device=local(p).device), p)
+                if is_dtensor(p)  # FSDP2: this rank's rows only
+                else torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+                for n, p in ctx.params.items()
+            }
         return self._compute(ctx)
 
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
