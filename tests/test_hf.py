@@ -266,22 +266,25 @@ def test_esam_data_selection_equals_the_contract_loop(tmp_path):
     assert trainer.sam_optimizer.compute == pytest.approx(sam.compute) == 3 * (1 + 1 / 3 + 0.5)
 
 
-def test_looksam_reuse_steps_through_the_trainer(tmp_path):
-    """LookSAM k = 2 under the Trainer (base_step=False, the Trainer clips and steps): step 1
-    reuses the g_v stored at step 0 exactly as LookSAM's own step with base_step=True does."""
+def test_looksam_reuse_steps_and_sub_batch_ascent_through_the_trainer(tmp_path):
+    """LookSAM k = 2 with ascent_fraction 0.5 under the Trainer (base_step=False, the Trainer clips
+    and steps): pass 1 on the first half of each micro-batch, and step 1 reuses the g_v stored at
+    step 0 exactly as LookSAM's own step with base_step=True does."""
     model, data = tiny_bert(), cls_data(3 * BATCH * ACCUM)
     ref = copy.deepcopy(model)
     decay = set(transformers.Trainer.get_decay_parameter_names(None, ref))
     named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if n in decay]}, {"params": [p for n, p in named if n not in decay]}]
     # max_grad_norm: the Trainer's clip of the descent (or reuse) gradient, before the base step
-    sam = LookSAM(torch.optim.SGD(groups, lr=0.05, momentum=0.9), rho=0.1, k=2, max_grad_norm=0.5)
+    sam = LookSAM(torch.optim.SGD(groups, lr=0.05, momentum=0.9), rho=0.1, k=2, ascent_fraction=0.5, max_grad_norm=0.5)
     sam.model = ref
     sched = torch.optim.lr_scheduler.LambdaLR(sam.base_optimizer, lambda t: max(0.0, (3 - t) / 3))
     ref.train()
     for window in batches(data, 3):
 
         def closure(window=window):
+            if sam.current_pass == "ascent":  # the first half of every micro-batch
+                window = [{k: v[: BATCH // 2] for k, v in mb.items()} for mb in window]
             for loss in window_loss(ref, window):
                 loss.backward()
 
@@ -289,11 +292,14 @@ def test_looksam_reuse_steps_through_the_trainer(tmp_path):
         sam.step(closure)
         sched.step()
     trainer = SAMTrainer(
-        model=model, args=args(tmp_path), train_dataset=data, sam=lambda base: LookSAM(base, rho=0.1, k=2)
+        model=model,
+        args=args(tmp_path),
+        train_dataset=data,
+        sam=lambda base: LookSAM(base, rho=0.1, k=2, ascent_fraction=0.5),
     )
     trainer.train()
     assert_close(model, ref)
-    assert trainer.sam_optimizer.compute == sam.compute == 2 + 1 + 2
+    assert trainer.sam_optimizer.compute == sam.compute == 1.5 + 1 + 1.5
 
 
 def test_esam_data_selection_needs_sample_loss(tmp_path):

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sparsam.integrations import pass_batch, pass_loss
 from sparsam.optim.esam import ESAM
-from sparsam.optim.looksam import LookSAM
-from sparsam.optim.schedule import ScheduledSAM
+from sparsam.masks import RandomMask
+from sparsam.optim.looksam import LookSAM, LookSSAM
+from sparsam.optim.schedule import ScheduledSAM, ScheduledSSAM
 
 from .reference import tiny_data, tiny_net
 
@@ -31,6 +32,10 @@ VARIANTS = {
     "esam-sds": lambda p, **kw: ESAM(p, torch.optim.SGD, beta=0.5, gamma=0.5, seed=7, **KW, **kw),
     "asc-half": lambda p, **kw: ScheduledSAM(p, torch.optim.SGD, ascent_fraction=0.3, every=2, **KW, **kw),
     "looksam-asc": lambda p, **kw: LookSAM(p, torch.optim.SGD, k=2, ascent_fraction=0.5, **KW, **kw),
+    "lookssam": lambda p, **kw: LookSSAM(p, torch.optim.SGD, k=3, mask=RandomMask(0.5, seed=1), **KW, **kw),
+    "ssam-every2-asc": lambda p, **kw: ScheduledSSAM(
+        p, torch.optim.SGD, every=2, ascent_fraction=0.5, mask=RandomMask(0.5, seed=1), **KW, **kw
+    ),
 }
 STEPS = 8
 
