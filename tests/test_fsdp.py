@@ -37,6 +37,7 @@ CONFIGS = (
     "ssam-fisher-true-after-step",
     "ssam-dynamic",
     "ssam-dynamic-layer",
+    "ssam-dynamic-random-after-step",
     "sam-schedule",
     "ssam-fraction",
 )
@@ -74,6 +75,8 @@ def make_mask(config):
             kw = {"sparsity": TIES_SPARSITY}
         return FisherMask(num_samples=7, update_every=2, **kw)
     if "dynamic" in config:
+        if config.endswith("after-step"):  # random drop and grow; each mask serves from the next step
+            return DynamicMask(0.5, STEPS, update_every=1, drop="random", timing="after-step", seed=6)
         if config.endswith("layer"):
             return DynamicMask(0.5, STEPS, update_every=1, drop="weight", grow="gradient", budget="layer", seed=5)
         return DynamicMask(0.5, STEPS, update_every=1, seed=5)  # drop the smallest |g|, grow at random
