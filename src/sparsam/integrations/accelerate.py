@@ -30,6 +30,9 @@ Why a helper (each point is tested in ``tests/test_integrations_accelerate.py``)
   perturbs, runs pass 2 over every kept micro-batch (all-reducing only in the last one under DDP) and
   steps: exactly SAM on the whole batch, with the loss Accelerate scales by ``1 /
   gradient_accumulation_steps``.
+* Cheaper SAMs (``docs/variants.md``): ``SAMStep`` cuts ``compute_loss``'s tensor arguments to the
+  samples of each pass (sub-batch ascent, ESAM's selected samples) and, when ``compute_loss``
+  returns per-sample losses, hands them to ESAM's data selection, across the accumulation window.
 """
 
 from __future__ import annotations

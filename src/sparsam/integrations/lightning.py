@@ -29,6 +29,12 @@ weight, in ``tests/test_integrations_lightning.py``):
   are left alone (the module is handed to the optimizer as ``model=``). Other side effects of
   ``training_step`` (a metric object's ``update``) happen twice; guard them with
   [`in_descent_pass`][sparsam.integrations.lightning.in_descent_pass].
+* **Cheaper SAMs** (``docs/variants.md``): schedules, LookSAM and ESAM run as SAM does. For a
+  sub-batch ascent and ESAM's data selection ``training_step`` takes its pass's samples with
+  [`pass_batch`][sparsam.integrations.pass_batch] and returns
+  [`pass_loss`][sparsam.integrations.pass_loss] of their per-sample losses; ESAM's forward-only
+  ``"measure"`` pass runs ``training_step`` alone (no ``zero_grad``, no ``backward``) under
+  ``torch.no_grad()``, with its logs dropped as in pass 2.
 * **Gradient accumulation** (``accumulate_grad_batches=k > 1``) is refused under automatic
   optimization. Lightning runs the first k-1 micro-batches outside the optimizer and steps with
   the closure of the last one only, so pass 1 would see all k micro-batches but pass 2 only the
@@ -81,7 +87,8 @@ _DESCENT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def in_descent_pass(module: nn.Module) -> bool:
-    """True while ``module``'s ``training_step`` runs for SAM's second pass (at ``w + e``).
+    """True while ``module``'s ``training_step`` runs at ``w + e``: SAM's second pass, or ESAM's
+    forward-only ``"measure"`` pass.
 
     Use it to keep side effects out of pass 2, e.g. ``if not in_descent_pass(self):
     self.train_acc.update(preds, y)``. ``self.log`` needs no guard:
@@ -231,6 +238,12 @@ def _sam_step(
     def pass_closure() -> Any:
         if sam.current_pass == "measure":  # ESAM: forward only at w + e (under no_grad), no backward
             step_fn = getattr(closure, "_step_fn", None)  # automatic optimization: training_step alone
+            if step_fn is None and model.automatic_optimization:
+                raise RuntimeError(
+                    f"{type(sam).__name__}'s forward-only pass needs training_step without backward, but this "
+                    "Lightning version's automatic-optimization closure has no _step_fn (SAMCallback was written "
+                    "against Lightning 2.x): use manual optimization, or gamma=1 (no data selection)"
+                )
             with _descent(model, quiet=not log_descent):
                 if step_fn is None:  # manual optimization: the user's closure follows the contract itself
                     return closure()

@@ -39,6 +39,10 @@ What the Trainer does on its own, and what the subclass changes (each point is t
 * **BatchNorm** running statistics come from pass 1 only (the model is handed to the optimizer
   as ``model=``). Other side effects of ``forward`` happen twice per micro-batch.
 
+* **Cheaper SAMs** (``docs/variants.md``): any variant as ``sam=``. A sub-batch ascent cuts each
+  micro-batch's inputs; ESAM's data selection (``gamma < 1``) needs ``sample_loss=`` (one loss per
+  sample from the model's outputs), and its passes then use the mean of those losses (tested).
+
 Not supported: DeepSpeed and FSDP through the Trainer (refused with an error: they shard or own
 the optimizer step, see ``docs/scaling.md``), SAM's own ``max_grad_norm`` (use the Trainer's
 ``max_grad_norm``), and Fisher masks fed by the Trainer's dataloader (its batches are dicts): give
