@@ -145,18 +145,22 @@ def test_accelerate_samstep_equals_the_closure_loop(name):
         GradientState._reset_state()
 
 
-def _accelerate():
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps process-wide singletons: a fresh state for the test, and none left behind."""
     pytest.importorskip("accelerate")
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
-def test_accelerate_esam_selection_with_accumulation_is_esam_on_the_whole_batch():
+def test_accelerate_esam_selection_with_accumulation_is_esam_on_the_whole_batch(fresh_accelerate):
     """Two micro-batches of 8 = one batch of 16: pass 1's and the measure pass's per-sample losses
     cover both, the selection indexes the 16, pass 2 is the mean over the selected samples."""
-    _accelerate()
     from accelerate import Accelerator
 
     from sparsam.integrations.accelerate import SAMStep
@@ -177,8 +181,7 @@ def test_accelerate_esam_selection_with_accumulation_is_esam_on_the_whole_batch(
     assert opt.compute == pytest.approx(ref_opt.compute) == 4 * (1 + 1 / 3 + 0.5)
 
 
-def test_a_reduced_loss_is_refused_where_esam_selects():
-    _accelerate()
+def test_a_reduced_loss_is_refused_where_esam_selects(fresh_accelerate):
     from accelerate import Accelerator
 
     from sparsam.integrations.accelerate import SAMStep
@@ -274,10 +277,9 @@ def test_lightning_training_step_without_sample_losses_is_refused_where_esam_sel
 
 
 @pytest.mark.parametrize("name", ["asc-half", "looksam-asc"])
-def test_accelerate_schedule_and_sub_batch_ascent_with_accumulation(name):
+def test_accelerate_schedule_and_sub_batch_ascent_with_accumulation(name, fresh_accelerate):
     """Two micro-batches of 8 per step: the ascent uses the first part of each micro-batch, and a
     step the schedule runs without ascent uses every sample of both (not the ascent's part)."""
-    _accelerate()
     from accelerate import Accelerator
 
     from sparsam.integrations.accelerate import SAMStep
