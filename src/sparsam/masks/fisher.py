@@ -171,7 +171,9 @@ def fisher_information(
 
     Returns:
         name -> F (the parameter's shape and device; dtype of the parameter, float32 for
-        half/bfloat16 parameters).
+        half/bfloat16 parameters). For parameters sharded by FSDP2 (DTensors), F is a DTensor
+        sharded like its parameter: every rank runs rank 0's samples through the sharded model
+        one at a time and keeps its shard of F (``docs/scaling.md``).
 
     Raises:
         ValueError: ``num_samples < 1``, data running out (names how many samples were found), a

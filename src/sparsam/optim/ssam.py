@@ -46,7 +46,9 @@ class SSAM(SAM):
     first step. They are stored as bool tensors (1 byte per coordinate), saved in
     [`state_dict`][sparsam.SAM.state_dict] together with the mask source's state, and, under
     ``torch.distributed``, broadcast from rank 0 after every init/update so all ranks perturb the same
-    coordinates.
+    coordinates. On parameters sharded by FSDP2 each rank holds the masks of its own shards, which
+    the Fisher, dynamic and random sources choose with a distributed threshold: together they are
+    the masks one process would choose (``docs/scaling.md``).
 
     Two forms (TPAMI 2025):
 
