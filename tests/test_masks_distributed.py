@@ -74,6 +74,12 @@ def sharded_vs_reference(segments, groups, ks, world, *, largest=True):
         members = [i for i, gi in enumerate(groups) if gi == g]
         flat = torch.cat([segments[i] for i in members])
         ref = top_positions(flat, k, largest=largest)
+        # and a plain reference: a stable sort on (value, position), the first k
+        vals = flat.double().tolist()
+        order = sorted(range(len(vals)), key=lambda j: (-vals[j] if largest else vals[j], j))[:k]
+        plain = torch.zeros(len(vals), dtype=torch.bool)
+        plain[order] = True
+        assert torch.equal(ref, plain)
         got = torch.cat([torch.cat([out[r][0][i] for r in range(world)]) for i in members])
         assert torch.equal(got, ref), (g, k)
         assert int(got.sum()) == k
