@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sparsam.integrations import pass_batch, pass_loss
 from sparsam.optim.esam import ESAM
-from sparsam.masks import RandomMask
+from sparsam.masks import AllOnesMask, RandomMask
 from sparsam.optim.looksam import LookSAM, LookSSAM
 from sparsam.optim.schedule import ScheduledSAM, ScheduledSSAM
 
@@ -311,3 +311,73 @@ def test_accelerate_schedule_and_sub_batch_ascent_with_accumulation(name, fresh_
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert opt.steps == 4
+
+
+def _esam_ddp_worker(rank, world, port, out_dir):
+    import os
+
+    from accelerate import Accelerator
+
+    from sparsam.integrations.accelerate import SAMStep
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True)
+    x, y = tiny_data(n=32, dtype=torch.float32)
+    net = tiny_net(dtype=torch.float32)
+    opt = ESAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.5, mask=AllOnesMask(), gamma=0.5, model=net)
+    model, popt = acc.prepare(net, opt)
+    step = SAMStep(acc, popt, model=model)
+    for s in range(3):
+        idx = [rank + world * (4 * s + j) for j in range(4)]
+        step(lambda a, b: F.cross_entropy(model(a), b, reduction="none"), x[idx], y[idx])
+    torch.save([p.detach() for p in model.parameters()], f"{out_dir}/esam-{rank}.pt")
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_esam_selection_per_rank(tmp_path):
+    """Two CPU processes: each rank perturbs with its own gradient (ascent="local"), selects the 2
+    of its 4 samples whose loss rose most, and the descent gradients are averaged over the ranks."""
+    pytest.importorskip("accelerate")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_esam_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    # the reference, written out in one process
+    net = tiny_net(dtype=torch.float32)
+    params = list(net.parameters())
+    x, y = tiny_data(n=32, dtype=torch.float32)
+
+    def grads(xb, yb):
+        net.zero_grad()
+        F.cross_entropy(net(xb), yb).backward()
+        return [p.grad.clone() for p in params]
+
+    for s in range(3):
+        descent = []
+        for r in range(2):
+            i = [r + 2 * (4 * s + j) for j in range(4)]
+            g = grads(x[i], y[i])
+            w = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                before = F.cross_entropy(net(x[i]), y[i], reduction="none")
+                norm = torch.sqrt(sum((v**2).sum() for v in g))
+                for p, v in zip(params, g):
+                    p.add_(0.5 * v / (norm + 1e-12))
+                after = F.cross_entropy(net(x[i]), y[i], reduction="none")
+            keep = torch.tensor(i)[torch.topk(after - before, 2).indices.sort().values]
+            descent.append(grads(x[keep], y[keep]))
+            with torch.no_grad():
+                for p, v in zip(params, w):
+                    p.copy_(v)
+        with torch.no_grad():
+            for p, gs in zip(params, zip(*descent)):
+                p.sub_(0.5 * sum(gs) / 2)
+    ranks = [torch.load(tmp_path / f"esam-{r}.pt") for r in range(2)]
+    for p0, p1, q in zip(*ranks, params):
+        assert torch.equal(p0, p1)  # the ranks agree bit for bit
+        torch.testing.assert_close(p0, q.detach(), rtol=1e-5, atol=1e-6)
