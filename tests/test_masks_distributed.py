@@ -145,3 +145,16 @@ def test_chunk_starts_follow_torch_chunk():
             starts = [int(p[0]) if p.numel() else length for p in parts]
             starts += [length] * (world - len(starts))
             assert chunk_starts(length, world) == starts, (length, world)
+
+
+def test_row_means_of_a_shard_are_those_of_the_whole_tensor():
+    # channel-structured selection under FSDP2 takes each rank's row means of its own rows: they
+    # must be the numbers one process computes on the whole tensor, bit for bit
+    from sparsam.masks.selection import _unit_means
+
+    g = torch.Generator().manual_seed(3)
+    for shape in ((37, 515), (9, 64, 3, 3), (1000,)):
+        t = torch.randn(*shape, generator=g)
+        whole = _unit_means(t, "channel")
+        parts = torch.cat([_unit_means(p, "channel") for p in t.chunk(3)])
+        assert torch.equal(parts, whole), shape
