@@ -381,3 +381,26 @@ def test_accelerate_ddp_esam_selection_per_rank(tmp_path):
     for p0, p1, q in zip(*ranks, params):
         assert torch.equal(p0, p1)  # the ranks agree bit for bit
         torch.testing.assert_close(p0, q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_pass_batch_cuts_every_batch_tensor_of_a_nested_batch():
+    from collections import namedtuple
+
+    from sparsam.integrations import _take
+
+    Pair = namedtuple("Pair", "y z")
+    x, y, z, w = torch.arange(8.0), torch.arange(8) * 10, torch.ones(8, 2), torch.ones(3)
+    batch = {"x": x, "pair": Pair(y, z), "list": [x, w], "weight": w, "scalar": torch.tensor(2.0), "name": "b"}
+    opt = ScheduledSAM(tiny_net().parameters(), torch.optim.SGD, lr=0.1, ascent_fraction=0.3)
+    assert pass_batch(opt, batch) is batch  # outside the ascent: the whole batch
+    with opt.ascent_pass():
+        cut = pass_batch(opt, batch)  # ceil(0.3 · 8) = 3 samples
+    assert torch.equal(cut["x"], x[:3]) and torch.equal(cut["list"][0], x[:3])
+    assert isinstance(cut["pair"], Pair) and torch.equal(cut["pair"].y, y[:3]) and cut["pair"].z.shape == (3, 2)
+    assert cut["weight"] is w and cut["list"][1] is w and cut["scalar"].shape == () and cut["name"] == "b"
+    picked = _take((x, y), torch.tensor([6, 1, 4]), 0.5)  # ESAM's index first, then the fraction
+    assert torch.equal(picked[0], torch.tensor([6.0, 1.0])) and torch.equal(picked[1], torch.tensor([60, 10]))
+    with pytest.raises(TypeError, match="no tensor"):
+        _take({"name": "b"}, None, 0.5)
+    with pytest.raises(ValueError, match=r"1-D tensor\), got shape \(2, 2\)"):
+        pass_loss(opt, torch.ones(2, 2))

@@ -178,6 +178,8 @@ def _sum_for_selection(losses: Tensor, selected: int, micro_batches: int) -> Ten
 def _split_index(index: Tensor, sizes: list[int]) -> list[Tensor]:
     """ESAM's ``batch_index`` over the concatenation of micro-batches of ``sizes``, as one local
     index per micro-batch."""
+    if len(sizes) == 1:
+        return [index]  # one micro-batch: no host synchronisation
     out, start = [], 0
     index = index.cpu()
     for size in sizes:
