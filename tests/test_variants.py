@@ -176,21 +176,33 @@ def _w0() -> torch.Tensor:
     return torch.cat([quad().w1.detach(), quad().w2.detach()])
 
 
-def test_scheduled_ssam_with_a_partial_mask_and_a_sub_batch_ascent_matches_closed_form():
+def test_scheduled_ssam_with_a_partial_mask_late_start_ramp_and_sub_batch_ascent_matches_closed_form():
     model = quad()
     opt = ScheduledSSAM(
-        model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, model=model, mask=_mask(), every=2, ascent_fraction=0.5
+        model.parameters(),
+        torch.optim.SGD,
+        rho=RHO,
+        lr=LR,
+        model=model,
+        mask=_mask(),
+        every=2,
+        start=0.2,
+        ramp=0.5,
+        total_steps=7,
+        ascent_fraction=0.5,
     )
-    run(opt, model, 6)
-    w = _w0()
-    for t in range(6):
-        if t % 2 == 0:  # e = ρ m ⊙ g / ‖g‖ (norm="full"), g from the first 4 of 8 samples
+    run(opt, model, 7)
+    w, t0, ramp = _w0(), 1, 4  # t0 = round(0.2 · 7), R = round(0.5 · 7)
+    for t in range(7):
+        if t >= t0 and (t - t0) % 2 == 0:  # e = ρ' m ⊙ g / ‖g‖ (norm="full"), g from the first 4 of 8
             g = grad(w, C[:4])
-            w = w - LR * grad(w + RHO * M * g / (g.norm() + EPS), C)
+            rho = RHO * min(1.0, (t - t0 + 1) / ramp)
+            w = w - LR * grad(w + rho * M * g / (g.norm() + EPS), C)
         else:
             w = w - LR * grad(w, C)
     torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
-    assert opt.compute == pytest.approx(3 * 1.5 + 3)
+    assert opt.compute == pytest.approx(3 * 1.5 + 4)
+    assert opt._steps == 3  # SSAM's mask clock counts the perturbing steps only
 
 
 def test_lookssam_with_a_partial_mask_and_a_sub_batch_ascent_matches_the_papers_rule():
