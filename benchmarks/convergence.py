@@ -64,6 +64,14 @@ LABELS = {
 SHORT = {"sgd": "SGD", "sam": "SAM", "ssam-random": "SSAM random", "ssam-fisher": "SSAM-F"}
 # One colour per method family: SGD grey, SAM black, SSAM-F blue, random masks green.
 COLOURS = {"sgd": "#7f7f7f", "sam": "#000000", "ssam-random": "#238b45", "ssam-fisher": "#08519c"}
+# Where the curves coincide (they do here, within the seed spread) the line styles keep each one
+# visible: SGD wide underneath, then narrower solid, dashed and dotted lines on top of it.
+STYLES: dict[str, dict[str, Any]] = {
+    "sgd": {"lw": 5.0, "alpha": 0.5, "marker": "o", "ms": 7},
+    "sam": {"lw": 2.4, "marker": "s", "ms": 4.5},
+    "ssam-random": {"lw": 1.6, "ls": (0, (5, 2)), "marker": "^", "ms": 4},
+    "ssam-fisher": {"lw": 1.4, "ls": (0, (1.5, 1.5)), "marker": "x", "ms": 5},
+}
 SCHEDULES = ("decay", "horizon")
 N_IMAGES = 512
 
@@ -316,10 +324,22 @@ def plot(result: dict[str, Any], out: Path, stem: str = "convergence") -> None:
         "mean": ("mean_grad_norm2", "average over t ≤ T of ‖∇f(w_t)‖²"),
     }
     panels = [(sc, q) for sc in schedules for q in quantities]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    # With SGD among the methods, a second row shows every other method's curve divided by SGD's of
+    # the same seed (same initial point and batches): where the curves coincide on the log axes
+    # above, this is where they can be told apart.
+    with_ratio = any(c["method"] == "sgd" for c in result["curves"])
+    fig, axes = plt.subplots(
+        2 if with_ratio else 1,
+        len(panels),
+        figsize=(4.6 * len(panels), 6.6 if with_ratio else 4.4),
+        squeeze=False,
+        sharex="col",
+        gridspec_kw={"height_ratios": [3, 1.3]} if with_ratio else None,
+    )
     n_seeds = len(result["settings"]["seeds"])
     ref = np.array([math.log(t) / math.sqrt(t) for t in grid])
-    for ax, (schedule, q) in zip(axes[0], panels):
+    for col, (schedule, q) in enumerate(panels):
+        ax = axes[0][col]
         key, ylabel = quantities[q]
         top = 0.0
         slopes: list[tuple[str, str]] = []
@@ -327,13 +347,15 @@ def plot(result: dict[str, Any], out: Path, stem: str = "convergence") -> None:
             cs = [c for c in result["curves"] if c["method"] == method and c["schedule"] == schedule]
             if not cs:
                 continue
+            if with_ratio and method != "sgd":
+                _plot_ratio(axes[1][col], result, schedule, key, method, grid)
             logs = np.log([c[key] for c in cs])
             centre = np.exp(logs.mean(0))
             lo, hi = np.exp(logs.min(0)), np.exp(logs.max(0))
             slope = result["slopes"][schedule][method][q]
-            ax.plot(grid, centre, color=COLOURS[method], lw=1.6, marker="o", ms=3, label=label)
+            ax.plot(grid, centre, color=COLOURS[method], label=label, **STYLES[method])
             slopes.append((f"{SHORT[method]}: {slope:.2f}", COLOURS[method]))
-            ax.fill_between(grid, lo, hi, color=COLOURS[method], alpha=0.18, lw=0)
+            ax.fill_between(grid, lo, hi, color=COLOURS[method], alpha=0.12, lw=0)
             top = max(top, float(hi[0]))
         # The bound's shape, drawn through the highest curve's first point: a curve that stays below it
         # falls at least as fast as log T / √T.
@@ -361,16 +383,23 @@ def plot(result: dict[str, Any], out: Path, stem: str = "convergence") -> None:
         )
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("steps T")
         ax.set_ylabel(ylabel + " (full batch)")
+        if with_ratio:
+            below = axes[1][col]
+            below.axhline(1.0, color=COLOURS["sgd"], lw=3, alpha=0.5)
+            below.set_ylabel("÷ SGD, same seed", fontsize=8.5)
+            below.grid(True, which="major", alpha=0.3)
+            below.set_xlabel("steps T")
+        else:
+            ax.set_xlabel("steps T")
         ax.set_title(f"{'minimum' if q == 'min' else 'average'}; {sched_words[schedule]}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
     # The title states the setting, not a conclusion: what the curves show is read in docs/RESULTS.md.
     how = sched_words[schedules[0]] if len(schedules) == 1 else "η and ρ as in the panel titles"
     fig.suptitle(
         "SGD, SAM and SSAM (random and Fisher masks, 50%): exact full-batch ‖∇f‖² against the number of steps T\n"
-        f"tanh MLP on digits, {how}; line: geometric mean, band: min-max over {n_seeds} seeds; "
-        "slopes: least-squares on log-log axes",
+        f"tanh MLP on digits; {how}\n"
+        f"line: geometric mean, band: min-max over {n_seeds} seeds; slopes: least-squares fits on log-log axes",
         fontsize=9.5,
     )
     legend: dict[str, Any] = {}
@@ -378,10 +407,26 @@ def plot(result: dict[str, Any], out: Path, stem: str = "convergence") -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.90))
+    fig.tight_layout(rect=(0, 0.05 if with_ratio else 0.07, 1, 0.97 if with_ratio else 0.87))
     for ext in ("png", "pdf"):
         fig.savefig(out / f"{stem}.{ext}", dpi=150)
     plt.close(fig)
+
+
+def _plot_ratio(ax: Any, result: dict[str, Any], schedule: str, key: str, method: str, grid: list[int]) -> None:
+    """``method``'s curve divided by SGD's of the same seed: geometric mean line, min-max band."""
+    by_seed = {c["seed"]: c[key] for c in result["curves"] if c["method"] == "sgd" and c["schedule"] == schedule}
+    ratios = [
+        np.asarray(c[key]) / np.asarray(by_seed[c["seed"]])
+        for c in result["curves"]
+        if c["method"] == method and c["schedule"] == schedule and c["seed"] in by_seed
+    ]
+    if not ratios:
+        return
+    logs = np.log(ratios)
+    style = {k: v for k, v in STYLES[method].items() if k != "ms"}
+    ax.plot(grid, np.exp(logs.mean(0)), color=COLOURS[method], ms=3, **{**style, "lw": min(style["lw"], 1.6)})
+    ax.fill_between(grid, np.exp(logs.min(0)), np.exp(logs.max(0)), color=COLOURS[method], alpha=0.12, lw=0)
 
 
 def write_csv(result: dict[str, Any], path: Path) -> None:
