@@ -254,13 +254,7 @@ def fisher_information(
                     fallback(err)
             if out is None:
                 out = torch.cat([forward(theta, x[j : j + 1]) for j in range(x.shape[0])])
-        if out.dim() != 2:
-            raise ValueError(
-                f"true_fisher needs logits of shape (batch, classes), got outputs of shape {tuple(out.shape)}"
-            )
-        sample_device = generator.device if generator is not None else out.device
-        probs = torch.softmax(out.detach().to(sample_device, torch.float64), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
+        return _sampled_labels(out, generator, x.device)
 
     with _norm_mode(model, bn_stats):
         for start in range(0, n_total, chunk_size):
@@ -332,13 +326,7 @@ def _sharded_fisher(
     def labels(x: Tensor) -> Tensor:
         with torch.no_grad():
             out = torch.cat([model(x[j : j + 1]) for j in range(x.shape[0])])
-        if out.dim() != 2:
-            raise ValueError(
-                f"true_fisher needs logits of shape (batch, classes), got outputs of shape {tuple(out.shape)}"
-            )
-        sample_device = generator.device if generator is not None else out.device
-        probs = torch.softmax(out.detach().to(sample_device, torch.float64), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
+        return _sampled_labels(out, generator, x.device)
 
     try:
         for b in buffers:
@@ -492,6 +480,15 @@ class FisherMask(PatternOptions, SeededSource):
             f"true_fisher={self.true_fisher}, bn_stats={self.bn_stats!r}"
             + (f", fill={self.fill!r}" if self.pattern == "structured" else "")
         )
+
+
+def _sampled_labels(out: Tensor, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """The true Fisher's labels: one class per sample drawn from the model's softmax over ``out``."""
+    if out.dim() != 2:
+        raise ValueError(f"true_fisher needs logits of shape (batch, classes), got outputs of shape {tuple(out.shape)}")
+    sample_device = generator.device if generator is not None else out.device
+    probs = torch.softmax(out.detach().to(sample_device, torch.float64), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
 
 
 __all__ = ["FisherMask", "fisher_information"]
