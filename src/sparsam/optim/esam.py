@@ -14,7 +14,7 @@ Settings from the authors' ``run.sh`` for CIFAR-10/100 ResNet-18: β = 0.6, γ =
 lr 0.05, weight decay 1e-3, batch 64 per GPU on 2 GPUs. The paper reports ESAM at about 1.4x the
 base optimizer's cost (SAM: 2x) with accuracy matching or above SAM's.
 
-Differences from the authors' code, on purpose: ``w`` is restored by copy (exact) rather than by
+Differences from the authors' code, on purpose: ``w`` is restored exactly (exchange or copy) rather than by
 subtracting e; B⁺ holds exactly ⌊γ·|B|⌋ samples (the code keeps those strictly above the
 ⌊γ·|B|⌋-th largest, one fewer when there are no ties); the mask of step t+1 is drawn from a seeded
 generator at the end of step t (the code uses Python's ``random``).

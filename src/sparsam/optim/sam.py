@@ -69,7 +69,7 @@ class SAM(Optimizer):
     e   = rho · T² g / (‖T g‖₂ + eps)        ‖·‖₂ over every gradient of every group with rho > 0
     w  ← w + e                                 (the old w is kept in a buffer)
     g' = ∇L_B(w + e)                           (pass 2, "descent")
-    w  ← w                                     (restored by copy: exact, never by subtraction)
+    w  ← w                                     (restored exactly: exchanged back or copied, never by subtraction)
     w  ← base_optimizer.step(w, g')            (SGD, AdamW, ... on the perturbed gradient)
     ```
 
