@@ -118,3 +118,31 @@ def test_a_variant_runs_in_the_engine_without_edits_there(tmp_path, monkeypatch)
     # the train statistics count every sample once: from the one pass, or from the clean (ascent) pass
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["train_samples"] == 256 and rows[0]["step"] == 4
+
+
+def test_one_implementation_of_the_contract_serves_the_engine_and_the_integrations():
+    """The pass helpers live in sparsam.optim.passes (the engine's closure calls them) and
+    sparsam.integrations exports those same functions; --opt sgd's PlainStep implements the contract
+    as a plain pass (the whole batch, the mean of the per-sample losses, nothing recorded)."""
+    import sparsam.integrations as integrations
+    from sparsam.optim import passes
+    from sparsam.train import engine
+    from sparsam.train.build import PlainStep
+
+    for name in ("pass_batch", "pass_loss", "unwrap_optimizer"):
+        assert getattr(integrations, name) is getattr(passes, name)
+    assert engine.pass_batch is passes.pass_batch and engine.pass_loss is passes.pass_loss
+    net, x, y = _net_and_batch()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    plain = PlainStep(sgd)
+    assert isinstance(plain, passes.PassContract)
+    batch = (x, y)
+    assert passes.pass_batch(plain, batch) is batch
+    losses = nn.functional.cross_entropy(net(x), y, reduction="none")
+    assert torch.equal(passes.pass_loss(plain, losses), losses.mean())
+    reduced = losses.mean()
+    assert passes.pass_loss(plain, reduced) is reduced
+    with pytest.raises(TypeError, match="no sparsam SAM/SSAM optimizer found inside SGD"):
+        passes.pass_batch(sgd, batch)
+    with pytest.raises(TypeError, match="inside PlainStep"):
+        passes.unwrap_optimizer(plain)  # the contract, but not a SAM: first_step / second_step are not there

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import _sharded
+from ..optim.passes import pass_batch, pass_loss
 from ..optim.sam import SAM
 from . import distributed as D
 from . import sharding
@@ -128,7 +129,7 @@ def _train(
         raise
     except (ValueError, TypeError) as e:  # the optimizer and mask classes validate their arguments
         raise ConfigError(f"cannot build --opt {cfg.opt}: {e}") from e
-    stepper: Any = opt if isinstance(opt, SAM) else PlainStep(opt, max_grad_norm=cfg.clip)
+    stepper: SAM | PlainStep = opt if isinstance(opt, SAM) else PlainStep(opt, max_grad_norm=cfg.clip)
     sched = build_scheduler(cfg, base_opt, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
@@ -150,26 +151,20 @@ def _train(
         def closure() -> None:  # the optimizer calls it once per pass
             kind = stepper.current_pass
             clean = kind in (None, "ascent")
-            pick = getattr(stepper, "batch_index", None)  # ESAM's data selection (its descent pass)
-            xa, ya = (x, y) if pick is None else (x[pick], y[pick])
-            n = xa.shape[0] if stepper.batch_fraction >= 1 else math.ceil(stepper.batch_fraction * xa.shape[0])
-            xs, ys = (xa[:n].chunk(cfg.accum), ya[:n].chunk(cfg.accum)) if cfg.accum > 1 else ((xa[:n],), (ya[:n],))
-            per_sample = getattr(stepper, "wants_sample_losses", False)  # ESAM: the losses of each sample
+            # This pass's samples (ESAM's data selection, a sub-batch ascent): the closure contract's helpers
+            xa, ya = pass_batch(stepper, (x, y))
+            xs, ys = (xa.chunk(cfg.accum), ya.chunk(cfg.accum)) if cfg.accum > 1 else ((xa,), (ya,))
+            per_sample = stepper.wants_sample_losses  # ESAM: the losses of each sample, recorded by pass_loss
             for j, (xb, yb) in enumerate(zip(xs, ys)):
                 if kind == "measure":  # ESAM: forward only at w + e (under no_grad), per-sample losses
                     with autocast():
-                        stepper.record_sample_losses(sample_loss(forward_model(xb).float(), yb))
+                        pass_loss(stepper, sample_loss(forward_model(xb).float(), yb))
                     continue
                 # DDP all-reduces in the last micro-batch only (SAM's local ascent: not at all, see ascent_pass)
                 with ddp.no_sync() if ddp is not None and j < len(xs) - 1 else nullcontext():
                     with autocast():
                         logits = forward_model(xb)
-                        if per_sample:
-                            losses = sample_loss(logits, yb)
-                            stepper.record_sample_losses(losses)
-                            loss = losses.mean()
-                        else:
-                            loss = criterion(logits, yb)
+                        loss = pass_loss(stepper, sample_loss(logits, yb) if per_sample else criterion(logits, yb))
                     scaler.scale(loss / len(xs)).backward()
                 if clean:
                     sums[0] += loss.detach().float() * yb.shape[0]
