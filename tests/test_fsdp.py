@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsam import SAM, SSAM
-from sparsam.masks import DynamicMask, FisherMask, RandomMask, select
+from sparsam.masks import DynamicMask, FisherMask, NormLayersMask, RandomMask, select
 from sparsam.optim.schedule import ScheduledSAM, ScheduledSSAM
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
@@ -40,6 +40,7 @@ CONFIGS = (
     "ssam-dynamic-random-after-step",
     "sam-schedule",
     "ssam-fraction",
+    "ssam-norm",
 )
 # Fisher samples: the first 2 input features are 0, so the first layer's columns 0 and 1 have zero
 # Fisher information: 14 tied scores. Keeping 103 of the 107 coordinates takes every nonzero score
@@ -47,9 +48,11 @@ CONFIGS = (
 TIES_SPARSITY = 4 / 107
 
 
-def make_model():
+def make_model(config=""):
     torch.manual_seed(0)
     # 7 and 5 rows: shards of unequal size (FSDP2 pads the last one), and a bias of odd length
+    if config == "ssam-norm":  # a LayerNorm (7 = 4 + 3 entries over the ranks) for the norm-layer mask
+        return nn.Sequential(nn.Linear(6, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
 
 
@@ -87,6 +90,8 @@ def make_opt(config, params, model, rank=0):
     kw = {"rho": 0.2, "lr": 0.1, "momentum": 0.9, "model": model}
     if config == "sam-schedule":  # perturbs at steps 1 and 3 (start, every), rho ramped over 2 steps
         return ScheduledSAM(params, torch.optim.SGD, every=2, start=0.25, ramp=0.5, total_steps=STEPS, **kw)
+    if config == "ssam-norm":  # SAM-ON: the LayerNorm's weight and bias only, no scores needed
+        return SSAM(params, torch.optim.SGD, mask=NormLayersMask(), **kw)
     if config == "ssam-fraction":  # pass 1 on the first half of every rank's part of the batch
         mask = RandomMask(0.5, seed=3, update_every=2)
         return ScheduledSSAM(params, torch.optim.SGD, mask=mask, ascent_fraction=0.5, sparse_ascent=False, **kw)
@@ -148,12 +153,12 @@ def run(model, opt, rank=0, world=1, scaler=None):
     return history
 
 
-def sharded_model(bf16=False):
+def sharded_model(bf16=False, config=""):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kw = {"mp_policy": policy} if policy is not None else {}
-    model = make_model()
+    model = make_model(config)  # the LayerNorm of "ssam-norm" is sharded with the root
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, **kw)
@@ -284,7 +289,7 @@ def _worker(rank, world, port, out):
     try:
         result = {}
         for config in CONFIGS:
-            model = sharded_model(bf16=config.endswith("bf16-policy"))
+            model = sharded_model(bf16=config.endswith("bf16-policy"), config=config)
             opt = make_opt(config, model.parameters(), model, rank)
             history = run(model, opt, rank, world, make_scaler(config))
             if config == "ssam-random":
@@ -319,7 +324,7 @@ def ranks(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_two_ranks_equal_one_process(config, ranks):
-    ref = make_model()
+    ref = make_model(config)
     ref_opt = make_opt(config, ref.parameters(), ref)
     history = run(ref, ref_opt, scaler=make_scaler(config))
     if config.endswith("overflow"):  # every step skipped by the scaler: the initial weights
@@ -357,6 +362,10 @@ def test_two_ranks_equal_one_process(config, ranks):
             for masks in history:
                 assert sum(int(m.sum()) for m in masks.values()) == 103
                 assert masks["0.weight"][:5, :2].all() and not masks["0.weight"][5:, :2].any()
+        if config == "ssam-norm":  # all True on the LayerNorm's shards, all False (no mask held) elsewhere
+            for r in (r0, r1):
+                assert set(r["masks"]) == {"1.weight", "1.bias"} and all(m.all() for m in r["masks"].values())
+                assert all(not m.any() for n, m in r["history"][-1].items() if not n.startswith("1."))
     else:
         assert sum(r["backup_bytes"] for r in (r0, r1)) == param_bytes
         assert all(r["backup_bytes"] < param_bytes for r in (r0, r1))

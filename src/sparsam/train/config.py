@@ -588,10 +588,11 @@ def _check_fsdp(cfg: TrainConfig) -> None:
     if cfg.compile:
         raise ConfigError("--fsdp with --compile is not supported (untested); drop one of them")
     if cfg.opt == "ssam":
-        if cfg.mask not in ("random", "fisher", "dynamic"):
+        # Each mask source is enabled here once tests/test_fsdp.py has checked it on sharded parameters.
+        if cfg.mask not in ("random", "fisher", "dynamic", "norm"):
             raise ConfigError(
-                f"--fsdp with --opt ssam supports --mask random, fisher and dynamic, got --mask {cfg.mask} (not "
-                "tested on sharded parameters; use DDP)"
+                f"--fsdp with --opt ssam supports --mask random, fisher, dynamic and norm, got --mask {cfg.mask} "
+                "(not tested on sharded parameters; use DDP)"
             )
         if cfg.mask == "fisher" and cfg.pattern == "structured" and cfg.granularity == "tensor":
             raise ConfigError(
