@@ -21,9 +21,10 @@ the cheaper pass saves when nothing near the input is perturbed (Fisher's tensor
 s=0.9 includes the small early tensors, so its backward still runs to the input).
 
 The cheaper SAMs of docs/variants.md ("SAM every 2", "SAM ascent_fraction 0.25", "LookSAM k=5",
-"ESAM") are driven through ``opt.step(closure)`` with the closure of the pass contract; one round
-times a whole cycle of their schedule (2 steps, 1, 5 and 1) and divides by its length, so "x SAM"
-is the mean cost of a step. Their optimizer-only time is not separable from the passes ("-").
+"LookSSAM k=5", "ESAM") are driven through ``opt.step(closure)`` with the closure of the pass
+contract; one round times a whole cycle of their schedule (2 steps, 1, 5, 5 and 1) and divides by
+its length, so "x SAM" is the mean cost of a step. LookSSAM (``--opt lookssam``, the preset
+lookssam-f) is LookSAM k=5 on the mask of "SSAM unstructured s=0.5" (norm="full", dense pass 1). Their optimizer-only time is not separable from the passes ("-").
 
     python benchmarks/step_cost.py                       # the issue's full matrix (long on a CPU)
     python benchmarks/step_cost.py --models resnet18:16:32 --rounds 5   # a quick look
@@ -152,15 +153,20 @@ def variants(scores: dict[str, torch.Tensor]) -> list[Variant]:
     out.append(
         Variant("SSAM implicit 2:4", ssam(lambda m: select(conv_linear, None, "2:4"), cheap=False, form="implicit"))
     )
-    out += cheap_variants(base_kw)
+    out += cheap_variants(base_kw, scores)
     return out
 
 
-def cheap_variants(base_kw: dict) -> list[Variant]:
+def cheap_variants(base_kw: dict, scores: dict[str, torch.Tensor]) -> list[Variant]:
     """The cheaper SAMs of docs/variants.md, with the settings of their presets."""
     from sparsam.optim.esam import ESAM
-    from sparsam.optim.looksam import LookSAM
+    from sparsam.optim.looksam import LookSAM, LookSSAM
     from sparsam.optim.schedule import ScheduledSAM
+
+    def lookssam(m):  # the preset lookssam-f: SSAM-F's sparsity 0.5, LookSAM's k = 5 (alpha 0.7)
+        opt = LookSSAM(m.parameters(), torch.optim.SGD, rho=0.1, mask=AllOnesMask(), model=m, k=5, **base_kw)
+        opt.set_masks(select(scores, 0.5))
+        return opt
 
     return [
         Variant(
@@ -174,6 +180,7 @@ def cheap_variants(base_kw: dict) -> list[Variant]:
             1,
         ),
         Variant("LookSAM k=5", lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, model=m, k=5, **base_kw), 5),
+        Variant("LookSSAM k=5 s=0.5", lookssam, 5),
         Variant(
             "ESAM beta=0.6 gamma=0.5",
             lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.05, model=m, beta=0.6, gamma=0.5, **base_kw),
