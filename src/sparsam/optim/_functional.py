@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -85,15 +86,15 @@ def norm_terms(
         if adaptive:
             t = torch._foreach_abs(ps)
             torch._foreach_add_(t, eta)
-            xs = torch._foreach_mul(xs, t)
+            xs = list(torch._foreach_mul(xs, t))
         sel = [j for j, i in enumerate(idx) if masks[i] is not None]
+        sel_masks = [cast(Tensor, masks[idx[j]]) for j in sel]
         if sel:
             if not adaptive:  # do not write into the gradients themselves
-                xs = list(xs)
-                for j in sel:
-                    xs[j] = xs[j] * masks[idx[j]]
+                for j, m in zip(sel, sel_masks):
+                    xs[j] = xs[j] * m
             else:
-                torch._foreach_mul_([xs[j] for j in sel], [masks[idx[j]] for j in sel])
+                torch._foreach_mul_([xs[j] for j in sel], sel_masks)
         norms = torch._foreach_norm(xs, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
         for i, n in zip(idx, norms):
             result[i] = n
@@ -170,16 +171,16 @@ def add_perturbation(
             continue
         s = scale.to(device)
         if adaptive:
-            t = torch._foreach_abs(ws)
-            torch._foreach_add_(t, eta)
-            es = torch._foreach_mul(gs, t)
-            torch._foreach_mul_(es, t)
+            ts = torch._foreach_abs(ws)
+            torch._foreach_add_(ts, eta)
+            es = list(torch._foreach_mul(gs, ts))
+            torch._foreach_mul_(es, ts)
             torch._foreach_mul_(es, s)
         else:
-            es = torch._foreach_mul(gs, s)
+            es = list(torch._foreach_mul(gs, s))
         sel = [j for j, i in enumerate(idx) if masks[i] is not None]
         if sel:
-            torch._foreach_mul_([es[j] for j in sel], [masks[idx[j]] for j in sel])
+            torch._foreach_mul_([es[j] for j in sel], [cast(Tensor, masks[idx[j]]) for j in sel])
         torch._foreach_add_(es, ws)  # e + w: IEEE addition commutes, so this is the loop's w + e
         torch._foreach_copy_([dsts[i] for i in idx], es)
 

@@ -18,7 +18,7 @@ k = 5 by the public re-implementations (e.g. Leminhbinh0209/LookSAM's README); t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -152,11 +152,11 @@ class LookSAM(ScheduledSAM):
         params = [p for p in self._gv if p.grad is not None]
         if not params:
             return
-        g = [p.grad for p in params]
+        g = [cast(Tensor, p.grad) for p in params]
         v = [self._gv[p] for p in params]
         scale = self.alpha * _norm(g) / (_norm(v) + self.eps)
-        for p, gv in zip(params, v):
-            p.grad.add_(gv * scale.to(gv.dtype))
+        for gp, gv in zip(g, v):
+            gp.add_(gv * scale.to(gv.dtype))
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:

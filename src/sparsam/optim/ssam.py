@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -279,7 +279,7 @@ class SSAM(SAM):
         with super().ascent_pass():
             if self.form == "implicit":
                 with masked_input_gradients(
-                    self.model,
+                    cast(nn.Module, self.model),  # form="implicit" requires model= (checked in __init__)
                     self._implicit_masks,
                     self._sparse_ok,  # type: ignore[arg-type]
                     layers=self.implicit_layers,
@@ -323,7 +323,7 @@ class SSAM(SAM):
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         model = self.model
         while model is not None and hasattr(model, "no_sync") and hasattr(model, "module"):
-            model = model.module  # mask sources see the plain model, not the DDP wrapper
+            model = cast(nn.Module, model.module)  # mask sources see the plain model, not the DDP wrapper
         return MaskContext(
             params=params,
             model=model,
