@@ -179,8 +179,7 @@ def decode_image(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("L" if im.mode in GRAY_MODES else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"), dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

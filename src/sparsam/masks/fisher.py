@@ -30,9 +30,9 @@ Either way the model's buffers, its train/eval flags (restored on exit, also on 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +109,7 @@ def _take_samples(data: Iterable[Any], num_samples: int, device: torch.device) -
 @contextmanager
 def _norm_mode(model: nn.Module, bn_stats: str) -> Iterator[None]:
     """Set the normalisation layers' behaviour for the Fisher passes; restore flags on exit."""
-    saved: list[tuple[nn.Module, bool, bool]] = []
+    saved: list[tuple[_NormBase, bool, bool]] = []
     try:
         for mod in model.modules():
             if not isinstance(mod, _NormBase) or not mod.track_running_stats or mod.running_mean is None:
@@ -230,7 +230,7 @@ def fisher_information(
         )
 
     def loop_grads(x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        grads = {mn: [] for mn in theta}
+        grads: dict[str, list[Tensor]] = {mn: [] for mn in theta}
         losses = []
         for j in range(x.shape[0]):
             th = {mn: t.clone().requires_grad_(True) for mn, t in theta.items()}
@@ -346,9 +346,9 @@ def _sharded_fisher(
                             f"loss is not finite ({float(loss)}) for sample {start + j} while computing the Fisher"
                         )
                     loss.backward()
-                    for _, mn, p in scored:
-                        if p.grad is not None:
-                            acc[mn].add_(local(p.grad).to(acc_dtype[mn]).square())
+                    for _, mn, sp in scored:
+                        if sp.grad is not None:
+                            acc[mn].add_(local(sp.grad).to(acc_dtype[mn]).square())
                     for p in params:
                         p.grad = None
     finally:
@@ -446,9 +446,9 @@ class FisherMask(PatternOptions, SeededSource):
         if missing:
             raise ValueError(f"FisherMask needs {', '.join(missing)}: pass model=, loss_fn= and data= to the optimizer")
         return fisher_information(
-            ctx.model,
-            ctx.loss_fn,
-            ctx.data,
+            cast(nn.Module, ctx.model),  # not None: checked above
+            cast(Callable[[Tensor, Tensor], Tensor], ctx.loss_fn),
+            cast(Iterable[Any], ctx.data),
             self.num_samples,
             chunk_size=self.chunk_size,
             true_fisher=self.true_fisher,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -41,8 +41,8 @@ def mask_stats(masks: Mapping[str, Tensor], previous: Mapping[str, Tensor] | Non
         for name in list(masks) + [n for n in previous if n not in masks]:
             b = masks.get(name)
             a = previous.get(name)
-            if a is None:
-                union += int(b.count_nonzero())
+            if a is None:  # then the name came from masks: b is a tensor
+                union += int(cast(Tensor, b).count_nonzero())
                 continue
             if b is None:
                 ca = int(a.count_nonzero())
