@@ -248,10 +248,12 @@ def decode_images(files: Sequence[str], *, num_workers: int = 0) -> tuple[np.nda
     if damaged:
         where = os.path.commonpath([os.path.dirname(p) for p, _ in damaged])
         raise DamagedImageError(damaged_message(damaged, where), damaged)
-    return _stack(files, [a for a in decoded if a is not None])
+    return stack_images(files, [a for a in decoded if a is not None])
 
 
-def _stack(files: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+def stack_images(files: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Decoded images (H, W, C arrays of one size, named by ``files``) as one uint8 (N, C, H, W)
+    array, grayscale planes replicated where others are RGB; returns it and how many were converted."""
     if not arrays:
         return np.zeros((0, 1, 0, 0), dtype=np.uint8), 0
     h, w, _ = arrays[0].shape
@@ -394,7 +396,7 @@ def load_image_folder(
         test_labels = [y for y, a in zip(test_labels, decoded[n_train:]) if a is not None]
         files = [f for f, a in zip(files, decoded) if a is not None]
         check_classes(train_dir, class_names, train_labels)
-    images, converted = _stack(files, [a for a in decoded if a is not None])
+    images, converted = stack_images(files, [a for a in decoded if a is not None])
     if converted:
         warnings.warn(
             f"{root} mixes grayscale and colour images: {converted} grayscale images were converted to RGB",

@@ -143,7 +143,14 @@ def _first_image_side(root: str) -> tuple[int, str]:
 def _folder_subset_splits(cfg: TrainConfig) -> Any:
     """An image folder in memory, decoding only the files of the chosen subsets."""
     from ..data.dataset import ArrayDataset, DatasetSplits, channel_stats
-    from ..data.image_folder import _stack, damaged_message, decode_files, find_split_dirs, list_classes, scan_split
+    from ..data.image_folder import (
+        damaged_message,
+        decode_files,
+        find_split_dirs,
+        list_classes,
+        scan_split,
+        stack_images,
+    )
 
     train_dir, test_dir = find_split_dirs(cfg.data)
     classes = list_classes(train_dir)
@@ -176,7 +183,7 @@ def _folder_subset_splits(cfg: TrainConfig) -> Any:
             )
         n_train = len(picked["train"][0])
         files = [f for f, a in zip(files, decoded) if a is not None]
-    images, _ = _stack(files, [a for a in decoded if a is not None])
+    images, _ = stack_images(files, [a for a in decoded if a is not None])
     train = ArrayDataset(torch.from_numpy(images[:n_train].copy()), torch.tensor(picked["train"][1], dtype=torch.int64))
     test = ArrayDataset(torch.from_numpy(images[n_train:].copy()), torch.tensor(picked["test"][1], dtype=torch.int64))
     mean, std = channel_stats(train.images)
