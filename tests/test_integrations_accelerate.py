@@ -308,6 +308,34 @@ def test_ddp_two_processes(tmp_path):
         assert any(not torch.allclose(p, o, rtol=1e-4, atol=1e-5) for p, o in zip(ranks[0], expected[other]))
 
 
+@pytest.mark.parametrize(
+    "kind, version, reason",
+    [
+        ("DEEPSPEED", None, r"engine\.backward and then engine\.step\(\)"),
+        ("MEGATRON_LM", None, r"accelerator\.backward does nothing"),
+        ("FSDP", 1, r"fsdp_version=1 wraps the model in FSDP1.*plain tensors.*fsdp_version=2"),
+        ("FSDP", 2, None),
+    ],
+)
+def test_distributed_types_without_two_passes_are_refused_with_the_reason(kind, version, reason):
+    # These need GPUs (and DeepSpeed / Megatron): the Accelerator's state says which one it runs,
+    # and SAMStep reads it before it touches anything.
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    acc = accelerate.Accelerator(cpu=True)
+    acc.state.distributed_type = DistributedType(kind)
+    if version is not None:
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=version)
+    net = tiny_net(dtype=torch.float32)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    if reason is None:  # FSDP2: DTensor parameters (run on 2 processes in test_integrations_fsdp.py)
+        assert SAMStep(acc, opt, model=net).optimizer is opt
+        return
+    with pytest.raises(ValueError, match=reason):
+        SAMStep(acc, opt, model=net)
+    assert opt.model is None  # nothing was set up
+
+
 def test_a_sequence_changing_variant_runs_without_edits_here():
     """A SAM subclass that runs one pass on odd steps (docs/design.md) works through SAMStep as in a
     plain ``opt.step(closure)`` loop: same passes, same weights."""

@@ -12,6 +12,7 @@ import copy
 import runpy
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning.pytorch")
 
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision  # noqa: E402
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision, FSDPPrecision, MixedPrecision, Precision  # noqa: E402
+from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 
 from sparsam import SAM, SSAM  # noqa: E402
 from sparsam.integrations import unwrap_optimizer  # noqa: E402
@@ -308,6 +310,27 @@ def test_unsupported_precision_plugin_is_refused():
 
     with pytest.raises(ValueError, match="OwnStep"):
         trainer(1, plugins=[OwnStep()]).fit(Net(sam_sgd), loader())
+
+
+@pytest.mark.parametrize(
+    "plugin, reason",
+    [(DeepSpeedPrecision, r"closure once and then deepspeed_engine\.step\(\)"), (FSDPPrecision, "FSDP1.*fully_shard")],
+)
+def test_plugins_that_own_the_step_are_refused_with_the_reason(plugin, reason):
+    module = Net(sam_sgd)
+    before = copy.deepcopy(module.net.state_dict())
+    with pytest.raises(ValueError, match=reason):
+        trainer(1, plugins=[plugin("32-true")]).fit(module, loader())
+    assert all(torch.equal(v, module.net.state_dict()[k]) for k, v in before.items())  # nothing stepped
+
+
+def test_fsdp1_strategy_is_refused_with_the_reason():
+    # Lightning builds an FSDPStrategy Trainer on CUDA only (its accelerator connector refuses
+    # accelerator="cpu"), so the callback's hook gets the two Trainer attributes it reads.
+    module = Net(sam_sgd)
+    stub = SimpleNamespace(optimizers=[sam_sgd(module)], strategy=FSDPStrategy(), accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match="FSDPStrategy.*FSDP1.*plain tensors.*ModelParallelStrategy.*fully_shard"):
+        SAMCallback().on_fit_start(stub, module)
 
 
 # ------------------------------------------------------------------------------- manual optimization

@@ -33,6 +33,13 @@ Why a helper (each point is tested in ``tests/test_integrations_accelerate.py``)
 * Cheaper SAMs (``docs/variants.md``): ``SAMStep`` cuts ``compute_loss``'s tensor arguments to the
   samples of each pass (sub-batch ascent, ESAM's selected samples) and, when ``compute_loss``
   returns per-sample losses, hands them to ESAM's data selection, across the accumulation window.
+* Sharded training: Accelerate's FSDP plugin with ``fsdp_version=2`` (``fully_shard``) works
+  unchanged: ``prepare`` gives the optimizer DTensor parameters, which SAM and SSAM step shard by
+  shard (``docs/scaling.md``), and ``accumulate`` skips the reduce-scatter of the early
+  micro-batches as ``SAMStep`` needs. Refused with an error that says why: ``fsdp_version=1``
+  (FSDP1 hands the optimizer each rank's slice of the flattened parameters as plain tensors, so no
+  rank can form the norm over all shards), DeepSpeed (``accelerator.backward`` takes the engine's
+  optimizer step) and Megatron-LM (``accelerator.backward`` does nothing; the engine runs the step).
 """
 
 from __future__ import annotations
@@ -62,6 +69,39 @@ def _call(
             + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else "")
         )
     return out
+
+
+# Accelerate's distributed types SAMStep cannot run, and why (checked in Accelerate 1.15).
+_REFUSED = {
+    "DEEPSPEED": (
+        "under DeepSpeed, accelerator.backward runs DeepSpeed's engine.backward and then engine.step() (the "
+        "optimizer step, clipping and zero_grad) on every backward that ends an accumulation window, so the "
+        "weights would move after pass 1, before SAM perturbs them"
+    ),
+    "MEGATRON_LM": (
+        "under Megatron-LM, accelerator.backward does nothing (Megatron's engine runs forward, backward and "
+        "the optimizer step in one train_step), so there are no two passes for SAM to drive"
+    ),
+    "FSDP": (
+        "Accelerate's FSDP plugin with fsdp_version=1 wraps the model in FSDP1, which hands the optimizer each "
+        "rank's slice of the flattened parameters as plain tensors, so SAM cannot form the perturbation norm "
+        "over all shards (every rank would perturb with the norm of its own slice) and SSAM cannot choose its "
+        "masks over the full parameters. Use FullyShardedDataParallelPlugin(fsdp_version=2) (FSDP2, "
+        "fully_shard: DTensor parameters, which SAM and SSAM step)"
+    ),
+}
+
+
+def _check_distributed(accelerator: Any) -> None:
+    kind = getattr(accelerator, "distributed_type", None)
+    name = str(getattr(kind, "value", kind))
+    if name == "FSDP" and getattr(accelerator, "is_fsdp2", False):
+        return  # FSDP2: DTensor parameters
+    if name in _REFUSED:
+        raise ValueError(
+            f"SAMStep cannot run SAM here: {_REFUSED[name]}. For sharded training use FSDP2 "
+            "(see docs/frameworks.md and docs/scaling.md)"
+        )
 
 
 class SAMStep:
@@ -103,11 +143,16 @@ class SAMStep:
     Clipping with ``base_step=True``: use ``SAM(max_grad_norm=...)`` (clips the unscaled descent
     gradient right before the base step). ``accelerator.clip_grad_norm_`` would come too late, and
     under fp16 it would unscale the gradients a second time.
+
+    Raises:
+        ValueError: the accelerator runs FSDP1, DeepSpeed or Megatron-LM (the message says why), or
+            ``base_step=False`` with SAM's own ``max_grad_norm``.
     """
 
     def __init__(
         self, accelerator: Any, optimizer: Any, *, model: nn.Module | None = None, base_step: bool = True
     ) -> None:
+        _check_distributed(accelerator)
         self.accelerator = accelerator
         self.optimizer = unwrap_optimizer(optimizer)
         if model is not None:

@@ -55,8 +55,15 @@ weight, in ``tests/test_integrations_lightning.py``):
   optimization.
 
 Supported precision plugins: the plain one (``"32-true"``, ``"64-true"``, ``"16-true"``,
-``"bf16-true"``) and ``MixedPrecision`` (``"16-mixed"``, ``"bf16-mixed"``). Plugins with their own
-optimizer step (DeepSpeed, FSDP, XLA) are refused with an error.
+``"bf16-true"``) and ``MixedPrecision`` (``"16-mixed"``, ``"bf16-mixed"``).
+
+Sharded training: FSDP2 through ``ModelParallelStrategy(data_parallel_size=N,
+tensor_parallel_size=1)``, with ``fully_shard`` applied in ``configure_model``: the parameters the
+optimizer gets are DTensors, which SAM and SSAM step shard by shard with one all-reduce for the
+norm (``docs/scaling.md``; tested with 2 CPU processes in ``tests/test_integrations_fsdp.py``).
+Refused with an error that says why: ``FSDPStrategy`` (FSDP1: the optimizer gets each rank's slice
+of the flattened parameters as plain tensors, so no rank can form the norm over all shards),
+DeepSpeed (its engine takes the optimizer step after one closure call) and XLA (not tested).
 """
 
 from __future__ import annotations
@@ -69,7 +76,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import (
+    DeepSpeedPrecision,
+    FSDPPrecision,
+    MixedPrecision,
+    Precision,
+    XLAPrecision,
+)
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
@@ -83,6 +97,27 @@ __all__ = ["SAMCallback", "in_descent_pass"]
 # Precision plugins whose optimizer_step is one of these are known to be safe to take over.
 _KNOWN_STEPS = (Precision.optimizer_step, MixedPrecision.optimizer_step)
 _MARK = "_sparsam_original_optimizer_step"
+_FSDP1 = (
+    "Lightning's FSDPStrategy is FSDP1: it hands the optimizer each rank's slice of the flattened "
+    "parameters as plain tensors (1-D, some of them empty), so SAM cannot form the perturbation norm over "
+    "all shards (every rank would perturb with the norm of its own slice) and SSAM cannot choose its masks "
+    "over the full parameters. Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and "
+    "apply torch.distributed.fsdp.fully_shard in configure_model (FSDP2: DTensor parameters, which SAM and "
+    "SSAM step; see docs/frameworks.md and docs/scaling.md)"
+)
+# Why a precision plugin with its own optimizer_step cannot be taken over (checked in Lightning 2.6).
+_OWN_STEP = {
+    FSDPPrecision: _FSDP1,
+    DeepSpeedPrecision: (
+        "DeepSpeed's precision plugin calls the closure once and then deepspeed_engine.step(): the engine "
+        "takes the optimizer step itself, with no point between two passes where SAM could perturb the "
+        "weights. For sharded training use FSDP2 (ModelParallelStrategy with fully_shard; docs/scaling.md)"
+    ),
+    XLAPrecision: (
+        "the XLA plugin's optimizer step (gradients all-reduced by xm.reduce_gradients inside the closure, "
+        "then xm.mark_step) has not been tested with SAM"
+    ),
+}
 _DESCENT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -129,6 +164,8 @@ class SAMCallback(Callback):
             rank_zero_warn("SAMCallback: configure_optimizers returned no sparsam SAM/SSAM optimizer; nothing to do")
             return
         _check_accumulation(trainer, pl_module)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(f"SAMCallback cannot drive SAM under {type(trainer.strategy).__name__}. {_FSDP1}")
         self._take_over_step(trainer.strategy.precision_plugin)
         for sam in sams:
             if sam.model is None:
@@ -156,10 +193,10 @@ class SAMCallback(Callback):
         if _MARK in plugin.__dict__:
             return
         if getattr(type(plugin), "optimizer_step", None) not in _KNOWN_STEPS:
+            why = next((r for cls, r in _OWN_STEP.items() if isinstance(plugin, cls)), "it has its own optimizer step")
             raise ValueError(
-                f"SAMCallback cannot drive SAM through the precision plugin {type(plugin).__name__}: it "
-                "has its own optimizer step (DeepSpeed, FSDP and XLA plugins are not supported). Supported: "
-                "precision='32-true', '64-true', '16-true', 'bf16-true', '16-mixed', 'bf16-mixed'"
+                f"SAMCallback cannot drive SAM through the precision plugin {type(plugin).__name__}: {why}. "
+                "Supported: precision='32-true', '64-true', '16-true', 'bf16-true', '16-mixed', 'bf16-mixed'"
             )
         if not callable(getattr(plugin, "_after_closure", None)):
             raise RuntimeError(
