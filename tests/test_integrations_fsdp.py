@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -147,21 +148,37 @@ def _lightning_worker(rank, port, out_dir):
             ds = TensorDataset(x, y)
             return DataLoader(ds, batch_size=PER_RANK, sampler=DistributedSampler(ds, shuffle=False))
 
-    for config in LIGHTNING_CONFIGS:
-        module = Sharded(config)
-        trainer = L.Trainer(
+    def make_trainer(clip=None, checkpoints=False):
+        return L.Trainer(
             accelerator="cpu",
             devices=WORLD,
             strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
             max_steps=STEPS,
-            gradient_clip_val=CLIP if config.endswith("clip") else None,
+            gradient_clip_val=clip,
             callbacks=[SAMCallback()],
             use_distributed_sampler=False,
             logger=False,
-            enable_checkpointing=False,
+            enable_checkpointing=checkpoints,
+            default_root_dir=out_dir,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
+
+    # Resuming is refused with the reason before anything is read (the strategy's checkpoints
+    # cannot carry SAM), and writing checkpoints warns.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            make_trainer(checkpoints=True).fit(Sharded("sam"), ckpt_path=os.path.join(out_dir, "none.ckpt"))
+            refusal = None
+        except ValueError as exc:
+            refusal = str(exc)
+    warned = any("a run cannot resume from them" in str(w.message) for w in caught)
+    torch.save({"refusal": refusal, "warned": warned}, os.path.join(out_dir, f"resume-{rank}.pt"))
+
+    for config in LIGHTNING_CONFIGS:
+        module = Sharded(config)
+        trainer = make_trainer(clip=CLIP if config.endswith("clip") else None)
         trainer.fit(module)
         opt = trainer.optimizers[0]
         params = list(module.net.parameters())
@@ -185,6 +202,10 @@ def test_lightning_model_parallel_strategy_fsdp2(tmp_path):
         check(tmp_path, config)
         got = torch.load(tmp_path / f"{config}-0.pt")
         assert got["sharded"] and got["steps"] == STEPS
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"resume-{rank}.pt")
+        assert "cannot resume SAM" in got["refusal"] and "optimizer.step(closure=None)" in got["refusal"]
+        assert got["warned"] == (rank == 0)  # rank_zero_warn
 
 
 # --------------------------------------------------------------------------- Accelerate, FSDP2

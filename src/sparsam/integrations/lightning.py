@@ -61,6 +61,9 @@ Sharded training: FSDP2 through ``ModelParallelStrategy(data_parallel_size=N,
 tensor_parallel_size=1)``, with ``fully_shard`` applied in ``configure_model``: the parameters the
 optimizer gets are DTensors, which SAM and SSAM step shard by shard with one all-reduce for the
 norm (``docs/scaling.md``; tested with 2 CPU processes in ``tests/test_integrations_fsdp.py``).
+Its checkpoints cannot carry SAM (torch's ``get_optimizer_state_dict`` drops SAM's own state and,
+on loading, calls ``optimizer.step(closure=None)``): the callback warns when checkpointing is on and
+refuses to resume, with that reason; save with ``torch.distributed.checkpoint`` yourself.
 Refused with an error that says why: ``FSDPStrategy`` (FSDP1: the optimizer gets each rank's slice
 of the flattened parameters as plain tensors, so no rank can form the norm over all shards),
 DeepSpeed (its engine takes the optimizer step after one closure call) and XLA (not tested).
@@ -83,7 +86,7 @@ from lightning.pytorch.plugins.precision import (
     Precision,
     XLAPrecision,
 )
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
@@ -104,6 +107,11 @@ _FSDP1 = (
     "over the full parameters. Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and "
     "apply torch.distributed.fsdp.fully_shard in configure_model (FSDP2: DTensor parameters, which SAM and "
     "SSAM step; see docs/frameworks.md and docs/scaling.md)"
+)
+_NO_RESUME = (
+    "the strategy saves and loads the optimizer through torch's get_optimizer_state_dict, which keeps the "
+    "base optimizer's state and param_groups but drops SAM's own entry, and which on loading first fills the "
+    "empty state of the new optimizer by calling optimizer.step(closure=None), a step SAM cannot take"
 )
 # Why a precision plugin with its own optimizer_step cannot be taken over (checked in Lightning 2.6).
 _OWN_STEP = {
@@ -166,6 +174,8 @@ class SAMCallback(Callback):
         _check_accumulation(trainer, pl_module)
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(f"SAMCallback cannot drive SAM under {type(trainer.strategy).__name__}. {_FSDP1}")
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            self._guard_checkpoints(trainer)
         self._take_over_step(trainer.strategy.precision_plugin)
         for sam in sams:
             if sam.model is None:
@@ -214,6 +224,29 @@ class SAMCallback(Callback):
         plugin.__dict__["optimizer_step"] = optimizer_step
         plugin.__dict__[_MARK] = original
         self._patched.append((plugin, ["optimizer_step", _MARK]))
+
+    def _guard_checkpoints(self, trainer: pl.Trainer) -> None:
+        """ModelParallelStrategy's checkpoints cannot carry SAM: warn when they are written, refuse to
+        resume from one (with the reason, instead of SAM's error from inside torch)."""
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if trainer.checkpoint_callbacks:
+            rank_zero_warn(
+                f"SAMCallback: checkpoints written under {name} hold the base optimizer's state but not SAM's "
+                f"own (SSAM's masks and step count), and a run cannot resume from them: {_NO_RESUME}. Pass "
+                "enable_checkpointing=False and save with torch.distributed.checkpoint yourself (docs/scaling.md)"
+            )
+        if "load_checkpoint" in strategy.__dict__:
+            return
+
+        def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
+            raise ValueError(
+                f"SAMCallback cannot resume SAM from a checkpoint under {name}: {_NO_RESUME}. Save and load with "
+                "torch.distributed.checkpoint yourself (docs/scaling.md, docs/frameworks.md)"
+            )
+
+        strategy.__dict__["load_checkpoint"] = load_checkpoint
+        self._patched.append((strategy, ["load_checkpoint"]))
 
     def _hand_data(self, sam: SSAM, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if sam.data is None:
