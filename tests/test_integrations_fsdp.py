@@ -1,8 +1,10 @@
 """SAM and SSAM under the frameworks' FSDP2 paths, 2 gloo processes on the CPU against one process
 running the whole batch: Lightning's ``ModelParallelStrategy`` (``fully_shard`` in
 ``configure_model``) with ``SAMCallback``, and Accelerate's FSDP plugin with ``fsdp_version=2`` with
-``SAMStep``. The FSDP1 paths (Lightning's ``FSDPStrategy``, ``fsdp_version=1``), DeepSpeed and
-Megatron-LM are refused with the reason; those refusals are tested here too."""
+``SAMStep``; and the Lightning strategy's refusal to resume from its checkpoints, which cannot
+carry SAM. The refusals of FSDP1 (Lightning's ``FSDPStrategy``, ``fsdp_version=1``), DeepSpeed,
+Megatron-LM and XLA need GPUs or packages absent here; they are tested in one process in
+``test_integrations_lightning.py`` and ``test_integrations_accelerate.py``."""
 
 from __future__ import annotations
 
