@@ -324,6 +324,17 @@ def test_plugins_that_own_the_step_are_refused_with_the_reason(plugin, reason):
     assert all(torch.equal(v, module.net.state_dict()[k]) for k, v in before.items())  # nothing stepped
 
 
+def test_xla_plugin_is_refused_as_untested():
+    # XLAPrecision cannot be built without torch_xla: an instance without __init__ has its class.
+    from lightning.pytorch.plugins.precision import XLAPrecision
+
+    module = Net(sam_sgd)
+    strategy = SimpleNamespace(precision_plugin=XLAPrecision.__new__(XLAPrecision))
+    stub = SimpleNamespace(optimizers=[sam_sgd(module)], strategy=strategy, accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match="XLAPrecision: the XLA plugin's optimizer step.*has not been tested"):
+        SAMCallback().on_fit_start(stub, module)
+
+
 def test_fsdp1_strategy_is_refused_with_the_reason():
     # Lightning builds an FSDPStrategy Trainer on CUDA only (its accelerator connector refuses
     # accelerator="cpu"), so the callback's hook gets the two Trainer attributes it reads.
