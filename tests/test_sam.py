@@ -314,6 +314,54 @@ def test_exchange_keeps_the_parameter_object_and_its_storage_outside_the_step():
     assert [p.data_ptr() for p in params] == ptrs and all(torch.equal(p, q) for p, q in zip(params, w))
 
 
+class _AliasedWeight(nn.Module):
+    # a buffer holding the weight's storage (as a cached view would): it must read w + e in pass 2
+    def __init__(self, alias: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(5, 3).double()
+        self.alias = alias
+        if alias:
+            self.register_buffer("w_alias", self.lin.weight.data)
+
+    def forward(self, x):
+        w = self.w_alias if self.alias else self.lin.weight.detach()  # no gradient through either
+        return x[:, :5] @ w.t() + self.lin(x[:, :5])
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_tensor_sharing_the_weights_storage_sees_w_plus_e_in_pass_2(exchange):
+    # Reference: the same function reading the weight itself (detached) instead of the alias.
+    x, y = tiny_data(n=8)
+    runs = []
+    for alias in (True, False):
+        model = _AliasedWeight(alias)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, exchange=exchange)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(make_closure(model, x, y))
+        runs.append(model)
+    assert params_equal(*runs)
+    assert runs[0].w_alias.data_ptr() == runs[0].lin.weight.data_ptr()
+
+
+def test_a_parameter_listed_twice_in_a_group_is_restored():
+    # torch only warns about a duplicate within a group; exchanging it twice would lose w
+    x, y = tiny_data(n=8)
+    runs = []
+    for exchange in (True, False):
+        model = tiny_net()
+        w = [p.detach().clone() for p in model.parameters()]
+        params = list(model.parameters())
+        with pytest.warns(UserWarning, match="duplicate"):
+            opt = SAM([params[0], *params], torch.optim.SGD, rho=0.5, lr=0.0, exchange=exchange)
+        opt.step(make_closure(model, x, y))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))  # lr = 0: back at w
+        opt.step(make_closure(model, x, y))
+        runs.append(model)
+    assert params_equal(*runs)
+
+
 def test_views_into_a_flat_buffer_are_copied_not_exchanged():
     # Parameters that are views of one flat buffer (as flat-parameter wrappers make them): whoever
     # reads the buffer must see w + e in pass 2, so these are perturbed in place and copied back.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, cast
@@ -34,6 +35,20 @@ _PER_COORDINATE = frozenset(
         "ax",
     }
 )
+
+
+# torch's count of the tensors holding a storage (private; without it nothing is exchanged).
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _storage_shared(p: Tensor) -> bool:
+    """Whether a tensor other than ``p`` holds ``p``'s storage (a buffer or attribute aliasing the
+    weight, a kept ``state_dict()``, a view): after an exchange it would still read ``w`` in pass 2
+    where the copy path gives it ``w + e``, so such a parameter is copied, not exchanged."""
+    if _STORAGE_USE_COUNT is None:
+        return True
+    # p's own reference and the temporary storage object made here: 2 when nothing else holds it
+    return bool(_STORAGE_USE_COUNT(p.untyped_storage()._cdata) > 2)
 
 
 def _exchange(p: Tensor, other: Tensor) -> Tensor:
@@ -101,7 +116,8 @@ class SAM(Optimizer):
             unscaling under a GradScaler) right before the base step. Clipping the ascent
             gradient would not change ``e`` (it is normalised), so it is not done.
         exchange: where a parameter owns its storage (a plain tensor, not a view into a larger
-            buffer and not a tensor subclass such as FSDP2's DTensor), write ``w + e`` into the
+            buffer, not a tensor subclass such as FSDP2's DTensor, and no other tensor holds its
+            storage, as a buffer aliasing the weight would), write ``w + e`` into the
             spare buffer and exchange the two storages for pass 2 (``p.data``), so ``w`` is never
             copied and the restore is an exchange back: exact, and about half the optimizer's
             extra memory traffic (``docs/benchmarks.md``). ``False`` copies ``w`` and copies it
@@ -389,7 +405,10 @@ class SAM(Optimizer):
                 if self._found_inf is not None:  # non-finite ascent gradient: e = 0 (no host sync)
                     scale = torch.where(self._found_inf.to(scale.device) > 0, torch.zeros_like(scale), scale)
                 spares = [self._backup_for(p) for p in ps]
-                swap = [o and self._exchangeable(p, b) for p, b, o in zip(ps, spares, owned)]
+                # A parameter listed twice in a group (torch only warns) is copied: a second
+                # exchange would hand it the spare again and lose w.
+                once = Counter(map(id, ps))
+                swap = [o and once[id(p)] == 1 and self._exchangeable(p, b) for p, b, o in zip(ps, spares, owned)]
                 # Exchanged: w + e is written into the spare, w stays in place. Copied: w goes into
                 # the spare and w + e is written over it.
                 F.copy_(
@@ -591,6 +610,7 @@ class SAM(Optimizer):
             # owns all of its storage: not a view into a flat buffer that a wrapper reads instead
             and p.untyped_storage().nbytes() == p.numel() * p.element_size()
             and spare.stride() == p.stride()
+            and not _storage_shared(p)
         )
 
     def _backup_for(self, p: Tensor) -> Tensor:
