@@ -362,6 +362,26 @@ def test_a_parameter_listed_twice_in_a_group_is_restored():
     assert params_equal(*runs)
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_masks_cannot_change_between_the_two_steps(exchange):
+    # a mask leaving a parameter out used to drop its kept w: restore() then failed with w lost
+    model = tiny_net()
+    x, y = tiny_data()
+    opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, mask=RandomMask(0.5, seed=1), exchange=exchange)
+    opt.init_masks()
+    w = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    only_first = {next(iter(opt.masks)): torch.ones_like(next(iter(opt.masks.values())))}
+    with pytest.raises(RuntimeError, match="masks cannot change between first_step"):
+        opt.set_masks(only_first)
+    with pytest.raises(RuntimeError, match="masks cannot change between first_step"):
+        opt.init_masks()
+    assert opt.restore() is True
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    opt.set_masks(only_first)  # between steps it is fine
+
+
 def test_views_into_a_flat_buffer_are_copied_not_exchanged():
     # Parameters that are views of one flat buffer (as flat-parameter wrappers make them): whoever
     # reads the buffer must see w + e in pass 2, so these are perturbed in place and copied back.

@@ -227,6 +227,11 @@ class SSAM(SAM):
         self._install(new)
 
     def _install(self, new: dict[Tensor, Tensor]) -> None:
+        if self._in_perturbation:  # the restore needs the perturbed parameters' kept w
+            raise RuntimeError(
+                "the masks cannot change between first_step() and second_step(): the weights are at w + e; "
+                "call second_step() or restore() first"
+            )
         kinds: dict[Tensor, int] = {}
         for p, m in new.items():
             # Classifying a mask reads two booleans back to the host; this happens only when masks
