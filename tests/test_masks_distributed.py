@@ -158,3 +158,43 @@ def test_row_means_of_a_shard_are_those_of_the_whole_tensor():
         whole = _unit_means(t, "channel")
         parts = torch.cat([_unit_means(p, "channel") for p in t.chunk(3)])
         assert torch.equal(parts, whole), shape
+
+
+@pytest.mark.parametrize("world", [4, 6])
+def test_more_ranks_than_rows(world):
+    # ranks past a segment's last chunk hold nothing of it (torch.chunk of 3 rows over 4 or 6 ranks)
+    g = torch.Generator().manual_seed(4)
+    segs = [torch.randn(n, generator=g) for n in (3, 1, 2, 0, 5)]
+    total = sum(s.numel() for s in segs)
+    for k in range(total + 1):
+        sharded_vs_reference(segs, [0] * len(segs), [k], world)
+    sharded_vs_reference(segs, [0, 1, 1, 2, 0], [4, 1, 0], world)
+    sharded_vs_reference(segs, [0, 1, 1, 2, 0], [8, 3, 0], world, largest=False)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_all_equal_scores_keep_the_first_k_positions(world):
+    for value in (0.0, -0.0, 2.5, -7.0, float("inf"), -float("inf")):
+        segs = [torch.full((n,), value) for n in (4, 7, 1)]
+        for k in (0, 1, 5, 11, 12):
+            sharded_vs_reference(segs, [0, 0, 0], [k], world)
+            sharded_vs_reference(segs, [0, 0, 0], [k], world, largest=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_extreme_values_and_low_precision_scores(dtype):
+    # ±inf, ±0, the smallest subnormals, the largest finite numbers and negative scores, in the
+    # scores' own dtype: the same keep masks as one process on the whole scores
+    fi = torch.finfo(dtype)
+    special = torch.tensor(
+        [float("inf"), -float("inf"), 0.0, -0.0, fi.tiny, -fi.tiny, fi.max, -fi.max, fi.smallest_normal / 4, 1.0],
+        dtype=dtype,
+    )
+    g = torch.Generator().manual_seed(5)
+    noise = (torch.randn(40, generator=g, dtype=torch.float64) * 3).to(dtype)  # many ties in 16-bit
+    segs = [torch.cat([special[:5], noise[:20]]), special[5:], -noise[20:].abs()]
+    total = sum(s.numel() for s in segs)
+    for world in (2, 3):
+        for k in (1, 3, 10, 25, total - 2, total):
+            sharded_vs_reference(segs, [0, 0, 0], [k], world)
+            sharded_vs_reference(segs, [0, 0, 0], [k], world, largest=False)
