@@ -402,5 +402,12 @@ def test_pass_batch_cuts_every_batch_tensor_of_a_nested_batch():
     assert torch.equal(picked[0], torch.tensor([6.0, 1.0])) and torch.equal(picked[1], torch.tensor([60, 10]))
     with pytest.raises(TypeError, match="no tensor"):
         _take({"name": "b"}, None, 0.5)
+    # dict subclasses keep their type: a defaultdict (whose constructor takes its factory first)
+    from collections import OrderedDict, defaultdict
+
+    dd = defaultdict(list, {"x": x, "y": y})
+    cut = _take(dd, None, 0.5)
+    assert type(cut) is defaultdict and cut.default_factory is list and torch.equal(cut["y"], y[:4])
+    assert type(_take(OrderedDict(x=x), None, 0.5)) is OrderedDict
     with pytest.raises(ValueError, match=r"1-D tensor\), got shape \(2, 2\)"):
         pass_loss(opt, torch.ones(2, 2))

@@ -10,6 +10,7 @@ implementation: the engine of ``sparsam train`` and every framework integration 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -125,6 +126,8 @@ def _take(batch: Any, index: Tensor | None = None, fraction: float = 1.0, *, n: 
             return t[:keep] if keep < m else t
         if isinstance(t, Mapping):
             d = {k: cut(v) for k, v in t.items()}
+            if isinstance(t, defaultdict):  # its constructor takes the default factory first
+                return type(t)(t.default_factory, d)
             return d if type(t) is dict else type(t)(d)  # type: ignore[call-arg]
         if isinstance(t, tuple):
             parts = [cut(v) for v in t]
