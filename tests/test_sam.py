@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -380,6 +381,36 @@ def test_masks_cannot_change_between_the_two_steps(exchange):
     assert opt.restore() is True
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
     opt.set_masks(only_first)  # between steps it is fine
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_step_inside_one_autocast_region_runs_pass_2_at_w_plus_e(exchange):
+    # autocast caches its bfloat16 casts of the weights per parameter until its region ends: a
+    # whole step inside one region used to run pass 2 on the cast of w (SAM became SGD)
+    x, y = tiny_data(dtype=torch.float32)
+
+    def run(outer):
+        model = tiny_net(dtype=torch.float32)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, exchange=exchange)
+        grads = []
+
+        def closure():
+            with nullcontext() if outer else torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            grads.append(model[0].weight.grad.clone())
+            return loss
+
+        with torch.autocast("cpu", dtype=torch.bfloat16) if outer else nullcontext():
+            for _ in range(3):
+                opt.zero_grad()
+                opt.step(closure)
+        return model, grads
+
+    (inner, g_in), (outer, g_out) = run(False), run(True)
+    assert not torch.equal(g_in[0], g_in[1])  # pass 2's gradient is another one
+    assert all(torch.equal(a, b) for a, b in zip(g_in, g_out))
+    assert params_equal(inner, outer)
 
 
 def test_views_into_a_flat_buffer_are_copied_not_exchanged():

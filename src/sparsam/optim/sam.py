@@ -149,7 +149,9 @@ class SAM(Optimizer):
     itself and, if it is not finite, perturbs nothing; ``second_step`` then makes the scaler skip
     the base step (weights, momentum and Adam moments stay exactly as before) and ``update()``
     lowers the scale as usual. No host synchronisation happens inside ``first_step``; the
-    scaler's own ``step`` synchronises once, as for any optimizer.
+    scaler's own ``step`` synchronises once, as for any optimizer. A whole step may run inside one
+    ``torch.autocast`` region: the region's cache of low-precision weight casts is cleared after
+    the perturbation and after the restore, so pass 2 casts ``w + e``.
 
     Order inside one step: pass 1 → [unscale] → perturb → pass 2 → restore → [unscale → clip] →
     base step. Call an LR scheduler after the whole step, as for any optimizer.
@@ -424,6 +426,9 @@ class SAM(Optimizer):
                 exchanged += swap
         self._perturbed = perturbed
         self._exchanged = exchanged
+        # A step run inside one autocast region: its cache of low-precision casts of the weights
+        # (keyed by the parameter, not its values) still holds w's, so pass 2 would run at w.
+        torch.clear_autocast_cache()
         self._in_perturbation = True
         self._compute += self._pass_cost("ascent")
         if zero_grad:
@@ -600,6 +605,7 @@ class SAM(Optimizer):
             if x:
                 self._backup[p] = _exchange(p, self._backup[p])
         self._perturbed, self._exchanged = [], []
+        torch.clear_autocast_cache()  # the casts of w + e (see first_step)
 
     def _exchangeable(self, p: Tensor, spare: Tensor) -> bool:
         """Whether pass 2 may run on ``spare``'s storage exchanged into ``p`` (see ``exchange``)."""
