@@ -267,6 +267,24 @@ def test_fused_cpu_kernel_matches_generic_kernels(adaptive, masked, monkeypatch)
         torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_cpu_kernel_scales_low_precision_by_the_exact_scale(dtype, masked, monkeypatch):
+    # w = 0: dst = e = scale · g, rounded once from the float32 product (as the generic kernels
+    # round it); torch.add's alpha was rounded to the tensor's dtype first, biasing every e
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(dtype)
+    scale = torch.tensor(0.0123456789, dtype=torch.float32)
+    mask = torch.ones(4096, dtype=torch.bool) if masked else None
+    expected = (scale * g.float()).to(dtype)
+    for fused in (True, False):
+        monkeypatch.setattr(functional, "FUSED_CPU", fused)
+        d = torch.empty_like(g)
+        functional.add_perturbation(
+            [torch.zeros_like(g)], [g], [mask], [d], scale, adaptive=False, eta=0.01, foreach=True
+        )
+        assert torch.equal(d, expected), fused
+
+
 @pytest.mark.parametrize("kind", ["sam", "asam", "ssam"])
 def test_exchanged_storage_equals_copy_back_bitwise(kind):
     # exchange=True writes w + e into the spare buffer and swaps storages; exchange=False copies w

@@ -13,8 +13,9 @@ parameter's storage must stay in place (FSDP2 shards, views into a flat buffer),
 
 On the CPU, where PyTorch has no multi-tensor kernels (``_foreach_*`` loops over tensors there),
 ``add_perturbation`` runs one fused kernel per tensor (``add`` with ``alpha``, or ``addcmul``
-with the mask), reading the scale as a Python number (a CPU tensor: no device synchronisation)
-and writing no temporary. Counted in reads and writes of a weight-sized tensor, SAM's extra work
+with the mask; float16/bfloat16 always ``addcmul``, whose scale is not rounded to the dtype),
+reading the scale as a Python number (a CPU tensor: no device synchronisation) and writing no
+temporary. Counted in reads and writes of a weight-sized tensor, SAM's extra work
 is then 4 with the exchange (norm: read g; perturb: read w and g, write w + e) and 8 with the
 copy (+ copy w, + copy it back), against 10 and a fresh temporary for the generic kernels. The
 fused result equals the generic one to rounding (a fused multiply-add rounds once where the
@@ -210,6 +211,10 @@ def _add_perturbation_cpu(
             if mu8 is not None:
                 t.mul_(mu8)
             torch.addcmul(w, g, t, value=s, out=d)
+        elif mu8 is None and w.dtype in _LOW_PRECISION:
+            # add's alpha is rounded to float16/bfloat16 first (a bias of up to 2⁻⁹ on every e of
+            # the tensor); addcmul's value is not
+            torch.addcmul(w, g, torch.ones((), dtype=w.dtype), value=s, out=d)
         elif mu8 is None:
             torch.add(w, g, alpha=s, out=d)
         else:
