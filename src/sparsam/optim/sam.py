@@ -775,11 +775,6 @@ class SAM(Optimizer):
             raise RuntimeError(
                 "load_state_dict() between first_step() and second_step(): finish the step or restore() first"
             )
-        if self._in_perturbation:
-            raise RuntimeError(
-                "load_state_dict() between first_step() and second_step(): the weights are at w + e; "
-                "call second_step() or restore() first"
-            )
         sd = dict(state_dict)
         extra = sd.pop("sparsam", None)
         if extra is not None:
