@@ -817,3 +817,23 @@ def test_bad_mask_leaves_existing_masks_in_place():
     with pytest.raises(ValueError):
         opt.set_masks({"0.weight": torch.ones(8, 6, dtype=torch.bool), "0.bias": torch.ones(2, dtype=torch.bool)})
     assert opt.masks.keys() == before.keys() and all(torch.equal(opt.masks[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_cpu_step_allocates_no_weight_sized_temporary(exchange):
+    # Issue 15 point 7: after the first step has made the spare buffers, SAM's first_step +
+    # second_step write w + e without temporaries (the old kernels allocated e every step).
+    # Allocations are counted by the profiler, not timed.
+    from torch.profiler import ProfilerActivity, profile
+
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, exchange=exchange)
+    opt.first_step()
+    opt.second_step()  # makes the spare buffers and the momentum buffers
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.first_step()
+        opt.second_step()
+    largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert largest < 64 * 10 * 4  # smaller than the smallest weight matrix: scalars only
