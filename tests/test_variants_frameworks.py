@@ -83,7 +83,6 @@ def same(a, b):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_lightning_trainer_equals_the_closure_loop(name):
     L = pytest.importorskip("lightning.pytorch")
-    from sparsam.integrations.lightning import SAMCallback
 
     class Net(L.LightningModule):
         def __init__(self):
@@ -100,20 +99,7 @@ def test_lightning_trainer_equals_the_closure_loop(name):
 
     module = Net()
     ref, ref_opt = reference(module.net, VARIANTS[name])
-    t = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[SAMCallback()],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t.fit(module, loader())
+    t = _fit(module)
     same(module.net, ref)
     assert t.global_step == STEPS
     assert t.optimizers[0].compute == ref_opt.compute
