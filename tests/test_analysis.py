@@ -597,3 +597,22 @@ def test_bad_input_raises_value_error_naming_the_value(call, match):
 def test_a_single_pair_is_one_batch():
     model, data = _mlp_data()
     assert A.mean_loss(model, F.cross_entropy, data[0]) == A.mean_loss(model, F.cross_entropy, data)
+
+
+def test_landscapes_inside_an_autocast_region_see_each_point():
+    # autocast caches the low-precision cast of each weight for the whole region, keyed by the
+    # tensor: without clearing it after each in-place change every point was evaluated at w0
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    b = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 8), torch.arange(32) % 3
+    data = [(x, y)]
+    plain = A.linear_interpolation(a, F.cross_entropy, data, a.state_dict(), b.state_dict(), alphas=[0.0, 1.0])
+    plain_1d = A.loss_landscape_1d(a, F.cross_entropy, data, alphas=[0.0, 1.0], generator=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a(x)  # a forward in the region fills the cache with the casts of a's weights
+        auto = A.linear_interpolation(a, F.cross_entropy, data, a.state_dict(), b.state_dict(), alphas=[0.0, 1.0])
+        auto_1d = A.loss_landscape_1d(a, F.cross_entropy, data, alphas=[0.0, 1.0], generator=0)
+    for p, q in ((plain["losses"], auto["losses"]), (plain_1d["losses"], auto_1d["losses"])):
+        assert p[0] != pytest.approx(p[1], abs=1e-2)  # the two points differ ...
+        assert q == pytest.approx(p, abs=2e-2)  # ... and so they do under bf16 autocast

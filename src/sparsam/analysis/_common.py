@@ -341,6 +341,7 @@ class WeightGuard:
         with torch.no_grad():
             for p, s in zip(self.params, self.saved):
                 p.copy_(s)
+        weights_changed()
 
     def set(self, *terms: tuple[float, Sequence[Tensor]]) -> None:
         """Set the weights in place to ``w0 + sum_i c_i d_i`` for ``terms = ((c_1, d_1), ...)``,
@@ -351,3 +352,11 @@ class WeightGuard:
                 for coeff, direction in terms:
                     if coeff != 0.0:
                         p.add_(direction[j].to(p.dtype), alpha=coeff)
+        weights_changed()
+
+
+def weights_changed() -> None:
+    """Call after changing weights in place: inside a ``torch.autocast`` region the next forward
+    would otherwise reuse autocast's cached low-precision casts of the old values (the cache is
+    keyed by the tensor, not its contents), and every point would be evaluated at the first."""
+    torch.clear_autocast_cache()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import GeneratorLike, LossFn, Objective, WeightGuard, make_generator, resolve_params
+from ._common import GeneratorLike, LossFn, Objective, WeightGuard, make_generator, resolve_params, weights_changed
 
 __all__ = [
     "filter_normalize",
@@ -289,5 +289,6 @@ def linear_interpolation(
                 for t, x0, x1 in zip(tensors, theta0, theta1):
                     # torch.lerp: x0 + a (x1 - x0), exactly x0 at a = 0
                     t.copy_(torch.lerp(x0, x1, a))
+            weights_changed()
             losses.append(obj.loss())
     return {"alphas": grid, "losses": losses}
