@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 
 import pytest
@@ -20,7 +21,8 @@ from sparsam import SAM, SSAM
 from sparsam.integrations.transformers import SPARSAM_STATE_NAME, SAMTrainer
 from sparsam.masks import DynamicMask, FisherMask, RandomMask
 from sparsam.optim.esam import ESAM
-from sparsam.optim.looksam import LookSAM
+from sparsam.optim.looksam import LookSAM, LookSSAM
+from sparsam.optim.schedule import ScheduledSAM
 
 BATCH, ACCUM, SEQ, VOCAB = 4, 2, 8, 40
 
@@ -300,6 +302,55 @@ def test_looksam_reuse_steps_and_sub_batch_ascent_through_the_trainer(tmp_path):
     trainer.train()
     assert_close(model, ref)
     assert trainer.sam_optimizer.compute == sam.compute == 1.5 + 1 + 1.5
+
+
+CHEAPER = {
+    # every 2nd step without ascent, and the ascent on the first half of each micro-batch
+    "every2-asc": lambda base, **kw: ScheduledSAM(base, rho=0.1, every=2, ascent_fraction=0.5, **kw),
+    "lookssam": lambda base, **kw: LookSSAM(base, rho=0.1, k=2, mask=RandomMask(0.5, seed=3), **kw),
+    "esam-swp": lambda base, **kw: ESAM(base, rho=0.1, beta=0.6, gamma=1.0, seed=3, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHEAPER))
+def test_cheaper_sams_through_the_trainer_equal_their_own_step(name, tmp_path):
+    """A schedule with sub-batch ascent, LookSSAM and ESAM's random weight subsets (gamma = 1)
+    under the Trainer (2 micro-batches of 4 per step, 4 steps) against the variant's own
+    ``step(closure)`` in a hand-written loop: its ``max_grad_norm`` is the Trainer's clip of the
+    descent gradient, and the closure cuts each micro-batch to ``ceil(batch_fraction · 4)``."""
+    steps = 4
+    model, data = tiny_bert(), cls_data(steps * BATCH * ACCUM)
+    ref = copy.deepcopy(model)
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, ref))
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay]}, {"params": [p for n, p in named if n not in decay]}]
+    sam = CHEAPER[name](torch.optim.SGD(groups, lr=0.05, momentum=0.9), max_grad_norm=0.5)
+    sam.model = ref
+    sched = torch.optim.lr_scheduler.LambdaLR(sam.base_optimizer, lambda t: max(0.0, (steps - t) / steps))
+    ref.train()
+    for window in batches(data, steps):
+
+        def closure(window=window):
+            n = math.ceil(sam.batch_fraction * BATCH)
+            for loss in window_loss(ref, [{k: v[:n] for k, v in mb.items()} for mb in window]):
+                loss.backward()
+
+        sam.zero_grad()
+        sam.step(closure)
+        sched.step()
+    trainer = SAMTrainer(
+        model=model, args=args(tmp_path, max_steps=steps), train_dataset=data, sam=lambda base: CHEAPER[name](base)
+    )
+    trainer.train()
+    assert trainer.state.global_step == steps
+    assert_close(model, ref)
+    ours = trainer.sam_optimizer
+    assert type(ours) is type(sam) and ours.compute == pytest.approx(sam.compute)
+    if name != "esam-swp":  # ESAM's saving with gamma = 1 is in the weights, not in the passes it counts
+        assert ours.compute < 2 * steps
+    if name == "lookssam":
+        assert ours.masks.keys() == sam.masks.keys() and ours.masks
+        assert all(torch.equal(ours.masks[k], sam.masks[k]) for k in ours.masks)
 
 
 def test_esam_data_selection_needs_sample_loss(tmp_path):
