@@ -299,6 +299,42 @@ def test_accelerate_schedule_and_sub_batch_ascent_with_accumulation(name, fresh_
     assert opt.steps == 4
 
 
+def esam_ddp_reference(net, steps=3, world=2, batch=4):
+    """ESAM (rho = 0.5, gamma = 0.5, every weight) with SGD (lr = 0.5) on ``world`` DDP ranks,
+    written out in one process: rank r reads samples r, r + world, ... (no shuffling), perturbs with
+    its own gradient (ascent="local"), keeps the batch/2 samples whose loss rose most, and the
+    descent gradients are averaged over the ranks. Returns ``net``'s parameters after the steps."""
+    params = list(net.parameters())
+    x, y = tiny_data(n=32, dtype=torch.float32)
+
+    def grads(xb, yb):
+        net.zero_grad()
+        F.cross_entropy(net(xb), yb).backward()
+        return [p.grad.clone() for p in params]
+
+    for s in range(steps):
+        descent = []
+        for r in range(world):
+            i = [r + world * (batch * s + j) for j in range(batch)]
+            g = grads(x[i], y[i])
+            w = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                before = F.cross_entropy(net(x[i]), y[i], reduction="none")
+                norm = torch.sqrt(sum((v**2).sum() for v in g))
+                for p, v in zip(params, g):
+                    p.add_(0.5 * v / (norm + 1e-12))
+                after = F.cross_entropy(net(x[i]), y[i], reduction="none")
+            keep = torch.tensor(i)[torch.topk(after - before, batch // 2).indices.sort().values]
+            descent.append(grads(x[keep], y[keep]))
+            with torch.no_grad():
+                for p, v in zip(params, w):
+                    p.copy_(v)
+        with torch.no_grad():
+            for p, gs in zip(params, zip(*descent)):
+                p.sub_(0.5 * sum(gs) / world)
+    return params
+
+
 def _esam_ddp_worker(rank, world, port, out_dir):
     import os
 
@@ -333,40 +369,69 @@ def test_accelerate_ddp_esam_selection_per_rank(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torch.multiprocessing.spawn(_esam_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    # the reference, written out in one process
-    net = tiny_net(dtype=torch.float32)
-    params = list(net.parameters())
-    x, y = tiny_data(n=32, dtype=torch.float32)
-
-    def grads(xb, yb):
-        net.zero_grad()
-        F.cross_entropy(net(xb), yb).backward()
-        return [p.grad.clone() for p in params]
-
-    for s in range(3):
-        descent = []
-        for r in range(2):
-            i = [r + 2 * (4 * s + j) for j in range(4)]
-            g = grads(x[i], y[i])
-            w = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                before = F.cross_entropy(net(x[i]), y[i], reduction="none")
-                norm = torch.sqrt(sum((v**2).sum() for v in g))
-                for p, v in zip(params, g):
-                    p.add_(0.5 * v / (norm + 1e-12))
-                after = F.cross_entropy(net(x[i]), y[i], reduction="none")
-            keep = torch.tensor(i)[torch.topk(after - before, 2).indices.sort().values]
-            descent.append(grads(x[keep], y[keep]))
-            with torch.no_grad():
-                for p, v in zip(params, w):
-                    p.copy_(v)
-        with torch.no_grad():
-            for p, gs in zip(params, zip(*descent)):
-                p.sub_(0.5 * sum(gs) / 2)
+    params = esam_ddp_reference(tiny_net(dtype=torch.float32))
     ranks = [torch.load(tmp_path / f"esam-{r}.pt") for r in range(2)]
     for p0, p1, q in zip(*ranks, params):
         assert torch.equal(p0, p1)  # the ranks agree bit for bit
         torch.testing.assert_close(p0, q.detach(), rtol=1e-5, atol=1e-6)
+
+
+try:
+    import lightning.pytorch as _L
+except ImportError:  # the Lightning tests skip
+    _L = None
+
+if _L is not None:
+
+    class _ESAMDDPModule(_L.LightningModule):
+        """ESAM's data selection in automatic optimization; at module level so ddp_spawn can pickle it."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net(dtype=torch.float32)
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = pass_batch(opt, batch)
+            return pass_loss(opt, F.cross_entropy(self.net(x), y, reduction="none"))
+
+        def configure_optimizers(self):
+            return ESAM(self.net.parameters(), torch.optim.SGD, rho=0.5, lr=0.5, mask=AllOnesMask(), gamma=0.5)
+
+        def train_dataloader(self):
+            # Lightning's own DistributedSampler shuffles; this one keeps the order the reference reads
+            ds = TensorDataset(*tiny_data(n=32, dtype=torch.float32))
+            return DataLoader(ds, batch_size=4, sampler=torch.utils.data.DistributedSampler(ds, shuffle=False))
+
+
+@pytest.mark.slow
+def test_lightning_ddp_esam_selection_per_rank():
+    """Two CPU processes (ddp_spawn, gloo) in automatic optimization: pass 1 and the forward-only
+    measure pass inside DDP's no_sync, each rank selects 2 of its 4 samples, pass 2's gradients are
+    averaged over the ranks: the written-out reference of the Accelerate test above."""
+    L = pytest.importorskip("lightning.pytorch")
+    from sparsam.integrations.lightning import SAMCallback
+
+    module = _ESAMDDPModule()
+    expected = esam_ddp_reference(copy.deepcopy(module.net))
+    t = L.Trainer(
+        accelerator="cpu",
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=3,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[SAMCallback()],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(module)  # ddp_spawn hands rank 0's weights back (not its step count)
+    for p, q in zip(module.net.parameters(), expected):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_pass_batch_cuts_every_batch_tensor_of_a_nested_batch():
