@@ -307,6 +307,8 @@ def test_looksam_reuse_steps_and_sub_batch_ascent_through_the_trainer(tmp_path):
 CHEAPER = {
     # every 2nd step without ascent, and the ascent on the first half of each micro-batch
     "every2-asc": lambda base, **kw: ScheduledSAM(base, rho=0.1, every=2, ascent_fraction=0.5, **kw),
+    # plain steps for the first quarter, then rho ramped up over half of the 4 steps
+    "late-ramp": lambda base, **kw: ScheduledSAM(base, rho=0.1, start=0.25, ramp=0.5, total_steps=4, **kw),
     "lookssam": lambda base, **kw: LookSSAM(base, rho=0.1, k=2, mask=RandomMask(0.5, seed=3), **kw),
     "esam-swp": lambda base, **kw: ESAM(base, rho=0.1, beta=0.6, gamma=1.0, seed=3, **kw),
 }
@@ -314,7 +316,7 @@ CHEAPER = {
 
 @pytest.mark.parametrize("name", sorted(CHEAPER))
 def test_cheaper_sams_through_the_trainer_equal_their_own_step(name, tmp_path):
-    """A schedule with sub-batch ascent, LookSSAM and ESAM's random weight subsets (gamma = 1)
+    """Schedules (every k with sub-batch ascent; late start with a rho ramp), LookSSAM and ESAM's random weight subsets (gamma = 1)
     under the Trainer (2 micro-batches of 4 per step, 4 steps) against the variant's own
     ``step(closure)`` in a hand-written loop: its ``max_grad_norm`` is the Trainer's clip of the
     descent gradient, and the closure cuts each micro-batch to ``ceil(batch_fraction · 4)``."""
