@@ -575,3 +575,83 @@ def test_ddp_two_processes(tmp_path):
     for p, q in zip(r0["rho0"], r0["plain"]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(p, q, rtol=1e-4, atol=1e-5) for p, q in zip(r0["sam"], r0["plain"]))
+
+
+def _fsdp2_worker(rank, world, port, out):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    data = cls_data(3 * BATCH * ACCUM)
+    result = {}
+    for name, make in (("sam", sam_factory), ("ssam", ssam_factory)):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        # Each rank reads BATCH / 2 samples per micro-batch: a window is the reference's 8 samples.
+        # average_tokens_across_devices=False: else the Trainer multiplies BERT's mean loss by the
+        # number of processes (it takes a model with loss kwargs for one normalising by token count).
+        a = args(
+            f"{out}/{name}",
+            per_device_train_batch_size=BATCH // 2,
+            average_tokens_across_devices=False,
+            fsdp=True,
+            fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]},
+        )
+        trainer = SAMTrainer(model=tiny_bert(), args=a, train_dataset=data, sam=make)
+        # Accelerate turns its FSDP plugin on for accelerators only (on the CPU it runs DDP): switch
+        # its FSDP2 path on by hand, so that the Trainer's prepare() shards the model as on GPUs.
+        state = trainer.accelerator.state
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**a.fsdp_plugin_args)
+        trainer.is_fsdp_enabled = True
+        trainer.train()
+        params = list(trainer.model.parameters())
+        result[name] = [p.full_tensor().detach() for p in params]
+        result[f"{name}-sharded"] = all(type(p).__name__ == "DTensor" for p in params)
+    torch.save(result, f"{out}/fsdp2-{rank}.pt")
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_process(tmp_path):
+    """The Trainer's FSDP2 path (fsdp_config={"version": 2}) on 2 CPU processes: SAM and SSAM
+    (random masks, chosen per shard) give the weights of the two-pass loop on the global batch."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_fsdp2_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    data = cls_data(3 * BATCH * ACCUM)
+    ranks = [torch.load(tmp_path / f"fsdp2-{r}.pt") for r in range(2)]
+    for name, make in (("sam", sam_factory), ("ssam", ssam_factory)):
+        ref, _ = reference(tiny_bert(), make, data)
+        for got in ranks:
+            assert got[f"{name}-sharded"]
+            for (k, q), p in zip(ref.named_parameters(), got[name], strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{name} {k}: {m}")
+
+
+def test_sharding_the_trainer_cannot_run_is_refused_with_the_reason(tmp_path):
+    """DeepSpeed, FSDP1, and checkpoints under FSDP2 (the plugin is set by hand: one CPU process)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    a = args(tmp_path, save_strategy="steps")
+    t = SAMTrainer(model=tiny_bert(), args=a, train_dataset=cls_data(8))
+    t.is_deepspeed_enabled = True
+    with pytest.raises(RuntimeError, match="DeepSpeed: its engine takes the optimizer step"):
+        t.create_optimizer()
+    t.is_deepspeed_enabled, t.is_fsdp_enabled = False, True
+    t.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
+    with pytest.raises(RuntimeError, match="fsdp_version=1: FSDP1 hands the optimizer .* flattened parameters"):
+        t.create_optimizer()
+    t.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    with pytest.raises(ValueError, match=r"FSDP2 cannot write checkpoints.*save_strategy='steps'"):
+        t.create_optimizer()
+    assert t.sam_optimizer is None  # nothing was built

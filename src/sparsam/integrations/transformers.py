@@ -43,8 +43,14 @@ What the Trainer does on its own, and what the subclass changes (each point is t
   micro-batch's inputs; ESAM's data selection (``gamma < 1``) needs ``sample_loss=`` (one loss per
   sample from the model's outputs), and its passes then use the mean of those losses (tested).
 
-Not supported: DeepSpeed and FSDP through the Trainer (refused with an error: they shard or own
-the optimizer step, see ``docs/scaling.md``), SAM's own ``max_grad_norm`` (use the Trainer's
+* **FSDP2** (``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``): Accelerate shards the
+  model and points the base optimizer (shared with SAM) at the DTensor parameters before the
+  first step; both passes' gradients are reduced over the ranks, so the run equals SAM on the
+  global batch in one process (tested with 2 CPU processes). Checkpoints are refused under FSDP2:
+  SAM's own state (SSAM's masks) is held per shard.
+
+Not supported: DeepSpeed and FSDP1 through the Trainer (refused with an error: the engine owns
+the optimizer step; FSDP1's flat-parameter slices make the global norm impossible), SAM's own ``max_grad_norm`` (use the Trainer's
 ``max_grad_norm``), and Fisher masks fed by the Trainer's dataloader (its batches are dicts): give
 the SSAM built in ``sam=`` a few ``(input_ids, labels)`` batches as ``data=`` and a loss on the
 logits, ``loss_fn=lambda out, y: F.cross_entropy(out.logits, y)`` (tested); the model is handed over.
@@ -99,7 +105,8 @@ class SAMTrainer(Trainer):
             optimizer than the one it was given.
         ValueError: the SAM has ``max_grad_norm`` (the Trainer clips; use ``args.max_grad_norm``),
             or it selects samples (ESAM with ``gamma < 1``) and ``sample_loss`` is not given.
-        RuntimeError: the Trainer runs under DeepSpeed or FSDP.
+        RuntimeError: the Trainer runs under DeepSpeed or FSDP1.
+        ValueError: under FSDP2 with checkpoints (``save_strategy`` other than ``"no"``).
     """
 
     def __init__(
@@ -163,12 +170,27 @@ class SAMTrainer(Trainer):
         return base
 
     def _refuse_sharding(self) -> None:
-        for flag, name in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
-            if getattr(self, flag, False):
-                raise RuntimeError(
-                    f"SAMTrainer does not support {name}: it shards the parameters or owns the optimizer step, so "
-                    "SAM's global gradient norm and its copy of w would be per shard; see docs/scaling.md"
-                )
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise RuntimeError(
+                "SAMTrainer does not support DeepSpeed: its engine takes the optimizer step inside backward "
+                "(the weights would move after pass 1, before SAM perturbs them); see docs/frameworks.md"
+            )
+        if not getattr(self, "is_fsdp_enabled", False):
+            return
+        version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if version != 2:
+            raise RuntimeError(
+                f"SAMTrainer does not support FSDP with fsdp_version={version}: FSDP1 hands the optimizer each "
+                "rank's slice of the flattened parameters as plain tensors, so no rank can form SAM's global "
+                "gradient norm; use fsdp_config={'version': 2} (FSDP2)"
+            )
+        save = getattr(self.args.save_strategy, "value", self.args.save_strategy)
+        if save != "no" or self.args.load_best_model_at_end:
+            raise ValueError(
+                "SAMTrainer under FSDP2 cannot write checkpoints yet: SAM's own state (SSAM's masks) is held per "
+                "shard, and sparsam.pt holds one rank's; pass TrainingArguments(save_strategy='no') and save the "
+                f"weights yourself (got save_strategy={save!r})"
+            )
 
     # ------------------------------------------------------------------ the step
     def training_step(
