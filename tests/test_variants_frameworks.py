@@ -185,13 +185,13 @@ def test_a_reduced_loss_is_refused_where_esam_selects(fresh_accelerate):
         SAMStep(acc, popt, model=model)(lambda a, b: model(a), x, y)
 
 
-def _fit(module, steps=STEPS):
+def _fit(module, steps=STEPS, *, own_loader=True, **trainer_kw):
     L = pytest.importorskip("lightning.pytorch")
     from sparsam.integrations.lightning import SAMCallback
 
+    trainer_kw = {"devices": 1, **trainer_kw}
     t = L.Trainer(
         accelerator="cpu",
-        devices=1,
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -199,10 +199,11 @@ def _fit(module, steps=STEPS):
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[SAMCallback()],
+        **trainer_kw,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t.fit(module, loader())
+        t.fit(module, *([loader()] if own_loader else []))
     return t
 
 
@@ -409,27 +410,11 @@ def test_lightning_ddp_esam_selection_per_rank():
     """Two CPU processes (ddp_spawn, gloo) in automatic optimization: pass 1 and the forward-only
     measure pass inside DDP's no_sync, each rank selects 2 of its 4 samples, pass 2's gradients are
     averaged over the ranks: the written-out reference of the Accelerate test above."""
-    L = pytest.importorskip("lightning.pytorch")
-    from sparsam.integrations.lightning import SAMCallback
-
+    pytest.importorskip("lightning.pytorch")
     module = _ESAMDDPModule()
     expected = esam_ddp_reference(copy.deepcopy(module.net))
-    t = L.Trainer(
-        accelerator="cpu",
-        strategy="ddp_spawn",
-        devices=2,
-        max_steps=3,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[SAMCallback()],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t.fit(module)  # ddp_spawn hands rank 0's weights back (not its step count)
+    # the module brings its own loader; ddp_spawn hands rank 0's weights back (not its step count)
+    _fit(module, 3, own_loader=False, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
     for p, q in zip(module.net.parameters(), expected):
         torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
 
