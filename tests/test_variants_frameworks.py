@@ -144,24 +144,31 @@ def fresh_accelerate():
     GradientState._reset_state()
 
 
-def test_accelerate_esam_selection_with_accumulation_is_esam_on_the_whole_batch(fresh_accelerate):
-    """Two micro-batches of 8 = one batch of 16: pass 1's and the measure pass's per-sample losses
-    cover both, the selection indexes the 16, pass 2 is the mean over the selected samples."""
+def _accelerate_two_micro_batches(name, net, x, y):
+    """Train ``net`` with VARIANTS[name] through SAMStep, micro-batches of 8 accumulated in twos."""
     from accelerate import Accelerator
 
     from sparsam.integrations.accelerate import SAMStep
 
-    net = tiny_net(dtype=torch.float64)
-    x, y = tiny_data(n=64)
-    ref, ref_opt = reference(net, VARIANTS["esam-sds"], list(zip(x.split(16), y.split(16))))
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    opt = VARIANTS["esam-sds"](net.parameters(), model=net)
+    opt = VARIANTS[name](net.parameters(), model=net)
     dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
     model, popt, dl = acc.prepare(net, opt, dl)
     step = SAMStep(acc, popt, model=model)
     for xb, yb in dl:
         with acc.accumulate(model):
             step(lambda a, b: F.cross_entropy(model(a), b, reduction="none"), xb, yb)
+    return opt
+
+
+def test_accelerate_esam_selection_with_accumulation_is_esam_on_the_whole_batch(fresh_accelerate):
+    """Two micro-batches of 8 = one batch of 16: pass 1's and the measure pass's per-sample losses
+    cover both, the selection indexes the 16, pass 2 is the mean over the selected samples."""
+
+    net = tiny_net(dtype=torch.float64)
+    x, y = tiny_data(n=64)
+    ref, ref_opt = reference(net, VARIANTS["esam-sds"], list(zip(x.split(16), y.split(16))))
+    opt = _accelerate_two_micro_batches("esam-sds", net, x, y)
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert opt.compute == pytest.approx(ref_opt.compute) == 4 * (1 + 1 / 3 + 0.5)
@@ -267,9 +274,6 @@ def test_lightning_training_step_without_sample_losses_is_refused_where_esam_sel
 def test_accelerate_schedule_and_sub_batch_ascent_with_accumulation(name, fresh_accelerate):
     """Two micro-batches of 8 per step: the ascent uses the first part of each micro-batch, and a
     step the schedule runs without ascent uses every sample of both (not the ascent's part)."""
-    from accelerate import Accelerator
-
-    from sparsam.integrations.accelerate import SAMStep
 
     net = tiny_net(dtype=torch.float64)
     x, y = tiny_data(n=64)
@@ -287,14 +291,7 @@ def test_accelerate_schedule_and_sub_batch_ascent_with_accumulation(name, fresh_
         return opt
 
     ref, ref_opt = reference(net, make_ref, ref_batches)
-    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    opt = VARIANTS[name](net.parameters(), model=net)
-    dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-    model, popt, dl = acc.prepare(net, opt, dl)
-    step = SAMStep(acc, popt, model=model)
-    for xb, yb in dl:
-        with acc.accumulate(model):
-            step(lambda a, b: F.cross_entropy(model(a), b, reduction="none"), xb, yb)
+    opt = _accelerate_two_micro_batches(name, net, x, y)
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert opt.steps == 4
