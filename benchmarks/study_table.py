@@ -16,14 +16,23 @@ A configuration is a run directory's name without its seed, prefixed by its fold
    docs/variants.md) with its ratio to SGD's.
 2. Cost and flatness: training time (evaluation excluded; mean over seeds) and its ratio to SGD's,
    which depend on the machine's load while the runs ran, and the top Hessian eigenvalue and
-   sharpness of the final models (mean ± sample std).
+   sharpness of the final models (mean ± sample std). With ``--time FILE`` (the JSON of
+   ``benchmarks/study_time.py``) also the time of one epoch measured on an idle machine, as a
+   ratio to SGD's.
+
+    python benchmarks/study_table.py ROOT --time study_time.json --figures DIR
+
+``--figures DIR`` writes two figures (PNG): ``study_accuracy.png``, the per-seed paired difference
+of final accuracy to SGD per configuration (mean ± standard error, one colour per method family),
+and ``study_cost.png``, the same differences against training compute and, with ``--time``,
+against the measured time, both as multiples of SGD's.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,12 @@ def _last_metrics(run: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
+def _settings(run: Path) -> dict[str, Any]:
+    """The run's configuration (``config.json``'s "config"; empty if absent)."""
+    path = run / "config.json"
+    return dict(json.loads(path.read_text()).get("config", {})) if path.exists() else {}
+
+
 def finished_runs(base: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """(configuration, seed) -> numbers of every finished run under base/runs: final and best test
     accuracy (%), training compute (SGD-step equivalents, None for runs older than the counter),
@@ -72,6 +87,7 @@ def finished_runs(base: Path) -> dict[tuple[str, int], dict[str, Any]]:
             "compute": None if last.get("compute") is None else float(last["compute"]),
             "time": None if s.get("train_time_s") is None else float(s["train_time_s"]),
             "dir": str(run.resolve()),
+            "settings": _settings(run),
         }
     return out
 
@@ -124,76 +140,193 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def tables(base: Path) -> str:
+def _table(intro: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    return [intro, "", _row(head), "|" + "|".join("---" for _ in head) + "|", *map(_row, rows)]
+
+
+def _x(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{format(value, fmt)}{suffix}"
+
+
+def idle_times(path: str | Path | None) -> dict[str, float]:
+    """Configuration -> measured epoch time x SGD (benchmarks/study_time.py's JSON); SGD at twice
+    the epochs costs twice SGD's."""
+    if path is None:
+        return {}
+    rows = json.loads(Path(path).read_text())["configs"]
+    out = {k: float(v["time_vs_sgd"]) for k, v in rows.items()}
+    if SGD in out:
+        out[f"sgd-2x/{SGD}"] = 2 * out[SGD]
+    return out
+
+
+def tables(base: Path, time_file: str | Path | None = None) -> str:
     runs = finished_runs(base)
     if not runs:
         return f"no finished runs under {base / 'runs'}\n"
-    head = [
-        "Configuration",
-        "Seeds",
-        "Final acc (%)",
-        "Best acc (%)",
-        "Final − SGD",
-        "Best − SGD",
-        "Final − SAM",
-        "Best − SAM",
-        "Compute (SGD steps)",
-        "Compute vs SGD",
-    ]
-    lines = [
-        "Accuracy (mean ± std over seeds), paired differences in points (mean ± standard error over the seeds "
-        "where both runs finished) and training compute in SGD-step equivalents (mean over seeds):",
-        "",
-        _row(head),
-        "|" + "|".join("---" for _ in head) + "|",
-    ]
+    acc_rows, cost_rows = [], []
+    by_run, idle = analysis(base), idle_times(time_file)
     for cfg in configs(runs):
         mine = [v for (c, _), v in runs.items() if c == cfg]
-        compute, compute_ratio = _mean_of(runs, cfg, "compute"), ratio(runs, cfg, "compute")
-        cells = [
-            cfg,
-            str(len(mine)),
-            mean_std([v["final"] for v in mine], ".2f"),
-            mean_std([v["best"] for v in mine], ".2f"),
-            fmt_diff(paired_diff(runs, cfg, SGD, "final")),
-            fmt_diff(paired_diff(runs, cfg, SGD, "best")),
-            fmt_diff(paired_diff(runs, cfg, SAM, "final")),
-            fmt_diff(paired_diff(runs, cfg, SAM, "best")),
-            "—" if compute is None else f"{compute:.5g}",
-            "—" if compute_ratio is None else f"{compute_ratio:.2f}x",
-        ]
-        lines.append(_row(cells))
-    by_run = analysis(base)
-    head = ["Configuration", "Train time (s)", "Time vs SGD", "Top eigenvalue", "Sharpness (rho 0.05)"]
-    lines += [
-        "",
-        "Training time (evaluation excluded, mean over seeds; depends on the machine's load while the runs ran) "
-        "and flatness of the final models (mean ± std over seeds, `sparsam analyze`):",
-        "",
-        _row(head),
-        "|" + "|".join("---" for _ in head) + "|",
-    ]
-    for cfg in configs(runs):
-        found = [by_run[v["dir"]] for (c, _), v in runs.items() if c == cfg and v["dir"] in by_run]
-        eig = [r["top_eigenvalues"][0] for r in found if r.get("top_eigenvalues")]
-        sharp = [r["sharpness"] for r in found if r.get("sharpness") is not None]
-        t, t_ratio = _mean_of(runs, cfg, "time"), ratio(runs, cfg, "time")
-        cells = [
-            cfg,
-            "—" if t is None else f"{t:.4g}",
-            "—" if t_ratio is None else f"{t_ratio:.2f}x",
-            mean_std(eig, ".3g"),
-            mean_std(sharp, ".3g"),
-        ]
-        lines.append(_row(cells))
+        acc_rows.append(
+            [
+                cfg,
+                str(len(mine)),
+                mean_std([v["final"] for v in mine], ".2f"),
+                mean_std([v["best"] for v in mine], ".2f"),
+                *(fmt_diff(paired_diff(runs, cfg, ref, what)) for ref in (SGD, SAM) for what in ("final", "best")),
+                _x(_mean_of(runs, cfg, "compute"), ".5g"),
+                _x(ratio(runs, cfg, "compute"), ".2f", "x"),
+            ]
+        )
+        found = [by_run[v["dir"]] for v in mine if v["dir"] in by_run]
+        cost_rows.append(
+            [
+                cfg,
+                _x(_mean_of(runs, cfg, "time"), ".4g"),
+                _x(ratio(runs, cfg, "time"), ".2f", "x"),
+                *([_x(idle.get(cfg), ".2f", "x")] if idle else []),
+                mean_std([r["top_eigenvalues"][0] for r in found if r.get("top_eigenvalues")], ".3g"),
+                mean_std([r["sharpness"] for r in found if r.get("sharpness") is not None], ".3g"),
+            ]
+        )
+    acc_head = ["Configuration", "Seeds", "Final acc (%)", "Best acc (%)", "Final − SGD", "Best − SGD"]
+    acc_head += ["Final − SAM", "Best − SAM", "Compute (SGD steps)", "Compute vs SGD"]
+    cost_head = ["Configuration", "Train time (s)", "Time vs SGD"] + (["Idle time vs SGD"] if idle else [])
+    cost_head += ["Top eigenvalue", "Sharpness (rho 0.05)"]
+    lines = _table(
+        "Accuracy (mean ± std over seeds), paired differences in points (mean ± standard error over the seeds "
+        "where both runs finished) and training compute in SGD-step equivalents (mean over seeds):",
+        acc_head,
+        acc_rows,
+    )
+    lines += [""] + _table(
+        "Training time (evaluation excluded, mean over seeds; depends on the machine's load while the runs ran"
+        + ("; idle: one epoch measured side by side by benchmarks/study_time.py" if idle else "")
+        + ") and flatness of the final models (mean ± std over seeds, `sparsam analyze`):",
+        cost_head,
+        cost_rows,
+    )
     return "\n".join(lines) + "\n"
 
 
-def main(root: str) -> None:
-    print(tables(Path(root)), end="")
+# ----------------------------------------------------------------------------------------- figures
+def _style(runs: dict[tuple[str, int], dict[str, Any]], cfg: str) -> tuple[str, str]:
+    """(colour, label) of a configuration, from sparsam's method palette."""
+    from sparsam.train.figures import method_style
+
+    settings = next(v["settings"] for (c, _), v in runs.items() if c == cfg)
+    style = method_style(settings)
+    if cfg.startswith("sgd-2x/"):  # SGD's grey would repeat: a darker grey, named by its epochs
+        return "0.45", f"SGD, {settings.get('epochs', 2)} epochs (SAM's compute)"
+    return style.color, style.label
+
+
+def _diff_stats(runs: dict[tuple[str, int], dict[str, Any]], cfg: str) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the paired final-accuracy difference to SGD (SGD itself: 0, 0)."""
+    d = paired_diff(runs, cfg, SGD, "final")
+    if cfg == SGD:
+        return 0.0, 0.0, len([1 for (c, _) in runs if c == SGD])
+    if not d:
+        return float("nan"), 0.0, 0
+    return statistics.fmean(d), (statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0), len(d)
+
+
+def figures(base: Path, out: Path, time_file: str | Path | None = None) -> list[Path]:
+    """study_accuracy.png and study_cost.png (see the module docstring); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = finished_runs(base)
+    if not runs or not any(c == SGD for c, _ in runs):
+        raise SystemExit(f"--figures needs finished SGD runs under {base / 'runs'}")
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = [c for c in configs(runs) if c == SGD or paired_diff(runs, c, SGD, "final")]
+    stats = {c: _diff_stats(runs, c) for c in cfgs}
+    styles = {c: _style(runs, c) for c in cfgs}
+    seeds = sorted({s for (c, s) in runs if c == SGD})
+    paths = []
+
+    # 1. The paired differences, best first.
+    order = sorted(cfgs, key=lambda c: stats[c][0])
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(order) + 1.4))
+    for y, c in enumerate(order):
+        mean, se, n = stats[c]
+        color, label = styles[c]
+        ax.errorbar(mean, y, xerr=se, fmt="o", color=color, ecolor=color, capsize=3, markersize=6)
+        ax.annotate(f"n={n}", (mean, y), xytext=(8, 5), textcoords="offset points", fontsize=7, color="0.35")
+    ax.set_yticks(range(len(order)), [styles[c][1] for c in order])
+    ax.axvline(0.0, color=styles[SGD][0], linewidth=1, linestyle="--")
+    if SAM in stats:
+        ax.axvline(stats[SAM][0], color=styles[SAM][0], linewidth=0.8, linestyle=":")
+    ax.set_xlabel("final test accuracy − SGD's, same seed (points; mean ± standard error)")
+    ax.grid(axis="x", alpha=0.3)
+    best = order[-1]
+    ax.set_title(
+        f"{styles[best][1]} gains most over SGD ({stats[best][0]:+.2f} points)\n"
+        f"paired by seed, seeds {', '.join(map(str, seeds))}; dashed: SGD, dotted: SAM",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    paths.append(out / "study_accuracy.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+
+    # 2. The same differences against cost.
+    idle = idle_times(time_file)
+    panels = [("compute", "training compute (x SGD's, counted SGD-step equivalents)")]
+    if idle:
+        panels.append(("idle", "training time (x SGD's, one epoch measured on an idle CPU)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.6, 4.4), sharey=True, squeeze=False)
+    for ax, (kind, xlabel) in zip(axes[0], panels):
+        xs = {c: ratio(runs, c, "compute") if kind == "compute" else idle.get(c) for c in cfgs}
+        placed: dict[float, int] = {}  # configurations at the same cost are spread sideways a little
+        for c in cfgs:
+            x = xs[c]
+            if x is None:
+                continue
+            k = placed[round(x, 2)] = placed.get(round(x, 2), -1) + 1
+            mean, se, _ = stats[c]
+            color, label = styles[c]
+            ax.errorbar(x + 0.012 * k, mean, yerr=se, fmt="o", color=color, ecolor=color, capsize=3, label=label)
+        ax.axhline(0.0, color=styles[SGD][0], linewidth=1, linestyle="--")
+        ax.axvline(1.3, color="0.6", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        cheap = [c for c in cfgs if c != SGD and xs[c] is not None and xs[c] <= 1.3 and stats[c][2]]
+        if cheap:
+            top = max(cheap, key=lambda c: stats[c][0])
+            ax.set_title(f"best at ≤ 1.3x SGD: {styles[top][1]} ({stats[top][0]:+.2f})", fontsize=9)
+        else:
+            ax.set_title("no configuration at ≤ 1.3x SGD", fontsize=9)
+    axes[0][0].set_ylabel("final test accuracy − SGD's (points)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0 - 2.5 / fig.get_figwidth(), 0.5), fontsize=8)
+    fig.suptitle(
+        f"Accuracy gained over SGD against cost (mean ± s.e. over seeds {', '.join(map(str, seeds))}; "
+        "dotted: 1.3x SGD)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 1.0 - 2.6 / fig.get_figwidth(), 1))
+    paths.append(out / "study_cost.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def main(root: str, *, time_file: str | None = None, figures_dir: str | None = None) -> None:
+    print(tables(Path(root), time_file), end="")
+    if figures_dir is not None:
+        for path in figures(Path(root), Path(figures_dir), time_file):
+            print(f"figure: {path}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="the study root (benchmarks/cifar_study.sh's ROOT)")
+    ap.add_argument("--time", help="benchmarks/study_time.py's JSON: adds the idle-time column and panel")
+    ap.add_argument("--figures", metavar="DIR", help="write study_accuracy.png and study_cost.png here")
+    args = ap.parse_args()
+    main(args.root, time_file=args.time, figures_dir=args.figures)

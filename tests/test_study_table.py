@@ -131,3 +131,57 @@ def test_runs_without_the_compute_counter_and_an_empty_root(tmp_path, capsys):
     assert acc["sam"][-2:] == ["200", "—"]  # no SGD compute to divide by
     st.main(str(tmp_path / "nothing"))
     assert "no finished runs" in capsys.readouterr().out
+
+
+def _time_json(path: Path, ratios: dict[str, float]) -> Path:
+    path.write_text(json.dumps({"rounds": 1, "configs": {k: {"time_vs_sgd": v} for k, v in ratios.items()}}))
+    return path
+
+
+def test_idle_time_column_from_study_time_json(root, tmp_path, capsys):
+    ratios = {"sgd": 1.0, "sam": 1.55, "variants/looksam": 1.17}  # no ESAM row: its cell stays empty
+    st.main(str(root), time_file=str(_time_json(tmp_path / "t.json", ratios)))
+    _, cost = _rows(capsys.readouterr().out)
+    idle = {k: v[2] for k, v in cost.items()}
+    # SGD at twice the epochs is twice SGD's epoch by construction
+    assert idle == {
+        "sgd": "1.00x",
+        "sam": "1.55x",
+        "sgd-2x/sgd": "2.00x",
+        "variants/esam": "—",
+        "variants/looksam": "1.17x",
+    }
+
+
+def test_figures_are_written_with_one_colour_per_configuration(root, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    settings = {
+        ("main", "sgd"): {"opt": "sgd", "epochs": 2},
+        ("main", "sam"): {"opt": "sam", "epochs": 2},
+        ("sgd-2x", "sgd"): {"opt": "sgd", "epochs": 4},
+        ("variants", "looksam"): {"opt": "looksam", "look_k": 5, "epochs": 2},
+        ("variants", "esam"): {"opt": "esam", "epochs": 2},
+    }
+    for folder, name, seed in RUNS:
+        cfg = settings[(folder, name)]
+        (root / "runs" / folder / f"{name}-seed{seed}" / "config.json").write_text(json.dumps({"config": cfg}))
+    drawn: list[tuple[str, object]] = []  # (label, colour) of every configuration the figures draw
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((kwargs.get("label"), kwargs.get("color")))
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    time_file = _time_json(tmp_path / "t.json", {"sgd": 1.0, "sam": 1.55, "variants/looksam": 1.17})
+    paths = st.figures(root, tmp_path / "fig", time_file)
+    assert [p.name for p in paths] == ["study_accuracy.png", "study_cost.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    # the accuracy chart draws all 5 configurations (SGD at 0), the cost panels 5 (compute) + 4 (idle)
+    assert len(drawn) == 5 + 5 + 4
+    cost = [d for d in drawn[5:] if d[0] is not None]
+    colours = {label: colour for label, colour in cost}
+    assert len(set(colours.values())) == len(colours) == 5
+    assert "SGD, 4 epochs (SAM's compute)" in colours
