@@ -315,29 +315,89 @@ def method_styles(settings: Sequence[Mapping[str, Any]], *, keys: Sequence[str] 
     return out
 
 
-def _pyplot() -> Any:
+def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Any, Any]:
+    """A matplotlib Figure on the Agg canvas (pyplot is not used: no global state, no display) and
+    its grid of axes."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as e:
         from .errors import UserError
 
         raise UserError(
             "plots need matplotlib (pip install matplotlib, or sparsam[cli]); pass --no-plots to skip them"
         ) from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
 
-    return plt
+
+_PANEL_TITLES = {
+    "SSAM-F": "SSAM-F (Fisher mask)",
+    "SSAM-D": "SSAM-D (dynamic mask)",
+    "other SSAM": "other masks",
+    "cheaper SAM": "cheaper SAM variants",
+    "other": "other methods",
+}
+_X = {
+    "epoch": ("epoch", "epoch"),
+    "time": ("training time", "training time (s, evaluation excluded)"),
+    "compute": ("training compute", "training compute (SGD-step equivalents)"),
+}
+
+Line = tuple[Group, MethodStyle, dict[str, list[float]]]
 
 
-def _label(g: Group, varying: Sequence[str]) -> str:
-    from .methods import is_sparse
+def _chunks(items: list[Line], cap: int) -> list[list[Line]]:
+    """``items`` in as few near-equal runs of at most ``cap`` as possible."""
+    n = max(1, math.ceil(len(items) / cap))
+    sizes = [len(items) // n + (1 if j < len(items) % n else 0) for j in range(n)]
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start : start + size])
+        start += size
+    return out
 
-    parts = [g.label]
-    if is_sparse(g.settings):
-        parts.append(f"s={g.settings.get('sparsity'):g}")
-    parts += [f"{k}={g.settings[k]}" for k in varying if k not in ("data", "model", "sparsity") and k in g.settings]
-    return " ".join(parts)
+
+def _panels(lines: list[Line], max_lines: int) -> list[tuple[str, list[Line]]]:
+    """(title, lines) of each panel of one row: one panel per family present, the references
+    (SGD, SAM) in every one; a family with more lines than fit is split (SSAM masks: unstructured
+    by sparsity, then the other patterns)."""
+    refs = [ln for ln in lines if ln[1].reference]
+    families: dict[str, list[Line]] = {}
+    for ln in lines:
+        if not ln[1].reference:
+            families.setdefault(ln[1].family, []).append(ln)
+    cap = max(2, max_lines - len(refs))
+    out: list[tuple[str, list[Line]]] = []
+    for family in sorted(families, key=lambda f: FAMILIES.index(f) if f in FAMILIES else len(FAMILIES)):
+        members = families[family]
+        name = _PANEL_TITLES.get(family, family)
+        if family in ("SSAM-F", "SSAM-D", "other SSAM"):
+            members.sort(key=lambda ln: ln[0].settings.get("pattern", "unstructured") != "unstructured")
+            plain = [ln for ln in members if ln[0].settings.get("pattern", "unstructured") == "unstructured"]
+            patterned = [ln for ln in members if ln not in plain]
+            if len(members) > cap and plain and patterned:
+                parts = [(f"{name}, unstructured", c) for c in _chunks(plain, cap)]
+                parts += [(f"{name}, other patterns", c) for c in _chunks(patterned, cap)]
+                out += [(title, refs + c) for title, c in parts]
+                continue
+        chunks = _chunks(members, cap)
+        for j, chunk in enumerate(chunks):
+            out.append((name + (f" ({j + 1}/{len(chunks)})" if len(chunks) > 1 else ""), refs + chunk))
+    return out or [("SGD and SAM" if refs else "", refs)]
+
+
+def _seeds_note(plotted: list[Line]) -> tuple[str, bool]:
+    """(the caption's words on seeds, whether each label must give its number of seeds)."""
+    counts = {len(g.runs) for g, _, _ in plotted}
+    if not counts:
+        return "", False
+    if len(counts) == 1:
+        n = counts.pop()
+        return (f"mean ± std over {n} seeds (line ± band)" if n > 1 else "one seed per line"), False
+    return "mean over the seeds given in the legend; band: ± one std", True
 
 
 def plot_accuracy(
@@ -347,39 +407,113 @@ def plot_accuracy(
     x: str,
     varying: Sequence[str] = (),
     title: str | None = None,
-) -> None:
-    """One line per group: mean test accuracy (%) over seeds, a band of ± one std when there are
-    several seeds. ``x="epoch"``, ``x="time"`` (cumulative training time, s) or ``x="compute"``
-    (training compute in SGD-step equivalents, counted by the optimizer; groups whose runs did
-    not record it are left out). One panel per (data, model) pair."""
-    plt = _pyplot()
-    panels: dict[tuple[str, str], list[Group]] = {}
+    max_lines: int = 6,
+    max_cols: int = 3,
+) -> Any:
+    """Test accuracy against epochs, training time or training compute, as small multiples.
+
+    The panels of each (data, model) pair share their axes and start a new row (wrapping after
+    ``max_cols``): one panel per method family present (SSAM-F, SSAM-D, other masks, cheaper SAM
+    variants), with SGD and SAM drawn in every panel as the references, at most ``max_lines``
+    lines a panel (a larger family is split over several panels). Each line is a group's mean test accuracy (%) over its seeds,
+    with a band of ± one std when it has several; colours and labels are the project's
+    (``method_style``); the legends lie below the panels and the title states the number of seeds.
+
+    Args:
+        groups: report groups (``sparsam.train.tables.group_runs``).
+        path: the PNG to write.
+        x: ``"epoch"``, ``"time"`` (cumulative training time in s, evaluation excluded) or
+            ``"compute"`` (training compute in SGD-step equivalents, counted by the optimizer;
+            groups whose runs did not record it are left out, and the title says how many).
+        varying: settings that may be named in the labels when runs of one method differ in them
+            (default: any).
+        title: the figure's title (default: what is plotted, and the data and model).
+        max_lines: the most lines in a panel.
+        max_cols: the most panels side by side (more wrap onto further rows).
+
+    Returns:
+        The matplotlib Figure (already written to ``path``).
+    """
+    if x not in _X:
+        raise ValueError(f"x must be 'epoch', 'time' or 'compute', got {x!r}")
+    if max_cols < 1:
+        raise ValueError(f"max_cols must be at least 1, got {max_cols}")
+    if max_lines < 3:
+        raise ValueError(f"max_lines must be at least 3 (two references and one method), got {max_lines}")
+    pairs: dict[tuple[str, str], list[Group]] = {}
     for g in groups:
         data = str(g.settings.get("data"))
-        panels.setdefault((os.path.basename(data) or data, str(g.settings.get("model"))), []).append(g)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, ((data, model), members) in zip(axes[0], panels.items()):
-        for g in members:
+        pairs.setdefault((os.path.basename(data.rstrip("/")) or data, str(g.settings.get("model"))), []).append(g)
+    rows: dict[tuple[str, str], list[Line]] = {}
+    left_out = 0
+    for key, members in pairs.items():
+        # styles per (data, model) pair: a method keeps its colour in every row, and no row repeats one
+        rows[key] = []
+        for g, style in zip(members, method_styles([g.settings for g in members], keys=list(varying) or None)):
             c = curves(g)
-            if not c["epoch"] or (x == "compute" and len(c["compute"]) != len(c["epoch"])):
+            if not c["epoch"]:
                 continue
-            xs = {"epoch": c["epoch"], "time": c["time_s"], "compute": c["compute"]}[x]
-            mean = [100 * v for v in c["acc_mean"]]
-            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=_label(g, varying))
-            if len(g.runs) > 1:
-                lo = [100 * (m - s) for m, s in zip(c["acc_mean"], c["acc_std"])]
-                hi = [100 * (m + s) for m, s in zip(c["acc_mean"], c["acc_std"])]
-                ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
-        ax.set_xlabel(
-            {"epoch": "epoch", "time": "training time (s)", "compute": "training compute (SGD-step equivalents)"}[x]
-        )
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(title or f"{data}, {model}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+            if x == "compute" and len(c["compute"]) != len(c["epoch"]):
+                left_out += 1
+                continue
+            rows[key].append((g, style, c))
+    plotted = [ln for row in rows.values() for ln in row]
+    note, per_label = _seeds_note(plotted)
+    layout = {key: _panels(row, max_lines) for key, row in rows.items()}
+    ncols = min(max_cols, max((len(p) for p in layout.values()), default=1))
+    grid_rows = [math.ceil(len(p) / ncols) for p in layout.values()]
+    legend_rows = max((len(lines) for p in layout.values() for _, lines in p), default=1)
+    row_height = 2.9 + 0.19 * legend_rows
+    fig, axes = _figure(max(1, sum(grid_rows)), ncols, 0.6 + 4.0 * ncols, 0.7 + row_height * max(1, sum(grid_rows)))
+    what, xlabel = _X[x]
+    first_row = 0
+    for n_rows, ((data, model), panels) in zip(grid_rows, layout.items()):
+        cells = [axes[first_row + i // ncols][i % ncols] for i in range(n_rows * ncols)]
+        for ax in cells[1 : len(panels)]:  # one y (and x) scale per (data, model) pair
+            ax.sharey(cells[0])
+            ax.sharex(cells[0])
+        for i, (ax, (name, lines)) in enumerate(zip(cells, panels)):
+            for g, style, c in lines:
+                xs = {"epoch": c["epoch"], "time": c["time_s"], "compute": c["compute"]}[x]
+                mean = [100 * v for v in c["acc_mean"]]
+                label = style.label + (f" ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})" if per_label else "")
+                ax.plot(
+                    xs,
+                    mean,
+                    color=style.color,
+                    linestyle=style.linestyle,
+                    marker=style.marker,
+                    markersize=3.5,
+                    markevery=max(1, round(len(xs) / 12)),
+                    linewidth=1.3 if style.reference else 1.8,
+                    zorder=2 if style.reference else 3,
+                    label=label,
+                )
+                if len(g.runs) > 1:
+                    lo = [100 * (m - s) for m, s in zip(c["acc_mean"], c["acc_std"])]
+                    hi = [100 * (m + s) for m, s in zip(c["acc_mean"], c["acc_std"])]
+                    ax.fill_between(xs, lo, hi, alpha=0.15, color=style.color, linewidth=0)
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel(xlabel)
+            if i % ncols == 0:
+                ax.set_ylabel("test accuracy (%)" if len(layout) == 1 else f"{data}, {model}\ntest accuracy (%)")
+            else:
+                ax.tick_params(labelleft=False)
+            ax.grid(alpha=0.3)
+            if lines:
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
+            else:
+                ax.text(0.5, 0.5, f"no run with a {what} record", transform=ax.transAxes, ha="center")
+        for ax in cells[len(panels) :]:
+            ax.set_visible(False)
+        first_row += n_rows
+    head = title or (
+        f"Test accuracy against {what}" + (": {}, {}".format(*next(iter(layout))) if len(layout) == 1 else "")
+    )
+    notes = [n for n in (note, f"{left_out} group(s) without a compute record left out" if left_out else "") if n]
+    fig.suptitle(head + ("\n" + "; ".join(notes) if notes else ""), fontsize=11)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 __all__ = ["FAMILIES", "MethodStyle", "method_style", "method_styles", "plot_accuracy"]
