@@ -375,18 +375,24 @@ def _panels(lines: list[Line], max_lines: int) -> list[tuple[str, list[Line]]]:
         members = families[family]
         name = _PANEL_TITLES.get(family, family)
         if family in ("SSAM-F", "SSAM-D", "other SSAM"):
-            members.sort(key=lambda ln: ln[0].settings.get("pattern", "unstructured") != "unstructured")
-            plain = [ln for ln in members if ln[0].settings.get("pattern", "unstructured") == "unstructured"]
-            patterned = [ln for ln in members if ln not in plain]
+            members.sort(key=lambda ln: (_patterned(ln), _num(ln[0].settings.get("sparsity"), 0.0)))
+            plain = [ln for ln in members if not _patterned(ln)]
+            patterned = [ln for ln in members if _patterned(ln)]
             if len(members) > cap and plain and patterned:
-                parts = [(f"{name}, unstructured", c) for c in _chunks(plain, cap)]
-                parts += [(f"{name}, other patterns", c) for c in _chunks(patterned, cap)]
-                out += [(title, refs + c) for title, c in parts]
+                out += _numbered(f"{name}, unstructured", refs, _chunks(plain, cap))
+                out += _numbered(f"{name}, other patterns", refs, _chunks(patterned, cap))
                 continue
-        chunks = _chunks(members, cap)
-        for j, chunk in enumerate(chunks):
-            out.append((name + (f" ({j + 1}/{len(chunks)})" if len(chunks) > 1 else ""), refs + chunk))
+        out += _numbered(name, refs, _chunks(members, cap))
     return out or [("SGD and SAM" if refs else "", refs)]
+
+
+def _patterned(line: Line) -> bool:
+    return line[0].settings.get("pattern", "unstructured") != "unstructured"
+
+
+def _numbered(name: str, refs: list[Line], chunks: list[list[Line]]) -> list[tuple[str, list[Line]]]:
+    """(title, the references + the chunk) of each chunk; titles numbered when there are several."""
+    return [(name + (f" ({j + 1}/{len(chunks)})" if len(chunks) > 1 else ""), refs + c) for j, c in enumerate(chunks)]
 
 
 def _seeds_note(plotted: list[Line]) -> tuple[str, bool]:
