@@ -222,3 +222,18 @@ def test_a_large_family_is_split_and_patterns_get_their_own_panel(tmp_path):
     assert all(not ax.collections for ax in visible_axes(fig))  # one seed: no band
     with pytest.raises(ValueError, match="max_lines"):
         plot_accuracy(group_runs(runs), tmp_path / "p.png", x="epoch", max_lines=2)
+
+
+def test_few_lines_share_one_panel_and_an_empty_figure_says_why(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparsam.train.figures import plot_accuracy
+    from sparsam.train.tables import group_runs
+
+    settings = [{"opt": "sgd"}, {"opt": "sam"}, {"opt": "ssam", "mask": "fisher"}, {"opt": "ssam", "mask": "dynamic"}]
+    groups = group_runs([r for s in settings for r in runs_of(s, seeds=(0,))])
+    (ax,) = visible_axes(plot_accuracy(groups, tmp_path / "d.png", x="time"))
+    assert [line.get_label() for line in ax.get_lines()] == ["SGD", "SAM", "SSAM-F, 50%", "SSAM-D, 50%"]
+    assert ax.get_xlabel().startswith("training time (s")
+    groups = group_runs(runs_of({"opt": "sgd"}, compute=False))
+    (ax,) = visible_axes(plot_accuracy(groups, tmp_path / "e.png", x="compute"))
+    assert not ax.get_lines() and "no training compute recorded by these runs" in ax.texts[0].get_text()

@@ -363,15 +363,21 @@ def _chunks(items: list[Line], cap: int) -> list[list[Line]]:
 def _panels(lines: list[Line], max_lines: int) -> list[tuple[str, list[Line]]]:
     """(title, lines) of each panel of one row: one panel per family present, the references
     (SGD, SAM) in every one; a family with more lines than fit is split (SSAM masks: unstructured
-    by sparsity, then the other patterns)."""
+    by sparsity, then the other patterns). Lines that all fit in one panel share one."""
     refs = [ln for ln in lines if ln[1].reference]
     families: dict[str, list[Line]] = {}
     for ln in lines:
         if not ln[1].reference:
             families.setdefault(ln[1].family, []).append(ln)
+    order = sorted(families, key=lambda f: FAMILIES.index(f) if f in FAMILIES else len(FAMILIES))
+    if not families:
+        return [("SGD and SAM" if refs else "", refs)]
+    if len(lines) <= max_lines:
+        title = _PANEL_TITLES.get(order[0], order[0]) if len(order) == 1 else ""
+        return [(title, refs + [ln for f in order for ln in families[f]])]
     cap = max(2, max_lines - len(refs))
     out: list[tuple[str, list[Line]]] = []
-    for family in sorted(families, key=lambda f: FAMILIES.index(f) if f in FAMILIES else len(FAMILIES)):
+    for family in order:
         members = families[family]
         name = _PANEL_TITLES.get(family, family)
         if family in ("SSAM-F", "SSAM-D", "other SSAM"):
@@ -383,7 +389,7 @@ def _panels(lines: list[Line], max_lines: int) -> list[tuple[str, list[Line]]]:
                 out += _numbered(f"{name}, other patterns", refs, _chunks(patterned, cap))
                 continue
         out += _numbered(name, refs, _chunks(members, cap))
-    return out or [("SGD and SAM" if refs else "", refs)]
+    return out
 
 
 def _patterned(line: Line) -> bool:
@@ -421,7 +427,8 @@ def plot_accuracy(
     The panels of each (data, model) pair share their axes and start a new row (wrapping after
     ``max_cols``): one panel per method family present (SSAM-F, SSAM-D, other masks, cheaper SAM
     variants), with SGD and SAM drawn in every panel as the references, at most ``max_lines``
-    lines a panel (a larger family is split over several panels). Each line is a group's mean test accuracy (%) over its seeds,
+    lines a panel (a larger family is split over several panels; when every line fits in one
+    panel, they share it). Each line is a group's mean test accuracy (%) over its seeds,
     with a band of ± one std when it has several; colours and labels are the project's
     (``method_style``); the legends lie below the panels and the title states the number of seeds.
 
@@ -509,7 +516,7 @@ def plot_accuracy(
             if lines:
                 ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
             else:
-                ax.text(0.5, 0.5, f"no run with a {what} record", transform=ax.transAxes, ha="center")
+                ax.text(0.5, 0.5, f"no {what} recorded by these runs", transform=ax.transAxes, ha="center")
         for ax in cells[len(panels) :]:
             ax.set_visible(False)
         first_row += n_rows
