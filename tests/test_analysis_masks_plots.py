@@ -179,6 +179,41 @@ def test_plots_write_non_empty_png_and_pdf(tmp_path):
     assert matplotlib.get_backend() == backend  # the caller's backend is left alone
 
 
+def test_run_colours_never_repeat_and_legends_lie_beside_the_data(tmp_path, monkeypatch):
+    from sparsam.train.figures import method_style
+
+    figs = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path, formats: figs.append(fig) or save(fig, path, formats))
+
+    def drawn(ax):
+        return [(line.get_label(), line.get_color()) for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+    many = {f"run{i}": landscape(0.1 * i) for i in range(20)}
+    plots.plot_landscape_1d(many, tmp_path / "many", **PNG)
+    (ax,) = figs[-1].axes
+    colors = [c for _, c in drawn(ax)]
+    assert len(colors) == 20 and len(set(colors)) == 20  # past the fixed palette too
+    assert not {"#000000", "#8c8c8c"} & set(colors)  # SAM's black and SGD's grey stay theirs
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # beside the data, not on it
+    # with the project's styles: its colours and words; a run without one gets a colour nobody has
+    sgd, ssam = method_style({"opt": "sgd"}), method_style({"opt": "ssam", "mask": "fisher", "sparsity": 0.9})
+    runs = {"sgd-seed0": landscape(2.0), "ssam-f-s0.9-seed0": landscape(0.5), "mine": landscape(1.0)}
+    plots.plot_landscape_1d(runs, tmp_path / "styled", styles={"sgd-seed0": sgd, "ssam-f-s0.9-seed0": ssam}, **PNG)
+    got = drawn(figs[-1].axes[0])
+    assert got[:2] == [("SGD", sgd.color), ("SSAM-F, 90%", ssam.color)]
+    assert got[2][0] == "mine" and got[2][1] not in (sgd.color, ssam.color)
+    metrics = [{"epoch": e, "train_loss": 2.0 / e, "test_acc": 0.5 + 0.04 * e} for e in range(1, 6)]
+    plots.plot_training_curves(
+        {"sgd-seed0": metrics, "x": metrics[:3]}, tmp_path / "tc", styles={"sgd-seed0": sgd}, **PNG
+    )
+    axes = figs[-1].axes
+    assert [ax.get_legend() is not None for ax in axes] == [False, True]  # one legend for both panels
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["SGD", "x"]
+    assert axes[1].get_legend().get_window_extent().x0 >= axes[1].get_window_extent().x1
+    assert drawn(axes[0])[0] == ("SGD", sgd.color) and drawn(axes[0])[1][1] != sgd.color
+
+
 def test_plot_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no metric"):
         plots.plot_training_curves({"a": [{"epoch": 1}]}, tmp_path / "x")

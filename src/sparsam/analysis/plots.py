@@ -63,6 +63,60 @@ def _runs(obj: Mapping[str, Any], single_key: str) -> Mapping[str, Any]:
     return {"": obj} if single_key in obj else obj
 
 
+# Colours of runs whose method is not known: distinct, none grey or black (SGD's and SAM's colours in
+# ``sparsam.train.figures.method_style``); beyond these, evenly spaced hues.
+_RUN_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+)
+
+
+def _run_styles(names: Sequence[str], styles: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Line style and label of each run: from ``styles[name]`` (any object with ``color`` and
+    ``label``, and optionally ``linestyle`` and ``marker``: a ``sparsam.train.figures.MethodStyle``),
+    else a colour no other run of the figure has, and the run's name."""
+    import colorsys
+
+    styles = styles or {}
+    taken = {str(styles[n].color) for n in names if n in styles}
+    free = [c for c in _RUN_COLORS if c not in taken]
+    out: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        s = styles.get(name)
+        if s is not None:
+            out[name] = {
+                "color": s.color,
+                "label": s.label,
+                "linestyle": getattr(s, "linestyle", "-"),
+                "marker": getattr(s, "marker", "o"),
+            }
+            continue
+        if free:
+            color = free.pop(0)
+        else:
+            r, g, b = colorsys.hls_to_rgb((i * 0.618034) % 1.0, 0.45 if i % 2 else 0.6, 0.7)
+            color = f"#{round(255 * r):02x}{round(255 * g):02x}{round(255 * b):02x}"
+        out[name] = {"color": color, "label": name or None, "linestyle": "-", "marker": "o"}
+    return out
+
+
+def _legend_right(ax: Any, title: str | None = None) -> None:
+    """The legend beside the axes, outside the data."""
+    ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+
+
 def plot_landscape_1d(
     runs: Mapping[str, Mapping[str, Sequence[float]]],
     path: str | Path,
@@ -72,23 +126,29 @@ def plot_landscape_1d(
     ylabel: str = "mean loss",
     log: bool = False,
     formats: Formats = _DEFAULT_FORMATS,
+    styles: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """1-D loss curves of several runs on one axis.
+    """1-D loss curves of several runs on one axis, the legend beside it.
 
     Args:
         runs: ``{run name: {"alphas": [...], "losses": [...]}}`` (or one such dict).
         log: logarithmic loss axis.
+        styles: ``{run name: style}``, a style being any object with ``color`` and ``label``
+            (``sparsam.train.figures.method_style`` of the run's configuration gives the project's
+            colour and words for its method); runs without one get a colour no other run has.
     """
-    fig, (ax,) = _figure()
-    for name, res in _runs(runs, "alphas").items():
-        ax.plot(res["alphas"], res["losses"], marker="o", markersize=2.5, label=name or None)
+    results = _runs(runs, "alphas")
+    fig, (ax,) = _figure(width=7.0 if any(results) else 5.5)
+    look = _run_styles(list(results), styles)
+    for name, res in results.items():
+        ax.plot(res["alphas"], res["losses"], markersize=2.5, **look[name])
     ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle=":")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    if any(_runs(runs, "alphas")):
-        ax.legend(title="run")
+    if any(results):
+        _legend_right(ax, "run")
     return _save(fig, path, formats)
 
 
@@ -262,13 +322,15 @@ def plot_training_curves(
     keys: Sequence[str] | None = None,
     title: str = "Training curves",
     formats: Formats = _DEFAULT_FORMATS,
+    styles: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Per-epoch metrics of several runs, one panel per metric.
+    """Per-epoch metrics of several runs, one panel per metric, one legend beside the panels.
 
     Args:
         runs: ``{run name: [{"epoch": 1, "train_loss": ..., "test_acc": ...}, ...]}``.
         keys: the metrics to plot (default: those of ``train_loss``, ``test_loss``, ``train_acc``,
             ``test_acc`` present in some run, in that order).
+        styles: ``{run name: style}`` as for ``plot_landscape_1d``.
     """
     if not isinstance(runs, Mapping) or not runs:
         raise ValueError(f"runs must be a non-empty dict run name -> list of per-epoch dicts, got {runs!r}")
@@ -279,16 +341,29 @@ def plot_training_curves(
         raise ValueError(f"no metric to plot: the per-epoch dicts have keys {sorted(present)}")
     from matplotlib.ticker import MaxNLocator
 
+    look = _run_styles(list(runs), styles)
     fig, axes = _figure(len(keys), width=4.5)
     for ax, key in zip(axes, keys):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for name, rows in runs.items():
             pts = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(rows) if row.get(key) is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [float(p[1]) for p in pts], marker="o", markersize=2.5, label=name)
+                ax.plot([p[0] for p in pts], [float(p[1]) for p in pts], markersize=2.5, **look[name])
         ttl, ylabel = _CURVE_LABELS.get(key, (key, key))
         ax.set(title=ttl, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    handles: dict[str, Any] = {}
+    for ax in axes:  # one entry per run, from whichever panel drew it
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:
+        axes[-1].legend(
+            list(handles.values()),
+            list(handles),
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            fontsize="small",
+            frameon=False,
+        )
     fig.suptitle(title)
     return _save(fig, path, formats)
