@@ -91,4 +91,9 @@ for S in $SEEDS; do
   "${SP[@]}" analyze "$ROOT"/runs/*/*-seed"$S" --out "$ROOT/analysis-seed$S" --batch-size 256 \
       --threads 1 --formats png --quiet
 done
-python "$(dirname "$0")/study_table.py" "$ROOT"
+# The tables and, with matplotlib, the study's figures (paired differences to SGD; against compute).
+# The idle-machine cost of each configuration is a separate step, on an otherwise idle machine:
+#   python benchmarks/study_time.py --data "$DATA" --rounds 3 --out "$ROOT/study_time.json"
+# and study_table.py then takes --time "$ROOT/study_time.json" for the idle-time column and panel.
+TIME=(); if [ -f "$ROOT/study_time.json" ]; then TIME=(--time "$ROOT/study_time.json"); fi
+python "$(dirname "$0")/study_table.py" "$ROOT" "${TIME[@]}" --figures "$ROOT/figures"
