@@ -235,6 +235,7 @@ def test_report_table_csv_and_plots(two_runs, capsys):
     for png in ("acc_vs_epoch.png", "acc_vs_time.png"):
         assert (two_runs / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Final acc (%)" in (two_runs / "rep" / "report.md").read_text()
+    assert "SGD and SAM in every panel" in (two_runs / "rep" / "report.md").read_text()
 
 
 def test_report_mean_and_std_over_seeds(tmp_path):

@@ -30,7 +30,13 @@ def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool =
         "mean over seeds; vs SGD: its ratio to the SGD row with the same data, model and batch settings. "
         "Compute: training compute of the run in SGD-step equivalents (forward+backward passes over a batch, "
         "counted by the optimizer, not timed; mean over seeds); Compute vs SGD: per epoch, relative to the SGD row.\n"
-        f"\nRuns: {len(runs)} ({', '.join(str(d) for d in dirs[:6])}{', ...' if len(dirs) > 6 else ''})\n"
+        + (
+            "\nFigures (acc_vs_epoch.png, acc_vs_time.png, acc_vs_compute.png): mean test accuracy, band ± one std "
+            "over seeds; one panel per method family, SGD and SAM in every panel as the references.\n"
+            if plots
+            else ""
+        )
+        + f"\nRuns: {len(runs)} ({', '.join(str(d) for d in dirs[:6])}{', ...' if len(dirs) > 6 else ''})\n"
     )
     (out / "report.md").write_text(header + table + notes, encoding="utf-8")
     (out / "report.csv").write_text(to_csv(varying, rows), encoding="utf-8")
