@@ -381,7 +381,13 @@ def _panels(lines: list[Line], max_lines: int) -> list[tuple[str, list[Line]]]:
         members = families[family]
         name = _PANEL_TITLES.get(family, family)
         if family in ("SSAM-F", "SSAM-D", "other SSAM"):
-            members.sort(key=lambda ln: (_patterned(ln), _num(ln[0].settings.get("sparsity"), 0.0)))
+            members.sort(
+                key=lambda ln: (
+                    _patterned(ln),
+                    ln[0].settings.get("mask") == "norm",
+                    _num(ln[0].settings.get("sparsity"), 0.0),
+                )
+            )
             plain = [ln for ln in members if not _patterned(ln)]
             patterned = [ln for ln in members if _patterned(ln)]
             if len(members) > cap and plain and patterned:
