@@ -151,3 +151,30 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["analyze", str(bad)]) == 2
     assert "not a readable sparsam checkpoint" in capsys.readouterr().err
+
+
+def test_figures_take_each_runs_method_style(runs, tmp_path, monkeypatch):
+    """The landscape and training-curve lines are coloured and named by the runs' methods."""
+    from sparsam.analysis import plots
+    from sparsam.train.figures import method_style
+
+    seen: dict[str, dict] = {}
+    for fn in ("plot_landscape_1d", "plot_training_curves"):
+        real = getattr(plots, fn)
+
+        def spy(*args, _real=real, _fn=fn, **kwargs):
+            seen[_fn] = dict(kwargs.get("styles") or {})
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(plots, fn, spy)
+    out = tmp_path / "s"
+    argv = ["analyze", str(runs / "sgd"), str(runs / "ssam"), "--out", str(out), "--points", "3", "--top-k", "0"]
+    assert main([*argv, "--rho", "0", "--formats", "png", "--quiet"]) == 0
+    expect = {
+        name: method_style(json.loads((runs / name / "config.json").read_text())["config"]) for name in ("sgd", "ssam")
+    }
+    for fn in ("plot_landscape_1d", "plot_training_curves"):
+        assert {k: (v.color, v.label) for k, v in seen[fn].items()} == {
+            k: (v.color, v.label) for k, v in expect.items()
+        }
+    assert seen["plot_landscape_1d"]["sgd"].label == "SGD" and seen["plot_landscape_1d"]["ssam"].label == "SSAM-F, 50%"

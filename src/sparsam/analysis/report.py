@@ -56,6 +56,7 @@ def write_report(
     out_dir: str | Path,
     *,
     formats: plots.Formats = ("png", "pdf"),
+    styles: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``results.json``, ``summary.md`` and the applicable figures (PNG and PDF) to ``out_dir``.
 
@@ -77,6 +78,9 @@ def write_report(
             Other keys are written to the JSON only.
         out_dir: the folder (created if needed).
         formats: the figure formats (``"png"``, ``"pdf"``, ``"svg"``).
+        styles: ``{run name: style}`` for the per-run lines of the landscape, interpolation and
+            training-curve figures (see `plot_landscape_1d`);
+            `sparsam analyze` passes the project's method styles of each run's configuration.
 
     Returns:
         The paths written: the JSON, the summary, then the figures.
@@ -104,7 +108,7 @@ def write_report(
         return {run: r[key] for run, r in results.items() if r.get(key) is not None}
 
     if curves := having("landscape_1d"):
-        written += plots.plot_landscape_1d(curves, out / "landscape_1d", formats=formats)
+        written += plots.plot_landscape_1d(curves, out / "landscape_1d", formats=formats, styles=styles)
     if curves := having("interpolation"):
         written += plots.plot_landscape_1d(
             curves,
@@ -112,6 +116,7 @@ def write_report(
             title="Loss on the line between two checkpoints",
             xlabel=r"$\alpha$ in $(1-\alpha)\,\theta_0 + \alpha\,\theta_1$",
             formats=formats,
+            styles=styles,
         )
     if surfaces := having("landscape_2d"):
         written += plots.plot_landscape_2d(surfaces, out / "landscape_2d", formats=formats)
@@ -124,7 +129,7 @@ def write_report(
         written += plots.plot_spectra(spectra, out / "spectra", formats=formats)
     if metrics := having("metrics"):
         try:
-            written += plots.plot_training_curves(metrics, out / "training_curves", formats=formats)
+            written += plots.plot_training_curves(metrics, out / "training_curves", formats=formats, styles=styles)
         except ValueError:
             pass  # per-epoch dicts without any known metric: JSON only
     if masks := having("mask_density"):

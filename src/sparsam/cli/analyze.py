@@ -114,6 +114,22 @@ def _named_masks(ckpt: dict[str, Any], model: Any) -> dict[str, Any] | None:
     return {n: out.get(n, torch.zeros(p.shape, dtype=torch.bool)) for n, p in named}
 
 
+def _method_styles(targets: list[Target]) -> dict[str, Any]:
+    """{run name: the project's colour and words for its method} of the targets with a saved
+    configuration (the figures give the others colours of their own)."""
+    from ..train.figures import method_styles
+    from ..train.rundir import read_run_config
+
+    named = []
+    for t in targets:
+        if t.run_dir is not None and (t.run_dir / "config.json").is_file():
+            try:
+                named.append((t.name, dict(read_run_config(t.run_dir)["config"])))
+            except (OSError, ValueError, KeyError):  # an unreadable config costs the run only its colour
+                continue
+    return dict(zip((n for n, _ in named), method_styles([c for _, c in named]))) if named else {}
+
+
 def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[str, Any]:
     """Every measure asked for, on one model; the dict ``sparsam.analysis.write_report`` takes."""
     import torch
@@ -359,7 +375,7 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     results = {t.name: analyze_target(t, args, say) for t in targets}
     from ..analysis import write_report
 
-    written = write_report(results, out, formats=formats)
+    written = write_report(results, out, formats=formats, styles=_method_styles(targets))
     if not args.quiet:
         print((out / "summary.md").read_text(encoding="utf-8"))
         say(f"wrote {len(written)} files to {os.path.abspath(out)}")
