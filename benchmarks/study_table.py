@@ -232,6 +232,15 @@ def _diff_stats(runs: dict[tuple[str, int], dict[str, Any]], cfg: str) -> tuple[
     return statistics.fmean(d), (statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0), len(d)
 
 
+_FLOOR = -3.0  # points below SGD: lower values are drawn at the axis edge, with their value written
+
+
+def _floor(stats: dict[str, tuple[float, float, int]]) -> float:
+    """The axis' lower end: just below the lowest configuration, but not below _FLOOR."""
+    low = min((m - se for m, se, _ in stats.values() if m == m), default=0.0)
+    return max(low - 0.4, _FLOOR)
+
+
 def figures(base: Path, out: Path, time_file: str | Path | None = None) -> list[Path]:
     """study_accuracy.png and study_cost.png (see the module docstring); returns the paths."""
     import matplotlib
@@ -252,11 +261,17 @@ def figures(base: Path, out: Path, time_file: str | Path | None = None) -> list[
     # 1. The paired differences, best first.
     order = sorted(cfgs, key=lambda c: stats[c][0])
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(order) + 1.4))
+    floor = _floor(stats)
     for y, c in enumerate(order):
         mean, se, n = stats[c]
         color, label = styles[c]
+        if mean < floor:  # an outlier: at the edge, with its value
+            ax.plot(floor, y, marker="<", color=color, markersize=7, linestyle="none")
+            ax.annotate(f"{mean:+.1f} (n={n})", (floor, y), xytext=(8, -3), textcoords="offset points", fontsize=7)
+            continue
         ax.errorbar(mean, y, xerr=se, fmt="o", color=color, ecolor=color, capsize=3, markersize=6)
         ax.annotate(f"n={n}", (mean, y), xytext=(8, 5), textcoords="offset points", fontsize=7, color="0.35")
+    ax.set_xlim(left=floor - 0.3)
     ax.set_yticks(range(len(order)), [styles[c][1] for c in order])
     ax.axvline(0.0, color=styles[SGD][0], linewidth=1, linestyle="--")
     if SAM in stats:
@@ -266,7 +281,8 @@ def figures(base: Path, out: Path, time_file: str | Path | None = None) -> list[
     best = order[-1]
     ax.set_title(
         f"{styles[best][1]} gains most over SGD ({stats[best][0]:+.2f} points)\n"
-        f"paired by seed, seeds {', '.join(map(str, seeds))}; dashed: SGD, dotted: SAM",
+        f"paired by seed, seeds {', '.join(map(str, seeds))}; dashed: SGD, dotted: SAM; "
+        f"◀: below {_FLOOR:g}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -280,6 +296,7 @@ def figures(base: Path, out: Path, time_file: str | Path | None = None) -> list[
     if idle:
         panels.append(("idle", "training time (x SGD's, one epoch measured on an idle CPU)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.6, 4.4), sharey=True, squeeze=False)
+    floor = _floor(stats)
     for ax, (kind, xlabel) in zip(axes[0], panels):
         xs = {c: ratio(runs, c, "compute") if kind == "compute" else idle.get(c) for c in cfgs}
         placed: dict[float, int] = {}  # configurations at the same cost are spread sideways a little
@@ -290,9 +307,14 @@ def figures(base: Path, out: Path, time_file: str | Path | None = None) -> list[
             k = placed[round(x, 2)] = placed.get(round(x, 2), -1) + 1
             mean, se, _ = stats[c]
             color, label = styles[c]
+            if mean < floor:  # an outlier: at the edge, with its value
+                ax.plot(x, floor, marker="v", color=color, linestyle="none", label=label)
+                ax.annotate(f"{mean:+.1f}", (x, floor), xytext=(6, 2), textcoords="offset points", fontsize=7)
+                continue
             ax.errorbar(x + 0.012 * k, mean, yerr=se, fmt="o", color=color, ecolor=color, capsize=3, label=label)
         ax.axhline(0.0, color=styles[SGD][0], linewidth=1, linestyle="--")
         ax.axvline(1.3, color="0.6", linewidth=0.8, linestyle=":")
+        ax.set_ylim(bottom=floor - 0.3)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         cheap = [c for c in cfgs if c != SGD and xs[c] is not None and xs[c] <= 1.3 and stats[c][2]]
