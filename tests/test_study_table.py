@@ -185,3 +185,38 @@ def test_figures_are_written_with_one_colour_per_configuration(root, tmp_path, m
     colours = {label: colour for label, colour in cost}
     assert len(set(colours.values())) == len(colours) == 5
     assert "SGD, 4 epochs (SAM's compute)" in colours
+
+
+def test_a_configuration_far_below_sgd_is_drawn_at_the_edge(tmp_path, monkeypatch):
+    """An outlier (here 10 points below SGD) is drawn at the lower edge with its value, and the
+    axis keeps the other configurations readable instead of stretching down to it."""
+    pytest.importorskip("matplotlib")
+    for name, seed, acc in [("sgd", 0, 0.50), ("sam", 0, 0.52)]:
+        _write_run(tmp_path, "main", name, seed, (acc, acc, 100.0, 10.0))
+    _write_run(tmp_path, "variants", "looksam", 0, (0.40, 0.40, 120.0, 12.0))
+    for run, cfg in [("main/sgd-seed0", "sgd"), ("main/sam-seed0", "sam"), ("variants/looksam-seed0", "looksam")]:
+        (tmp_path / "runs" / run / "config.json").write_text(json.dumps({"config": {"opt": cfg}}))
+    import matplotlib.axes
+    import matplotlib.figure
+
+    notes: list[str] = []
+    real = matplotlib.axes.Axes.annotate
+
+    def spy(self, text, *args, **kwargs):
+        notes.append(text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", spy)
+    limits: list[tuple[float, float]] = []
+    real_save = matplotlib.figure.Figure.savefig
+
+    def save(fig, *args, **kwargs):
+        limits.extend(
+            ax.get_xlim() if i == 0 and len(fig.axes) == 1 else ax.get_ylim() for i, ax in enumerate(fig.axes)
+        )
+        return real_save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save)
+    st.figures(tmp_path, tmp_path / "fig")
+    assert "-10.0 (n=1)" in notes and "-10.0" in notes  # its value, written in both figures
+    assert all(lo >= st._FLOOR - 0.5 for lo, _ in limits)  # neither axis reaches down to -10
