@@ -1,4 +1,5 @@
-"""Launching ``sparsam`` under torchrun with two gloo processes on 127.0.0.1, for the tests."""
+"""Launching ``sparsam`` under torchrun with two gloo processes on 127.0.0.1, and the environment of
+one spawned rank, for the tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,23 @@ import subprocess
 import sys
 
 import pytest
+
+
+def rank_env(rank: int, world: int, port: int) -> None:
+    """Make this process rank ``rank`` of ``world`` on 127.0.0.1:``port`` the way torchrun would
+    (the variables torch.distributed and Accelerate read), with one CPU thread (else Accelerate
+    sets its own thread count)."""
+    import torch
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
 
 
 def free_port() -> int:

@@ -24,6 +24,8 @@ from sparsam.optim.esam import ESAM
 from sparsam.optim.looksam import LookSAM, LookSSAM
 from sparsam.optim.schedule import ScheduledSAM
 
+from .launch import rank_env
+
 BATCH, ACCUM, SEQ, VOCAB = 4, 2, 8, 40
 
 
@@ -578,15 +580,7 @@ def test_ddp_two_processes(tmp_path):
 
 
 def _fsdp2_worker(rank, world, port, out):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     data = cls_data(3 * BATCH * ACCUM)

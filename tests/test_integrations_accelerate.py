@@ -25,6 +25,7 @@ from sparsam.integrations.accelerate import SAMStep  # noqa: E402
 from sparsam.masks import RandomMask  # noqa: E402
 
 from .reference import tiny_data, tiny_net  # noqa: E402
+from .launch import rank_env  # noqa: E402
 from .test_integrations import ddp_reference  # noqa: E402
 
 
@@ -274,10 +275,7 @@ def test_example_script(tmp_path, monkeypatch, capsys):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     acc = accelerate.Accelerator(cpu=True)
     x, y = tiny_data(n=32, dtype=torch.float32)
     for ascent in ("local", "sync"):

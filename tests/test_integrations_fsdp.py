@@ -21,6 +21,7 @@ from sparsam import SAM, SSAM
 from sparsam.masks import RandomMask
 
 from .reference import tiny_data, tiny_net
+from .launch import rank_env
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard") or not dist.is_available():
@@ -80,15 +81,7 @@ def full_masks(opt, params):
 
 
 def setup_rank(rank, port):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",  # else Accelerate sets its own thread count
-    )
-    torch.set_num_threads(1)
+    rank_env(rank, WORLD, port)
 
 
 def spawn(worker, out_dir, *args):

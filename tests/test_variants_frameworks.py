@@ -21,6 +21,7 @@ from sparsam.optim.looksam import LookSAM, LookSSAM
 from sparsam.optim.schedule import ScheduledSAM, ScheduledSSAM
 
 from .reference import tiny_data, tiny_net
+from .launch import rank_env
 
 KW = dict(rho=0.1, lr=0.1, momentum=0.9)
 VARIANTS = {
@@ -334,16 +335,12 @@ def esam_ddp_reference(net, steps=3, world=2, batch=4):
 
 
 def _esam_ddp_worker(rank, world, port, out_dir):
-    import os
 
     from accelerate import Accelerator
 
     from sparsam.integrations.accelerate import SAMStep
 
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     acc = Accelerator(cpu=True)
     x, y = tiny_data(n=32, dtype=torch.float32)
     net = tiny_net(dtype=torch.float32)
