@@ -61,3 +61,23 @@ def test_registry_checks_run_in_validation():
         build_config([("t", {"opt": "sgd", "adaptive": True})])
     with pytest.raises(ConfigError, match="--no-adaptive contradicts it"):
         build_config([("t", {"opt": "asam", "adaptive": False})])
+
+
+def test_look_per_tensor_reaches_looksam_and_lookssam():
+    model = torch.nn.Linear(3, 2)
+    for opt_name, extra in (("looksam", {}), ("lookssam", {"mask": "random", "sparsity": 0.5})):
+        built = []
+        for flag in (False, True):
+            cfg = build_config([("t", {"opt": opt_name, "look_per_tensor": flag, **extra})])
+            opt, _ = build_optimizer(
+                cfg,
+                model.parameters(),
+                model=model,
+                loss_fn=torch.nn.functional.cross_entropy,
+                fisher_data=[],
+                steps_per_epoch=2,
+                total_steps=4,
+            )
+            built.append(opt.per_tensor)
+        assert built == [False, True], opt_name
+    assert M.relevant("look_per_tensor", M.METHODS["looksam"]) and not M.relevant("look_per_tensor", M.METHODS["sam"])

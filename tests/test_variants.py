@@ -285,6 +285,34 @@ def test_looksam_matches_the_papers_rule():
     assert opt.compute == pytest.approx(3 * 2 + 5)
 
 
+def test_looksam_per_tensor_projects_and_rescales_each_tensor_on_its_own():
+    k, alpha, steps = 3, 0.7, 8
+    model = quad()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, k=k, alpha=alpha, per_tensor=True)
+    run(opt, model, steps)
+    parts = (slice(0, 3), slice(3, 5))  # w1, w2
+    w, gv = _w0(), torch.zeros(5, dtype=torch.float64)
+    for t in range(steps):
+        g = grad(w, C)
+        if t % k == 0:
+            gs = grad(w + RHO * g / (g.norm() + EPS), C)  # the ascent is SAM's (global norm)
+            for s in parts:
+                gv[s] = gs[s] - (g[s] @ gs[s]) / (g[s] @ g[s]) * g[s]
+            w = w - LR * gs
+        else:
+            step = g.clone()
+            for s in parts:
+                step[s] += alpha * g[s].norm() / (gv[s].norm() + EPS) * gv[s]
+            w = w - LR * step
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=1e-12)
+    glob = quad()
+    run(LookSAM(glob.parameters(), torch.optim.SGD, rho=RHO, lr=LR, k=k, alpha=alpha), glob, steps)
+    assert not torch.allclose(flat(glob), w)  # the global rule is a different trajectory here
+    assert "per_tensor=True" in repr(opt)
+    with pytest.raises(TypeError, match="per_tensor must be a bool, got 'yes'"):
+        LookSAM(quad().parameters(), torch.optim.SGD, per_tensor="yes")
+
+
 def test_looksam_k1_is_sam_and_lookssam_with_all_true_masks_is_looksam():
     a, b = quad(), quad()
     run(LookSAM(a.parameters(), torch.optim.SGD, rho=RHO, lr=LR, k=1), a, 4)

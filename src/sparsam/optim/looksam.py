@@ -9,10 +9,11 @@ CVPR 2022 (arXiv 2203.02714), Algorithm 1. With g = ∇L(w) the plain gradient o
     otherwise:    w  ← base step on g + α · (‖g‖ / ‖g_v‖) · g_v   (1 pass)
 
 The norms and the inner product are global (over every parameter with a gradient), as in the
-paper's algorithm; some re-implementations apply them per tensor. The paper reports LookSAM-5
-(k = 5) close to SAM's accuracy at a cost near SGD's; ``alpha = 0.7`` is the value used with
-k = 5 by the public re-implementations (e.g. Leminhbinh0209/LookSAM's README); the paper treats
-α as a hyperparameter.
+paper's algorithm; ``per_tensor=True`` applies the projection and the rescaling to each tensor
+on its own, as the public re-implementations do (each tensor's reused part is then α times that
+tensor's own gradient norm). The paper reports LookSAM-5 (k = 5) close to SAM's accuracy at a
+cost near SGD's; ``alpha = 0.7`` is the value used with k = 5 by the public re-implementations
+(e.g. Leminhbinh0209/LookSAM's README); the paper treats α as a hyperparameter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return torch.stack(
         [torch.sum(x * y, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x, y in zip(a, b)]
     ).sum()
+
+
+def _coef(a: list[Tensor], s: list[Tensor]) -> Tensor:
+    """⟨a, s⟩ / ‖a‖² (0 where a = 0): the projection coefficient of s on a."""
+    aa = _dot(a, a)
+    return torch.where(aa > 0, _dot(a, s) / torch.where(aa > 0, aa, torch.ones_like(aa)), torch.zeros_like(aa))
 
 
 def _norm(a: list[Tensor]) -> Tensor:
@@ -60,6 +67,8 @@ class LookSAM(ScheduledSAM):
             (``every`` is not accepted: ``k`` is LookSAM's every).
         k: a SAM step every k steps (k = 1 is SAM).
         alpha: α, the weight of the reused component.
+        per_tensor: project g_s on g and rescale g_v per tensor instead of over all parameters at
+            once (the public re-implementations' form).
 
     Under DDP with ``ascent="local"`` the ascent gradient g differs between ranks, so g_v is
     averaged over the ranks (one all-reduce every k steps) to keep the replicas identical. With
@@ -74,6 +83,7 @@ class LookSAM(ScheduledSAM):
         *,
         k: int = 5,
         alpha: float = 0.7,
+        per_tensor: bool = False,
         **kwargs: Any,
     ) -> None:
         if "every" in kwargs:
@@ -84,8 +94,10 @@ class LookSAM(ScheduledSAM):
             raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not isinstance(per_tensor, bool):
+            raise TypeError(f"per_tensor must be a bool, got {per_tensor!r}")
         super().__init__(params_or_optimizer, base_optimizer_cls, every=k, **kwargs)
-        self.k, self.alpha = k, float(alpha)
+        self.k, self.alpha, self.per_tensor = k, float(alpha), per_tensor
         self._gv: dict[Tensor, Tensor] = {}  # the stored orthogonal component (saved in state_dict)
         self._g: dict[Tensor, Tensor] | None = None  # transient: the ascent gradient of a SAM step
 
@@ -133,9 +145,11 @@ class LookSAM(ScheduledSAM):
             return
         gs = [p.grad for p in params]
         ga = [g.get(p, torch.zeros_like(p.grad)) for p in params]  # frozen in pass 1: no ascent gradient
-        gg = _dot(ga, ga)
-        c = torch.where(gg > 0, _dot(ga, gs) / torch.where(gg > 0, gg, torch.ones_like(gg)), torch.zeros_like(gg))
-        gv = [s - c.to(s.dtype) * a for s, a in zip(gs, ga)]
+        if self.per_tensor:
+            gv = [s - _coef([a], [s]).to(s.dtype) * a for s, a in zip(gs, ga)]
+        else:
+            c = _coef(ga, gs)
+            gv = [s - c.to(s.dtype) * a for s, a in zip(gs, ga)]
         if self.ascent == "local" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flat = torch.cat([v.reshape(-1) for v in gv])
             dist.all_reduce(flat)
@@ -154,6 +168,10 @@ class LookSAM(ScheduledSAM):
             return
         g = [cast(Tensor, p.grad) for p in params]
         v = [self._gv[p] for p in params]
+        if self.per_tensor:
+            for gp, gv in zip(g, v):
+                gp.add_(gv * (self.alpha * _norm([gp]) / (_norm([gv]) + self.eps)).to(gv.dtype))
+            return
         scale = self.alpha * _norm(g) / (_norm(v) + self.eps)
         for gp, gv in zip(g, v):
             gp.add_(gv * scale.to(gv.dtype))
@@ -187,7 +205,8 @@ class LookSAM(ScheduledSAM):
         }
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", k={self.k}, alpha={self.alpha})"
+        tensor = ", per_tensor=True" if self.per_tensor else ""
+        return super().__repr__()[:-1] + f", k={self.k}, alpha={self.alpha}{tensor})"
 
 
 class LookSSAM(LookSAM, SSAM):

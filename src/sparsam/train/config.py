@@ -271,6 +271,12 @@ class TrainConfig:
         5, "LookSAM: a SAM step every K steps, the stored g_v reused in between", group="variants", metavar="K"
     )
     look_alpha: float = _f(0.7, "LookSAM: weight alpha of the reused component g_v", group="variants")
+    look_per_tensor: bool = _f(
+        False,
+        "LookSAM: project and rescale g_v per parameter tensor (the public re-implementations' form; "
+        "default: over all parameters at once, as the paper's algorithm)",
+        group="variants",
+    )
     esam_beta: float = _f(
         0.6, "ESAM: probability that a parameter tensor is perturbed at a step (SWP)", group="variants"
     )

@@ -239,7 +239,14 @@ _IN_LABEL = frozenset(
         "model",
     }
 )
-_WORDS = {"weight_decay": "wd", "batch_size": "batch", "lr": "lr", "rho": "ρ", "train_subset": "train subset"}
+_WORDS = {
+    "weight_decay": "wd",
+    "batch_size": "batch",
+    "lr": "lr",
+    "rho": "ρ",
+    "train_subset": "train subset",
+    "look_alpha": "α",
+}
 
 
 def _setting_words(key: str, value: Any) -> str:

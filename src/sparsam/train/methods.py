@@ -229,7 +229,14 @@ def _looksam(ctx: BuildContext) -> Optimizer:
 
     sched = _schedule_kwargs(ctx)
     sched.pop("every", None)
-    return LookSAM(ctx.base, k=ctx.cfg.look_k, alpha=ctx.cfg.look_alpha, **sched, **ctx.sam_kwargs())
+    return LookSAM(
+        ctx.base,
+        k=ctx.cfg.look_k,
+        alpha=ctx.cfg.look_alpha,
+        per_tensor=ctx.cfg.look_per_tensor,
+        **sched,
+        **ctx.sam_kwargs(),
+    )
 
 
 def _lookssam(ctx: BuildContext) -> Optimizer:
@@ -237,7 +244,14 @@ def _lookssam(ctx: BuildContext) -> Optimizer:
 
     sched = _schedule_kwargs(ctx)
     sched.pop("every", None)
-    return LookSSAM(ctx.base, k=ctx.cfg.look_k, alpha=ctx.cfg.look_alpha, **sched, **_ssam_kwargs(ctx))
+    return LookSSAM(
+        ctx.base,
+        k=ctx.cfg.look_k,
+        alpha=ctx.cfg.look_alpha,
+        per_tensor=ctx.cfg.look_per_tensor,
+        **sched,
+        **_ssam_kwargs(ctx),
+    )
 
 
 def _esam(ctx: BuildContext) -> Optimizer:
@@ -372,7 +386,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "looksam (SAM every --look-k steps, g_v reused)",
             _looksam,
             check=_check_looksam,
-            owns=SAM_KEYS | {"look_k", "look_alpha"},
+            owns=SAM_KEYS | {"look_k", "look_alpha", "look_per_tensor"},
         ),
         OptimizerSpec(
             "lookssam",
@@ -381,7 +395,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _lookssam,
             uses_mask=True,
             check=_check_lookssam,
-            owns=SAM_KEYS | _SSAM_KEYS | {"look_k", "look_alpha"},
+            owns=SAM_KEYS | _SSAM_KEYS | {"look_k", "look_alpha", "look_per_tensor"},
         ),
         OptimizerSpec(
             "esam",
