@@ -321,10 +321,13 @@ def test_exchange_keeps_the_parameter_object_and_its_storage_outside_the_step():
     assert all(not torch.equal(p, q) for p, q in zip(params, w))
     with pytest.raises(RuntimeError, match="between first_step"):
         opt.load_state_dict(opt.state_dict())
+    with pytest.raises(RuntimeError, match=r"copying the optimizer between first_step\(\) and second_step\(\)"):
+        copy.deepcopy(opt)  # the copy would keep w + e with no w to restore
     F.cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
     assert [p.data_ptr() for p in params] == ptrs  # the base step updated w in its own storage
     assert set(opt.state) == set(params)  # momentum is keyed by the same parameters
+    assert type(copy.deepcopy(opt)) is SAM  # between steps a copy is fine
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     w = [p.detach().clone() for p in params]

@@ -240,6 +240,11 @@ class SAM(Optimizer):
         _check_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:  # pickling: the transient buffers are not state
+        if self._in_perturbation:  # the copy would hold w + e and no w to go back to
+            raise RuntimeError(
+                "pickling or copying the optimizer between first_step() and second_step(): the weights are at "
+                "w + e; finish the step or restore() first"
+            )
         state = self.__dict__.copy()
         state["_backup"] = {}
         return state
