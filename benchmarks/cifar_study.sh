@@ -41,8 +41,11 @@ regime)
     "sam-every2|--opt sam --sam-every 2"           # every other step (Composer's SAM interval)
     "sam-late|--opt sam --sam-start 0.75"          # late-phase SAM: the last quarter of training
     "sam-asc|--opt sam --ascent-fraction 0.25"     # ascent from a quarter of the batch (m-sharpness)
-    "looksam|--opt looksam --look-k 5 --look-alpha 0.7"  # LookSAM-5
+    # LookSAM-5 at alpha 0.1: at the public re-implementations' 0.7 it under-fits here (one seed,
+    # docs/RESULTS.md; SPARSAM train ... --look-alpha 0.7 --seed 1 --out ROOT/runs/variants/looksam-seed1).
+    "looksam-a0.1|--opt looksam --look-k 5 --look-alpha 0.1"
     "esam|--opt esam --esam-beta 0.6 --esam-gamma 0.5"   # ESAM: SWP beta 0.6, SDS gamma 0.5
+    "esam-swp|--opt esam --esam-beta 0.6 --esam-gamma 1"  # ESAM's SWP alone (SDS under-fits here)
   )
   for S in $SEEDS; do
     "${SP[@]}" sweep --root "$ROOT/runs/main" --methods sgd,sam,ssam-f,ssam-d,ssam-n \

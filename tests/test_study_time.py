@@ -25,8 +25,8 @@ _spec.loader.exec_module(stt)
 def test_configurations_are_the_study_scripts(tmp_path):
     common, configs = stt.study_configs(stt.SCRIPT, "DATA_DIR")
     text = stt.SCRIPT.read_text()
-    variants = re.findall(r'^\s*"([\w-]+)\|', text, re.M)
-    assert len(variants) == 5
+    variants = re.findall(r'^\s*"([\w.-]+)\|', text, re.M)
+    assert len(variants) == 6
     names = [c.name for c in configs]
     assert names == ["sgd", "sam", "ssam-f-s0.5", "ssam-f-s0.9", "ssam-d-s0.5", "ssam-d-s0.9", "ssam-n"] + [
         f"variants/{v}" for v in variants
@@ -44,7 +44,7 @@ def test_configurations_are_the_study_scripts(tmp_path):
         if main_method in expect:
             assert method_name(built) == expect[main_method]
     flags = {c.name: c.flags for c in configs}
-    assert flags["variants/looksam"] == ("--opt", "looksam", "--look-k", "5", "--look-alpha", "0.7")
+    assert flags["variants/looksam-a0.1"] == ("--opt", "looksam", "--look-k", "5", "--look-alpha", "0.1")
     assert flags["ssam-f-s0.9"] == ("--opt=ssam", "--mask=fisher", "--sparsity=0.9")
 
 
