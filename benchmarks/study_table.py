@@ -211,15 +211,24 @@ def tables(base: Path, time_file: str | Path | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------- figures
-def _style(runs: dict[tuple[str, int], dict[str, Any]], cfg: str) -> tuple[str, str]:
-    """(colour, label) of a configuration, from sparsam's method palette."""
-    from sparsam.train.figures import method_style
+def _styles(runs: dict[tuple[str, int], dict[str, Any]], cfgs: list[str]) -> dict[str, tuple[str, str]]:
+    """(colour, label) of each configuration, from sparsam's method palette; two configurations of
+    one method (LookSAM at two α, ESAM with and without data selection) are told apart by the
+    setting that differs, in words, and a colour is not repeated."""
+    from sparsam.train.figures import method_styles
 
-    settings = next(v["settings"] for (c, _), v in runs.items() if c == cfg)
-    style = method_style(settings)
-    if cfg.startswith("sgd-2x/"):  # SGD's grey would repeat: a darker grey, named by its epochs
-        return "0.45", f"SGD, {settings.get('epochs', 2)} epochs (SAM's compute)"
-    return style.color, style.label
+    settings = [next(v["settings"] for (c, _), v in runs.items() if c == cfg) for cfg in cfgs]
+    styles = method_styles(settings, keys=_LABEL_KEYS)
+    out = {}
+    for cfg, setting, style in zip(cfgs, settings, styles):
+        if cfg.startswith("sgd-2x/"):  # SGD's grey would repeat: a darker grey, named by its epochs
+            out[cfg] = ("0.45", f"SGD, {setting.get('epochs', 2)} epochs (SAM's compute)")
+        else:
+            out[cfg] = (style.color, style.label)
+    return out
+
+
+_LABEL_KEYS = ("look_alpha", "esam_beta", "esam_gamma")  # settings a label may name (a variant's own)
 
 
 def _diff_stats(runs: dict[tuple[str, int], dict[str, Any]], cfg: str) -> tuple[float, float, int]:
@@ -254,7 +263,7 @@ def figures(base: Path, out: Path, time_file: str | Path | None = None) -> list[
     out.mkdir(parents=True, exist_ok=True)
     cfgs = [c for c in configs(runs) if c == SGD or paired_diff(runs, c, SGD, "final")]
     stats = {c: _diff_stats(runs, c) for c in cfgs}
-    styles = {c: _style(runs, c) for c in cfgs}
+    styles = _styles(runs, cfgs)
     seeds = sorted({s for (c, s) in runs if c == SGD})
     paths = []
 

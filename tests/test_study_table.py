@@ -220,3 +220,34 @@ def test_a_configuration_far_below_sgd_is_drawn_at_the_edge(tmp_path, monkeypatc
     st.figures(tmp_path, tmp_path / "fig")
     assert "-10.0 (n=1)" in notes and "-10.0" in notes  # its value, written in both figures
     assert all(lo >= st._FLOOR - 0.5 for lo, _ in limits)  # neither axis reaches down to -10
+
+
+def test_two_configurations_of_one_method_get_their_own_label_and_colour(tmp_path, monkeypatch):
+    """LookSAM at α 0.7 and 0.1, ESAM with and without data selection: named by the setting that
+    differs, one colour each."""
+    pytest.importorskip("matplotlib")
+    configs = [
+        ("main", "sgd", {"opt": "sgd"}, 0.50),
+        ("main", "sam", {"opt": "sam"}, 0.52),
+        ("variants", "looksam", {"opt": "looksam", "look_k": 5, "look_alpha": 0.7}, 0.49),
+        ("variants", "looksam-a0.1", {"opt": "looksam", "look_k": 5, "look_alpha": 0.1}, 0.515),
+        ("variants", "esam", {"opt": "esam", "esam_gamma": 0.5}, 0.48),
+        ("variants", "esam-swp", {"opt": "esam", "esam_gamma": 1.0}, 0.51),
+    ]
+    for folder, name, cfg, acc in configs:
+        run = _write_run(tmp_path, folder, name, 0, (acc, acc, 100.0, 10.0))
+        (run / "config.json").write_text(json.dumps({"config": {"lr": 0.05, **cfg}}))
+    import matplotlib.axes
+
+    drawn: dict[str, object] = {}
+    real = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        if kwargs.get("label") is not None:
+            drawn[kwargs["label"]] = kwargs.get("color")
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    st.figures(tmp_path, tmp_path / "fig")
+    assert {"LookSAM-5, α 0.1", "LookSAM-5, α 0.7", "ESAM, γ 1", "ESAM, γ 0.5"} <= set(drawn)
+    assert len(set(drawn.values())) == len(drawn) == 6

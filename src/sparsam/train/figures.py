@@ -246,6 +246,8 @@ _WORDS = {
     "rho": "ρ",
     "train_subset": "train subset",
     "look_alpha": "α",
+    "esam_beta": "β",
+    "esam_gamma": "γ",
 }
 
 
