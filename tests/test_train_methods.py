@@ -24,21 +24,26 @@ def test_method_names_round_trip_and_are_unique():
         M.method_values("adam")
 
 
+def _build(cfg: TrainConfig, model: torch.nn.Module):
+    """(optimizer, base) for ``model`` as the engine builds them, with no Fisher data."""
+    return build_optimizer(
+        cfg,
+        model.parameters(),
+        model=model,
+        loss_fn=torch.nn.functional.cross_entropy,
+        fisher_data=[],
+        steps_per_epoch=2,
+        total_steps=4,
+    )
+
+
 def test_every_method_builds_its_optimizer_and_mask():
     import sparsam
 
     model = torch.nn.Linear(3, 2)
     for name, values in M.METHODS.items():
         cfg = build_config([("t", values)])
-        opt, base = build_optimizer(
-            cfg,
-            model.parameters(),
-            model=model,
-            loss_fn=torch.nn.functional.cross_entropy,
-            fisher_data=[],
-            steps_per_epoch=2,
-            total_steps=4,
-        )
+        opt, base = _build(cfg, model)
         spec = M.OPTIMIZERS[cfg.opt]
         assert (opt is base) == (spec.build is None), name
         if spec.uses_mask:
@@ -69,15 +74,7 @@ def test_look_per_tensor_reaches_looksam_and_lookssam():
         built = []
         for flag in (False, True):
             cfg = build_config([("t", {"opt": opt_name, "look_per_tensor": flag, **extra})])
-            opt, _ = build_optimizer(
-                cfg,
-                model.parameters(),
-                model=model,
-                loss_fn=torch.nn.functional.cross_entropy,
-                fisher_data=[],
-                steps_per_epoch=2,
-                total_steps=4,
-            )
+            opt, _ = _build(cfg, model)
             built.append(opt.per_tensor)
         assert built == [False, True], opt_name
     assert M.relevant("look_per_tensor", M.METHODS["looksam"]) and not M.relevant("look_per_tensor", M.METHODS["sam"])
