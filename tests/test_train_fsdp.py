@@ -118,7 +118,7 @@ def test_fsdp_two_ranks_equal_ddp_and_resume(tmp_path):
             {"opt": "ssam", "mask": "fisher", "ascent": "sync", "pattern": "structured"},
             "needs --granularity channel",
         ),
-        ({"opt": "sam"}, "--fsdp needs --ascent sync"),
+        ({"opt": "sam", "ascent": "local"}, "--fsdp needs --ascent sync"),
         ({"opt": "looksam", "ascent": "sync"}, "--fsdp supports --opt sgd, sam, asam and ssam"),
         ({"opt": "sam", "ascent": "sync", "compile": True}, "--compile"),
         ({"opt": "ssam", "mask": "random", "ascent": "sync", "norm": "masked"}, "--no-sparse-ascent"),
@@ -147,6 +147,20 @@ def test_fsdp_accepts_its_methods():
         {"opt": "ssam", "mask": "fisher", "ascent": "sync", "ascent_fraction": 0.5},
     ):
         assert validate(TrainConfig(fsdp=True, **flags)).fsdp
+
+
+def test_fsdp_makes_ascent_sync_the_default_and_refuses_an_explicit_local(capsys):
+    from sparsam.__main__ import main
+    from sparsam.train.config import build_config
+
+    assert build_config([("cli", {"fsdp": True, "opt": "sam"})]).ascent == "sync"
+    assert build_config([("cli", {"opt": "sam"})]).ascent == "local"  # DDP keeps its default
+    # a config file or saved config that says local is explicit, as a flag is
+    with pytest.raises(ConfigError, match="--fsdp needs --ascent sync .its default., got --ascent local"):
+        build_config([("config file", {"ascent": "local"}), ("cli", {"fsdp": True, "opt": "sam"})])
+    assert main(["train", "--fsdp", "--opt", "sam", "--ascent", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--fsdp needs --ascent sync" in err
 
 
 def test_fsdp_cli_error_is_one_line(capsys):

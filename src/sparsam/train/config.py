@@ -156,7 +156,7 @@ class TrainConfig:
     ascent: str = _f(
         "local",
         "data parallel: each rank perturbs with its own gradient (local, SAM's m-sharpness) "
-        "or with the all-reduced one (sync)",
+        "or with the all-reduced one (sync; the default, and the only one, under --fsdp)",
         group="optimizer",
         choices=("local", "sync"),
     )
@@ -310,7 +310,7 @@ class TrainConfig:
         False,
         "under torchrun: shard the model with FSDP2 (fully_shard per top-level block and the "
         "root) instead of DDP; --opt sgd, sam, asam or ssam with --mask random, --ascent sync "
-        "(docs/scaling.md)",
+        "(its default here; docs/scaling.md)",
         group="engine",
         identity=False,
     )
@@ -586,8 +586,8 @@ def _check_fsdp(cfg: TrainConfig) -> None:
     sam_family = cfg.opt != "sgd"
     if sam_family and cfg.ascent != "sync":
         raise ConfigError(
-            f"--fsdp needs --ascent sync, got --ascent {cfg.ascent}: FSDP reduce-scatters every gradient, so a rank "
-            "only holds its shard of the averaged gradient and no per-rank ascent exists"
+            f"--fsdp needs --ascent sync (its default), got --ascent {cfg.ascent}: FSDP reduce-scatters every "
+            "gradient, so a rank only holds its shard of the averaged gradient and no per-rank ascent exists"
         )
     # --sam-every/--sam-start/--rho-ramp decide per step whether it perturbs (the same on every rank);
     # --ascent-fraction: every rank runs pass 1 on its first fraction, so FSDP's reduce-scatter pairs up.
@@ -621,6 +621,8 @@ def build_config(layers: Iterable[tuple[str, Mapping[str, Any]]]) -> TrainConfig
     values: dict[str, Any] = {}
     for source, layer in layers:
         values.update(check_keys(layer, source))
+    if values.get("fsdp") is True and "ascent" not in values:
+        values["ascent"] = "sync"  # the only ascent FSDP has; an explicit --ascent local is still refused
     return validate(TrainConfig(**values))
 
 
