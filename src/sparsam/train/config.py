@@ -96,6 +96,13 @@ class TrainConfig:
         choices=("auto", "none", "flip", "crop-flip", "cifar"),
     )
     crop_padding: int = _f(4, "random-crop padding in pixels", group="data")
+    crop_fill: str = _f(
+        "mean",
+        "colour of the random crop's padding: the data set's mean colour, or black (torchvision's "
+        "RandomCrop on the raw image, as the SSAM authors)",
+        group="data",
+        choices=("mean", "black"),
+    )
     cutout: int = _f(16, "Cutout square side in pixels (0: off)", group="data")
     cutout_p: float = _f(0.5, "probability of Cutout per image", group="data")
     folder_mode: str = _f(
@@ -152,6 +159,11 @@ class TrainConfig:
         "'weight' (the official ASAM code; biases get the plain SAM ascent)",
         group="optimizer",
         choices=("all", "weight-names"),
+    )
+    eps: float = _f(
+        1e-12,
+        "added to the gradient norm in the perturbation rho g / (||g|| + eps) (the SSAM authors' code: 1e-7)",
+        group="optimizer",
     )
     ascent: str = _f(
         "local",
@@ -230,6 +242,14 @@ class TrainConfig:
         group="ssam",
         choices=("conv+linear", "conv", "linear"),
     )
+    dynamic_counts: str = _f(
+        "exact",
+        "SSAM-D: exact keeps round((1 - s) N) perturbed coordinates at every update; nominal counts as the "
+        "authors' code (N - ceil(N s) at first, then keeps int(L (1 - dr)) and grows int(min(L dr, N s)), "
+        "L = N - N s, so the count can end one short)",
+        group="ssam",
+        choices=("exact", "nominal"),
+    )
     fisher_augment: bool = _f(
         False,
         "SSAM-F: draw the Fisher samples from the augmented training images (the authors'), not the plain ones",
@@ -289,7 +309,18 @@ class TrainConfig:
     # ---------------------------------------------------------------- schedule
     epochs: int = _f(10, "training epochs", group="schedule")
     batch_size: int = _f(
-        128, "GLOBAL batch size (split over data-parallel ranks and --accum micro-batches)", group="schedule"
+        128,
+        "batch size of a step: over all data-parallel ranks together (--batch-scope global) or per process "
+        "(--batch-scope per-process); split into --accum micro-batches",
+        group="schedule",
+    )
+    batch_scope: str = _f(
+        "global",
+        "what --batch-size counts under data parallelism: the whole step (global: each of W processes "
+        "takes batch-size / W) or each process's batch (per-process, the SSAM authors' --batch_size: "
+        "a step sees W x batch-size images)",
+        group="schedule",
+        choices=("global", "per-process"),
     )
     schedule: str = _f(
         "cosine",
@@ -326,6 +357,14 @@ class TrainConfig:
         identity=False,
     )
     eval_batch_size: int = _f(500, "evaluation batch size per rank", group="engine", identity=False)
+    test_epochs: str = _f(
+        "all",
+        "after which epochs to evaluate on the test set: all, or a comma list such as 5,10,15 "
+        "(the last epoch is always evaluated; skipping the rest saves the evaluation's time)",
+        group="run",
+        identity=False,
+        metavar="EPOCHS",
+    )
 
     # ---------------------------------------------------------------- run control
     out: str | None = _f(
@@ -485,6 +524,25 @@ def _bad(name: str, value: Any, requirement: str) -> ConfigError:
     return ConfigError(f"{flag(name)} {requirement}, got {value!r}")
 
 
+def test_epochs(cfg: TrainConfig) -> frozenset[int] | None:
+    """The epochs (1-based) after which the engine evaluates on the test set, from ``--test-epochs``:
+    None for every epoch, else the listed ones and the last. A bad list raises
+    [`ConfigError`][sparsam.train.ConfigError] naming it."""
+    spec = cfg.test_epochs.strip()
+    if spec == "all":
+        return None
+    try:
+        listed = {int(part) for part in spec.split(",") if part.strip()}
+    except ValueError:
+        raise ConfigError(
+            f"--test-epochs must be 'all' or a comma list of epochs such as 5,10,15, got {cfg.test_epochs!r}"
+        ) from None
+    bad = sorted(e for e in listed if not 1 <= e <= cfg.epochs)
+    if bad:
+        raise ConfigError(f"--test-epochs: epoch {bad[0]} is outside 1..{cfg.epochs} (--epochs {cfg.epochs})")
+    return frozenset(listed | {cfg.epochs})
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value and cross-field rule; raise [`ConfigError`][sparsam.train.ConfigError] naming
     the flag and value. Returns ``cfg`` (with ``data`` made absolute when it is a folder)."""
@@ -504,6 +562,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not finite(name) > 0:
             raise _bad(name, cfg.lr, "must be > 0")
     # rho, eta (SAM), betas (AdamW) and dynamic_alpha (DynamicMask) are checked by their constructors.
+    if not finite("eps") >= 0:
+        raise _bad("eps", cfg.eps, "must be >= 0")
     for name in ("weight_decay", "min_lr", "warmup_epochs"):
         if not finite(name) >= 0:
             raise _bad(name, getattr(cfg, name), "must be >= 0")
@@ -545,6 +605,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("crop_padding", "cutout", "mask_update_epochs", "seed", "subset_seed", "workers"):
         if getattr(cfg, name) < 0:
             raise _bad(name, getattr(cfg, name), "must be >= 0")
+    test_epochs(cfg)  # raises on a bad --test-epochs list
     for name in ("train_subset", "test_subset", "width", "stop_after", "threads"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
@@ -593,6 +654,10 @@ def _check_fsdp(cfg: TrainConfig) -> None:
     # --ascent-fraction: every rank runs pass 1 on its first fraction, so FSDP's reduce-scatter pairs up.
     if cfg.compile:
         raise ConfigError("--fsdp with --compile is not supported (untested); drop one of them")
+    if cfg.opt == "ssam" and cfg.mask == "dynamic" and cfg.dynamic_counts != "exact":
+        raise ConfigError(
+            f"--fsdp with --mask dynamic supports --dynamic-counts exact only, got --dynamic-counts {cfg.dynamic_counts}"
+        )
     if cfg.opt == "ssam":
         # Each mask source is enabled here once tests/test_fsdp.py has checked it on sharded parameters.
         if cfg.mask not in ("random", "fisher", "dynamic", "norm"):

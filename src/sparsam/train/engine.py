@@ -39,9 +39,9 @@ from ..optim.sam import SAM
 from . import distributed as D
 from . import sharding
 from .build import PlainStep, build_optimizer, build_scheduler
-from .config import TrainConfig
+from .config import TrainConfig, test_epochs
 from .errors import ConfigError, UserError
-from .loaders import TrainData, build_data
+from .loaders import TrainData, batch_per_rank, build_data
 from .run import EpochMeter, Run, RunResult, locked_run_dir
 
 DEBUG_DUMP_ENV = "SPARSAM_DEBUG_RANK_DUMP"
@@ -75,12 +75,29 @@ def train(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
+    restore_sigterm = _abort_on_sigterm()
     try:
         with locked_run_dir(cfg, info):  # an OS lock on the run directory for the run's lifetime
             return _train(cfg, info, resume=resume, overwrite=overwrite, quiet=quiet, on_step=on_step, argv=argv)
     finally:
+        restore_sigterm()
         D.teardown(info)
         torch.set_num_threads(threads)
+
+
+def _abort_on_sigterm() -> Callable[[], Any]:
+    """Until the training loop takes over the signals (``StopFlag``), SIGTERM aborts like Ctrl-C
+    (KeyboardInterrupt) instead of ending the process on the spot, so a run stopped while it starts
+    (loading data, building the model) releases its lock and removes the run directory it created
+    but had not written to yet. Returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def abort(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, abort)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _train(
@@ -203,6 +220,7 @@ def _train(
     )
     stopped: str | None = None
     epochs_this_call, samples_seen, last_test_acc = 0, 0, None
+    eval_at = test_epochs(cfg)  # epochs evaluated on the test set (None: every epoch)
     model.train()
     say(
         f"training {cfg.method} on {data.name} ({data.train_size} train / {data.test_size} test images), "
@@ -253,10 +271,13 @@ def _train(
             loss_sum, correct, total = meter.reduce(info)  # host sync: epoch metrics
             D.broadcast_buffers(model, info)  # every rank evaluates and ends with rank 0's BN statistics
             t_eval = time.perf_counter()
-            test_loss, test_acc = evaluate(model, data.test, autocast, info, sharded=sharded)
+            test_loss: float | None = None
+            test_acc: float | None = None
+            if eval_at is None or progress.epoch + 1 in eval_at:  # --test-epochs: else recorded as null
+                test_loss, test_acc = evaluate(model, data.test, autocast, info, sharded=sharded)
+                last_test_acc = test_acc
             eval_time = time.perf_counter() - t_eval
             epochs_this_call += 1
-            last_test_acc = test_acc
             record: dict[str, Any] = {
                 "epoch": progress.epoch + 1,
                 "step": progress.global_step,
@@ -278,7 +299,9 @@ def _train(
             run.end_epoch(record, model, saved_state())
             say(
                 f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "
-                f"{record['train_acc']:.4f}  test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  ({meter.time_s:.1f} s"
+                f"{record['train_acc']:.4f}"
+                + (f"  test_loss {test_loss:.4f}  test_acc {test_acc:.4f}" if test_acc is not None else "")
+                + f"  ({meter.time_s:.1f} s"
                 + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "")
                 + ")"
             )
@@ -310,17 +333,9 @@ def _train(
 
 # ---------------------------------------------------------------------------------- the pieces
 def _data(cfg: TrainConfig, info: D.DistInfo) -> TrainData:
-    if cfg.batch_size % info.world_size:
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({info.world_size})"
-        )
-    batch_per_rank = cfg.batch_size // info.world_size
-    if batch_per_rank % cfg.accum:
-        raise ConfigError(f"the per-process batch ({batch_per_rank}) must be divisible by --accum ({cfg.accum})")
+    per_rank = batch_per_rank(cfg, info.world_size)  # --batch-scope: global (split) or per process
     try:
-        return build_data(
-            cfg, device=info.device, rank=info.rank, world_size=info.world_size, batch_per_rank=batch_per_rank
-        )
+        return build_data(cfg, device=info.device, rank=info.rank, world_size=info.world_size, batch_per_rank=per_rank)
     except UserError:
         raise
     except (ValueError, OSError, ImportError) as e:  # missing files, bad folders, unknown names

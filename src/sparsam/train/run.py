@@ -10,7 +10,6 @@ partial checkpoint; a finished run gets ``summary.json``. The files are describe
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from . import distributed as D
 from . import rundir
 from .checkpoint import (
     load_checkpoint,
-    read_json,
+    read_torch_file,
     remove_stale_temp_files,
     rng_state,
     save_checkpoint,
@@ -36,6 +35,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, diff_identity
 from .errors import CheckpointError, ConfigError, RunDirError
+from .schema import read_summary
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Progress:
     best_epoch: int = 0
     elapsed: float = 0.0
     partial: dict[str, Any] | None = None
+    record: dict[str, Any] | None = None  # the metrics line of the last finished epoch
 
 
 @contextmanager
@@ -112,6 +113,8 @@ class Run:
         self.done = done  # set when there is nothing to do (the run already finished)
         self.progress = Progress()
         self._tb: Any = None
+        # the checkpoint's full model weights, kept until start() (--fsdp cuts run.ckpt to shards)
+        self._best_model: dict[str, Any] | None = ckpt["model"] if ckpt is not None else None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -126,7 +129,10 @@ class Run:
         state = rundir.state(out)
         if resume:
             if state == "empty":
-                raise RunDirError(f"--resume: {out} holds no run to resume (no {rundir.CONFIG})")
+                raise RunDirError(
+                    f"--resume: {out} holds no run to resume (no {rundir.CONFIG}: a run there, if any, stopped "
+                    f"before writing anything); start the run without --resume"
+                )
             saved = rundir.read_run_config(out) if (out / rundir.CONFIG).is_file() else {}
             diffs = diff_identity(saved["config"], cfg) if saved else []
             if (out / rundir.CHECKPOINT).is_file():
@@ -140,7 +146,7 @@ class Run:
                     + "\nResume with the same settings, or start a new run (another --out, or --overwrite)."
                 )
             if state == "finished" and ckpt is not None and ckpt["epoch"] >= cfg.epochs:
-                summary = read_json(out / rundir.SUMMARY)
+                summary = read_summary(out / rundir.SUMMARY)
                 say(f"{out}: the run already finished ({cfg.epochs} epochs); nothing to do")
                 done = RunResult(
                     str(out),
@@ -203,6 +209,7 @@ class Run:
             best_epoch=int(ckpt["best_epoch"]),
             elapsed=float(ckpt["elapsed_s"]),
             partial=partial,
+            record=ckpt.get("record"),
         )
         p = self.progress
         where = f"epoch {p.epoch}" + (f", step {partial['step_in_epoch']} of epoch {p.epoch + 1}" if partial else "")
@@ -222,7 +229,8 @@ class Run:
                 commit, dirty = rundir.git_commit()
                 write_json(
                     out / rundir.CONFIG,
-                    {
+                    what="run configuration",
+                    obj={
                         "config": self.cfg.to_dict(),
                         "sparsam_version": _version(),
                         "git_commit": commit,
@@ -248,15 +256,41 @@ class Run:
                         },
                     },
                 )
-                (out / rundir.METRICS).write_text("")
-            else:  # drop epoch lines written after the checkpoint (a crash between the two writes)
-                kept = [r for r in rundir.read_metrics(out) if r.get("epoch", 0) <= self.progress.epoch]
-                (out / rundir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+                rundir.write_metrics(out, [])
+            else:
+                self._repair()
             if self.cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(out / "tensorboard"))
         D.barrier(info)
+
+    def _repair(self) -> None:
+        """Make the run's files agree with the checkpoint it resumes from (rank 0): metrics lines of
+        epochs after it are dropped (the old checkpoint order), the checkpoint's own epoch line is
+        restored if its write was cut short, and so is the best model when that epoch was the best.
+        Every rewrite is atomic."""
+        out, p = self.out, self.progress
+        rows = rundir.read_metrics(out)
+        kept = [r for r in rows if r["epoch"] <= p.epoch]
+        record = p.record
+        if record is not None and record.get("epoch") == p.epoch and len(kept) == p.epoch - 1:
+            kept.append(record)
+            self.say(f"{out / rundir.METRICS}: the line of epoch {p.epoch} was restored from the checkpoint")
+        if kept != rows:
+            rundir.write_metrics(out, kept)
+        model = self._best_model
+        self._best_model = None
+        if model is None or p.best_epoch != p.epoch or p.epoch == 0:
+            return
+        best = out / rundir.BEST
+        try:
+            held = read_torch_file(best, what="best model") if best.is_file() else None
+        except CheckpointError:
+            held = None  # damaged: the checkpoint holds the same weights
+        if not (isinstance(held, dict) and held.get("epoch") == p.epoch):
+            save_torch_file(best, {"model": model, "epoch": p.epoch, "test_acc": p.best_acc}, what="best model")
+            self.say(f"{best}: the best model (epoch {p.epoch}) was restored from the checkpoint")
 
     def _payload(self, state: dict[str, Any], partial: dict[str, Any] | None) -> dict[str, Any]:
         p = self.progress
@@ -269,6 +303,7 @@ class Run:
             "best_acc": p.best_acc,
             "best_epoch": p.best_epoch,
             "elapsed_s": p.elapsed,
+            "record": p.record,  # resume restores the metrics line from it if its write was cut short
             "config": self.cfg.to_dict(),
             "version": _version(),
             "world_size": self.info.world_size,
@@ -307,26 +342,33 @@ class Run:
             )
 
     def end_epoch(self, record: dict[str, Any], model: nn.Module, state: Callable[[], dict[str, Any]]) -> None:
-        """Record a finished epoch (``record["epoch"]`` = epochs done): best model, metrics line
-        (plus ``wall_time_s``), checkpoint, TensorBoard."""
+        """Record a finished epoch (``record["epoch"]`` = epochs done): checkpoint, metrics line
+        (plus ``wall_time_s``), best model, TensorBoard.
+
+        The checkpoint comes first and carries the epoch's metrics line: it is the point from which
+        ``--resume`` continues, and a resume restores the metrics line and the best model from it when
+        a kill or a full disk stopped their writes (``start``). So a run stopped anywhere in here is
+        resumable and loses nothing."""
         p = self.progress
         p.epoch = record["epoch"]
         p.elapsed = record["time_s"]
-        if record["test_acc"] > p.best_acc:
+        improved = record["test_acc"] is not None and record["test_acc"] > p.best_acc  # None: not evaluated
+        if improved:
             p.best_acc, p.best_epoch = record["test_acc"], p.epoch
-            if self.info.is_main:
-                # state()["model"], not model.state_dict(): under --fsdp it holds the gathered full tensors
-                best_state = {"model": state()["model"], "epoch": p.epoch, "test_acc": record["test_acc"]}
-                save_torch_file(self.out / rundir.BEST, best_state, what="best model")
         if not self.info.is_main:
             return
         prior = rundir.read_metrics(self.out)
         record["wall_time_s"] = (
             (prior[-1].get("wall_time_s", 0.0) if prior else 0.0) + record["epoch_time_s"] + record["eval_time_s"]
         )
-        with open(self.out / rundir.METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(self.out / rundir.CHECKPOINT, self._payload(state(), None))
+        p.record = dict(record)
+        saved = state()
+        save_checkpoint(self.out / rundir.CHECKPOINT, self._payload(saved, None))
+        rundir.write_metrics(self.out, [*prior, record])
+        if improved:
+            # saved["model"], not model.state_dict(): under --fsdp it holds the gathered full tensors
+            best_state = {"model": saved["model"], "epoch": p.epoch, "test_acc": record["test_acc"]}
+            save_torch_file(self.out / rundir.BEST, best_state, what="best model")
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("epoch",):
@@ -341,14 +383,16 @@ class Run:
         finished = p.epoch >= cfg.epochs and stopped is None
         rows = rundir.read_metrics(self.out) if main else []
         final_acc = rows[-1]["test_acc"] if rows else last_test_acc
-        best = max(rows, key=lambda r: r["test_acc"]) if rows else None
+        tested = [r for r in rows if r["test_acc"] is not None]  # --test-epochs skips some epochs
+        best = max(tested, key=lambda r: r["test_acc"]) if tested else None
         if finished and main:
             times = sorted(r["epoch_time_s"] for r in rows)
             mid = len(times) // 2
             median = times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
             write_json(
                 self.out / rundir.SUMMARY,
-                {
+                what="run summary",
+                obj={
                     "finished": True,
                     "method": cfg.method,
                     "epochs": cfg.epochs,
