@@ -74,6 +74,14 @@ def _check_group(group: Mapping[str, Any]) -> None:
         raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
 
 
+def _is_davda54_state(state_dict: Mapping[str, Any]) -> bool:
+    """A state dict saved by davda54/sam's ``SAM``: its per-parameter entries hold ``old_p`` (the
+    weights kept during the perturbed pass), which no ``torch.optim`` optimizer and no sparsam
+    state dict has."""
+    state = state_dict.get("state")
+    return isinstance(state, Mapping) and any(isinstance(v, Mapping) and "old_p" in v for v in state.values())
+
+
 class SAM(Optimizer):
     r"""Sharpness-Aware Minimization around an existing optimizer (Foret et al., ICLR 2021).
 
@@ -97,7 +105,11 @@ class SAM(Optimizer):
             ``state`` are shared, so LR schedulers and checkpoints of the base keep working), or
             parameters / param groups, in which case ``base_optimizer_cls(params, **base_kwargs)``
             is built (the ``SAM(params, torch.optim.SGD, rho=0.05, lr=0.1)`` migration form).
-        base_optimizer_cls: the base optimizer class, only with parameters.
+        base_optimizer_cls: the base optimizer class, only with parameters. With ``rho`` and
+            ``adaptive`` it may be given by position, as in davda54/sam:
+            ``SAM(params, torch.optim.SGD, 0.05, False, lr=0.1)``.
+        base_optimizer: the same class under davda54/sam's keyword
+            (``SAM(params, base_optimizer=torch.optim.SGD, lr=0.1)``); give one of the two.
         rho: neighbourhood radius (default for groups that do not set it).
         adaptive: ASAM with ``T = |w| + eta``. The ``eta`` offset lets zero-initialised weights
             (biases) move; davda54/sam's ASAM uses ``T = |w|`` and cannot perturb them.
@@ -161,9 +173,10 @@ class SAM(Optimizer):
         self,
         params_or_optimizer: Any,
         base_optimizer_cls: type[Optimizer] | None = None,
-        *,
         rho: float = 0.05,
         adaptive: bool = False,
+        *,
+        base_optimizer: type[Optimizer] | None = None,
         eta: float = 0.01,
         eps: float = 1e-12,
         foreach: bool | None = None,
@@ -173,7 +186,19 @@ class SAM(Optimizer):
         exchange: bool = True,
         **base_kwargs: Any,
     ) -> None:
+        if base_optimizer is not None:  # davda54/sam's keyword: SAM(params, base_optimizer=torch.optim.SGD, ...)
+            if base_optimizer_cls is not None:
+                raise TypeError(
+                    f"SAM got the base optimizer class twice: {base_optimizer_cls!r} (second argument) and "
+                    f"base_optimizer={base_optimizer!r}; give it once"
+                )
+            base_optimizer_cls = base_optimizer
         if isinstance(params_or_optimizer, Optimizer):
+            if isinstance(base_optimizer_cls, (int, float)) and not isinstance(base_optimizer_cls, bool):
+                raise TypeError(
+                    f"SAM(optimizer, {base_optimizer_cls!r}): with a built optimizer rho is a keyword, "
+                    f"SAM(optimizer, rho={base_optimizer_cls!r})"
+                )
             if base_optimizer_cls is not None or base_kwargs:
                 raise TypeError(
                     "SAM(optimizer, ...) wraps an already-built optimizer; base_optimizer_cls "
@@ -186,8 +211,15 @@ class SAM(Optimizer):
         else:
             if base_optimizer_cls is None:
                 raise TypeError(
-                    "SAM(params, ...) needs base_optimizer_cls, e.g. SAM(params, torch.optim.SGD, lr=0.1); "
+                    "SAM(params, ...) needs the base optimizer class, e.g. SAM(params, torch.optim.SGD, lr=0.1) "
+                    "or SAM(params, base_optimizer=torch.optim.SGD, lr=0.1) (base_optimizer_cls= works too); "
                     f"got params of type {type(params_or_optimizer).__name__} and no class"
+                )
+            if isinstance(base_optimizer_cls, Optimizer):
+                raise TypeError(
+                    f"SAM(params, base_optimizer) takes the optimizer class, got a built "
+                    f"{type(base_optimizer_cls).__name__}; to wrap a built optimizer pass it alone: "
+                    "SAM(optimizer, rho=...)"
                 )
             if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, Optimizer)):
                 raise TypeError(
@@ -776,6 +808,12 @@ class SAM(Optimizer):
         it was before the exception propagates."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"load_state_dict needs a state dict (a mapping), got {type(state_dict).__name__}")
+        if _is_davda54_state(state_dict):
+            raise ValueError(
+                "this optimizer state dict was saved by davda54/sam's SAM (its entries hold 'old_p', a copy of the "
+                "weights, and none of the base optimizer's momentum or Adam moments): there is nothing in it to "
+                "resume; load the model's weights from the checkpoint and start the optimizer fresh"
+            )
         if self._in_perturbation:
             raise RuntimeError(
                 "load_state_dict() between first_step() and second_step(): finish the step or restore() first"

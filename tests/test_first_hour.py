@@ -1,0 +1,159 @@
+"""A new user's first hour: the davda54/sam drop-in, the CLI's one-line errors and short help,
+and the start-up time of ``import sparsam``.
+
+The drop-in tests follow the usage patterns of davda54/sam's README (constructor by position and
+by keyword, the two-step loop, the closure form with its own first pass, a scheduler on
+``optimizer.base_optimizer``) and compare against the plain reference step of ``tests/reference.py``.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsam import SAM
+
+from .reference import reference_sam_step, tiny_data, tiny_net
+
+
+def _davda54_loop(model, optimizer, x, y, steps):
+    """The loop of davda54/sam's README: pass 1, first_step, pass 2, second_step."""
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)  # "use this loss for any training statistics"
+        loss.backward()
+        optimizer.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+
+
+def _reference(model, x, y, steps, *, rho, adaptive=False, eta=0.01, **sgd):
+    base = torch.optim.SGD(model.parameters(), **sgd)
+    params = list(model.parameters())
+    for _ in range(steps):
+        reference_sam_step(
+            params, base, lambda: F.cross_entropy(model(x), y).backward(), rho=rho, adaptive=adaptive, eta=eta
+        )
+
+
+# ---------------------------------------------------------------------------------------- the davda54 drop-in
+@pytest.mark.parametrize(
+    "make",
+    [
+        # README: base_optimizer = torch.optim.SGD; SAM(model.parameters(), base_optimizer, lr=0.1, momentum=0.9)
+        lambda ps: SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
+        lambda ps: SAM(ps, base_optimizer=torch.optim.SGD, lr=0.1, momentum=0.9),
+        lambda ps: SAM(ps, torch.optim.SGD, 0.05, lr=0.1, momentum=0.9),  # rho by position
+        lambda ps: SAM(ps, torch.optim.SGD, 0.05, False, lr=0.1, momentum=0.9),  # rho, adaptive by position
+        lambda ps: SAM(ps, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False, lr=0.1, momentum=0.9),
+    ],
+    ids=["positional-class", "keyword-base_optimizer", "positional-rho", "positional-rho-adaptive", "keywords"],
+)
+def test_davda54_constructor_forms_match_the_reference(make):
+    x, y = tiny_data()
+    m1, m2 = tiny_net(), tiny_net()
+    opt = make(m1.parameters())
+    assert opt.param_groups[0]["rho"] == 0.05 and opt.param_groups[0]["adaptive"] is False
+    _davda54_loop(m1, opt, x, y, steps=3)
+    _reference(m2, x, y, 3, rho=0.05, lr=0.1, momentum=0.9)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_davda54_positional_adaptive_is_asam():
+    x, y = tiny_data()
+    m1, m2 = tiny_net(), tiny_net()
+    opt = SAM(m1.parameters(), torch.optim.SGD, 2.0, True, lr=0.1)  # README: ASAM with rho=2.0
+    assert opt.param_groups[0]["adaptive"] is True
+    _davda54_loop(m1, opt, x, y, steps=2)
+    _reference(m2, x, y, 2, rho=2.0, adaptive=True, lr=0.1)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_davda54_closure_pattern_with_its_own_first_pass_gives_the_two_step_result():
+    """davda54's README runs pass 1 by hand, then ``step(closure)``, then ``zero_grad()``. Here
+    the closure runs twice and pass 1's gradient is added to the hand-run one: 2g points the same
+    way, so the step equals the two-step loop up to rounding."""
+    x, y = tiny_data()
+    m1, m2 = tiny_net(), tiny_net()
+    o1 = SAM(m1.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    o2 = SAM(m2.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    for _ in range(3):
+
+        def closure():
+            loss = F.cross_entropy(m1(x), y)
+            loss.backward()
+            return loss
+
+        loss = F.cross_entropy(m1(x), y)
+        loss.backward()
+        o1.step(closure)
+        o1.zero_grad()
+    _davda54_loop(m2, o2, x, y, steps=3)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_davda54_scheduler_on_base_optimizer_and_param_groups():
+    model = tiny_net()
+    groups = [{"params": [model[0].weight, model[0].bias]}, {"params": model[2].parameters(), "lr": 0.01}]
+    opt = SAM(groups, torch.optim.SGD, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt.base_optimizer, T_max=4)  # README's tip
+    x, y = tiny_data()
+    _davda54_loop(model, opt, x, y, steps=1)
+    sched.step()
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt.base_optimizer.param_groups]
+    assert opt.param_groups[0]["lr"] < 0.1 and opt.param_groups[1]["lr"] < 0.01
+
+
+def test_constructor_mistakes_get_one_clear_error():
+    model = tiny_net()
+    with pytest.raises(TypeError, match="base_optimizer"):
+        SAM(model.parameters(), rho=0.05, lr=0.1)  # no class at all
+    with pytest.raises(TypeError, match="twice"):
+        SAM(model.parameters(), torch.optim.SGD, base_optimizer=torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match=r"built SGD.*SAM\(optimizer, rho"):
+        SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"rho=0\.05"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1), 0.05)
+    with pytest.raises(ValueError, match="-0.1"):
+        SAM(model.parameters(), torch.optim.SGD, -0.1, lr=0.1)
+
+
+def _davda54_state_dict(model):
+    """What ``state_dict()`` of davda54's SAM holds after a step: its own per-parameter state with
+    ``old_p`` (a copy of the weights) and its param groups with ``rho``/``adaptive``; the base
+    optimizer's momentum lives in another object and is not saved."""
+    params = list(model.parameters())
+    return {
+        "state": {i: {"old_p": p.detach().clone()} for i, p in enumerate(params)},
+        "param_groups": [
+            {
+                "rho": 0.05,
+                "adaptive": False,
+                "lr": 0.1,
+                "momentum": 0.9,
+                "dampening": 0,
+                "weight_decay": 0,
+                "nesterov": False,
+                "params": list(range(len(params))),
+            }
+        ],
+    }
+
+
+def test_davda54_state_dict_is_refused_in_one_line_and_changes_nothing():
+    x, y = tiny_data()
+    model = tiny_net()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    _davda54_loop(model, opt, x, y, steps=1)
+    before = {k: v["momentum_buffer"].clone() for k, v in opt.state_dict()["state"].items()}
+    with pytest.raises(ValueError, match="davda54/sam") as info:
+        opt.load_state_dict(_davda54_state_dict(model))
+    assert "\n" not in str(info.value) and "start the optimizer fresh" in str(info.value)
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[k]["momentum_buffer"], v) for k, v in before.items())
+    assert all("old_p" not in s for s in opt.state.values())
