@@ -95,7 +95,10 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
         out = rundir.resolve_dir(cfg.out or cfg.default_out())
     saved_path = out / rundir.CONFIG
     if not saved_path.is_file():
-        raise RunDirError(f"--resume: {out} holds no run to resume (no {rundir.CONFIG})")
+        raise RunDirError(
+            f"--resume: {out} holds no run to resume (no {rundir.CONFIG}: a run there, if any, stopped before "
+            f"writing anything); start the run without --resume"
+        )
     # --stop-after limits one invocation; it is not inherited by the next one
     saved = {k: v for k, v in rundir.read_run_config(out)["config"].items() if k != "stop_after"}
     cfg = build_config([(f"saved config {saved_path}", saved), *layers])

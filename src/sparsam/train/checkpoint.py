@@ -72,22 +72,32 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Pretty JSON, written atomically."""
-    data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode()
+def write_json(path: str | os.PathLike[str], obj: Any, *, what: str = "file") -> None:
+    """Pretty JSON, written atomically; see ``write_text``."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n", what=what)
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, what: str = "file") -> None:
+    """``text`` (UTF-8) to ``path`` atomically. A failed write raises
+    [`CheckpointError`][sparsam.train.CheckpointError] naming the file and the reason (the disk is
+    full, the folder is read-only, ...); the previous file at ``path`` is left as it was."""
+    data = text.encode("utf-8")
 
     def write(f: BinaryIO) -> None:
         f.write(data)
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise _write_failed(Path(path), e, what) from None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+    """A JSON file of the run directory; a file that cannot be read, is not UTF-8 text or is not
+    JSON raises a ``RunFileError`` (a [`UserError`][sparsam.train.UserError]) naming it."""
+    from .schema import load_json
+
+    return load_json(path)
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -163,18 +173,26 @@ def save_torch_file(path: str | os.PathLike[str], obj: Any, *, what: str = "chec
         atomic_write(path, write)
     except (OSError, RuntimeError) as e:
         err = e if isinstance(e, OSError) else (recorders[-1].error if recorders else None)
-        if err is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            try:
-                free = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free)"
-            except OSError:
-                free = ""
-            why = f"the disk is full{free}"
-        elif err is not None:
-            why = f"{err.strerror or err}"
-        else:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
-        raise CheckpointWriteError(f"could not write the {what} {path}: {why}; {kept}") from None
+        raise _write_failed(path, err, what, fallback=e) from None
+
+
+def _write_failed(
+    path: Path, err: OSError | None, what: str, *, fallback: BaseException | None = None
+) -> CheckpointWriteError:
+    """The one-line error of a failed write of ``path``: why (a full disk says so, with the space
+    left) and whether a previous file is kept."""
+    if err is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        why = f"the disk is full{free}"
+    elif err is not None:
+        why = f"{err.strerror or err}"
+    else:
+        why = (str(fallback).strip().splitlines() or [type(fallback).__name__])[0]
+    kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
+    return CheckpointWriteError(f"could not write the {what} {path}: {why}; {kept}")
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
@@ -258,7 +276,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     missing, truncated or otherwise unreadable, or not a sparsam checkpoint.
     """
     path = Path(path)
-    advice = _advice()
     ckpt = read_torch_file(path, map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sparsam training checkpoint (no format={FORMAT!r} entry)")
@@ -266,10 +283,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         raise CheckpointError(
             f"{path} has checkpoint format version {ckpt.get('format_version')!r}; this sparsam reads version {FORMAT_VERSION}"
         )
-    missing = [k for k in ("epoch", "model", "optimizer", "scheduler", "rng", "config") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it is damaged. {advice}")
-    return ckpt
+    from .schema import check_checkpoint
+
+    return check_checkpoint(ckpt, path)  # every entry present and of its kind
 
 
 __all__ = [
@@ -286,4 +302,5 @@ __all__ = [
     "save_torch_file",
     "set_rng_state",
     "write_json",
+    "write_text",
 ]

@@ -1,6 +1,8 @@
 """The run directory: what is in it, whether it holds a run, and reading it back.
 
-Layout (every JSON file is written atomically; ``metrics.jsonl`` is appended once per epoch):
+Layout (every file is written atomically: to a temporary file in the same folder, flushed to disk
+and renamed into place; ``metrics.jsonl`` is rewritten so once per epoch). Readers check each file
+against its schema (``sparsam.train.schema``).
 
 ```text
 RUN_DIR/
@@ -31,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from .checkpoint import read_json, remove_stale_temp_files
+from . import schema
+from .checkpoint import remove_stale_temp_files, write_text
 from .errors import RunDirError
 
 try:
@@ -130,7 +133,10 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
     if fcntl is None:  # pragma: no cover
         return DirLock(p, lock_file, None, created)
     while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only folder or disk: nothing can be written there
+            raise RunDirError(f"{flag} {path}: cannot write in {p} ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -157,16 +163,10 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
 
 
 def read_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of a run directory (the whole file), checked to hold a ``"config"``
-    object; otherwise a [`RunDirError`][sparsam.train.RunDirError] says that the file is damaged."""
-    f = Path(path) / CONFIG
-    meta = read_json(f)
-    if not isinstance(meta, dict):
-        raise RunDirError(f"{f} is damaged: it holds a JSON {type(meta).__name__}, not an object with a 'config' entry")
-    if not isinstance(meta.get("config"), dict):
-        got = "no 'config' entry" if "config" not in meta else f"a {type(meta['config']).__name__} as 'config'"
-        raise RunDirError(f"{f} is damaged: it holds {got}, not an object of settings")
-    return meta
+    """The ``config.json`` of a run directory (the whole file), checked against its schema
+    (``sparsam.train.schema.check_config``: a ``"config"`` object of valid settings); otherwise a
+    [`RunDirError`][sparsam.train.RunDirError] names the file and its first bad key."""
+    return schema.read_config(Path(path) / CONFIG)
 
 
 def state(out: str | os.PathLike[str]) -> str:
@@ -196,19 +196,17 @@ def clear(out: str | os.PathLike[str]) -> None:
 
 
 def read_metrics(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The epoch records of a run. A torn last line (a crash while appending) is ignored."""
-    path = Path(out) / METRICS
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The epoch records of a run, every line checked (``sparsam.train.schema.parse_metrics``): the
+    first bad line raises a [`RunDirError`][sparsam.train.RunDirError] naming it. A last line without
+    its newline that is not JSON (an append interrupted by a crash, in runs of earlier versions) is
+    left out."""
+    return schema.read_metrics(Path(out) / METRICS)
+
+
+def write_metrics(out: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` by ``rows`` atomically (a temporary file renamed into place), so a
+    crash or a full disk leaves the old file or the new one, never a shorter one."""
+    write_text(Path(out) / METRICS, schema.metrics_text(rows), what="metrics file")
 
 
 def git_commit() -> tuple[str | None, bool | None]:
@@ -250,11 +248,11 @@ class RunRecord:
 
 
 def load_run(path: str | os.PathLike[str]) -> RunRecord:
+    """Read a run directory back, each file checked against its schema (``sparsam.train.schema``):
+    the first bad line or key raises a [`RunDirError`][sparsam.train.RunDirError] naming its file."""
     p = Path(path)
     meta = read_run_config(p)
-    summary = read_json(p / SUMMARY) if (p / SUMMARY).is_file() else None
-    if summary is not None and not isinstance(summary, dict):
-        raise RunDirError(f"{p / SUMMARY} is damaged: it holds a JSON {type(summary).__name__}, not an object")
+    summary = schema.read_summary(p / SUMMARY) if (p / SUMMARY).exists() else None
     return RunRecord(path=p, config=dict(meta["config"]), meta=meta, metrics=read_metrics(p), summary=summary)
 
 
