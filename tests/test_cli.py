@@ -230,7 +230,7 @@ def test_report_table_csv_and_plots(two_runs, capsys):
     assert [r["method"] for r in rows] == ["SGD", "SSAM-R"]
     sgd = rows[0]
     final = metrics(two_runs / "sgd")[-1]["test_acc"]
-    assert float(sgd["final_acc_mean"]) == pytest.approx(final) and sgd["seeds"] == "1"
+    assert float(sgd["final_acc_mean_pct"]) == pytest.approx(100 * final) and sgd["seeds"] == "1"  # percent
     assert float(sgd["time_ratio_vs_sgd"]) == 1.0 and float(rows[1]["time_ratio_vs_sgd"]) > 0
     for png in ("acc_vs_epoch.png", "acc_vs_time.png"):
         assert (two_runs / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -256,7 +256,8 @@ def test_report_mean_and_std_over_seeds(tmp_path):
     assert r["seeds"] == 2
     assert r["final_mean"] == pytest.approx(0.7) and r["final_std"] == pytest.approx(0.1414213562)
     assert r["best_mean"] == pytest.approx(0.8) and r["epoch_time_s"] == pytest.approx(2.0)
-    assert "| SAM | — | 2 | 70.00 ± 14.14 | 80.00 ± 14.14 | 3/3 | 2 | — |" in to_markdown(varying, rows)
+    # one precision rule: accuracy in % with two decimals, a measured time to three significant digits
+    assert "| SAM | — | 2 | 70.00 ± 14.14 | 80.00 ± 14.14 | 3/3 | 2.00 | — |" in to_markdown(varying, rows)
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path, capsys):

@@ -15,6 +15,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from .config import IDENTITY_KEYS
@@ -436,6 +437,8 @@ def plot_accuracy(
     title: str | None = None,
     max_lines: int = 6,
     max_cols: int = 3,
+    formats: Sequence[str] | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> Any:
     """Test accuracy against epochs, training time or training compute, as small multiples.
 
@@ -458,10 +461,14 @@ def plot_accuracy(
         title: the figure's title (default: what is plotted, and the data and model).
         max_lines: the most lines in a panel.
         max_cols: the most panels side by side (more wrap onto further rows).
+        formats: write the figure in each of these formats (``"png"``, ``"pdf"``, ``"svg"``),
+            ``path`` with its suffix replaced (default: ``path`` as given).
+        ylim: the test-accuracy axis's limits in % (default: matplotlib's, to fit every line).
 
     Returns:
-        The matplotlib Figure (already written to ``path``).
+        The matplotlib Figure (already written to ``path``, or to each format).
     """
+    targets = _targets(path, formats)
     if x not in _X:
         raise ValueError(f"x must be 'epoch', 'time' or 'compute', got {x!r}")
     if max_cols < 1:
@@ -493,6 +500,8 @@ def plot_accuracy(
     legend_rows = max((len(lines) for p in layout.values() for _, lines in p), default=1)
     row_height = 2.9 + 0.19 * legend_rows
     fig, axes = _figure(max(1, sum(grid_rows)), ncols, 0.6 + 4.0 * ncols, 0.7 + row_height * max(1, sum(grid_rows)))
+    from matplotlib.ticker import MaxNLocator  # after _figure, which explains a missing matplotlib
+
     what, xlabel = _X[x]
     first_row = 0
     for n_rows, ((data, model), panels) in zip(grid_rows, layout.items()):
@@ -523,6 +532,10 @@ def plot_accuracy(
                     ax.fill_between(xs, lo, hi, alpha=0.15, color=style.color, linewidth=0)
             ax.set_title(name, fontsize=10)
             ax.set_xlabel(xlabel)
+            if ylim is not None:
+                ax.set_ylim(*ylim)
+            if x == "epoch":  # whole epochs only: a 2-epoch run gets ticks 1 and 2, not 1.2, 1.4, ...
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if i % ncols == 0:
                 ax.set_ylabel("test accuracy (%)" if len(layout) == 1 else f"{data}, {model}\ntest accuracy (%)")
             else:
@@ -539,9 +552,37 @@ def plot_accuracy(
         f"Test accuracy against {what}" + (": {}, {}".format(*next(iter(layout))) if len(layout) == 1 else "")
     )
     notes = [n for n in (note, f"{left_out} group(s) without a compute record left out" if left_out else "") if n]
-    fig.suptitle(head + ("\n" + "; ".join(notes) if notes else ""), fontsize=11)
-    fig.savefig(path, dpi=120)
+    width_in = fig.get_size_inches()[0]
+    title_lines = [_wrap(head, width_in, 11), *(_wrap(n, width_in, 9) for n in notes)]
+    fig.suptitle("\n".join(title_lines), fontsize=11 if not notes else 10)
+    for target in targets:
+        fig.savefig(target, dpi=120 if target.suffix == ".png" else None)
     return fig
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``fontsize`` points (an average
+    character is about 0.55 em wide), so that a title never runs off the canvas."""
+    import textwrap
+
+    chars = max(20, int(0.92 * width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars)) or text
+
+
+def _targets(path: str | os.PathLike[str], formats: Sequence[str] | None) -> list[Path]:
+    """The files to write: ``path`` itself, or ``path`` with each of ``formats`` as its suffix."""
+    p = Path(path)
+    if formats is None:
+        return [p]
+    if isinstance(formats, str) or not formats:
+        raise ValueError(f"formats must be a non-empty list of 'png', 'pdf', 'svg', got {formats!r}")
+    out = []
+    for fmt in formats:
+        f = str(fmt).lower().lstrip(".")
+        if f not in ("png", "pdf", "svg"):
+            raise ValueError(f"formats must contain 'png', 'pdf' or 'svg', got {fmt!r}")
+        out.append(p.with_suffix(f".{f}"))
+    return list(dict.fromkeys(out))
 
 
 __all__ = ["FAMILIES", "MethodStyle", "method_style", "method_styles", "plot_accuracy"]

@@ -5,6 +5,10 @@ settings that tell groups apart (method, sparsity, and any other key that differ
 the number of seeds, final and best test accuracy (mean ± sample std, in %), epochs done, time
 per epoch (median over the run's epochs, mean over seeds) and its ratio to the SGD group with the
 same data, model and batch settings. No plotting here: see ``sparsam.train.figures``.
+
+One precision rule for every table (Markdown and LaTeX; the CSV keeps full precision): accuracy in
+percent with two decimals; measured times to three significant digits (``0.250``, ``0.514``,
+``12.0``); ratios to SGD with two decimals (``2.13x``); counted compute as a whole number.
 """
 
 from __future__ import annotations
@@ -176,49 +180,124 @@ def _sgd_reference(g: Group, groups: list[Group]) -> Group | None:
     return None
 
 
-def _pct(mean: float | None, std: float | None) -> str:
+def paired_difference(a: Group, b: Group) -> list[float]:
+    """Final test accuracy of ``a`` minus that of ``b`` (fractions), one value per seed both groups
+    ran, in seed order; runs without a final test accuracy are left out."""
+
+    def finals(g: Group) -> dict[Any, float]:
+        out = {}
+        for run in g.runs:
+            final = run_numbers(run)["final"]
+            if final is not None:
+                out[run.config.get("seed")] = float(final)
+        return out
+
+    fa, fb = finals(a), finals(b)
+    return [fa[s] - fb[s] for s in sorted(set(fa) & set(fb), key=str)]
+
+
+def _pct(mean: float | None, std: float | None, *, pm: str = " ± ") -> str:
     if mean is None:
         return "—"
-    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+    return f"{100 * mean:.2f}" + (f"{pm}{100 * std:.2f}" if std is not None else "")
 
 
-def to_markdown(varying: list[str], rows: list[dict[str, Any]]) -> str:
-    head = [
-        "Method",
-        "Sparsity",
-        *varying,
-        "Seeds",
-        "Final acc (%)",
-        "Best acc (%)",
-        "Epochs",
-        "Time/epoch (s)",
-        "vs SGD",
-        "To SGD acc (s)",
-        "Compute (SGD steps)",
-        "Compute vs SGD",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+def sig3(value: float) -> str:
+    """``value`` to three significant digits, trailing zeros kept (``0.250``, ``12.0``, ``1234``)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    text = f"{value:#.3g}"
+    return text[:-1] if text.endswith(".") else text
+
+
+#: the columns of ``to_markdown`` / ``to_latex`` after Method, Sparsity and the varying settings
+COLUMNS: tuple[str, ...] = (
+    "Seeds",
+    "Final acc (%)",
+    "Best acc (%)",
+    "Epochs",
+    "Time/epoch (s)",
+    "vs SGD",
+    "To SGD acc (s)",
+    "Compute (SGD steps)",
+    "Compute vs SGD",
+)
+
+
+def _table(
+    varying: list[str], rows: list[dict[str, Any]], columns: Sequence[str] | None, pm: str = " ± "
+) -> tuple[list[str], list[list[str]]]:
+    """(header, cells of each row) of the report table, with the chosen ``columns`` (default all)."""
+    if columns is not None:
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown table columns {unknown}; known: {', '.join(COLUMNS)}")
+    keep = [c for c in COLUMNS if columns is None or c in columns]
+    head = ["Method", "Sparsity", *varying, *keep]
+    body = []
     for r in rows:
         g: Group = r["group"]
         sparsity: Any = "—"
         if is_sparse(g.settings):
             sparsity = g.settings.get("nm") if g.settings.get("pattern") == "nm" else f"{g.settings.get('sparsity'):g}"
         epochs = f"{r['epochs_done']}/{r['epochs']}" + ("" if r["finished"] else " (running)")
-        cells = [
-            r["method"],
-            str(sparsity),
-            *["—" if k not in g.settings else str(g.settings[k]) for k in varying],
-            str(r["seeds"]),
-            _pct(r["final_mean"], r["final_std"]),
-            _pct(r["best_mean"], r["best_std"]),
-            epochs,
-            "—" if r["epoch_time_s"] is None else f"{r['epoch_time_s']:.3g}",
-            "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x",
-            _to_sgd(r),
-            "—" if r["compute"] is None else f"{r['compute']:.6g}",
-            "—" if r["compute_ratio"] is None else f"{r['compute_ratio']:.2f}x",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = {
+            "Seeds": str(r["seeds"]),
+            "Final acc (%)": _pct(r["final_mean"], r["final_std"], pm=pm),
+            "Best acc (%)": _pct(r["best_mean"], r["best_std"], pm=pm),
+            "Epochs": epochs,
+            "Time/epoch (s)": "—" if r["epoch_time_s"] is None else sig3(r["epoch_time_s"]),
+            "vs SGD": "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x",
+            "To SGD acc (s)": _to_sgd(r),
+            "Compute (SGD steps)": "—" if r["compute"] is None else f"{r['compute']:.0f}",
+            "Compute vs SGD": "—" if r["compute_ratio"] is None else f"{r['compute_ratio']:.2f}x",
+        }
+        body.append(
+            [
+                r["method"],
+                str(sparsity),
+                *["—" if k not in g.settings else str(g.settings[k]) for k in varying],
+                *[cells[c] for c in keep],
+            ]
+        )
+    return head, body
+
+
+def to_markdown(varying: list[str], rows: list[dict[str, Any]], *, columns: Sequence[str] | None = None) -> str:
+    """The report table in Markdown; ``columns``: which of ``COLUMNS`` to show (default all)."""
+    head, body = _table(varying, rows, columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_"}
+_LATEX_ESCAPES.update({"{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"})
+
+
+def _latex(text: str) -> str:
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+    return out.replace("—", "--").replace("ρ", r"$\rho$")
+
+
+def to_latex(
+    varying: list[str], rows: list[dict[str, Any]], *, columns: Sequence[str] | None = None, caption: str | None = None
+) -> str:
+    """The report table as a LaTeX ``table`` with booktabs rules (``\\usepackage{booktabs}``): the
+    same columns and numbers as ``to_markdown``, ``±`` as ``$\\pm$``, text escaped."""
+    head, body = _table(varying, rows, columns, pm=" \x00 ")
+    align = "l" * (2 + len(varying)) + "r" * (len(head) - 2 - len(varying))
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        lines.append(r"\caption{" + _latex(caption) + "}")
+    lines += [r"\begin{tabular}{" + align + "}", r"\toprule"]
+    lines.append(" & ".join(_latex(h) for h in head) + r" \\")
+    lines.append(r"\midrule")
+    for cells in body:
+        lines.append(" & ".join(_latex(c).replace(" \x00 ", r" $\pm$ ") for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -228,10 +307,12 @@ def _to_sgd(r: dict[str, Any]) -> str:
     if r["to_sgd_s"] is None:
         return "not reached"
     n = f" ({r['to_sgd_runs']}/{r['seeds']})" if r["to_sgd_runs"] != r["seeds"] else ""
-    return f"{r['to_sgd_s']:.4g}{n}"
+    return f"{sig3(r['to_sgd_s'])}{n}"
 
 
 def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
+    """The report table as CSV, numbers at full precision: accuracy in percent (``*_pct``), times in
+    seconds, ratios as plain numbers."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
@@ -242,10 +323,10 @@ def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
             "sparsity",
             *varying,
             "seeds",
-            "final_acc_mean",
-            "final_acc_std",
-            "best_acc_mean",
-            "best_acc_std",
+            "final_acc_mean_pct",
+            "final_acc_std_pct",
+            "best_acc_mean_pct",
+            "best_acc_std_pct",
             "epochs_done",
             "epochs",
             "finished",
@@ -270,10 +351,7 @@ def to_csv(varying: list[str], rows: list[dict[str, Any]]) -> str:
                 g.settings.get("sparsity", "") if ssam else "",
                 *[r["settings"].get(k) for k in varying],
                 r["seeds"],
-                r["final_mean"],
-                r["final_std"],
-                r["best_mean"],
-                r["best_std"],
+                *(None if r[k] is None else 100 * r[k] for k in ("final_mean", "final_std", "best_mean", "best_std")),
                 r["epochs_done"],
                 r["epochs"],
                 r["finished"],
@@ -308,4 +386,16 @@ def curves(group: Group) -> dict[str, list[float]]:
     return out
 
 
-__all__ = ["Group", "curves", "group_runs", "run_numbers", "summarize", "to_csv", "to_markdown"]
+__all__ = [
+    "COLUMNS",
+    "Group",
+    "curves",
+    "group_runs",
+    "paired_difference",
+    "run_numbers",
+    "sig3",
+    "summarize",
+    "to_csv",
+    "to_latex",
+    "to_markdown",
+]
