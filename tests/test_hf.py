@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from accelerate.state import AcceleratorState, GradientState
 
-from sparsam import SAM, SSAM
+from sparsam import MSAM, SAM, SSAM, SparseMSAM
 from sparsam.integrations.transformers import SPARSAM_STATE_NAME, SAMTrainer
 from sparsam.masks import DynamicMask, FisherMask, RandomMask
 from sparsam.optim.esam import ESAM
@@ -313,6 +313,9 @@ CHEAPER = {
     "late-ramp": lambda base, **kw: ScheduledSAM(base, rho=0.1, start=0.25, ramp=0.5, total_steps=4, **kw),
     "lookssam": lambda base, **kw: LookSSAM(base, rho=0.1, k=2, mask=RandomMask(0.5, seed=3), **kw),
     "esam-swp": lambda base, **kw: ESAM(base, rho=0.1, beta=0.6, gamma=1.0, seed=3, **kw),
+    # one pass per step, at weights moved against the momentum; sparse: SSAM's random mask
+    "msam": lambda base, **kw: MSAM(base, rho=0.5, **kw),
+    "smsam": lambda base, **kw: SparseMSAM(base, rho=0.5, mask=RandomMask(0.5, seed=3), **kw),
 }
 
 
@@ -355,6 +358,22 @@ def test_cheaper_sams_through_the_trainer_equal_their_own_step(name, tmp_path):
     if name == "lookssam":
         assert ours.masks.keys() == sam.masks.keys() and ours.masks
         assert all(torch.equal(ours.masks[k], sam.masks[k]) for k in ours.masks)
+
+
+def test_msam_runs_one_pass_per_micro_batch(tmp_path):
+    # SAMTrainer with MSAM: each micro-batch is forwarded once per step (no ascent pass), and
+    # compute counts one SGD step per step.
+    steps = 3
+    model, data = tiny_bert(), cls_data(steps * BATCH * ACCUM)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, inputs: forwards.append(1))
+    trainer = SAMTrainer(
+        model=model, args=args(tmp_path, max_steps=steps), train_dataset=data, sam=lambda base: MSAM(base, rho=0.5)
+    )
+    trainer.train()
+    assert trainer.state.global_step == steps
+    assert len(forwards) == steps * ACCUM
+    assert trainer.sam_optimizer.compute == steps
 
 
 def test_esam_data_selection_needs_sample_loss(tmp_path):

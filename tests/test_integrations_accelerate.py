@@ -363,3 +363,47 @@ def test_a_sequence_changing_variant_runs_without_edits_here():
         step(lambda x, y: F.cross_entropy(model(x), y), x, y)
     assert EveryOtherStepSAM.calls == plain == [[None], ["ascent", "descent"]] * 2
     assert_same(model, ref)
+
+
+def msam_sgd(params, **kw):
+    from sparsam import MSAM
+
+    return MSAM(params, torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, **kw)
+
+
+def msam_reference(net, *, micro=1):
+    """MSAM's own loop: ``opt.step(closure)`` with every micro-batch in the one closure call."""
+    ref = copy.deepcopy(net)
+    opt = msam_sgd(ref.parameters(), model=ref)
+    for x, y in loader():
+
+        def closure(x=x, y=y):
+            for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+                (F.cross_entropy(ref(xm), ym) / micro).backward()
+
+        opt.zero_grad()
+        opt.step(closure)
+    return ref, opt
+
+
+@pytest.mark.parametrize("micro", [1, 2], ids=["one_batch", "accumulate_2"])
+def test_msam_runs_one_pass_per_step(micro):
+    # MSAM through SAMStep: every micro-batch is computed once (no ascent pass), all of them at the
+    # step's perturbed weights, and the result is MSAM's own opt.step(closure) loop, bit for bit.
+    net = tiny_net(dtype=torch.float32, bn=micro == 1)
+    ref, ref_opt = msam_reference(net, micro=micro)
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=micro)
+    model, opt, dl = acc.prepare(net, msam_sgd(net.parameters()), loader(batch=8 // micro))
+    step = SAMStep(acc, opt, model=model)
+    passes = []
+
+    def loss_fn(x, y):
+        passes.append(unwrap_optimizer(opt).current_pass)
+        return F.cross_entropy(model(x), y)
+
+    for x, y in dl:
+        with acc.accumulate(model):
+            step(loss_fn, x, y)
+    assert passes == [None] * 4 * micro  # 4 steps, one pass per micro-batch
+    assert unwrap_optimizer(opt).compute == ref_opt.compute == 4.0
+    assert_same(model, ref)

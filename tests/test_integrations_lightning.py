@@ -588,3 +588,35 @@ def test_a_sequence_changing_variant_runs_without_edits_here():
     assert under_lightning == EveryOtherStepSAM.calls == [[None], ["ascent", "descent"]] * 2
     same_state(module, ref)
     assert t.global_step == 4
+
+
+# ------------------------------------------------------------------------------ Momentum-SAM
+def test_msam_runs_one_pass_per_step():
+    # MSAM under the callback: training_step runs once per step (never in a descent pass), the
+    # result is MSAM's own opt.step(closure) loop bit for bit (BatchNorm statistics from its one
+    # pass, as in the paper), and the logged loss is that pass's.
+    from sparsam import MSAM
+
+    def make(m, **kw):
+        return MSAM(m.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, weight_decay=1e-3, **kw)
+
+    module = Net(make)
+    ref = Holder(copy.deepcopy(module.net))
+    ref_opt = make(ref, model=ref)
+    losses = []
+    for x, y in list(loader())[:4]:
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+
+        ref_opt.zero_grad()
+        losses.append(ref_opt.step(closure).detach())
+    t = trainer(4)
+    t.fit(module, loader())
+    same_state(module, ref)
+    assert t.global_step == 4
+    assert module.seen_descent == [False] * 4  # one pass per step
+    assert t.optimizers[0].compute == ref_opt.compute == 4.0
+    assert torch.equal(t.callback_metrics["train_loss"], losses[-1])

@@ -19,7 +19,10 @@ def test_method_names_round_trip_and_are_unique():
         assert cfg.method == name == M.method_name(values)
         assert M.method_values(name) == values
     assert list(M.METHODS)[:3] == ["sgd", "sam", "asam"]
-    assert M.SPARSE_METHODS == ("ssam-f", "ssam-d", "ssam-r", "lookssam-f", "lookssam-d", "lookssam-r")
+    assert M.SPARSE_METHODS == (
+        *("ssam-f", "ssam-d", "ssam-r", "lookssam-f", "lookssam-d", "lookssam-r"),
+        *("smsam-f", "smsam-d", "smsam-r"),
+    )
     with pytest.raises(ConfigError, match="unknown method 'adam'"):
         M.method_values("adam")
 

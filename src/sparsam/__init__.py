@@ -2,8 +2,8 @@
 
 from . import masks
 from .bn import no_running_stats
-from .optim import SAM, SSAM
+from .optim import MSAM, SAM, SSAM, SparseMSAM
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "SSAM", "masks", "no_running_stats", "__version__"]
+__all__ = ["MSAM", "SAM", "SSAM", "SparseMSAM", "masks", "no_running_stats", "__version__"]

@@ -22,6 +22,7 @@ framework), so every variant runs in every framework from the same code.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from torch import Tensor
@@ -46,11 +47,22 @@ def _selects_samples(optimizer: Any) -> bool:
 
 
 def _ascends_next(sam: SAM) -> bool:
-    """Will the optimizer's next ``step`` run the ascent? False only on the steps a schedule
-    (``ScheduledSAM``, LookSAM, ESAM: ``schedule.ascent_at``) runs as one plain pass."""
+    """Will the optimizer's next ``step`` run the ascent? False on the steps a schedule
+    (``ScheduledSAM``, LookSAM, ESAM: ``schedule.ascent_at``) runs as one plain pass, and on every
+    step of a one-pass optimizer (``one_pass``: MSAM, whose one pass runs at perturbed weights)."""
+    if getattr(sam, "one_pass", False):
+        return False
     schedule = getattr(sam, "schedule", None)
     steps = getattr(sam, "steps", None)
     return schedule is None or not isinstance(steps, int) or bool(schedule.ascent_at(steps))
+
+
+def _single_pass(sam: SAM) -> Any:
+    """The context of a micro-batch before the window's last on a step without ascent: the
+    weights a one-pass optimizer takes its gradient at (MSAM's ``perturbation``: ``w~``, restored
+    on exit), or nothing (a schedule's plain step: ``w``)."""
+    perturbation = getattr(sam, "perturbation", None)
+    return perturbation() if getattr(sam, "one_pass", False) and callable(perturbation) else nullcontext()
 
 
 def _sum_for_selection(losses: Tensor, selected: int, micro_batches: int) -> Tensor:

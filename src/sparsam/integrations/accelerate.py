@@ -50,7 +50,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import _ascends_next, _batch_size, _split_index, _sum_for_selection, _take, pass_loss, unwrap_optimizer
+from . import (
+    _ascends_next,
+    _batch_size,
+    _single_pass,
+    _split_index,
+    _sum_for_selection,
+    _take,
+    pass_loss,
+    unwrap_optimizer,
+)
 
 __all__ = ["SAMStep"]
 
@@ -116,6 +125,8 @@ class SAMStep:
     again for every micro-batch of the window at ``w + e`` with the same arguments, restores ``w``
     and, with ``base_step=True``, takes the base step (``scaler.step`` + ``scaler.update`` under
     fp16). Gradients are cleared when a window starts; don't call ``optimizer.step()`` yourself.
+    A one-pass optimizer ([`MSAM`][sparsam.optim.msam.MSAM]) calls ``compute_loss`` once per
+    micro-batch, every micro-batch of the window at the step's perturbed weights.
 
     Each pass gets the part of the arguments it uses: every tensor argument whose first dimension
     is the batch size (that of the first tensor argument) is cut with
@@ -182,7 +193,8 @@ class SAMStep:
         if not acc.sync_gradients:
             # Not the window's last micro-batch: its ascent pass now (the gradient accumulates), or
             # its plain pass if a schedule makes this step one without ascent.
-            with sam.ascent_pass() if _ascends_next(sam) else nullcontext():
+            # (MSAM: its one pass, at the perturbed weights of the step, restored after the micro-batch.)
+            with sam.ascent_pass() if _ascends_next(sam) else _single_pass(sam):
                 out = _call(compute_loss, args, kwargs, n, None, sam.batch_fraction)
                 if out.dim() == 1:  # per-sample losses at w: ESAM compares them with those at w + e
                     self._held.append(out.detach())

@@ -443,22 +443,7 @@ class SAM(Optimizer):
                 scale = rho / (norm + self.eps)
                 if self._found_inf is not None:  # non-finite ascent gradient: e = 0 (no host sync)
                     scale = torch.where(self._found_inf.to(scale.device) > 0, torch.zeros_like(scale), scale)
-                spares = [self._backup_for(p) for p in ps]
-                # A parameter listed twice in a group (torch only warns) is copied: a second
-                # exchange would hand it the spare again and lose w.
-                once = Counter(map(id, ps))
-                swap = [o and once[id(p)] == 1 and self._exchangeable(p, b) for p, b, o in zip(ps, spares, owned)]
-                # Exchanged: w + e is written into the spare, w stays in place. Copied: w goes into
-                # the spare and w + e is written over it.
-                F.copy_(
-                    [b for b, x in zip(spares, swap) if not x], [p for p, x in zip(ps, swap) if not x], foreach=foreach
-                )
-                srcs = [p if x else b for p, b, x in zip(ps, spares, swap)]
-                dsts = [b if x else p for p, b, x in zip(ps, spares, swap)]
-                F.add_perturbation(srcs, gs, ms, dsts, scale, adaptive=adaptive, eta=eta, foreach=foreach)
-                for p, b, x in zip(ps, spares, swap):
-                    if x:
-                        self._backup[p] = _exchange(p, b)
+                swap = self._move_to_perturbed(ps, gs, ms, owned, scale, adaptive=adaptive, eta=eta)
                 perturbed += ps
                 exchanged += swap
         self._perturbed = perturbed
@@ -470,6 +455,37 @@ class SAM(Optimizer):
         self._compute += self._pass_cost("ascent")
         if zero_grad:
             self.zero_grad()
+
+    def _move_to_perturbed(
+        self,
+        ps: list[Tensor],
+        ds: list[Tensor],
+        ms: list[Tensor | None],
+        owned: list[bool],
+        scale: Tensor,
+        *,
+        adaptive: bool = False,
+        eta: float = 0.0,
+    ) -> list[bool]:
+        """Move the parameters ``ps`` (local shards) to ``w + scale · m ⊙ T² d``, keeping ``w`` for the
+        exact restore (storage exchange where allowed, else a copy); return, per parameter, whether
+        it was exchanged. ``owned[i]``: ``ps[i]`` is the parameter itself, not an FSDP2 shard."""
+        foreach = self.foreach is not False
+        spares = [self._backup_for(p) for p in ps]
+        # A parameter listed twice in a group (torch only warns) is copied: a second
+        # exchange would hand it the spare again and lose w.
+        once = Counter(map(id, ps))
+        swap = [o and once[id(p)] == 1 and self._exchangeable(p, b) for p, b, o in zip(ps, spares, owned)]
+        # Exchanged: w + e is written into the spare, w stays in place. Copied: w goes into
+        # the spare and w + e is written over it.
+        F.copy_([b for b, x in zip(spares, swap) if not x], [p for p, x in zip(ps, swap) if not x], foreach=foreach)
+        srcs = [p if x else b for p, b, x in zip(ps, spares, swap)]
+        dsts = [b if x else p for p, b, x in zip(ps, spares, swap)]
+        F.add_perturbation(srcs, ds, ms, dsts, scale, adaptive=adaptive, eta=eta, foreach=foreach)
+        for p, b, x in zip(ps, spares, swap):
+            if x:
+                self._backup[p] = _exchange(p, b)
+        return swap
 
     @torch.no_grad()
     def second_step(

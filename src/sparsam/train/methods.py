@@ -263,6 +263,37 @@ def _esam(ctx: BuildContext) -> Optimizer:
     )
 
 
+def _msam_kwargs(ctx: BuildContext) -> dict[str, Any]:
+    """SAM's arguments less those MSAM has no use for (no ascent pass: no ASAM, no ``--ascent``)."""
+    kwargs = ctx.sam_kwargs()
+    for key in ("adaptive", "eta", "ascent"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def _msam(ctx: BuildContext) -> Optimizer:
+    from ..optim.msam import MSAM
+
+    return MSAM(ctx.base, **_msam_kwargs(ctx))
+
+
+def _smsam(ctx: BuildContext) -> Optimizer:
+    from ..optim.msam import SparseMSAM
+
+    cfg = ctx.cfg
+    mask = ctx.mask()
+    data = ctx.fisher_data if getattr(mask, "needs_data", False) else None
+    return SparseMSAM(
+        ctx.base,
+        mask=mask,
+        norm=cfg.norm,
+        loss_fn=ctx.loss_fn,
+        data=data,
+        batch_size=cfg.batch_size,
+        **_msam_kwargs(ctx),
+    )
+
+
 # ------------------------------------------------------------------------------------------ checks
 def _check_unstructured_only(what: str) -> Callable[[TrainConfig], None]:
     def check(cfg: TrainConfig) -> None:
@@ -289,7 +320,7 @@ def _check_ssam(cfg: TrainConfig) -> None:
 
 def _check_sgd(cfg: TrainConfig) -> None:
     if cfg.adaptive:
-        sam_family = "/".join(n for n, o in OPTIMIZERS.items() if o.build is not None)
+        sam_family = "/".join(n for n, o in OPTIMIZERS.items() if "adaptive" in o.owns)
         raise ConfigError(f"--adaptive applies to {sam_family}, got --opt {cfg.opt}")
     if is_scheduled(cfg):
         raise ConfigError(
@@ -355,6 +386,23 @@ def _check_esam(cfg: TrainConfig) -> None:
         )
 
 
+def _check_msam(cfg: TrainConfig) -> None:
+    if cfg.adaptive:
+        raise ConfigError(f"--opt {cfg.opt} has no adaptive (ASAM) form: drop --adaptive")
+    if is_scheduled(cfg):
+        raise ConfigError(
+            f"--opt {cfg.opt} runs one pass per step with no ascent to schedule or cut: "
+            "--sam-every/--sam-start/--rho-ramp/--ascent-fraction do not apply"
+        )
+    if cfg.base == "sgd" and cfg.momentum == 0:
+        raise ConfigError(f"--opt {cfg.opt} perturbs along SGD's momentum: it needs --momentum > 0, got 0")
+    if cfg.opt == "smsam" and (cfg.sparse_ascent or cfg.form != "explicit"):
+        raise ConfigError(
+            f"--opt smsam has no ascent pass: --sparse-ascent and --form implicit do not apply (got --form {cfg.form}"
+            + (", --sparse-ascent)" if cfg.sparse_ascent else ")")
+        )
+
+
 def _check_asam(cfg: TrainConfig) -> None:
     if cfg.adaptive is False:
         raise ConfigError("--opt asam is adaptive SAM; --no-adaptive contradicts it (use --opt sam)")
@@ -366,6 +414,8 @@ SAM_KEYS = frozenset(
     {"rho", "adaptive", "eta", "asam_rule", "ascent", "sam_every", "sam_start", "rho_ramp", "ascent_fraction"}
 )
 _SSAM_KEYS = frozenset({"mask", "form", "norm", "sparse_ascent", "implicit_layers"})
+#: settings of MSAM (one pass: no ASAM, no ascent, no schedule)
+_MSAM_KEYS = frozenset({"rho", "eps"}) & SAM_KEYS | {"rho"}
 _SELECTION_KEYS = frozenset(
     {"sparsity", "pattern", "granularity", "nm", "budget", "fill", "mask_update_epochs", "mask_timing"}
 )
@@ -404,6 +454,23 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _esam,
             check=_check_esam,
             owns=SAM_KEYS | {"esam_beta", "esam_gamma"},
+        ),
+        OptimizerSpec(
+            "msam",
+            "MSAM",
+            "msam (Momentum-SAM: one pass, perturbed along the momentum)",
+            _msam,
+            check=_check_msam,
+            owns=_MSAM_KEYS,
+        ),
+        OptimizerSpec(
+            "smsam",
+            "SMSAM",
+            "smsam (sparse MSAM, with SSAM's --mask)",
+            _smsam,
+            uses_mask=True,
+            check=_check_msam,
+            owns=_MSAM_KEYS | {"mask", "norm"},
         ),
     )
 }
