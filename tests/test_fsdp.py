@@ -204,22 +204,15 @@ def _errors(model, rank):
             out[key] = None
         except ValueError as exc:
             out[key] = str(exc)
-    # the cheaper ascent pass would freeze shards rank by rank: refused
-    cheap = SSAM(
-        model.parameters(),
-        torch.optim.SGD,
-        rho=0.1,
-        lr=0.1,
-        model=model,
-        norm="masked",
-        mask=RandomMask(0.5, seed=3, pattern="structured"),
-    )
+    # the cheaper ascent pass would freeze shards rank by rank: refused when built, on every rank
+    # alike (before any collective), and off by default with norm="masked"
+    kw = dict(rho=0.1, lr=0.1, model=model, norm="masked", mask=RandomMask(0.5, seed=3, pattern="structured"))
     try:
-        with cheap.ascent_pass():
-            pass
+        SSAM(model.parameters(), torch.optim.SGD, sparse_ascent=True, **kw)
         out["sparse-ascent"] = None
-    except RuntimeError as exc:
+    except ValueError as exc:
         out["sparse-ascent"] = str(exc)
+    out["sparse-ascent-default"] = SSAM(model.parameters(), torch.optim.SGD, **kw).sparse_ascent
     return out
 
 
@@ -380,6 +373,7 @@ def test_bad_input_is_refused_by_name(ranks):
         assert err["full-shape"] and "full shape (7, 6)" in err["full-shape"] and "per shard" in err["full-shape"]
         assert err["other-world"] and "another world size" in err["other-world"]
         assert err["sparse-ascent"] and "sparse_ascent=False" in err["sparse-ascent"]
+        assert err["sparse-ascent-default"] is False
 
 
 @pytest.mark.slow

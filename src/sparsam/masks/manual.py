@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import MaskContext, MaskSource
@@ -20,7 +21,10 @@ class ManualMask(MaskSource):
 
     Args:
         masks: optional masks by parameter name (bool tensors of each parameter's shape), used at
-            the first step. A parameter left out is not perturbed.
+            the first step. A parameter left out is not perturbed. Checked when built (names are
+            strings, masks bool tensors) and again by the [`SSAM`][sparsam.SSAM] that takes this
+            source, which knows the parameters (every name is one of them, every shape fits);
+            a bad entry raises an exception naming it.
 
     ``sparsity`` is the fraction of the perturbable coordinates (groups with ``rho > 0``) that the
     current masks leave unperturbed; it is NaN until masks are set.
@@ -45,6 +49,16 @@ class ManualMask(MaskSource):
         if masks is not None and not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a mapping from parameter name to bool tensor, got {type(masks).__name__}")
         self.given = dict(masks) if masks is not None else None
+        for name, m in (self.given or {}).items():
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"ManualMask's masks are keyed by parameter name (a str), got the key {name!r} of type "
+                    f"{type(name).__name__}"
+                )
+            if not isinstance(m, Tensor):
+                raise TypeError(f"ManualMask's mask for {name!r} must be a tensor, got {type(m).__name__}")
+            if m.dtype != torch.bool:
+                raise TypeError(f"ManualMask's mask for {name!r} must have dtype torch.bool, got {m.dtype}")
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
         if self.given is None:

@@ -19,6 +19,7 @@ with an error naming the parameter.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,6 +33,8 @@ except ImportError:  # pragma: no cover - old torch or a build without distribut
     Shard = None  # type: ignore[assignment,misc]
 
 __all__ = [
+    "FSDP1_REFUSAL",
+    "check_not_fsdp1",
     "first_mesh",
     "is_sharded",
     "loaded_mask",
@@ -45,6 +48,36 @@ __all__ = [
     "saved_masks",
     "sharding_of",
 ]
+
+
+FSDP1_REFUSAL = (
+    "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) hands the optimizer each rank's slice of the "
+    "flattened parameters as plain tensors, so SAM cannot form the perturbation norm over all shards (every rank "
+    "would perturb with the norm of its own slice) and SSAM cannot choose its masks over the full parameters. Use "
+    "FSDP2 (torch.distributed.fsdp.fully_shard: DTensor parameters, which SAM and SSAM step; see docs/scaling.md)"
+)
+
+
+def check_not_fsdp1(params: Iterable[Tensor], model: Any = None) -> None:
+    """Refuse parameters managed by FSDP1, and a ``model`` that is or holds an FSDP1 module.
+
+    FSDP1 marks every tensor it flattens (its ``FlatParameter`` with ``use_orig_params=False``,
+    the original parameters, now views into it, with ``use_orig_params=True``) with the attribute
+    ``_fsdp_flattened``; FSDP2's DTensors do not carry it.
+
+    Raises:
+        ValueError: naming the first such parameter (or the model), with the reason and what to use.
+    """
+    for i, p in enumerate(params):
+        if getattr(p, "_fsdp_flattened", False):
+            raise ValueError(
+                f"parameter #{i} (shape {tuple(p.shape)}) is managed by FSDP1, which SAM and SSAM do not support: "
+                + FSDP1_REFUSAL
+            )
+    # No FSDP1 module can exist before torch.distributed.fsdp is imported: never import it just to ask.
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    if model is not None and fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
+        raise ValueError(f"model= is wrapped in FSDP1, which SAM and SSAM do not support: {FSDP1_REFUSAL}")
 
 
 def is_sharded(t: Any) -> bool:

@@ -19,7 +19,7 @@ cost near SGD's; ``alpha = 0.7`` is the value used with k = 5 by the public re-i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
@@ -177,6 +177,8 @@ class LookSAM(ScheduledSAM):
             gp.add_(gv * scale.to(gv.dtype))
 
     # ------------------------------------------------------------------ checkpoints
+    _STATE_KEYS: ClassVar[tuple[str, ...]] = ("look_gv",)
+
     def _extra_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return {**super()._extra_state(), "look_gv": {index[p]: v.clone() for p, v in self._gv.items()}}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,8 @@ from . import _functional as F
 from . import _sharded
 
 _SAM_KEYS = ("rho", "adaptive", "eta")
+STATE_VERSION = 1
+"""Version of the ``"sparsam"`` entry of the optimizers' state dicts, checked on load."""
 _ASCENT_MODES = ("local", "sync")
 # Per-coordinate buffers of torch's optimizers: each has its parameter's shape (checked at load).
 _PER_COORDINATE = frozenset(
@@ -252,6 +255,7 @@ class SAM(Optimizer):
         # base's own groups and only adds the SAM settings to them.
         super().__init__(base.param_groups, {**base.defaults, **self._sam_defaults})
         self._relink()
+        _sharded.check_not_fsdp1((p for g in self.param_groups for p in g["params"]), model)
 
     # ------------------------------------------------------------------ groups and state sharing
     def _relink(self) -> None:
@@ -270,6 +274,7 @@ class SAM(Optimizer):
         for k, v in self._sam_defaults.items():
             param_group.setdefault(k, v)
         _check_group(param_group)
+        _sharded.check_not_fsdp1(param_group["params"])
 
     def __getstate__(self) -> dict[str, Any]:  # pickling: the transient buffers are not state
         if self._in_perturbation:  # the copy would hold w + e and no w to go back to
@@ -390,6 +395,8 @@ class SAM(Optimizer):
         """
         if self._in_perturbation:
             raise RuntimeError("first_step() was called twice without second_step(): the weights are already at w + e")
+        # FSDP1 applied after the optimizer was built (use_orig_params=True keeps the parameter objects)
+        _sharded.check_not_fsdp1(p for g in self.param_groups for p in g["params"])
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self._scaler = scaler
         self._found_inf = self._unscale_ascent_grads(scaler) if scaler is not None else None
@@ -720,9 +727,87 @@ class SAM(Optimizer):
             torch.nn.utils.clip_grad_norm_(params, cast(float, self.max_grad_norm), foreach=self.foreach is not False)
 
     # ------------------------------------------------------------------ checkpoints
+    # The keys of the "sparsam" entry that each class adds (the union over the class's MRO is what
+    # it writes and, for a state of its own type, requires: see _state_keys), and the keys added
+    # after version 1: key -> (the version that added it, the value a state of an older version gets).
+    _STATE_KEYS: ClassVar[tuple[str, ...]] = ("version", "type", "base", "compute")
+    _STATE_ADDED: ClassVar[dict[str, tuple[int, Any]]] = {}
+
+    @classmethod
+    def _state_keys(cls, version: int = STATE_VERSION) -> set[str]:
+        """The keys of the ``"sparsam"`` entry that this class writes at state version ``version``."""
+        keys: set[str] = set()
+        added: dict[str, tuple[int, Any]] = {}
+        for klass in cls.__mro__:
+            keys.update(vars(klass).get("_STATE_KEYS", ()))
+            added.update(vars(klass).get("_STATE_ADDED", {}))
+        return {k for k in keys if added.get(k, (1, None))[0] <= version}
+
+    def _checked_version(self, extra: Any) -> dict[str, Any]:
+        """The ``"sparsam"`` entry checked for its version and, when it was written by this class
+        or one it extends, for its keys; a state of an older version comes back migrated (with a
+        warning naming what was filled in). Raises naming the key or the version; changes nothing."""
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"the state dict's 'sparsam' entry must be a dict, got {type(extra).__name__}")
+        version = extra.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(
+                f"the state's 'sparsam' entry has version={version!r}, not a state version (an int from 1 to "
+                f"{STATE_VERSION}): it was not written by sparsam's state_dict() or was edited; it is not loaded"
+            )
+        if not 1 <= version <= STATE_VERSION:
+            why = "it was written by a newer sparsam: upgrade sparsam to load it"
+            if version < 1:
+                why = "no sparsam writes it"
+            raise ValueError(
+                f"the state's 'sparsam' entry has version {version}; this sparsam reads state versions 1 to "
+                f"{STATE_VERSION}: {why}. It is not loaded"
+            )
+        kind = extra.get("type")
+        if not isinstance(kind, str):
+            raise ValueError(
+                f"the state's 'sparsam' entry (version {version}) has type={kind!r}, not the name of the optimizer "
+                "that wrote it: it was not written by sparsam's state_dict() or was edited; it is not loaded"
+            )
+        saved_cls = next((k for k in type(self).__mro__ if k.__name__ == kind and issubclass(k, SAM)), None)
+        if saved_cls is not None:  # this class or one it extends: the keys it writes are known
+            missing = sorted(saved_cls._state_keys(version) - set(extra))
+            unknown = sorted(map(str, set(extra) - saved_cls._state_keys()))
+            if missing:
+                renamed = ""
+                if unknown:
+                    renamed = f" It holds {', '.join(map(repr, unknown))} instead, which {kind} does not write."
+                raise ValueError(
+                    f"the {kind} state (state version {version}) has no {', '.join(map(repr, missing))} entry: read "
+                    f"without it, what it holds would silently start over.{renamed} The state is damaged or was "
+                    "edited; it is not loaded"
+                )
+            if unknown:
+                raise ValueError(
+                    f"the {kind} state (state version {version}) holds {', '.join(map(repr, unknown))}, which {kind} "
+                    f"does not write at version {version}: the state is damaged or was edited (or written by another "
+                    "class of the same name); it is not loaded"
+                )
+        out = dict(extra)
+        filled = []
+        for klass in type(self).__mro__:
+            for key, (added_in, default) in vars(klass).get("_STATE_ADDED", {}).items():
+                if version < added_in and key not in out:
+                    out[key] = default
+                    filled.append(f"{key}={default!r}")
+        if filled:
+            warnings.warn(
+                f"this {kind} state was written by an older sparsam (state version {version}); it is read as version "
+                f"{STATE_VERSION} with {', '.join(filled)}. Save it again to store it as version {STATE_VERSION}",
+                UserWarning,
+                stacklevel=3,
+            )
+        out["version"] = STATE_VERSION
+        return out
+
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "type": type(self).__name__,
             "base": type(self.base_optimizer).__name__,
             "compute": self._compute,
@@ -733,7 +818,7 @@ class SAM(Optimizer):
         if not isinstance(extra, Mapping):
             raise TypeError(f"the state dict's 'sparsam' entry must be a dict, got {type(extra).__name__}")
         kind = extra.get("type")
-        unknown = sorted(set(extra) - {"version", "type", "base", "compute"})
+        unknown = sorted(map(str, set(extra) - self._state_keys()))
         if kind not in (None, type(self).__name__) and unknown:
             hint = " Load it into SSAM (with the same mask source)." if kind == "SSAM" else ""
             raise ValueError(
@@ -837,6 +922,7 @@ class SAM(Optimizer):
         sd = dict(state_dict)
         extra = sd.pop("sparsam", None)
         if extra is not None:
+            extra = self._checked_version(extra)
             self._check_extra_state(extra)
         self._check_base_state(sd, extra)
         before = (self.base_optimizer.state_dict(), self._extra_state())

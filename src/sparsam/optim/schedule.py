@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -236,6 +236,8 @@ class ScheduledSAM(SAM):
                 g["rho"] = rho
 
     # ------------------------------------------------------------------ checkpoints
+    _STATE_KEYS: ClassVar[tuple[str, ...]] = ("schedule_step", "schedule", "ascent_fraction")
+
     def _extra_state(self) -> dict[str, Any]:
         return {
             **super()._extra_state(),

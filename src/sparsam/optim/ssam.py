@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,11 @@ from . import _sharded
 from .sam import SAM
 
 _NORMS = ("full", "masked")
+_SPARSE_ASCENT_FSDP2 = (
+    "sparse_ascent=True is not supported on parameters sharded by FSDP2: a shard whose mask is all False on one "
+    "rank only would leave that rank out of FSDP's gradient reduce-scatter while the others wait in it; pass "
+    "sparse_ascent=False (the default under FSDP2)"
+)
 _FORMS = ("explicit", "implicit")
 # How SSAM treats a parameter, decided when a mask is set (a host sync there, never in a step).
 _SKIP, _PARTIAL, _DENSE = 0, 1, 2
@@ -66,8 +71,11 @@ class SSAM(SAM):
     is exactly the one a dense pass gives. With ``norm="full"`` the norm needs every gradient, so the
     dense pass is
     required: ``sparse_ascent=True`` then raises. Default ``None``: on exactly when
-    ``norm="masked"`` and ``form="explicit"``. Steps on which a gradient-based mask source updates
-    (``needs_grads``) always run a dense ascent pass. Under DDP it needs ``ascent="local"``.
+    ``norm="masked"`` and ``form="explicit"`` and no parameter is sharded by FSDP2. Steps on which a
+    gradient-based mask source updates (``needs_grads``) always run a dense ascent pass. Under DDP it
+    needs ``ascent="local"``. Under FSDP2 it is not supported (a shard whose mask is all False on
+    one rank only would leave that rank out of FSDP's gradient reduce-scatter): it is off by default
+    there, and ``sparse_ascent=True`` raises when SSAM is built, on every rank alike.
 
     Args:
         params_or_optimizer, base_optimizer_cls, **kwargs: as [`SAM`][sparsam.SAM].
@@ -115,6 +123,7 @@ class SSAM(SAM):
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
         if form == "implicit" and model is None:
             raise ValueError("form='implicit' needs model= (the layers whose backward is masked)")
+        explicit_sparse_ascent = sparse_ascent
         if sparse_ascent is None:
             sparse_ascent = norm == "masked" and form == "explicit"
         elif sparse_ascent and norm != "masked":
@@ -139,6 +148,12 @@ class SSAM(SAM):
         self.implicit_layers = check_implicit_layers(implicit_layers)
         self._implicit_masks: dict[Tensor, Tensor] = {}  # every mask, all-False ones included
         self.sparse_ascent = bool(sparse_ascent)
+        if self.sparse_ascent and any(map(_sharded.is_sharded, self._all_params())):
+            # Decided here, the same on every rank: a per-step decision from this rank's masks could
+            # leave one rank out of FSDP's reduce-scatter while the others wait in it.
+            if explicit_sparse_ascent:
+                raise ValueError(_SPARSE_ASCENT_FSDP2)
+            self.sparse_ascent = False
         self.mask_source = mask
         self.loss_fn = loss_fn
         self.data = data
@@ -151,6 +166,18 @@ class SSAM(SAM):
         self._base_stepped = False
         self._step_deferred = False  # second_step(base_step=False) ran; the caller's base step is due
         self.base_optimizer.register_step_post_hook(self._on_base_step)
+        if isinstance(mask, ManualMask) and mask.given is not None:
+            # Names and shapes are known now: refuse a bad mask before any step. Under FSDP2 a mask of
+            # the full shape is cut to this rank's shard at the first step, as here.
+            by_name = {n: p for p, n in self.param_names().items()}
+            self._validated_masks(
+                {
+                    n: _sharded.local_part(m, by_name[n])
+                    if n in by_name and _sharded.is_sharded(by_name[n]) and m.shape == by_name[n].shape
+                    else m
+                    for n, m in mask.given.items()
+                }
+            )
 
     def _on_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._base_stepped = True
@@ -197,7 +224,13 @@ class SSAM(SAM):
         """Set the masks by hand: a mapping from parameter (tensor) or parameter name to a bool
         tensor of the parameter's shape. A parameter left out is not perturbed. Validated fully
         before anything changes."""
-        by_name = {n: p for p, n in self.param_names().items()}
+        self._install(self._validated_masks(masks))
+
+    def _validated_masks(self, masks: Mapping[Any, Tensor]) -> dict[Tensor, Tensor]:
+        """``masks`` by parameter, each checked (a known parameter or name, a bool tensor of the
+        parameter's shape); raises naming the first bad entry, changes nothing."""
+        names = self.param_names()
+        by_name = {n: p for p, n in names.items()}
         known = set(self._all_params())
         new: dict[Tensor, Tensor] = {}
         for key, m in masks.items():
@@ -213,18 +246,17 @@ class SSAM(SAM):
                 p = key
             else:
                 raise TypeError(f"mask keys must be parameters or parameter names, got {type(key).__name__}")
+            name = names[p]
             if not isinstance(m, Tensor):
-                raise TypeError(
-                    f"mask for {key if isinstance(key, str) else 'parameter'} must be a tensor, got {type(m).__name__}"
-                )
+                raise TypeError(f"mask for parameter {name!r} must be a tensor, got {type(m).__name__}")
             if m.dtype != torch.bool:
                 raise TypeError(
-                    f"mask for parameter of shape {tuple(p.shape)} must have dtype torch.bool, got {m.dtype}"
+                    f"mask for parameter {name!r} of shape {tuple(p.shape)} must have dtype torch.bool, got {m.dtype}"
                 )
             if m.shape != _sharded.local(p).shape:  # FSDP2: a mask covers this rank's shard
-                raise ValueError(_sharded.mask_shape_error(m, p))
+                raise ValueError(f"mask for parameter {name!r}: {_sharded.mask_shape_error(m, p)}")
             new[p] = m.detach().to(p.device, non_blocking=False)
-        self._install(new)
+        return new
 
     def _install(self, new: dict[Tensor, Tensor]) -> None:
         if self._in_perturbation:  # the restore needs the perturbed parameters' kept w
@@ -302,12 +334,8 @@ class SSAM(SAM):
                 ]
                 if len(frozen) == sum(p.requires_grad for p in self._all_params()):
                     frozen = []  # nothing is perturbed: keep pass 1 as it is so backward() still works
-                if frozen and any(map(_sharded.is_sharded, frozen)):
-                    raise RuntimeError(
-                        "sparse_ascent on parameters sharded by FSDP2 is not supported (a shard whose mask is all "
-                        "False on one rank only would skip FSDP's gradient reduce-scatter there): pass "
-                        "sparse_ascent=False (the default with norm='full')"
-                    )
+                if any(map(_sharded.is_sharded, self._all_params())):  # the same answer on every rank
+                    raise RuntimeError(_SPARSE_ASCENT_FSDP2)  # sharded groups added after construction
                 if frozen and self.ascent == "sync" and hasattr(self.model, "no_sync"):
                     raise RuntimeError(
                         "sparse_ascent under DDP needs ascent='local' (pass 1 outside the gradient "
@@ -378,6 +406,16 @@ class SSAM(SAM):
             self._step_deferred = True
 
     # ------------------------------------------------------------------ checkpoints
+    _STATE_KEYS: ClassVar[tuple[str, ...]] = (
+        "steps",
+        "norm",
+        "form",
+        "masks_ready",
+        "masks",
+        "mask_source_type",
+        "mask_source",
+    )
+
     def _extra_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(self._all_params())}
         return {
@@ -394,8 +432,16 @@ class SSAM(SAM):
     def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
         if not isinstance(extra, Mapping):
             raise TypeError(f"the state dict's 'sparsam' entry must be a dict, got {type(extra).__name__}")
-        if extra.get("type") not in (None, "SSAM", type(self).__name__):  # subclasses: ScheduledSSAM, ESAM, ...
-            raise ValueError(f"cannot load a {extra.get('type')!r} state into SSAM: it holds no masks")
+        kind = extra.get("type")
+        if kind not in (None, "SSAM", type(self).__name__):  # subclasses: ScheduledSSAM, ESAM, ...
+            if "masks" not in extra:
+                raise ValueError(f"cannot load a {kind!r} state into {type(self).__name__}: it holds no masks")
+            own = sorted(set(extra) - self._state_keys())
+            raise ValueError(
+                f"cannot load a {kind!r} state into {type(self).__name__}: it holds {kind}'s own state "
+                f"({', '.join(map(str, own)) or 'none'}) besides the masks, which {type(self).__name__} would drop "
+                f"(and {kind}'s schedule or variant would silently stop). Build {kind} with the same settings to load it"
+            )
         if extra.get("form", self.form) != self.form:
             raise ValueError(f"checkpoint was saved with form={extra['form']!r}, this optimizer has form={self.form!r}")
         if "norm" in extra and extra["norm"] != self.norm:
