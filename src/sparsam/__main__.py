@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 #: name -> (module with main(argv, prog), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,20 +62,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, _ = COMMANDS[name]
     prog = f"sparsam {name}"
-    from .train.errors import UserError
+    # Warnings read as the command's own lines ("sparsam train: warning: ..."), not as source locations.
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
+    try:  # Ctrl-C at any point, the imports included (torch, numpy: the first seconds), aborts cleanly
+        from .train.errors import UserError
 
-    try:
-        return int(importlib.import_module(module).main(rest, prog=prog) or 0)
-    except UserError as e:
-        if os.environ.get("SPARSAM_DEBUG"):
-            traceback.print_exc()
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2); main() returns the status
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        try:
+            return int(importlib.import_module(module).main(rest, prog=prog) or 0)
+        except UserError as e:
+            if os.environ.get("SPARSAM_DEBUG"):
+                traceback.print_exc()
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except SystemExit as e:  # argparse: --help (0) or a usage error (2); main() returns the status
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         print(f"\n{prog}: aborted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

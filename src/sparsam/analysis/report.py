@@ -93,15 +93,19 @@ def write_report(
     for run, r in results.items():
         if not isinstance(r, Mapping):
             raise ValueError(f"results[{run!r}] must be a dict of results, got {type(r).__name__}")
+    from ..train.checkpoint import write_text
+
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a folder for the analysis report")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    json_path = out / "results.json"
-    json_path.write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    json_path = out / "results.json"  # written atomically: a rerun that fails leaves the old file whole
+    write_text(json_path, json.dumps(_jsonable(results), indent=2) + "\n", what="analysis results")
     written.append(json_path)
     table = _summary_table(results)
     summary = out / "summary.md"
-    summary.write_text("# Analysis summary\n\n" + (table or "No scalar results.\n"))
+    write_text(summary, "# Analysis summary\n\n" + (table or "No scalar results.\n"), what="analysis summary")
     written.append(summary)
 
     def having(key: str) -> dict[str, Any]:

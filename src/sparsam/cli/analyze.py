@@ -361,12 +361,18 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     targets = resolve_targets(args.paths, args.weights)
+    from ..train.rundir import load_run, resolve_dir
+
+    for t in targets:  # every run file checked before any work: the first bad line or key stops here
+        if t.run_dir is not None:
+            load_run(t.run_dir)
     if args.out:
         out = Path(args.out)
     elif len(args.paths) == 1 and len(targets) == 1 and targets[0].run_dir is not None and Path(args.paths[0]).is_dir():
         out = targets[0].run_dir / "analysis"
     else:
         out = Path("analysis")
+    out = resolve_dir(out, flag="--out")  # a file, or a path under one, is refused before any work
 
     def say(msg: str) -> None:
         if not args.quiet:

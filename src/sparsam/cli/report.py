@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from ..train.errors import UserError
 
@@ -12,17 +11,21 @@ from ..train.errors import UserError
 def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool = True, title: str | None = None) -> str:
     """Write ``report.md``, ``report.csv`` and (with ``plots``) ``acc_vs_epoch.png``,
     ``acc_vs_time.png`` and ``acc_vs_compute.png`` into ``out``; return the Markdown table."""
+    from ..train.checkpoint import write_text
+    from ..train.rundir import find_runs, load_run, resolve_dir
     from ..train.tables import summarize, to_csv, to_markdown
-    from ..train.rundir import find_runs, load_run
 
     dirs = find_runs(paths)
     if not dirs:
         raise UserError(f"no run directories (folders with config.json) found in {', '.join(paths)}")
-    runs = [load_run(d) for d in dirs]
+    runs = [load_run(d) for d in dirs]  # each file checked: the first bad line or key stops the report
     varying, rows = summarize(runs)
     table = to_markdown(varying, rows)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = resolve_dir(out, flag="--out")  # a file, or a path under one, is refused
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     header = f"# {title}\n\n" if title else ""
     notes = (
         "\nAccuracy: test accuracy in %, mean ± sample std over seeds; final = last epoch, best = best epoch "
@@ -38,8 +41,8 @@ def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool =
         )
         + f"\nRuns: {len(runs)} ({', '.join(str(d) for d in dirs[:6])}{', ...' if len(dirs) > 6 else ''})\n"
     )
-    (out / "report.md").write_text(header + table + notes, encoding="utf-8")
-    (out / "report.csv").write_text(to_csv(varying, rows), encoding="utf-8")
+    write_text(out / "report.md", header + table + notes, what="report")  # atomic: old or new, never half
+    write_text(out / "report.csv", to_csv(varying, rows), what="report")
     if plots:
         from ..train.figures import plot_accuracy
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,9 @@ def choose_subset(labels: Sequence[int] | np.ndarray, n: int, mode: str, seed: i
     ``mode="balanced"``: ``n // C`` per class (the first ``n % C`` classes of a seeded class
     order get one more); a class with too few images gives all it has and the shortfall is
     drawn at random from the rest. ``mode="random"``: uniformly without replacement.
+
+    A subset that leaves out classes of the full set (fewer images than classes, or a random draw
+    that missed some) warns (``UserWarning``) naming how many are absent.
     """
     labels = np.asarray(labels)
     total = len(labels)
@@ -86,7 +90,9 @@ def choose_subset(labels: Sequence[int] | np.ndarray, n: int, mode: str, seed: i
         raise ConfigError(f"--{what}-subset {n} is larger than the {what} set ({total} images)")
     rng = np.random.default_rng(seed)
     if mode == "random":
-        return np.sort(rng.permutation(total)[:n])
+        picked = np.sort(rng.permutation(total)[:n])
+        _warn_absent_classes(labels, picked, n, mode, what)
+        return picked
     classes = np.unique(labels)
     quota = np.full(len(classes), n // len(classes))
     quota[rng.permutation(len(classes))[: n % len(classes)]] += 1
@@ -102,7 +108,29 @@ def choose_subset(labels: Sequence[int] | np.ndarray, n: int, mode: str, seed: i
     if short > 0:
         pool = np.concatenate(rest)
         picked = np.concatenate([picked, pool[rng.permutation(len(pool))[:short]]])
-    return np.sort(picked)
+    picked = np.sort(picked)
+    _warn_absent_classes(labels, picked, n, mode, what)
+    return picked
+
+
+def _warn_absent_classes(labels: np.ndarray, picked: np.ndarray, n: int, mode: str, what: str) -> None:
+    """Warn when the subset ``picked`` of ``labels`` has no image of some class of the full set."""
+    classes = np.unique(labels)
+    absent = np.setdiff1d(classes, np.unique(labels[picked]))
+    if len(absent) == 0:
+        return
+    shown = ", ".join(str(int(c)) for c in absent[:10]) + (", ..." if len(absent) > 10 else "")
+    fix = (
+        f"use --{what}-subset {len(classes)} or more"
+        if n < len(classes)
+        else f"use a larger --{what}-subset" + (" or --subset balanced" if mode == "random" else "")
+    )
+    warnings.warn(
+        f"--{what}-subset {n} holds no image of {len(absent)} of the {len(classes)} classes (class {shown}): "
+        f"the {'model trains' if what == 'train' else 'test accuracy is measured'} without them; {fix}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 # ------------------------------------------------------------------------------------------ augmentation

@@ -134,6 +134,7 @@ class Run:
                     f"before writing anything); start the run without --resume"
                 )
             saved = rundir.read_run_config(out) if (out / rundir.CONFIG).is_file() else {}
+            rundir.read_metrics(out)  # checked now, before any work: the first bad line stops here
             diffs = diff_identity(saved["config"], cfg) if saved else []
             if (out / rundir.CHECKPOINT).is_file():
                 # Loaded on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
