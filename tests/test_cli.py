@@ -343,17 +343,6 @@ def test_sweep_grid_file_and_family(tmp_path, capsys):
     assert "unknown method 'adam'" in capsys.readouterr().err
 
 
-def test_demo_smoke(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "2", "--methods", "sgd,ssam-f"]) == 0
-    text = capsys.readouterr().out
-    assert "sgd" in text and "ssam-f" in text and "1.00x" in text
-    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    assert [r["epoch"] for r in metrics(out / "ssam-f")] == [1, 2]
-
-
 def test_report_time_to_reach_sgds_final_accuracy(tmp_path):
     from sparsam.train.tables import summarize, to_markdown
     from sparsam.train.rundir import RunRecord

@@ -480,3 +480,65 @@ def test_manual_masks_keep_their_sparsity():
     opt.set_masks({p: torch.ones_like(p, dtype=torch.bool) for p in list(net.parameters())[:1]})
     run(opt, net, batches(2))
     assert 0 < opt.sparsity < 1
+
+
+# ------------------------------------------------------------------------------ preset and registry
+def test_msam_preset_carries_the_papers_settings_and_builds():
+    import json
+    from importlib import resources
+
+    from sparsam.train import build_config, list_presets
+    from sparsam.train.build import build_optimizer
+
+    presets = list_presets()
+    msam = presets["cifar100-wrn16-4-msam"].values
+    assert (msam["opt"], msam["rho"], msam["lr"], msam["batch_size"], msam["weight_decay"]) == (
+        "msam",
+        3.0,
+        0.5,
+        256,
+        5e-4,
+    )
+    assert presets["cifar100-wrn16-4-sam"].values["rho"] == 0.2
+    spec = json.loads(resources.files("sparsam").joinpath("configs", "cifar100-wrn16-4.json").read_text())
+    for key in ("model", "epochs", "batch_size", "lr", "schedule", "momentum", "weight_decay", "rho", "smsam-f"):
+        assert spec["sources"].get(key), key
+    model = nn.Linear(3, 2)
+    for name in ("cifar100-wrn16-4-msam", "cifar100-wrn16-4-smsam-f"):
+        cfg = build_config([("p", {**presets[name].values, "data": "digits"})])
+        opt, base = build_optimizer(
+            cfg,
+            model.parameters(),
+            model=model,
+            loss_fn=F.cross_entropy,
+            fisher_data=[],
+            steps_per_epoch=2,
+            total_steps=4,
+        )
+        assert isinstance(opt, MSAM) and opt.param_groups[0]["rho"] == 3.0 and isinstance(base, torch.optim.SGD)
+        assert isinstance(opt, SparseMSAM) == name.endswith("smsam-f")
+
+
+def test_cli_refuses_what_msam_has_no_use_for():
+    from sparsam.train import ConfigError, build_config
+
+    for values, needle in [
+        ({"opt": "msam", "adaptive": True}, "no adaptive"),
+        ({"opt": "msam", "sam_every": 2}, "--sam-every"),
+        ({"opt": "msam", "momentum": 0.0}, "--momentum > 0"),
+        ({"opt": "smsam", "mask": "random", "form": "implicit"}, "--form implicit"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            build_config([("t", {"data": "digits", **values})])
+
+
+def test_figures_draw_msam_in_its_own_colour():
+    from sparsam.train import methods as M
+    from sparsam.train.figures import method_style
+
+    msam = method_style({"opt": "msam"})
+    sparse = method_style({"opt": "smsam", "mask": "fisher", "sparsity": 0.5})
+    assert (msam.label, msam.family) == ("MSAM", "cheaper SAM")
+    assert sparse.label == "sparse MSAM (SSAM-F, 50%)"
+    others = {method_style(v).color for n, v in M.METHODS.items() if not n.endswith("msam") and "msam-" not in n}
+    assert msam.color not in others and sparse.color not in others and msam.color != sparse.color

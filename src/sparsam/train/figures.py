@@ -4,7 +4,7 @@ and the project's fixed colours and words for every method (``method_style``).
 Every figure of the project draws a method in the same colour: SGD grey, SAM black (ASAM a dark
 grey), SSAM-F blues and SSAM-D oranges with the sparsity as lightness (50% dark, 99% light),
 the other masks (SSAM-R, norm layers only) raspberry and magenta, the cheaper SAM variants greens
-(every-k, late-phase, sub-batch ascent), purples (LookSAM, LookSSAM) and teal (ESAM).
+(every-k, late-phase, sub-batch ascent), purples (LookSAM, LookSSAM), teal (ESAM) and gold-olive (MSAM, sparse MSAM).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class MethodStyle:
 
     Attributes:
         color: its colour, ``#rrggbb``: SGD grey, SAM black, SSAM-F blues, SSAM-D oranges (sparsity
-            as lightness), other masks raspberry and magenta, cheaper SAM variants greens, purples
-            and teal.
+            as lightness), other masks raspberry and magenta, cheaper SAM variants greens, purples,
+            teal and gold-olive (MSAM).
         label: the method in words: ``"SGD"``, ``"SSAM-F, 50%"``, ``"SAM every 2 steps"``, ...
         family: one of ``FAMILIES``: ``"SGD"``, ``"SAM"`` (the references), ``"SSAM-F"``,
             ``"SSAM-D"``, ``"other SSAM"``, ``"cheaper SAM"``, ``"other"``; a figure's panel.
@@ -211,6 +211,10 @@ def method_style(settings: Mapping[str, Any]) -> MethodStyle:
         return MethodStyle(_hex(280, 0.62, 0.55), _with_schedule(s, label), "cheaper SAM", "X")
     if opt == "esam":
         return MethodStyle(_hex(178, 0.3, 0.7), _with_schedule(s, "ESAM"), "cheaper SAM", "*")
+    if opt == "msam":  # Momentum-SAM: one pass per step, at SGD's cost (a gold-olive hue no other method has)
+        return MethodStyle(_hex(52, 0.36, 0.75), "MSAM", "cheaper SAM", "h")
+    if opt == "smsam":  # sparse MSAM: the same hue, lighter, with the mask's words
+        return MethodStyle(_hex(52, 0.52, 0.75), f"sparse MSAM ({_mask_part(s)[0]})", "cheaper SAM", "H")
     # an optimizer this version does not know: a stable colour from its name
     hue = sum(map(ord, opt)) * 47 % 360
     return MethodStyle(_hex(hue, 0.45, 0.5), opt.upper(), "other", "h")
