@@ -207,3 +207,33 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--tensorboard", "--out", str(tmp_path / "r")]) == 2
     assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_test_epochs_skips_evaluation_without_changing_training(tmp_path):
+    """--test-epochs 2 (of 3) evaluates after epochs 2 and 3 only: epoch 1's test numbers are null,
+    the weights equal a run that evaluates every epoch bit for bit (and after a resume across the
+    skipped epoch), and the best epoch is chosen among the evaluated ones."""
+    every = run(tmp_path / "every", opt="sam", rho=0.5, epochs=3)
+    some = run(tmp_path / "some", opt="sam", rho=0.5, epochs=3, test_epochs="2")
+    run(tmp_path / "resumed", opt="sam", rho=0.5, epochs=3, test_epochs="2", stop_after=1)
+    train(tiny(tmp_path / "resumed", opt="sam", rho=0.5, epochs=3, test_epochs="2"), resume=True, quiet=True)
+    rows_every, rows_some = metrics(tmp_path / "every"), metrics(tmp_path / "some")
+    assert [r["test_acc"] is None for r in rows_some] == [True, False, False]
+    assert rows_some[0]["test_loss"] is None
+    assert [r["test_acc"] for r in rows_some[1:]] == [r["test_acc"] for r in rows_every[1:]]
+    assert [r["train_loss"] for r in rows_some] == [r["train_loss"] for r in rows_every]
+    for other in ("some", "resumed"):
+        w = final_model(tmp_path / other)
+        for k, v in final_model(tmp_path / "every").items():
+            assert torch.equal(w[k], v), (other, k)
+    assert some.final_test_acc == every.final_test_acc
+    best = max(rows_some[1:], key=lambda r: r["test_acc"])
+    assert (some.best_test_acc, some.best_epoch) == (best["test_acc"], best["epoch"])
+
+
+@pytest.mark.parametrize("spec", ["0", "4", "two", "1,,x"])
+def test_test_epochs_refuses_a_bad_list(tmp_path, spec):
+    from sparsam.train import ConfigError
+
+    with pytest.raises(ConfigError, match="--test-epochs"):
+        run(tmp_path / "bad", epochs=3, test_epochs=spec)

@@ -326,6 +326,14 @@ class TrainConfig:
         identity=False,
     )
     eval_batch_size: int = _f(500, "evaluation batch size per rank", group="engine", identity=False)
+    test_epochs: str = _f(
+        "all",
+        "after which epochs to evaluate on the test set: all, or a comma list such as 5,10,15 "
+        "(the last epoch is always evaluated; skipping the rest saves the evaluation's time)",
+        group="run",
+        identity=False,
+        metavar="EPOCHS",
+    )
 
     # ---------------------------------------------------------------- run control
     out: str | None = _f(
@@ -485,6 +493,25 @@ def _bad(name: str, value: Any, requirement: str) -> ConfigError:
     return ConfigError(f"{flag(name)} {requirement}, got {value!r}")
 
 
+def test_epochs(cfg: TrainConfig) -> frozenset[int] | None:
+    """The epochs (1-based) after which the engine evaluates on the test set, from ``--test-epochs``:
+    None for every epoch, else the listed ones and the last. A bad list raises
+    [`ConfigError`][sparsam.train.ConfigError] naming it."""
+    spec = cfg.test_epochs.strip()
+    if spec == "all":
+        return None
+    try:
+        listed = {int(part) for part in spec.split(",") if part.strip()}
+    except ValueError:
+        raise ConfigError(
+            f"--test-epochs must be 'all' or a comma list of epochs such as 5,10,15, got {cfg.test_epochs!r}"
+        ) from None
+    bad = sorted(e for e in listed if not 1 <= e <= cfg.epochs)
+    if bad:
+        raise ConfigError(f"--test-epochs: epoch {bad[0]} is outside 1..{cfg.epochs} (--epochs {cfg.epochs})")
+    return frozenset(listed | {cfg.epochs})
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value and cross-field rule; raise [`ConfigError`][sparsam.train.ConfigError] naming
     the flag and value. Returns ``cfg`` (with ``data`` made absolute when it is a folder)."""
@@ -545,6 +572,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("crop_padding", "cutout", "mask_update_epochs", "seed", "subset_seed", "workers"):
         if getattr(cfg, name) < 0:
             raise _bad(name, getattr(cfg, name), "must be >= 0")
+    test_epochs(cfg)  # raises on a bad --test-epochs list
     for name in ("train_subset", "test_subset", "width", "stop_after", "threads"):
         v = getattr(cfg, name)
         if v is not None and v < 1:

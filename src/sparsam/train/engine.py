@@ -39,7 +39,7 @@ from ..optim.sam import SAM
 from . import distributed as D
 from . import sharding
 from .build import PlainStep, build_optimizer, build_scheduler
-from .config import TrainConfig
+from .config import TrainConfig, test_epochs
 from .errors import ConfigError, UserError
 from .loaders import TrainData, build_data
 from .run import EpochMeter, Run, RunResult, locked_run_dir
@@ -203,6 +203,7 @@ def _train(
     )
     stopped: str | None = None
     epochs_this_call, samples_seen, last_test_acc = 0, 0, None
+    eval_at = test_epochs(cfg)  # epochs evaluated on the test set (None: every epoch)
     model.train()
     say(
         f"training {cfg.method} on {data.name} ({data.train_size} train / {data.test_size} test images), "
@@ -253,10 +254,13 @@ def _train(
             loss_sum, correct, total = meter.reduce(info)  # host sync: epoch metrics
             D.broadcast_buffers(model, info)  # every rank evaluates and ends with rank 0's BN statistics
             t_eval = time.perf_counter()
-            test_loss, test_acc = evaluate(model, data.test, autocast, info, sharded=sharded)
+            test_loss: float | None = None
+            test_acc: float | None = None
+            if eval_at is None or progress.epoch + 1 in eval_at:  # --test-epochs: else recorded as null
+                test_loss, test_acc = evaluate(model, data.test, autocast, info, sharded=sharded)
+                last_test_acc = test_acc
             eval_time = time.perf_counter() - t_eval
             epochs_this_call += 1
-            last_test_acc = test_acc
             record: dict[str, Any] = {
                 "epoch": progress.epoch + 1,
                 "step": progress.global_step,
@@ -278,7 +282,9 @@ def _train(
             run.end_epoch(record, model, saved_state())
             say(
                 f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "
-                f"{record['train_acc']:.4f}  test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  ({meter.time_s:.1f} s"
+                f"{record['train_acc']:.4f}"
+                + (f"  test_loss {test_loss:.4f}  test_acc {test_acc:.4f}" if test_acc is not None else "")
+                + f"  ({meter.time_s:.1f} s"
                 + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "")
                 + ")"
             )

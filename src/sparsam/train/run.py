@@ -312,7 +312,7 @@ class Run:
         p = self.progress
         p.epoch = record["epoch"]
         p.elapsed = record["time_s"]
-        if record["test_acc"] > p.best_acc:
+        if record["test_acc"] is not None and record["test_acc"] > p.best_acc:  # None: not evaluated (--test-epochs)
             p.best_acc, p.best_epoch = record["test_acc"], p.epoch
             if self.info.is_main:
                 # state()["model"], not model.state_dict(): under --fsdp it holds the gathered full tensors
@@ -341,7 +341,8 @@ class Run:
         finished = p.epoch >= cfg.epochs and stopped is None
         rows = rundir.read_metrics(self.out) if main else []
         final_acc = rows[-1]["test_acc"] if rows else last_test_acc
-        best = max(rows, key=lambda r: r["test_acc"]) if rows else None
+        tested = [r for r in rows if r["test_acc"] is not None]  # --test-epochs skips some epochs
+        best = max(tested, key=lambda r: r["test_acc"]) if tested else None
         if finished and main:
             times = sorted(r["epoch_time_s"] for r in rows)
             mid = len(times) // 2

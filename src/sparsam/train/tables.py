@@ -89,7 +89,7 @@ def run_numbers(run: RunRecord) -> dict[str, Any]:
         return {"final": None, "best": None, "epochs_done": 0, "epoch_time": None, "compute": None}
     return {
         "final": rows[-1]["test_acc"],
-        "best": max(r["test_acc"] for r in rows),
+        "best": max((r["test_acc"] for r in rows if r["test_acc"] is not None), default=None),
         "epochs_done": rows[-1]["epoch"],
         "epoch_time": _median([r["epoch_time_s"] for r in rows]),
         "compute": rows[-1].get("compute"),  # SGD-step equivalents so far (runs older than the counter: None)
@@ -296,6 +296,8 @@ def curves(group: Group) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"epoch": [], "acc_mean": [], "acc_std": [], "time_s": [], "compute": []}
     for i in range(n):
         accs = [r.metrics[i]["test_acc"] for r in group.runs]
+        if any(a is None for a in accs):
+            continue  # an epoch not evaluated on the test set (--test-epochs)
         out["epoch"].append(group.runs[0].metrics[i]["epoch"])
         out["acc_mean"].append(statistics.fmean(accs))
         out["acc_std"].append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
