@@ -3,7 +3,17 @@
 #
 #   bash benchmarks/cifar_study.sh regime [ROOT] [SEEDS]   (defaults: study-regime, "0 1 2")
 #   bash benchmarks/cifar_study.sh early  [ROOT] [SEEDS]   (defaults: study,        "0 1")
+#   bash benchmarks/cifar_study.sh replication [ROOT] [SEEDS]   (defaults: replication, "3 4 5 6 7 8")
 #
+# replication: the pre-registered replication of docs/RESULTS.md ("Replication: plan"), in the
+#   regime study's setting on fresh seeds: SGD at EPOCHS, 1.25 x EPOCHS and 2 x EPOCHS epochs (equal
+#   counted compute to the quarter-batch ascent and to SAM), SAM, SSAM-F 50% with the full-gradient
+#   norm (the paper's) and with the masked norm (the radius control), SAM and SSAM-F 50% with the
+#   ascent from a quarter of the batch. The test set is evaluated after epochs 5, 10 and 15 (and
+#   10, 20 and 30 for the longer SGD runs) and the last. One run directory per configuration and
+#   seed, ROOT/runs/NAME-seedS; two streams may share ROOT if their SEEDS differ. The data folder
+#   is checked against benchmarks/cifar10-jpeg.manifest.json first (ALLOW_OTHER_DATA=1 to run on
+#   another copy, e.g. one built with benchmarks/cifar_data.py build).
 # regime: the study in the regime the pilot chose (SGD fits its training set, clear test gap):
 #   ResNet-18 width 16, 5,000 training images, no augmentation, 20 epochs, lr 0.05 cosine,
 #   momentum 0.9, batch 128, weight decay 5e-4 for EVERY method, rho 0.1 for every SAM-family
@@ -61,6 +71,46 @@ regime)
   done
   TITLE="CIFAR-10, ResNet-18 width 16, 5k images, no augmentation, 20 epochs"
   ;;
+replication)
+  ROOT=${2:-replication}
+  SEEDS=${3:-"3 4 5 6 7 8"}
+  EPOCHS=${EPOCHS:-20}
+  if ! python "$(dirname "$0")/cifar_data.py" check "$DATA"; then
+    if [ "${ALLOW_OTHER_DATA:-0}" != 1 ]; then
+      echo "the images in $DATA are not the copy the published numbers used; set ALLOW_OTHER_DATA=1 to run anyway" >&2
+      exit 2
+    fi
+  fi
+  E125=$(( EPOCHS * 5 / 4 )); E2=$(( EPOCHS * 2 ))
+  tests_at() { local e=$1; echo "$(( e / 4 )),$(( e / 2 )),$(( 3 * e / 4 ))"; }  # quarters, and the last
+  COMMON=(--data "$DATA" --model resnet18 --width 16 --train-subset 5000 --augment none
+          --lr 0.05 --schedule cosine --momentum 0.9 --batch-size 128 --weight-decay 5e-4
+          --rho 0.1 --num-samples 128 --mask-update-epochs 1 --threads 1 --workers 1 --no-progress
+          ${EXTRA:-})
+  CONFIGS=(
+    "sgd|--opt sgd --epochs $EPOCHS"
+    "sgd-1.25x|--opt sgd --epochs $E125"
+    "sgd-2x|--opt sgd --epochs $E2"
+    "sam|--opt sam --epochs $EPOCHS"
+    "ssam-f|--opt ssam --mask fisher --sparsity 0.5 --norm full --epochs $EPOCHS"
+    "ssam-f-masked|--opt ssam --mask fisher --sparsity 0.5 --norm masked --epochs $EPOCHS"
+    "sam-asc|--opt sam --ascent-fraction 0.25 --epochs $EPOCHS"
+    "ssam-f-asc|--opt ssam --mask fisher --sparsity 0.5 --norm full --ascent-fraction 0.25 --epochs $EPOCHS"
+  )
+  for S in $SEEDS; do
+    for C in "${CONFIGS[@]}"; do
+      NAME=${C%%|*}; read -r -a FLAGS <<< "${C#*|}"
+      E=${FLAGS[-1]}
+      OUT="$ROOT/runs/$NAME-seed$S"
+      if [ -f "$OUT/summary.json" ]; then continue; fi
+      RESUME=(); if [ -f "$OUT/config.json" ]; then RESUME=(--resume); fi
+      "${SP[@]}" train "${COMMON[@]}" "${FLAGS[@]}" --test-epochs "$(tests_at "$E")" --seed "$S" \
+          --out "$OUT" "${RESUME[@]}"
+    done
+  done
+  python "$(dirname "$0")/study_table.py" --replication "$ROOT" --figures "$ROOT/figures"
+  exit 0
+  ;;
 early)
   ROOT=${2:-study}
   SEEDS=${3:-"0 1"}
@@ -82,7 +132,7 @@ early)
   TITLE="CIFAR-10, ResNet-18 width 8, 5k images, 10 epochs"
   ;;
 *)
-  echo "usage: bash benchmarks/cifar_study.sh {regime|early} [ROOT] [SEEDS]" >&2
+  echo "usage: bash benchmarks/cifar_study.sh {regime|early|replication} [ROOT] [SEEDS]" >&2
   exit 2
   ;;
 esac
