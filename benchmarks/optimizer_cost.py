@@ -9,7 +9,9 @@ decay 5e-4, the same for every base). This is the quantity issue 15 point 7 asks
 Rows: sparsam's SAM and SSAM (random mask) with the storage exchange (the default) and with
 ``exchange=False`` (w copied away and back, as under FSDP2), and, for reference, the rule of the
 authors' and davda54/sam's code written here from its formula: e kept, w restored by subtracting
-it (inexact), SSAM's mask a float tensor.
+it (inexact), SSAM's mask a float tensor. MSAM rows: Momentum-SAM's ``first_step`` (the perturbation
+along the momentum, its norm included) + ``second_step`` (restore, SGD step), dense and on the random
+mask; their base optimizer has taken one step first, so the momentum exists.
 
     python benchmarks/optimizer_cost.py                       # ResNet-18 width 64, 1 thread
     python benchmarks/optimizer_cost.py --width 16 --rounds 31
@@ -24,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from sparsam import SAM, SSAM
+from sparsam import MSAM, SAM, SSAM, SparseMSAM
 from sparsam.masks import RandomMask
 from sparsam.models import create_model
 
@@ -57,6 +59,13 @@ def main() -> None:
     def ssam(exchange: bool) -> SAM:
         m = model()
         return SSAM(sgd(m), rho=0.05, mask=RandomMask(args.sparsity, seed=0), model=m, exchange=exchange)
+
+    def msam(exchange: bool, sparse: bool = False) -> SAM:
+        m = model()
+        kw = {"rho": 3.0, "model": m, "exchange": exchange}
+        opt = SparseMSAM(sgd(m), mask=RandomMask(args.sparsity, seed=0), **kw) if sparse else MSAM(sgd(m), **kw)
+        opt.base_optimizer.step()  # the momentum MSAM perturbs along (none before the first step)
+        return opt
 
     def subtracting(masked: bool) -> Callable[[], None]:
         """The restore-by-subtraction rule of the authors' and davda54/sam's code, written here from
@@ -107,6 +116,9 @@ def main() -> None:
         f"SSAM random s={args.sparsity}": two_step(ssam(True)),
         f"SSAM random s={args.sparsity}, exchange=False": two_step(ssam(False)),
         f"SSAM s={args.sparsity} by subtraction, float mask (the authors' rule)": subtracting(True),
+        "MSAM": two_step(msam(True)),
+        "MSAM, exchange=False": two_step(msam(False)),
+        f"sparse MSAM random s={args.sparsity}": two_step(msam(True, sparse=True)),
     }
     ratios: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):

@@ -26,6 +26,12 @@ contract; one round times a whole cycle of their schedule (2 steps, 1, 5, 5 and 
 its length, so "x SAM" is the mean cost of a step. LookSSAM (``--opt lookssam``, the preset
 lookssam-f) is LookSAM k=5 on the mask of "SSAM unstructured s=0.5" (norm="full", dense pass 1). Their optimizer-only time is not separable from the passes ("-").
 
+"MSAM" (Momentum-SAM, rho 3 as in its paper) and "sparse MSAM s=0.5" (on the mask of "SSAM
+unstructured s=0.5", norm="full") run one pass per step: first_step (perturb along the momentum),
+forward+backward at the perturbed weights, second_step (restore, SGD step). Their opt/fb is
+first_step + second_step over SGD's forward+backward, so "MSAM opt/fb / SGD opt/fb" is the
+optimizer-only work against ``SGD.step``.
+
     python benchmarks/step_cost.py                       # the issue's full matrix (long on a CPU)
     python benchmarks/step_cost.py --models resnet18:16:32 --rounds 5   # a quick look
 """
@@ -154,7 +160,23 @@ def variants(scores: dict[str, torch.Tensor]) -> list[Variant]:
         Variant("SSAM implicit 2:4", ssam(lambda m: select(conv_linear, None, "2:4"), cheap=False, form="implicit"))
     )
     out += cheap_variants(base_kw, scores)
+    out += msam_variants(base_kw, scores)
     return out
+
+
+def msam_variants(base_kw: dict, scores: dict[str, torch.Tensor]) -> list[Variant]:
+    """Momentum-SAM, dense and on SSAM-F's 50% mask: one pass per step."""
+    from sparsam import MSAM, SparseMSAM
+
+    def sparse(m):
+        opt = SparseMSAM(m.parameters(), torch.optim.SGD, rho=3.0, mask=AllOnesMask(), model=m, **base_kw)
+        opt.set_masks(select(scores, 0.5))
+        return opt
+
+    return [
+        Variant("MSAM", lambda m: MSAM(m.parameters(), torch.optim.SGD, rho=3.0, model=m, **base_kw)),
+        Variant("sparse MSAM s=0.5", sparse),
+    ]
 
 
 def cheap_variants(base_kw: dict, scores: dict[str, torch.Tensor]) -> list[Variant]:
@@ -236,6 +258,19 @@ def timed_step(model, opt, x, y, device, cycle: int = 0) -> tuple[float, float, 
         sync(device)
         t2 = time.perf_counter()
         return t2 - t0, t2 - t1, t1 - t0
+    if getattr(opt, "one_pass", False):  # MSAM: perturb, the one pass at w~, restore + base step
+        opt.zero_grad()
+        opt.first_step()
+        sync(device)
+        t1 = time.perf_counter()
+        with opt.descent_pass():
+            F.cross_entropy(model(x), y).backward()
+        sync(device)
+        t2 = time.perf_counter()
+        opt.second_step(zero_grad=True)
+        sync(device)
+        t3 = time.perf_counter()
+        return t3 - t0, (t1 - t0) + (t3 - t2), t2 - t1
     opt.zero_grad()
     with opt.ascent_pass():
         F.cross_entropy(model(x), y).backward()
