@@ -108,7 +108,7 @@ replication)
           --out "$OUT" "${RESUME[@]}"
     done
   done
-  python "$(dirname "$0")/study_table.py" --replication "$ROOT" --figures "$ROOT/figures"
+  python "$(dirname "$0")/replication.py" "$ROOT" --figures "$ROOT/figures" --json "$ROOT/replication.json"
   exit 0
   ;;
 early)
