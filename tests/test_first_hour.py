@@ -8,6 +8,9 @@ by keyword, the two-step loop, the closure form with its own first pass, a sched
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 
 import pytest
 import torch
@@ -157,3 +160,35 @@ def test_davda54_state_dict_is_refused_in_one_line_and_changes_nothing():
     after = opt.state_dict()["state"]
     assert all(torch.equal(after[k]["momentum_buffer"], v) for k, v in before.items())
     assert all("old_p" not in s for s in opt.state.values())
+
+
+# ---------------------------------------------------------------------------------------- start-up time
+# Each costs 1-2 s (or more) to import and is needed only by the code that uses it.
+HEAVY_MODULES = ("torch.distributed.tensor", "matplotlib", "transformers", "lightning", "accelerate")
+
+
+def _imported_modules(code: str) -> set[str]:
+    """The modules ``python -X importtime -c code`` imports, read from its import-time report."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in out.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import sparsam; from sparsam import SAM, SSAM, masks, no_running_stats",  # names may load lazily
+        "import sparsam.__main__, sparsam.cli.train, sparsam.cli.sweep",
+    ],
+    ids=["library", "cli-help-path"],
+)
+def test_start_up_imports_no_heavy_module(code):
+    mods = _imported_modules(code)
+    assert "sparsam" in mods and "torch" in mods  # the report was read
+    heavy = sorted(m for m in mods if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
+    assert not heavy, f"{code!r} imports {heavy[:5]}: import them where they are used"

@@ -27,25 +27,22 @@ whatever the number of coordinates.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-try:  # torch >= 2.4 exposes DTensor publicly
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - a build without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
-
 _I64_MAX = 2**63 - 1
 _I64_MIN = -(2**63)
 
 
 def is_dtensor(t: Any) -> bool:
-    """True for a DTensor (a tensor sharded by FSDP2 / tensor parallelism)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """True for a DTensor (a tensor sharded by FSDP2 / tensor parallelism). ``torch.distributed.tensor``
+    costs 1-2 s to import, so it is only looked up: no DTensor exists before something imported it."""
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: Tensor) -> Tensor:
@@ -57,6 +54,8 @@ def local(t: Tensor) -> Tensor:
 
 def check_layout(t: Any, name: str) -> None:
     """Refuse a DTensor that is not sharded as FSDP2 shards: dim 0 over a 1-D mesh."""
+    from torch.distributed.tensor import Shard  # loaded: t is a DTensor
+
     if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
         raise ValueError(
             f"{name}: selection on sharded tensors needs FSDP2's layout (Shard(0) over a 1-D device mesh), got "
@@ -67,6 +66,8 @@ def check_layout(t: Any, name: str) -> None:
 
 def shard(full_shape: Sequence[int], mask: Tensor, like: Any) -> Tensor:
     """``mask`` (this rank's part) as a DTensor sharded like ``like`` (a DTensor of ``full_shape``)."""
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(
         mask, like.device_mesh, like.placements, shape=torch.Size(full_shape), stride=like.stride(), run_check=False
     )

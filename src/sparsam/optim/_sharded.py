@@ -26,12 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # torch >= 2.4 exposes DTensor publicly
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - old torch or a build without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
-
 __all__ = [
     "FSDP1_REFUSAL",
     "check_not_fsdp1",
@@ -80,9 +74,18 @@ def check_not_fsdp1(params: Iterable[Tensor], model: Any = None) -> None:
         raise ValueError(f"model= is wrapped in FSDP1, which SAM and SSAM do not support: {FSDP1_REFUSAL}")
 
 
+def _dtensor_class() -> Any:
+    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` is not imported.
+
+    Importing that module costs 1-2 s, so sparsam never imports it just to ask: no DTensor can
+    exist before something (``fully_shard``, a device mesh) has imported it."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
 def is_sharded(t: Any) -> bool:
     """True for a DTensor (a parameter or gradient sharded by FSDP2 / tensor parallelism)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: Tensor) -> Tensor:
@@ -113,6 +116,8 @@ def sharding_of(params: Iterable[Tensor]) -> Any:
                 f"SAM's global norm needs every sharded parameter on one device mesh; parameter #{i} of shape "
                 f"{tuple(p.shape)} is on {p.device_mesh}, parameter #{first[0] if first else '?'} on {mesh}"
             )
+        from torch.distributed.tensor import Shard  # loaded: p is a DTensor
+
         if p.device_mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in p.placements):
             raise ValueError(
                 f"SAM supports parameters sharded over a 1-D device mesh (fully_shard); parameter #{i} of shape "
@@ -199,6 +204,8 @@ def saved_mask(m: Tensor, p: Any) -> Tensor:
     at another world size); else the mask itself."""
     if not is_sharded(p):
         return m
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(m, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
 
 
