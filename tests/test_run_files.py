@@ -428,3 +428,57 @@ def test_the_cli_says_which_classes_a_tiny_train_subset_leaves_out(tmp_path):
         "sparsam train: warning: --train-subset 5 holds no image of 5 of the 10 classes (class 0, 1, 5, 8, 9): "
         "the model trains without them; use --train-subset 10 or more"
     ]
+
+
+# ------------------------------------------------------------------------------------- point 11: Ctrl-C at once
+def test_import_sparsam_loads_no_torch():
+    """The package loads its names on first use, so the command's own Ctrl-C handling starts before
+    the seconds of importing torch."""
+    code = "import sys, sparsam\nprint('torch' in sys.modules, sparsam.SAM.__name__, 'torch' in sys.modules)"
+    done = python(code)
+    assert done.stdout.split() == ["False", "SAM", "True"], done.stderr
+
+
+CTRL_C = """
+    import sys
+    import sparsam.__main__ as cli
+
+    noting = cli._note_ctrl_c
+
+    def ready(interrupted):  # the command has taken over Ctrl-C: from here on, any moment must be clean
+        restore = noting(interrupted)
+        print("ready", flush=True)
+        return restore
+
+    cli._note_ctrl_c = ready
+    sys.exit(cli.main(["report", "/no/such/run"]))
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
+def test_ctrl_c_in_the_first_seconds_of_a_command_is_one_line(delay):
+    import time
+
+    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CTRL_C)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in err, err
+    if proc.returncode == 2:  # the command was done before the signal came
+        assert "no such directory" in err
+    else:
+        assert proc.returncode == 130 and err.strip().splitlines() == ["sparsam report: aborted"], err

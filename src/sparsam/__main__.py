@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
+from typing import Any
 
 #: name -> (module with main(argv, prog), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     # Warnings read as the command's own lines ("sparsam train: warning: ..."), not as source locations.
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
+    interrupted: list[int] = []
+    restore = _note_ctrl_c(interrupted)
     try:  # Ctrl-C at any point, the imports included (torch, numpy: the first seconds), aborts cleanly
         from .train.errors import UserError
 
@@ -80,8 +85,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{prog}: aborted", file=sys.stderr)
         return 130
+    except Exception:
+        if not interrupted:
+            raise
+        # Ctrl-C inside an import can leave a half-initialised module behind it (a numpy
+        # AttributeError, seen): the interruption is what happened, so say that.
+        print(f"\n{prog}: aborted", file=sys.stderr)
+        return 130
     finally:
+        restore()
         warnings.formatwarning = formatwarning
+
+
+def _note_ctrl_c(interrupted: list[int]) -> Any:
+    """While a command runs, Ctrl-C raises KeyboardInterrupt as usual and is also noted in
+    ``interrupted``. Only replaces Python's default handler (not one an embedding program set, and
+    not an ignored SIGINT). Returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return lambda: None
+
+    def note(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
