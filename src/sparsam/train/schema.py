@@ -31,7 +31,7 @@ class RunFileError(RunDirError):
     message names the file and its first bad line or key. The file is left as it is."""
 
 
-_LEAVE = "the file was left as it is"
+_DAMAGED = "the file is damaged and was left as it is: restore it from a backup, or repair it"
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -48,7 +48,7 @@ def read_text(path: str | os.PathLike[str]) -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise RunFileError(
-            f"{p}: line {line} holds bytes that are not UTF-8 text (byte {e.start}); the file is damaged and {_LEAVE}"
+            f"{p}: line {line} holds bytes that are not UTF-8 text (byte {e.start}); {_DAMAGED}"
         ) from None
 
 
@@ -58,9 +58,7 @@ def load_json(path: str | os.PathLike[str]) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise RunFileError(
-            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); the file is damaged and {_LEAVE}"
-        ) from None
+        raise RunFileError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {_DAMAGED}") from None
 
 
 # ------------------------------------------------------------------------------------------ values
@@ -153,32 +151,27 @@ def parse_metrics(text: str, path: str | os.PathLike[str]) -> list[dict[str, Any
         except json.JSONDecodeError as e:
             if n == len(lines):  # the last line, without its newline: an append interrupted by a crash
                 break
-            raise RunFileError(
-                f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}); the file is damaged and {_LEAVE}"
-            ) from None
+            raise RunFileError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}); {_DAMAGED}") from None
         if not isinstance(row, dict):
             raise RunFileError(
-                f"{path}: line {n} holds a JSON {type(row).__name__}, not an epoch record (an object); "
-                f"the file is damaged and {_LEAVE}"
+                f"{path}: line {n} holds a JSON {type(row).__name__}, not an epoch record (an object); {_DAMAGED}"
             )
         for key, kind in METRIC_FIELDS.items():
             if key not in row:
-                raise RunFileError(f"{path}: line {n} lacks {key!r}; the file is damaged and {_LEAVE}")
+                raise RunFileError(f"{path}: line {n} lacks {key!r}; {_DAMAGED}")
             if not _check_value(row[key], kind):
                 raise RunFileError(
-                    f"{path}: line {n}: {key!r} must be {kind.replace('|', ' or ')}, got {_kind(row[key])}; "
-                    f"the file is damaged and {_LEAVE}"
+                    f"{path}: line {n}: {key!r} must be {kind.replace('|', ' or ')}, got {_kind(row[key])}; {_DAMAGED}"
                 )
         for key, kind in OPTIONAL_METRIC_FIELDS.items():
             if key in row and not _check_value(row[key], kind):
                 raise RunFileError(
-                    f"{path}: line {n}: {key!r} must be {kind.replace('|', ' or ')}, got {_kind(row[key])}; "
-                    f"the file is damaged and {_LEAVE}"
+                    f"{path}: line {n}: {key!r} must be {kind.replace('|', ' or ')}, got {_kind(row[key])}; {_DAMAGED}"
                 )
         if row["epoch"] != len(rows) + 1:
             raise RunFileError(
                 f"{path}: line {n} records epoch {row['epoch']} where epoch {len(rows) + 1} should follow "
-                f"(a record is missing, repeated or out of order); the file is damaged and {_LEAVE}"
+                f"(a record is missing, repeated or out of order); {_DAMAGED}"
             )
         rows.append(row)
     return rows
@@ -222,13 +215,12 @@ def check_summary(summary: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
     if summary.get("finished") is not True:
         raise RunFileError(
             f"{path}: 'finished' must be true (sparsam writes this file only when a run finishes), got "
-            f"{_kind(summary.get('finished'))}; the file is damaged and {_LEAVE}"
+            f"{_kind(summary.get('finished'))}; {_DAMAGED}"
         )
     for key, kind in SUMMARY_FIELDS.items():
         if key in summary and not _check_value(summary[key], kind):
             raise RunFileError(
-                f"{path}: {key!r} must be {kind.replace('|', ' or ')}, got {_kind(summary[key])}; "
-                f"the file is damaged and {_LEAVE}"
+                f"{path}: {key!r} must be {kind.replace('|', ' or ')}, got {_kind(summary[key])}; {_DAMAGED}"
             )
     return summary
 
