@@ -461,4 +461,4 @@ class SparseMSAM(MSAM, SSAM):
             self._in_perturbation = True
 
 
-__all__ = ["MSAM", "MSAM_STATE_VERSION", "SparseMSAM"]
+__all__ = ["MSAM", "SparseMSAM"]
