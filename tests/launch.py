@@ -1,15 +1,58 @@
-"""Launching ``sparsam`` under torchrun with two gloo processes on 127.0.0.1, and the environment of
-one spawned rank, for the tests."""
+"""Launching ``sparsam`` under torchrun with two gloo processes on 127.0.0.1, spawning test workers
+as ranks, and the environment of one spawned rank, for the tests.
+
+Every multi-process test starts its processes here: ``spawn_ranks`` for a worker function,
+``torchrun_sparsam`` for the command line (whose processes end through the engine's
+``sparsam.train.distributed.teardown``). A rank that leaves a process group, or an object that still
+holds one of its gloo work items, alive until the interpreter shuts down can abort at exit
+("terminate called without an active exception", SIGABRT): gloo's threads then free tensors while
+Python is being finalized. So each spawned rank destroys its process group and collects garbage
+while the interpreter is alive, and a rank whose work succeeded leaves with ``os._exit(0)``.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+
+
+def end_rank() -> None:
+    """Destroy this process's process groups (if any) and collect the objects that held them, while
+    the interpreter is fully alive."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def _rank_main(rank: int, worker: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        worker(rank, *args)
+    finally:
+        end_rank()
+    # Success: skip interpreter finalization, where threads a library left behind (gloo's, a
+    # framework's) can still abort the process after its work is done. Failures propagate above, so
+    # torch.multiprocessing.spawn reports the worker's own traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_ranks(worker: Callable[..., Any], *args: Any, nprocs: int = 2) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes (``worker`` at module level, so it
+    pickles) and raise if any rank fails; each rank ends through ``end_rank``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(worker, args), nprocs=nprocs, join=True)
 
 
 def rank_env(rank: int, world: int, port: int) -> None:

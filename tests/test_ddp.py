@@ -8,14 +8,13 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sparsam import SAM, SSAM
 from sparsam.masks import RandomMask
 
-from .launch import free_port
+from .launch import free_port, spawn_ranks
 from .reference import tiny_data, tiny_net
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -65,7 +64,7 @@ def _train(rank, out_dir, kind, ascent):
 @pytest.fixture(scope="module")
 def ddp_results():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, free_port(), d), nprocs=2, join=True)
+        spawn_ranks(_worker, 2, free_port(), d)
         return {
             (k, a): [torch.load(os.path.join(d, f"{k}-{a}-rank{r}.pt"), weights_only=True) for r in range(2)]
             for k, a in CONFIGS

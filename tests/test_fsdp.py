@@ -17,6 +17,7 @@ from torch import nn
 from sparsam import SAM, SSAM
 from sparsam.masks import DynamicMask, FisherMask, NormLayersMask, RandomMask, select
 from sparsam.optim.schedule import ScheduledSAM, ScheduledSSAM
+from .launch import spawn_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard") or not dist.is_available():
@@ -310,7 +311,7 @@ def free_port():
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    torch.multiprocessing.spawn(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD)
+    spawn_ranks(_worker, WORLD, free_port(), str(out), nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -457,8 +458,8 @@ def _dcp_worker(rank, world, port, out, phase):
 
 @pytest.mark.slow
 def test_distributed_checkpoint_resumes_at_another_world_size(tmp_path):
-    torch.multiprocessing.spawn(_dcp_worker, args=(2, free_port(), str(tmp_path), "save"), nprocs=2)
-    torch.multiprocessing.spawn(_dcp_worker, args=(1, free_port(), str(tmp_path), "resume"), nprocs=1)
+    spawn_ranks(_dcp_worker, 2, free_port(), str(tmp_path), "save")
+    spawn_ranks(_dcp_worker, 1, free_port(), str(tmp_path), "resume", nprocs=1)
     full = torch.load(tmp_path / "save0.pt")
     resumed = torch.load(tmp_path / "resume0.pt")
     assert resumed["steps"] == full["steps"] == STEPS

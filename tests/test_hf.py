@@ -24,7 +24,7 @@ from sparsam.optim.esam import ESAM
 from sparsam.optim.looksam import LookSAM, LookSSAM
 from sparsam.optim.schedule import ScheduledSAM
 
-from .launch import rank_env
+from .launch import rank_env, spawn_ranks
 
 BATCH, ACCUM, SEQ, VOCAB = 4, 2, 8, 40
 
@@ -587,7 +587,7 @@ def test_ddp_two_processes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_ranks(_ddp_worker, 2, port, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for name in ("plain", "rho0", "sam"):
         assert r0[f"{name}-ddp"] and r1[f"{name}-ddp"]  # the Trainer really ran under DDP
@@ -640,7 +640,7 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_fsdp2_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_ranks(_fsdp2_worker, 2, port, str(tmp_path))
     data = cls_data(3 * BATCH * ACCUM)
     ranks = [torch.load(tmp_path / f"fsdp2-{r}.pt") for r in range(2)]
     for name, make in (("sam", sam_factory), ("ssam", ssam_factory)):

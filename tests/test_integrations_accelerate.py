@@ -25,7 +25,7 @@ from sparsam.integrations.accelerate import SAMStep  # noqa: E402
 from sparsam.masks import RandomMask  # noqa: E402
 
 from .reference import tiny_data, tiny_net  # noqa: E402
-from .launch import rank_env  # noqa: E402
+from .launch import rank_env, spawn_ranks  # noqa: E402
 from .test_integrations import ddp_reference  # noqa: E402
 
 
@@ -295,7 +295,7 @@ def test_ddp_two_processes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_ranks(_ddp_worker, 2, port, str(tmp_path))
     net = tiny_net(dtype=torch.float32)
     expected = {a: list(ddp_reference(net, a, steps=3).parameters()) for a in ("local", "sync")}
     for ascent, other in (("local", "sync"), ("sync", "local")):

@@ -21,7 +21,7 @@ from sparsam import SAM, SSAM
 from sparsam.masks import RandomMask
 
 from .reference import tiny_data, tiny_net
-from .launch import rank_env
+from .launch import rank_env, spawn_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard") or not dist.is_available():
@@ -88,7 +88,7 @@ def spawn(worker, out_dir, *args):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(worker, args=(port, str(out_dir), *args), nprocs=WORLD)
+    spawn_ranks(worker, port, str(out_dir), *args, nprocs=WORLD)
 
 
 def check(out_dir, config, micro=1):

@@ -21,7 +21,7 @@ from sparsam.optim.looksam import LookSAM, LookSSAM
 from sparsam.optim.schedule import ScheduledSAM, ScheduledSSAM
 
 from .reference import tiny_data, tiny_net
-from .launch import rank_env
+from .launch import rank_env, spawn_ranks
 
 KW = dict(rho=0.1, lr=0.1, momentum=0.9)
 VARIANTS = {
@@ -363,7 +363,7 @@ def test_accelerate_ddp_esam_selection_per_rank(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_esam_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_ranks(_esam_ddp_worker, 2, port, str(tmp_path))
     params = esam_ddp_reference(tiny_net(dtype=torch.float32))
     ranks = [torch.load(tmp_path / f"esam-{r}.pt") for r in range(2)]
     for p0, p1, q in zip(*ranks, params):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -69,8 +70,15 @@ def setup(device_spec: str) -> DistInfo:
 
 
 def teardown(info: DistInfo) -> None:
+    """Destroy the process group ``setup`` created, collecting garbage before and after: an object
+    that still holds the group or one of its gloo work items (an FSDP2 module's device mesh, an
+    optimizer's pending work, reference cycles) would otherwise be freed while the interpreter shuts
+    down, where gloo's threads can abort the process ("terminate called without an active
+    exception")."""
     if info.initialized_here and dist.is_initialized():
+        gc.collect()  # objects the run left in reference cycles go while the group still exists
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
