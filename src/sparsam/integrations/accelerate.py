@@ -11,7 +11,7 @@ for x, y in loader:
         scheduler.step()
 ```
 
-Why a helper (each point is tested in ``tests/test_integrations_accelerate.py``):
+Why a helper (each point is tested against the plain two-step loop):
 
 * ``accelerator.prepare`` wraps the optimizer in an ``AcceleratedOptimizer``, which has no
   ``first_step`` / ``second_step`` attribute (use

@@ -9,8 +9,8 @@ class Net(L.LightningModule):
 trainer = L.Trainer(precision="16-mixed", gradient_clip_val=1.0, callbacks=[SAMCallback()])
 ```
 
-Why a callback is needed, and what it does (tested against a plain two-step loop, weight for
-weight, in ``tests/test_integrations_lightning.py``):
+Why a callback is needed, and what it does (each point tested against a plain two-step loop,
+weight for weight):
 
 * **Stepping.** Under automatic optimization the Trainer hands the optimizer a closure
   (``training_step`` + ``zero_grad`` + ``backward``) through its precision plugin. The plain plugin
@@ -60,7 +60,7 @@ Supported precision plugins: the plain one (``"32-true"``, ``"64-true"``, ``"16-
 Sharded training: FSDP2 through ``ModelParallelStrategy(data_parallel_size=N,
 tensor_parallel_size=1)``, with ``fully_shard`` applied in ``configure_model``: the parameters the
 optimizer gets are DTensors, which SAM and SSAM step shard by shard with one all-reduce for the
-norm (``docs/scaling.md``; tested with 2 CPU processes in ``tests/test_integrations_fsdp.py``).
+norm (``docs/scaling.md``; tested with 2 CPU processes against one process).
 Its checkpoints cannot carry SAM (torch's ``get_optimizer_state_dict`` drops SAM's own state and,
 on loading, calls ``optimizer.step(closure=None)``): the callback warns when checkpointing is on and
 refuses to resume, with that reason; save with ``torch.distributed.checkpoint`` yourself.

@@ -9,8 +9,8 @@ trainer.train()                        # every optimizer step is one SAM / SSAM 
 trainer.train(resume_from_checkpoint=True)   # masks, step count and mask-source state resume too
 ```
 
-What the Trainer does on its own, and what the subclass changes (each point is tested in
-``tests/test_hf.py`` against a hand-written two-pass loop):
+What the Trainer does on its own, and what the subclass changes (each point is tested
+against a hand-written two-pass loop):
 
 * **The step.** The Trainer calls ``training_step`` once per micro-batch (forward + backward),
   then clips with ``max_grad_norm``, calls ``optimizer.step()`` on the optimizer it built from

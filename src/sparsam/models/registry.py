@@ -52,7 +52,7 @@ def create_model(
 
             - ``resnet18``, ``resnet34``, ``resnet50``: first-stage width w (default 64); stages have
               w, 2w, 4w, 8w channels (times 4 at Bottleneck outputs for ResNet-50).
-            - ``wrn{d}-{k}``: the base 16 of the paper; stages have width*k, 2*width*k, 4*width*k.
+            - ``wrn{d}-{k}``: the base 16 of the paper; stages have ``width*k``, ``2*width*k``, ``4*width*k``.
             - ``vgg16_bn``: first-stage channels (default 64); stages w, 2w, 4w, 8w, 8w.
             - ``smallcnn``: first convolution's channels (default 16); the second has 2 * width.
         **kw: architecture options: ``dropout`` (float, WRNs only). Anything else is a TypeError.

@@ -57,7 +57,7 @@ class WideResNet(nn.Module):
         num_classes: outputs of the final linear layer.
         in_channels: input channels (1 for grayscale).
         width: the base width that the paper fixes at 16 (stem channels); stages have
-            width*k, 2*width*k, 4*width*k channels.
+            ``width*k``, ``2*width*k``, ``4*width*k`` channels.
         dropout: dropout probability between the two convolutions of each block (paper: 0 or 0.3).
     """
 

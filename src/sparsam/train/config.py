@@ -352,7 +352,7 @@ class TrainConfig:
     threads: int | None = _f(
         None,
         "CPU threads for intra-op parallelism (default: PyTorch's choice; 1 is often "
-        "fastest for tiny models on a busy machine)",
+        "fastest for tiny models)",
         group="engine",
         identity=False,
     )
