@@ -351,8 +351,7 @@ class TrainConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda if available)", group="engine", identity=False)
     threads: int | None = _f(
         None,
-        "CPU threads for intra-op parallelism (default: PyTorch's choice; 1 is often "
-        "fastest for tiny models)",
+        "CPU threads for intra-op parallelism (default: PyTorch's choice; 1 is often fastest for tiny models)",
         group="engine",
         identity=False,
     )
