@@ -3,8 +3,10 @@
 Every function takes a whole batch ``x`` of shape (N, C, H, W) (any dtype: uint8, or float before
 or after normalisation) and an explicit ``torch.Generator`` on ``x``'s device, draws all its random
 numbers for the batch in a few calls, and does no per-image Python work. The output has ``x``'s
-shape, dtype and device. Zero is the fill value of padding and Cutout: in ``DeviceLoader``,
-which augments after normalising, zero is the dataset's mean colour.
+shape, dtype and device. Zero is the fill value of Cutout and, unless ``fill`` is given, of the
+crop's padding: in ``DeviceLoader``, which augments after normalising, zero is the dataset's mean
+colour (``fill`` = the normalised black, ``-mean / std``, pads with black as torchvision's
+``RandomCrop`` does on the raw image).
 
 The draws, in this order, define the result for a given generator state (tests rely on it):
 
@@ -19,7 +21,7 @@ A draw that an option switches off (``padding=0``, ``flip=False``, ``cutout=0``)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +47,13 @@ def _check_nonneg_int(name: str, v: int) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {v!r}")
 
 
-def random_crop(x: Tensor, *, padding: int, generator: torch.Generator | None = None) -> Tensor:
-    """Pad each image by ``padding`` zeros on every side and crop an (H, W) window at a random
+def random_crop(
+    x: Tensor, *, padding: int, generator: torch.Generator | None = None, fill: Sequence[float] | None = None
+) -> Tensor:
+    """Pad each image by ``padding`` pixels on every side and crop an (H, W) window at a random
     offset, independently per image (a random translation by up to ``padding`` pixels).
+
+    The padding is zero, or ``fill``: one value per channel (e.g. the normalised black).
 
     Done for the whole batch with one gather: output pixel (n, c, i, j) is padded pixel
     (n, c, i + dy[n], j + dx[n]), offsets dy, dx uniform in {0, ..., 2 * padding}.
@@ -58,7 +64,14 @@ def random_crop(x: Tensor, *, padding: int, generator: torch.Generator | None = 
         return x
     n, c, h, w = x.shape
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=x.device)
-    padded = F.pad(x, (padding, padding, padding, padding))
+    if fill is None:
+        padded = F.pad(x, (padding, padding, padding, padding))
+    else:
+        values = torch.as_tensor(list(fill), dtype=x.dtype, device=x.device)
+        if values.shape != (c,):
+            raise ValueError(f"fill must hold one value per channel ({c}), got {list(fill)!r}")
+        padded = values.view(1, c, 1, 1).expand(n, c, h + 2 * padding, w + 2 * padding).clone()
+        padded[:, :, padding : padding + h, padding : padding + w] = x
     rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (N, H)
     cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (N, W)
     # Advanced indices separated by a slice put their broadcast shape (N, H, W) first: (N, H, W, C).
@@ -113,17 +126,19 @@ def cifar_augment(
     flip: bool = True,
     cutout: int = 16,
     cutout_p: float = 0.5,
+    crop_fill: Sequence[float] | None = None,
 ) -> Tensor:
     """The CIFAR augmentation of the SAM and SSAM papers, batched: random crop with ``crop_padding``
-    zero padding, horizontal flip with p = 0.5, then Cutout of a ``cutout`` x ``cutout`` square with
-    probability ``cutout_p`` (``cutout=0`` switches it off). Works on uint8 or float batches.
+    pixels of padding (zero, or ``crop_fill`` per channel), horizontal flip with p = 0.5, then Cutout
+    of a ``cutout`` x ``cutout`` square with probability ``cutout_p`` (``cutout=0`` switches it off).
+    Works on uint8 or float batches.
 
     Use ``functools.partial(cifar_augment, cutout=0)`` and the like to change the options for
     [`DeviceLoader`][sparsam.data.DeviceLoader].
     """
     if not isinstance(flip, bool):
         raise TypeError(f"flip must be a bool, got {flip!r}")
-    x = random_crop(x, padding=crop_padding, generator=generator)
+    x = random_crop(x, padding=crop_padding, generator=generator, fill=crop_fill)
     if flip:
         x = random_flip(x, p=0.5, generator=generator)
     return _cutout(x, size=cutout, p=cutout_p, generator=generator)

@@ -141,16 +141,58 @@ def resolve_augment(cfg: TrainConfig, kind: str) -> str:
     return {"cifar10": "cifar", "cifar100": "cifar", "digits": "none"}.get(kind, "crop-flip")
 
 
-def augment_fn(cfg: TrainConfig, name: str) -> Any:
+def crop_fill(cfg: TrainConfig, mean: Sequence[float], std: Sequence[float]) -> list[float] | None:
+    """The random crop's padding value per channel after normalisation: ``None`` (zero, the mean
+    colour) for ``--crop-fill mean``; for ``black`` the value a black pixel gets, ``-mean / std``,
+    computed as ``DeviceLoader`` normalises (float64 ratio, rounded to float32)."""
+    if cfg.crop_fill == "mean":
+        return None
+    ratio = (torch.tensor(list(mean), dtype=torch.float64) / torch.tensor(list(std), dtype=torch.float64)).float()
+    return (-ratio).tolist()
+
+
+def augment_fn(
+    cfg: TrainConfig, name: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> Any:
+    """The batched training augmentation ``name`` (see ``resolve_augment``); ``mean`` / ``std`` are
+    the loader's normalisation, needed for ``--crop-fill black``."""
     from ..data import cifar_augment
 
     if name == "none":
         return None
     if name == "flip":
         return functools.partial(cifar_augment, crop_padding=0, cutout=0)
+    fill = None
+    if cfg.crop_fill != "mean":
+        if mean is None or std is None:
+            raise ValueError(f"--crop-fill {cfg.crop_fill} needs the normalisation's mean and std")
+        fill = crop_fill(cfg, mean, std)
     if name == "crop-flip":
-        return functools.partial(cifar_augment, crop_padding=cfg.crop_padding, cutout=0)
-    return functools.partial(cifar_augment, crop_padding=cfg.crop_padding, cutout=cfg.cutout, cutout_p=cfg.cutout_p)
+        return functools.partial(cifar_augment, crop_padding=cfg.crop_padding, cutout=0, crop_fill=fill)
+    return functools.partial(
+        cifar_augment, crop_padding=cfg.crop_padding, cutout=cfg.cutout, cutout_p=cfg.cutout_p, crop_fill=fill
+    )
+
+
+# ------------------------------------------------------------------------------------------ batch size
+def batch_per_rank(cfg: TrainConfig, world_size: int) -> int:
+    """Each process's batch per step. ``--batch-scope global`` (default): ``--batch-size`` is the
+    whole step's batch, split over the ``world_size`` processes (it must divide evenly);
+    ``per-process`` (the SSAM authors' ``--batch_size``): every process takes ``--batch-size``, so a
+    step sees ``world_size`` times as many images. Either way the per-process batch must divide
+    into ``--accum`` micro-batches."""
+    if cfg.batch_scope == "per-process":
+        per_rank = cfg.batch_size
+    else:
+        if cfg.batch_size % world_size:
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world_size}) "
+                "(or pass --batch-scope per-process to give each process --batch-size images)"
+            )
+        per_rank = cfg.batch_size // world_size
+    if per_rank % cfg.accum:
+        raise ConfigError(f"the per-process batch ({per_rank}) must be divisible by --accum ({cfg.accum})")
+    return per_rank
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -312,8 +354,8 @@ def _build_memory(
     train_ds = splits.train.to(device)  # moved once; the loaders below share it
     if len(train_ds) // world_size < batch_per_rank:
         raise ConfigError(
-            f"--batch-size {batch_per_rank * world_size} is larger than the training set "
-            f"({len(train_ds)} images{f' over {world_size} ranks' if world_size > 1 else ''}): no full batch per epoch"
+            f"--batch-size {cfg.batch_size} (a step of {batch_per_rank * world_size} images) is larger than the "
+            f"training set ({len(train_ds)} images{f' over {world_size} ranks' if world_size > 1 else ''}): no full batch per epoch"
         )
     if len(splits.test) == 0:
         raise UserError(f"--data {cfg.data}: the test split is empty")
@@ -323,7 +365,7 @@ def _build_memory(
         batch_size=batch_per_rank,
         shuffle=True,
         drop_last=True,
-        augment=augment_fn(cfg, aug_name),
+        augment=augment_fn(cfg, aug_name, splits.mean, splits.std),
         seed=cfg.seed,
         rank=rank,
         world_size=world_size,
@@ -340,7 +382,7 @@ def _build_memory(
         batch_size=min(cfg.num_samples, 256),
         shuffle=True,
         drop_last=False,
-        augment=augment_fn(cfg, aug_name) if cfg.fisher_augment else None,
+        augment=augment_fn(cfg, aug_name, splits.mean, splits.std) if cfg.fisher_augment else None,
         seed=derive_seed(cfg.seed, _FISHER_STREAM),
         **common,
     )
@@ -493,7 +535,8 @@ def _build_stream(
         test_ds = Subset(test_ds, keep)
     if len(train_ds) // world_size < batch_per_rank:
         raise ConfigError(
-            f"--batch-size {batch_per_rank * world_size} is larger than the training set ({len(train_ds)} images)"
+            f"--batch-size {cfg.batch_size} (a step of {batch_per_rank * world_size} images) is larger than the "
+            f"training set ({len(train_ds)} images)"
         )
     common: dict[str, Any] = dict(
         device=device, mean=mean, std=std, workers=cfg.workers, channels_last=cfg.channels_last
