@@ -212,6 +212,26 @@ def test_run_colours_never_repeat_and_legends_lie_beside_the_data(tmp_path, monk
     assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["SGD", "x"]
     assert axes[1].get_legend().get_window_extent().x0 >= axes[1].get_window_extent().x1
     assert drawn(axes[0])[0] == ("SGD", sgd.color) and drawn(axes[0])[1][1] != sgd.color
+    # accuracy in percent, as in the report's tables and figures
+    assert max(axes[1].get_lines()[0].get_ydata()) == pytest.approx(70.0) and "%" in axes[1].get_ylabel()
+    # the spectra and mask densities in the same colours and words
+    plots.plot_spectra(
+        {"sgd-seed0": {"top_eigenvalues": [3.0, 1.0]}, "ssam-f-s0.9-seed0": {"top_eigenvalues": [2.0]}},
+        tmp_path / "sp",
+        styles={"sgd-seed0": sgd, "ssam-f-s0.9-seed0": ssam},
+        **PNG,
+    )
+    ax = figs[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["SGD", "SSAM-F, 90%"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SGD", "SSAM-F, 90%"]
+    plots.plot_mask_density(
+        {"ssam-f-s0.9-seed0": {"a": 0.1, "b": 0.2}}, tmp_path / "md", styles={"ssam-f-s0.9-seed0": ssam}, **PNG
+    )
+    ax = figs[-1].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SSAM-F, 90%"]
+    from matplotlib.colors import to_hex
+
+    assert to_hex(ax.patches[0].get_facecolor()) == ssam.color
 
 
 def test_plot_bad_input(tmp_path):
@@ -257,7 +277,7 @@ def test_write_report_writes_json_and_applicable_figures(tmp_path):
     assert data["SGD"]["top_eigenvalues"] == [9.0, 4.0]
     assert data["SGD"]["notes"] == [1.0, None]  # tensors become lists, NaN becomes null
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| SGD | 9 | 40 | 0.2 | 0.7 |" in summary
+    assert "| SGD | 9.00 | 40.0 | 0.200 | 70.00 |" in summary  # three significant digits; accuracy in %
 
 
 def test_write_report_accepts_computed_objects(tmp_path):

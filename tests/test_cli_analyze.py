@@ -118,15 +118,23 @@ def test_numbers_equal_the_library_on_the_same_model_and_batch(runs, tmp_path):
     assert r["landscape_1d"]["losses"][2] == pytest.approx(r["loss"], rel=1e-6)
 
 
-def test_a_checkpoint_file_and_the_default_out(runs, tmp_path, monkeypatch):
+def test_a_checkpoint_file_and_the_default_out(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["analyze", str(runs / "ssam" / "best_model.pt"), "--points", "0", "--rho", "0", "--quiet"]) == 0
-    res = json.loads((tmp_path / "analysis" / "results.json").read_text())
+    # beside what was read, never in the current folder: a checkpoint file's analysis goes into its folder
+    assert not (tmp_path / "analysis").exists()
+    res = json.loads((runs / "ssam" / "analysis" / "results.json").read_text())
     assert list(res) == ["ssam"] and res["ssam"]["weights"].endswith("best_model.pt")
     assert "landscape_1d" not in res["ssam"] and "sharpness" not in res["ssam"]
     # One run directory: the report goes into it.
     assert main(["analyze", str(runs / "sgd"), "--points", "0", "--top-k", "0", "--quiet"]) == 0
     assert (runs / "sgd" / "analysis" / "results.json").is_file()
+    # Two runs: into the folder that holds both; and the command says where it wrote
+    capsys.readouterr()
+    assert main(["analyze", str(runs / "sgd"), str(runs / "ssam"), "--points", "0", "--top-k", "0"]) == 0
+    assert sorted(json.loads((runs / "analysis" / "results.json").read_text())) == ["sgd", "ssam"]
+    assert f"wrote {runs / 'analysis'}: results.json, summary.md" in capsys.readouterr().err
+    assert not (tmp_path / "analysis").exists()
 
 
 @pytest.mark.parametrize(
@@ -135,7 +143,7 @@ def test_a_checkpoint_file_and_the_default_out(runs, tmp_path, monkeypatch):
         (["/nonexistent/run"], "/nonexistent/run: no such file or directory"),
         (["--batch-size", "0", "X"], "must be > 0, got '0'"),
         (["--points", "1", "RUNS"], "at least 2 points"),
-        (["--formats", "gif", "RUNS"], "--formats 'gif'"),
+        (["--formats", "gif", "RUNS"], "--format 'gif'"),
         (["EMPTY"], "no run directories"),
     ],
 )
@@ -154,12 +162,14 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
 
 
 def test_figures_take_each_runs_method_style(runs, tmp_path, monkeypatch):
-    """The landscape and training-curve lines are coloured and named by the runs' methods."""
+    """The landscape, training-curve, spectrum and mask-density figures colour and name each run by its
+    method, as the report does."""
     from sparsam.analysis import plots
     from sparsam.train.figures import method_style
 
     seen: dict[str, dict] = {}
-    for fn in ("plot_landscape_1d", "plot_training_curves"):
+    figures = ("plot_landscape_1d", "plot_training_curves", "plot_spectra", "plot_mask_density")
+    for fn in figures:
         real = getattr(plots, fn)
 
         def spy(*args, _real=real, _fn=fn, **kwargs):
@@ -168,12 +178,12 @@ def test_figures_take_each_runs_method_style(runs, tmp_path, monkeypatch):
 
         monkeypatch.setattr(plots, fn, spy)
     out = tmp_path / "s"
-    argv = ["analyze", str(runs / "sgd"), str(runs / "ssam"), "--out", str(out), "--points", "3", "--top-k", "0"]
+    argv = ["analyze", str(runs / "sgd"), str(runs / "ssam"), "--out", str(out), "--points", "3", "--eig-iters", "4"]
     assert main([*argv, "--rho", "0", "--formats", "png", "--quiet"]) == 0
     expect = {
         name: method_style(json.loads((runs / name / "config.json").read_text())["config"]) for name in ("sgd", "ssam")
     }
-    for fn in ("plot_landscape_1d", "plot_training_curves"):
+    for fn in figures:
         assert {k: (v.color, v.label) for k, v in seen[fn].items()} == {
             k: (v.color, v.label) for k, v in expect.items()
         }

@@ -95,3 +95,35 @@ def test_accuracy_figure_formats_integer_epochs_and_a_title_inside(tmp_path, row
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # the title lies inside the canvas
     with pytest.raises(ValueError, match="'jpg'"):
         plot_accuracy(groups, tmp_path / "acc.png", x="epoch", formats=("jpg",))
+
+
+def test_report_writes_beside_the_runs_in_every_format_with_latex(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from sparsam.__main__ import main
+    from sparsam.train import train
+
+    from .test_train_engine import TINY
+
+    root = tmp_path / "runs"
+    for name, opt in (("a", "sgd"), ("b", "sam")):
+        train(build_config([("t", {**TINY, "opt": opt, "epochs": 2, "out": str(root / name)})]), quiet=True)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["report", str(root / "a"), str(root / "b"), "--format", "png,pdf", "--title", "A & B"]) == 0
+    out = root / "report"  # the folder that holds both runs, not the current folder
+    assert list(elsewhere.iterdir()) == []
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == f"wrote {out}: report.md, report.csv, report.tex, " + ", ".join(
+        f"acc_vs_{x}.{f}" for x in ("epoch", "time", "compute") for f in ("png", "pdf")
+    )
+    tex = (out / "report.tex").read_text()
+    assert r"\caption{A \& B}" in tex and r"\toprule" in tex and "SAM &" in tex
+    assert (out / "acc_vs_epoch.pdf").read_bytes()[:4] == b"%PDF"
+    # one run directory: the report goes into it
+    assert main(["report", str(root / "a"), "--no-plots"]) == 0
+    assert (root / "a" / "report" / "report.tex").is_file()
+    assert main(["report", str(root), "--format", "gif"]) == 2
+    assert "--format 'gif'" in capsys.readouterr().err

@@ -159,6 +159,7 @@ def plot_landscape_2d(
     title: str = "Loss on a plane of two random filter-normalised directions",
     levels: int = 30,
     formats: Formats = _DEFAULT_FORMATS,
+    styles: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Contour plots of 2-D landscapes, one panel per run, sharing one colour scale.
 
@@ -166,6 +167,7 @@ def plot_landscape_2d(
         runs: ``{run name: {"alphas": [...], "betas": [...], "losses": [[...]]}}`` (or one such
             dict), with ``losses[i][j]`` at ``(alphas[i], betas[j])``.
         levels: number of contour levels.
+        styles: ``{run name: style}`` as for ``plot_landscape_1d``: a panel's title is its run's label.
     """
     import numpy as np
 
@@ -190,7 +192,11 @@ def plot_landscape_2d(
         mappable = ax.contourf(A, B, z, levels=bounds, cmap="viridis", extend="both")
         ax.contour(A, B, z, levels=bounds[::3], colors="white", linewidths=0.5, alpha=0.6)
         ax.plot([0], [0], marker="*", color="red", markersize=10, label="trained weights $w$")
-        ax.set(xlabel=r"$\alpha$ (direction $d_1$)", ylabel=r"$\beta$ (direction $d_2$)", title=name or title)
+        ax.set(
+            xlabel=r"$\alpha$ (direction $d_1$)",
+            ylabel=r"$\beta$ (direction $d_2$)",
+            title=(styles[name].label if styles and name in styles else name) or title,
+        )
         ax.set_aspect("equal", adjustable="box")
         ax.legend(loc="upper right", fontsize="small")
     if mappable is not None:
@@ -216,6 +222,7 @@ def plot_spectra(
     *,
     title: str = "Hessian spectra",
     formats: Formats = _DEFAULT_FORMATS,
+    styles: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Eigenvalue spectra of several runs side by side.
 
@@ -226,6 +233,7 @@ def plot_spectra(
     Args:
         runs: ``{run name: {"top_eigenvalues": [...], "spectral_density": SpectralDensity or
             {"grid", "density"}, "trace": float}}``, every key optional.
+        styles: ``{run name: style}`` as for ``plot_landscape_1d``: each run's colour and words.
     """
     import numpy as np
 
@@ -236,20 +244,22 @@ def plot_spectra(
     fig, axes = _figure(2 if has_density else 1)
     ax = axes[0]
     names = list(results)
+    look = _run_styles(names, styles)
+    labels = [look[n]["label"] or n for n in names]
     for i, name in enumerate(names):
         eig = [float(e) for e in results[name].get("top_eigenvalues", [])]
         if not eig:
             continue
-        label = name
+        label = labels[i]
         if results[name].get("trace") is not None:
-            label = f"{name} (trace {float(results[name]['trace']):.3g})"
-        ax.scatter([i] * len(eig), eig, s=25, alpha=0.8, label=label)
-        ax.scatter([i], [max(eig)], s=90, marker="_", color="black")
+            label = f"{label} (trace {float(results[name]['trace']):.3g})"
+        ax.scatter([i] * len(eig), eig, s=25, alpha=0.8, label=label, color=look[name]["color"])
+        ax.scatter([i], [max(eig)], s=90, marker="_", color="0.3")
     ax.axhline(0.0, color="0.6", linewidth=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0)
+    ax.set_xticks(range(len(names)), labels, rotation=20 if len(names) > 3 else 0)
     ax.set(title="Top Hessian eigenvalues", xlabel="run", ylabel=r"eigenvalue $\lambda$")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="small")
+    _legend_right(ax)
     if has_density:
         ax = axes[1]
         for name in names:
@@ -257,7 +267,7 @@ def plot_spectra(
             if arr is None:
                 continue
             grid, density = np.asarray(arr[0], dtype=float), np.asarray(arr[1], dtype=float)
-            ax.plot(grid, np.maximum(density, 1e-12), label=name)
+            ax.plot(grid, np.maximum(density, 1e-12), label=look[name]["label"] or name, color=look[name]["color"])
         ax.set_yscale("log")
         ax.set(
             title="Spectral density (stochastic Lanczos quadrature)",
@@ -265,7 +275,7 @@ def plot_spectra(
             ylabel="density (log scale)",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend_right(ax)
     fig.suptitle(title)
     return _save(fig, path, formats)
 
@@ -276,12 +286,14 @@ def plot_mask_density(
     *,
     title: str = "Mask density per layer (fraction of coordinates perturbed)",
     formats: Formats = _DEFAULT_FORMATS,
+    styles: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Horizontal bars of the mask density of each layer, in depth order (first layer on top),
     grouped by run.
 
     Args:
         runs: ``{run name: {layer: density}}`` or one ``{layer: density}`` dict.
+        styles: ``{run name: style}`` as for ``plot_landscape_1d``: each run's colour and words.
     """
     if not isinstance(runs, Mapping) or not runs:
         raise ValueError(f"expected a non-empty dict of densities, got {runs!r}")
@@ -294,25 +306,28 @@ def plot_mask_density(
     n_runs = len(results)
     fig, (ax,) = _figure(width=7.0, height=max(3.0, 0.28 * len(layers) * max(1, n_runs) ** 0.5 + 1.5))
     height = 0.8 / n_runs
+    look = _run_styles(list(results), styles)
     for r, (name, dens) in enumerate(results.items()):
         ys = [i + (r - (n_runs - 1) / 2) * height for i in range(len(layers))]
-        ax.barh(ys, [float(dens.get(layer, math.nan)) for layer in layers], height=height, label=name or None)
+        values = [float(dens.get(layer, math.nan)) for layer in layers]
+        ax.barh(ys, values, height=height, label=look[name]["label"], color=look[name]["color"])
     ax.set_yticks(range(len(layers)), layers, fontsize="small" if len(layers) > 15 else None)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set(title=title, xlabel="density (1 - sparsity)", ylabel="layer (input to output)")
     ax.grid(alpha=0.3, axis="x")
     if n_runs > 1 or next(iter(results)):
-        ax.legend(title="run", fontsize="small")
+        _legend_right(ax, "run")
     return _save(fig, path, formats)
 
 
 _CURVE_LABELS = {
     "train_loss": ("Training loss", "loss"),
     "test_loss": ("Test loss", "loss"),
-    "train_acc": ("Training accuracy", "accuracy"),
-    "test_acc": ("Test accuracy", "accuracy"),
+    "train_acc": ("Training accuracy", "accuracy (%)"),
+    "test_acc": ("Test accuracy", "accuracy (%)"),
 }
+_PERCENT = frozenset({"train_acc", "test_acc"})  # stored as fractions, drawn in percent as in the report
 
 
 def plot_training_curves(
@@ -347,8 +362,9 @@ def plot_training_curves(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for name, rows in runs.items():
             pts = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(rows) if row.get(key) is not None]
+            scale = 100.0 if key in _PERCENT else 1.0
             if pts:
-                ax.plot([p[0] for p in pts], [float(p[1]) for p in pts], markersize=2.5, **look[name])
+                ax.plot([p[0] for p in pts], [scale * float(p[1]) for p in pts], markersize=2.5, **look[name])
         ttl, ylabel = _CURVE_LABELS.get(key, (key, key))
         ax.set(title=ttl, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)

@@ -32,11 +32,13 @@ def _jsonable(x: Any) -> Any:
 
 
 def _summary_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    from ..train.tables import sig3  # here, not at import: sparsam.analysis stays light
+
     cols = [
         ("top eigenvalue", lambda r: r.get("top_eigenvalues", [None])[0] if r.get("top_eigenvalues") else None),
         ("trace", lambda r: r.get("trace")),
         ("sharpness", lambda r: r.get("sharpness")),
-        ("final test acc", lambda r: (r.get("metrics") or [{}])[-1].get("test_acc")),
+        ("final test acc (%)", lambda r: (r.get("metrics") or [{}])[-1].get("test_acc")),
     ]
     used = [(name, f) for name, f in cols if any(f(r) is not None for r in results.values())]
     if not used:
@@ -44,9 +46,9 @@ def _summary_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     lines = ["| run | " + " | ".join(n for n, _ in used) + " |", "|---|" + "---|" * len(used)]
     for run, r in results.items():
         cells = []
-        for _, f in used:
+        for name, f in used:  # the report's precision rule: accuracy in % with two decimals, measures to 3 digits
             v = f(r)
-            cells.append("" if v is None else f"{float(v):.4g}")
+            cells.append("" if v is None else f"{100 * float(v):.2f}" if "(%)" in name else sig3(float(v)))
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -123,19 +125,19 @@ def write_report(
             styles=styles,
         )
     if surfaces := having("landscape_2d"):
-        written += plots.plot_landscape_2d(surfaces, out / "landscape_2d", formats=formats)
+        written += plots.plot_landscape_2d(surfaces, out / "landscape_2d", formats=formats, styles=styles)
     spectra = {
         run: {k: r[k] for k in ("top_eigenvalues", "spectral_density", "trace") if r.get(k) is not None}
         for run, r in results.items()
         if r.get("top_eigenvalues") or r.get("spectral_density") is not None
     }
     if spectra:
-        written += plots.plot_spectra(spectra, out / "spectra", formats=formats)
+        written += plots.plot_spectra(spectra, out / "spectra", formats=formats, styles=styles)
     if metrics := having("metrics"):
         try:
             written += plots.plot_training_curves(metrics, out / "training_curves", formats=formats, styles=styles)
         except ValueError:
             pass  # per-epoch dicts without any known metric: JSON only
     if masks := having("mask_density"):
-        written += plots.plot_mask_density(masks, out / "mask_density", formats=formats)
+        written += plots.plot_mask_density(masks, out / "mask_density", formats=formats, styles=styles)
     return written

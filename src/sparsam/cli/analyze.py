@@ -270,8 +270,8 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="where results.json, summary.md and the figures go "
-        "(default: RUN/analysis for one run directory, else ./analysis)",
+        help="where results.json, summary.md and the figures go (default: beside the runs read, in the folder "
+        "holding every given path: RUN/analysis for one run directory, the checkpoint's folder for a file)",
     )
     parser.add_argument(
         "--weights",
@@ -340,13 +340,19 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--threads", type=_positive(int), help="CPU threads for PyTorch")
-    parser.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (png, pdf, svg)")
+    parser.add_argument(
+        "--format",
+        "--formats",
+        dest="formats",
+        default="png,pdf",
+        metavar="LIST",
+        help="figure formats, comma-separated: png, pdf, svg (default png,pdf)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = parser.parse_args(argv)
-    formats = tuple(f for f in args.formats.replace(" ", "").split(",") if f)
-    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
-    if bad or not formats:
-        raise UserError(f"--formats {args.formats!r}: use png, pdf and/or svg")
+    from .report import default_out, parse_formats
+
+    formats = parse_formats(args.formats)
     if args.points == 1 or args.surface == 1:
         raise UserError("--points and --surface need at least 2 points (or 0 to skip)")
     import torch
@@ -366,12 +372,7 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     for t in targets:  # every run file checked before any work: the first bad line or key stops here
         if t.run_dir is not None:
             load_run(t.run_dir)
-    if args.out:
-        out = Path(args.out)
-    elif len(args.paths) == 1 and len(targets) == 1 and targets[0].run_dir is not None and Path(args.paths[0]).is_dir():
-        out = targets[0].run_dir / "analysis"
-    else:
-        out = Path("analysis")
+    out = Path(args.out) if args.out else default_out(args.paths, "analysis")  # beside the runs read
     out = resolve_dir(out, flag="--out")  # a file, or a path under one, is refused before any work
 
     def say(msg: str) -> None:
@@ -384,5 +385,5 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     written = write_report(results, out, formats=formats, styles=_method_styles(targets))
     if not args.quiet:
         print((out / "summary.md").read_text(encoding="utf-8"))
-        say(f"wrote {len(written)} files to {os.path.abspath(out)}")
+        say(f"wrote {os.path.abspath(out)}: {', '.join(p.name for p in written)}")
     return 0

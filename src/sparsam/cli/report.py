@@ -1,19 +1,48 @@
-"""``sparsam report``: run directories -> report.md, report.csv and accuracy plots."""
+"""``sparsam report``: run directories -> report.md, report.csv, report.tex and accuracy plots."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from ..train.errors import UserError
 
 
-def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool = True, title: str | None = None) -> str:
-    """Write ``report.md``, ``report.csv`` and (with ``plots``) ``acc_vs_epoch.png``,
-    ``acc_vs_time.png`` and ``acc_vs_compute.png`` into ``out``; return the Markdown table."""
+FIGURES = ("acc_vs_epoch", "acc_vs_time", "acc_vs_compute")
+FORMATS = ("png", "pdf", "svg")
+
+
+def parse_formats(text: str, flag: str = "--format") -> tuple[str, ...]:
+    """``"png,pdf"`` -> ``("png", "pdf")``; a ``UserError`` naming the bad value otherwise."""
+    formats = tuple(dict.fromkeys(f for f in text.replace(" ", "").lower().split(",") if f))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"{flag} {text!r}: use png, pdf and/or svg, comma-separated")
+    return formats
+
+
+def default_out(paths: list[str], name: str) -> Path:
+    """Beside the runs read: ``name`` in the folder that holds every given path (a run directory
+    itself when only one is given; a file's folder for a file)."""
+    dirs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in paths]
+    return Path(os.path.commonpath(dirs)) / name
+
+
+def write_report(
+    paths: list[str],
+    out: str | os.PathLike[str],
+    *,
+    plots: bool = True,
+    title: str | None = None,
+    formats: tuple[str, ...] = ("png",),
+) -> str:
+    """Write ``report.md``, ``report.csv``, ``report.tex`` (a booktabs table) and (with ``plots``)
+    ``acc_vs_epoch``, ``acc_vs_time`` and ``acc_vs_compute`` in each of ``formats`` into ``out``;
+    return the Markdown table."""
     from ..train.checkpoint import write_text
     from ..train.rundir import find_runs, load_run, resolve_dir
-    from ..train.tables import summarize, to_csv, to_markdown
+    from ..train.tables import summarize, to_csv, to_latex, to_markdown
 
     dirs = find_runs(paths)
     if not dirs:
@@ -34,7 +63,7 @@ def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool =
         "Compute: training compute of the run in SGD-step equivalents (forward+backward passes over a batch, "
         "counted by the optimizer, not timed; mean over seeds); Compute vs SGD: per epoch, relative to the SGD row.\n"
         + (
-            "\nFigures (acc_vs_epoch.png, acc_vs_time.png, acc_vs_compute.png): mean test accuracy, band ± one std "
+            f"\nFigures ({', '.join(f'{n}.{fmt}' for n in FIGURES for fmt in formats)}): mean test accuracy, band ± one std "
             "over seeds; one panel per method family, SGD and SAM in every panel as the references.\n"
             if plots
             else ""
@@ -43,21 +72,22 @@ def write_report(paths: list[str], out: str | os.PathLike[str], *, plots: bool =
     )
     write_text(out / "report.md", header + table + notes, what="report")  # atomic: old or new, never half
     write_text(out / "report.csv", to_csv(varying, rows), what="report")
+    write_text(out / "report.tex", to_latex(varying, rows, caption=title), what="report")
     if plots:
         from ..train.figures import plot_accuracy
 
         groups = [r["group"] for r in rows]
-        plot_accuracy(groups, out / "acc_vs_epoch.png", x="epoch", varying=varying)
-        plot_accuracy(groups, out / "acc_vs_time.png", x="time", varying=varying)
-        plot_accuracy(groups, out / "acc_vs_compute.png", x="compute", varying=varying)
+        for name in FIGURES:
+            x = name.rsplit("_", 1)[1]
+            plot_accuracy(groups, out / f"{name}.{formats[0]}", x=x, varying=varying, formats=formats)
     return table
 
 
 def main(argv: list[str], prog: str = "sparsam report") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Summarise run directories as a table like the papers' (mean ± std over seeds) in Markdown "
-        "and CSV, with plots of test accuracy against epochs, training time and training compute.",
+        description="Summarise run directories as a table like the papers' (mean ± std over seeds) in Markdown, "
+        "CSV and LaTeX (booktabs), with plots of test accuracy against epochs, training time and training compute.",
         epilog="example:\n  sparsam report runs/sweep            # every run directory under runs/sweep\n"
         "  sparsam report runs/a runs/b --out reports/ab",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -67,20 +97,24 @@ def main(argv: list[str], prog: str = "sparsam report") -> int:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="where to write report.md, report.csv and the plots "
-        "(default: ROOT/report for a single folder, else ./report)",
+        help="where to write report.md, report.csv, report.tex and the plots (default: beside the runs read, "
+        "in the folder holding every given path: RUN_DIR_OR_ROOT/report for one)",
     )
-    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the PNG plots")
-    parser.add_argument("--title", help="a title line for report.md")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the plots")
+    parser.add_argument(
+        "--format", default="png", metavar="LIST", help="plot formats, comma-separated: png, pdf, svg (default png)"
+    )
+    parser.add_argument("--title", help="a title line for report.md (and the caption of report.tex)")
     args = parser.parse_args(argv)
+    formats = parse_formats(args.format)
     for p in args.paths:
         if not os.path.isdir(p):
             raise UserError(f"{p}: no such directory")
-    out = args.out or (os.path.join(args.paths[0], "report") if len(args.paths) == 1 else "report")
-    table = write_report(args.paths, out, plots=args.plots, title=args.title)
+    out = Path(args.out) if args.out else default_out(args.paths, "report")
+    table = write_report(args.paths, out, plots=args.plots, title=args.title, formats=formats)
     print(table)
-    print(
-        f"wrote {os.path.join(out, 'report.md')}, report.csv"
-        + (", acc_vs_epoch.png, acc_vs_time.png, acc_vs_compute.png" if args.plots else "")
-    )
+    files = ["report.md", "report.csv", "report.tex"]
+    if args.plots:
+        files += [f"{n}.{fmt}" for n in FIGURES for fmt in formats]
+    print(f"wrote {os.path.abspath(out)}: {', '.join(files)}")
     return 0
