@@ -542,3 +542,20 @@ def test_figures_draw_msam_in_its_own_colour():
     assert sparse.label == "sparse MSAM (SSAM-F, 50%)"
     others = {method_style(v).color for n, v in M.METHODS.items() if not n.endswith("msam") and "msam-" not in n}
     assert msam.color not in others and sparse.color not in others and msam.color != sparse.color
+
+
+def test_sparsam_train_counts_one_pass_per_step(tmp_path):
+    # --opt msam through the engine: 4 steps of 64 digits, compute 4 (SGD's count); --opt smsam with
+    # a Fisher mask of 16 samples adds 16 / 64 for the first mask.
+    pytest.importorskip("sklearn")
+    import json
+
+    from .test_train_engine import run
+
+    run(tmp_path / "msam", opt="msam")
+    run(tmp_path / "smsam", opt="smsam", mask="fisher", num_samples=16)
+    computes = {}
+    for name in ("msam", "smsam"):
+        last = (tmp_path / name / "metrics.jsonl").read_text().strip().splitlines()[-1]
+        computes[name] = json.loads(last)["compute"]
+    assert computes == {"msam": 4.0, "smsam": 4.25}
