@@ -3,7 +3,9 @@ against a plain re-implementation of their rule, written here from the papers an
 (NeurIPS 2022 arXiv 2210.05177, TPAMI arXiv 2306.17504, ASAM arXiv 2102.11600). No code of theirs."""
 
 import copy
+import json
 import math
+import re
 
 import pytest
 import torch

@@ -127,12 +127,13 @@ def test_dynamic_resume_makes_identical_masks():
     masks, _ = run(a, masks, [1, 2])
     state = a.state_dict()
     _, straight = run(a, masks, [3, 4, 5])
-    b = DynamicMask(0.5, 50, update_every=1, seed=123)
+    with pytest.raises(ValueError, match="seed: saved 7, built 123"):  # the built source's settings are used
+        DynamicMask(0.5, 50, update_every=1, seed=123).load_state_dict(state)
+    b = DynamicMask(0.5, 50, update_every=1, seed=7)
     b.load_state_dict(state)
     _, resumed = run(b, masks, [3, 4, 5])
     for x, y in zip(straight, resumed):
         assert all(torch.equal(x[k], y[k]) for k in x)
-    assert b.seed == 7
 
 
 def test_dynamic_bad_inputs():
@@ -157,7 +158,9 @@ def test_random_mask_budget_patterns_and_resume():
     assert _count(m1) == keep_count(n, 0.7)
     state = rm.state_dict()
     m2 = rm.update(MaskContext(params=params, step=2))
-    rm2 = RandomMask(0.7, seed=9)
+    with pytest.raises(ValueError, match="update_every: saved 2, built None; seed: saved 1, built 9"):
+        RandomMask(0.7, seed=9).load_state_dict(state)
+    rm2 = RandomMask(0.7, seed=1, update_every=2)
     rm2.load_state_dict(state)
     m2b = rm2.update(MaskContext(params=params, step=2))
     assert all(torch.equal(m2[k], m2b[k]) for k in m2)

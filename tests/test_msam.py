@@ -13,6 +13,7 @@ from torch import nn
 
 from sparsam import MSAM, SAM, SparseMSAM
 from sparsam.masks import DynamicMask, FisherMask, ManualMask, RandomMask
+from sparsam.optim import sam as sam_module
 
 from .reference import tiny_data, tiny_net
 
@@ -338,7 +339,7 @@ def test_state_version_is_checked_and_state_is_sams():
     opt = MSAM(net.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
     run(opt, net, batches(2))
     sd = opt.state_dict()
-    assert sd["sparsam"]["type"] == "MSAM" and sd["sparsam"]["version"] == 1
+    assert sd["sparsam"]["type"] == "MSAM" and sd["sparsam"]["version"] == sam_module.STATE_VERSION
     bad = {**sd, "sparsam": {**sd["sparsam"], "version": 99}}
     with pytest.raises(ValueError, match="version 99"):
         opt.load_state_dict(bad)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsam import SAM, SSAM
-from sparsam.masks import ManualMask, MaskSource, RandomMask
+from sparsam.masks import DynamicMask, ManualMask, MaskSource, RandomMask
+from sparsam.optim.sam import STATE_VERSION
 
 from .reference import tiny_data, tiny_net
 
@@ -465,7 +466,7 @@ def test_every_optimizer_declares_the_keys_it_writes():
     for name, opt in _variants(model).items():
         opt.step(closure_for(model, x, y))
         extra = opt.state_dict()["sparsam"]
-        assert extra["type"] == name and extra["version"] == 1
+        assert extra["type"] == name and extra["version"] == STATE_VERSION
         assert set(extra) == type(opt)._state_keys(), name
 
 
@@ -506,7 +507,7 @@ def test_a_state_missing_a_key_is_refused_naming_it(key):
     snap = snapshot(target)
     with pytest.raises(ValueError, match=repr(key) if key != "type" else "type=None") as e:
         target.load_state_dict(sd)
-    assert "version 1" in str(e.value)
+    assert f"version {STATE_VERSION}" in str(e.value)
     assert_unchanged(target, snap)
 
 
@@ -516,7 +517,9 @@ def test_a_renamed_key_is_refused_naming_both():
     sd["sparsam"]["step"] = sd["sparsam"].pop("steps")
     _, target = trained_ssam(steps=1)
     snap = snapshot(target)
-    with pytest.raises(ValueError, match=r"SSAM state \(state version 1\) has no 'steps' entry.*holds 'step' instead"):
+    with pytest.raises(
+        ValueError, match=rf"SSAM state \(state version {STATE_VERSION}\) has no 'steps' entry.*holds 'step' instead"
+    ):
         target.load_state_dict(sd)
     assert_unchanged(target, snap)
     sd["sparsam"]["steps"] = sd["sparsam"]["step"]  # an extra key the class does not write: refused too
@@ -534,3 +537,75 @@ def test_states_of_every_variant_round_trip_through_the_checks():
         opt.load_state_dict(before)  # its own state loads, unchanged
         after = opt.state_dict()["sparsam"]
         assert after.keys() == before["sparsam"].keys() and after["compute"] == before["sparsam"]["compute"], name
+
+
+# ------------------------------------------------------------------ settings outside the param groups
+def _pair(kind, saved_kw, built_kw):
+    from sparsam.optim.esam import ESAM
+    from sparsam.optim.looksam import LookSAM
+    from sparsam.optim.schedule import ScheduledSAM
+
+    def make(kw):
+        model = tiny_net()
+        common = dict(rho=0.1, lr=0.1, model=model)
+        if kind == "sam":
+            return SAM(model.parameters(), torch.optim.SGD, **common, **kw)
+        if kind == "looksam":
+            return LookSAM(model.parameters(), torch.optim.SGD, **common, **kw)
+        if kind == "scheduled":
+            return ScheduledSAM(model.parameters(), torch.optim.SGD, **common, total_steps=10, **kw)
+        if kind == "esam":
+            return ESAM(model.parameters(), torch.optim.SGD, **common, **kw)
+        if kind == "dynamic":
+            mask = DynamicMask(0.5, kw.pop("total_steps"), update_every=2)
+            return SSAM(model.parameters(), torch.optim.SGD, **common, mask=mask, **kw)
+        return SSAM(model.parameters(), torch.optim.SGD, **common, mask=RandomMask(**kw))
+
+    return make(dict(saved_kw)), make(dict(built_kw))
+
+
+@pytest.mark.parametrize(
+    "kind, saved_kw, built_kw, words",
+    [
+        ("sam", {"eps": 1e-12}, {"eps": 1e-7}, "eps: saved 1e-12, built 1e-07"),
+        ("sam", {"ascent": "local"}, {"ascent": "sync"}, "ascent: saved 'local', built 'sync'"),
+        ("looksam", {"k": 5}, {"k": 3}, "k: saved 5, built 3"),
+        ("looksam", {"alpha": 0.7}, {"alpha": 0.1}, "alpha: saved 0.7, built 0.1"),
+        ("scheduled", {"start": 0.5}, {"start": 0.2}, "start: saved 0.5, built 0.2"),
+        ("scheduled", {"ascent_fraction": 0.5}, {"ascent_fraction": 0.25}, "ascent_fraction: saved 0.5, built 0.25"),
+        ("esam", {"gamma": 0.5}, {"gamma": 1.0}, "gamma: saved 0.5, built 1.0"),
+        ("esam", {"beta": 0.6}, {"beta": 0.5}, "beta: saved 0.6, built 0.5"),
+        ("random", {"sparsity": 0.5, "seed": 3}, {"sparsity": 0.3, "seed": 3}, "sparsity: saved 0.5, built 0.3"),
+        ("random", {"sparsity": 0.5, "seed": 3}, {"sparsity": 0.5, "seed": 4}, "seed: saved 3, built 4"),
+        ("dynamic", {"total_steps": 100}, {"total_steps": 50}, "total_steps: saved 100, built 50"),
+    ],
+)
+def test_settings_outside_the_groups_the_built_object_wins_and_a_differing_saved_one_is_refused(
+    kind, saved_kw, built_kw, words
+):
+    saved, built = _pair(kind, saved_kw, built_kw)
+    sd = roundtrip(saved.state_dict())
+    sd["param_groups"][0]["lr"] = 0.5  # a visible difference if the load got halfway
+    snap = snapshot(built)
+    with pytest.raises(ValueError, match="other settings than this") as e:
+        built.load_state_dict(sd)
+    assert words in str(e.value), str(e.value)
+    assert built.param_groups[0]["lr"] == 0.1
+    assert_unchanged(built, snap)
+    same, other = _pair(kind, saved_kw, saved_kw)
+    other.load_state_dict(roundtrip(same.state_dict()))  # the same settings load
+
+
+def test_a_version_1_state_is_migrated_with_a_warning():
+    _, src = trained_ssam(steps=3)
+    sd = roundtrip(src.state_dict())
+    del sd["sparsam"]["settings"]  # what version 1 wrote
+    sd["sparsam"]["version"] = 1
+    _, target = trained_ssam(steps=1)
+    with pytest.warns(UserWarning, match=r"older sparsam \(state version 1\).*settings=None"):
+        target.load_state_dict(sd)
+    assert target._steps == 3 and target.state_dict()["sparsam"]["version"] == STATE_VERSION
+    # the mask source's settings were saved in version 1 too: still compared
+    sd["sparsam"]["mask_source"]["sparsity"] = 0.25
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="sparsity: saved 0.25, built 0.5"):
+        target.load_state_dict(sd)

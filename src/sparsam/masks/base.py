@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_settings
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 TIMINGS = ("before-step", "after-step")
@@ -149,13 +151,26 @@ class MaskSource(ABC):
             return step == 1 if self.update_every is None else (step - 1) % self.update_every == 0
         return self.update_every is not None and step > 0 and step % self.update_every == 0
 
-    def state_dict(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
+        """What this source was built with that decides its masks. Saved in ``state_dict``; on
+        load the built settings are used and a saved value that differs is refused
+        ([`check_state`][sparsam.masks.MaskSource.check_state])."""
         return {"sparsity": self.sparsity, "update_every": self.update_every, "timing": self.timing}
 
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming each setting whose saved value in ``state`` (from
+        ``state_dict``) differs from this source's; change nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"a {type(self).__name__} state must be a dict, got {type(state).__name__}")
+        check_settings(f"{type(self).__name__} mask source", state, self.settings())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.settings()
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sparsity = check_sparsity(state["sparsity"])
-        self.update_every = state["update_every"]
-        self.timing = check_timing(state.get("timing", self.timing))
+        """Load what the source has learned or drawn (RNG state, pending masks); its settings stay
+        those it was built with, and a state made with other settings is refused."""
+        self.check_state(state)
 
     def extra_repr(self) -> str:
         extra = ", timing='after-step'" if self.timing == "after-step" else ""
@@ -179,12 +194,14 @@ class SeededSource(MaskSource):
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "seed": self.seed}
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.seed, "rng": self.generator.get_state()}
+        return {**super().state_dict(), "rng": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self.seed = int(state["seed"])
         self.generator.set_state(state["rng"])
 
 

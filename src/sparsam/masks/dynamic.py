@@ -314,6 +314,16 @@ class DynamicMask(SeededSource):
             return m.to(shard.device, torch.bool)
         return _dist.local_part(m, p).to(shard.device, torch.bool)
 
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "total_steps": self.total_steps,
+            "alpha": self.alpha,
+            "drop": self.drop,
+            "grow": self.grow,
+            "budget": self.budget,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         pending = (
             None

@@ -68,6 +68,9 @@ class ManualMask(MaskSource):
             )
         return dict(self.given)
 
+    def settings(self) -> dict[str, Any]:
+        return {}  # its sparsity is that of the masks set, which the optimizer saves and checks
+
     def state_dict(self) -> dict[str, Any]:
         # The masks themselves are saved by the optimizer, as for every source.
         return {"sparsity": None if math.isnan(self.sparsity) else self.sparsity, "update_every": None}

@@ -12,7 +12,7 @@ offered (``granularity``); the 1/β scale is applied by [`ESAM`][sparsam.optim.e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -76,13 +76,8 @@ class StochasticMask(SeededSource):
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
         return self._draw(ctx)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "beta": self.beta, "granularity": self.granularity}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.beta = float(state.get("beta", 1.0 - self.sparsity))
-        self.granularity = state.get("granularity", self.granularity)
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "beta": self.beta, "granularity": self.granularity}
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, granularity={self.granularity!r}, seed={self.seed}"

@@ -233,6 +233,9 @@ class ESAM(ScheduledSSAM):
         self._compute += FORWARD_COST
         return loss
 
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "gamma": self.gamma}
+
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", gamma={self.gamma})"
 

@@ -179,6 +179,9 @@ class LookSAM(ScheduledSAM):
     # ------------------------------------------------------------------ checkpoints
     _STATE_KEYS: ClassVar[tuple[str, ...]] = ("look_gv",)
 
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "k": self.k, "alpha": self.alpha, "per_tensor": self.per_tensor}
+
     def _extra_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return {**super()._extra_state(), "look_gv": {index[p]: v.clone() for p, v in self._gv.items()}}

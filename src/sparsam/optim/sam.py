@@ -13,13 +13,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .._checks import check_settings
 from ..bn import no_running_stats
 from . import _functional as F
 from . import _sharded
 
 _SAM_KEYS = ("rho", "adaptive", "eta")
-STATE_VERSION = 1
-"""Version of the ``"sparsam"`` entry of the optimizers' state dicts, checked on load."""
+STATE_VERSION = 2
+"""Version of the ``"sparsam"`` entry of the optimizers' state dicts, checked on load. Version 2
+added ``"settings"`` (a state of version 1 is read with ``settings=None``: not compared)."""
 _ASCENT_MODES = ("local", "sync")
 # Per-coordinate buffers of torch's optimizers: each has its parameter's shape (checked at load).
 _PER_COORDINATE = frozenset(
@@ -730,8 +732,19 @@ class SAM(Optimizer):
     # The keys of the "sparsam" entry that each class adds (the union over the class's MRO is what
     # it writes and, for a state of its own type, requires: see _state_keys), and the keys added
     # after version 1: key -> (the version that added it, the value a state of an older version gets).
-    _STATE_KEYS: ClassVar[tuple[str, ...]] = ("version", "type", "base", "compute")
-    _STATE_ADDED: ClassVar[dict[str, tuple[int, Any]]] = {}
+    _STATE_KEYS: ClassVar[tuple[str, ...]] = ("version", "type", "base", "compute", "settings")
+    _STATE_ADDED: ClassVar[dict[str, tuple[int, Any]]] = {"settings": (2, None)}
+
+    def _settings(self) -> dict[str, Any]:
+        """Settings outside the parameter groups that change the result, saved under ``"settings"``
+        and compared on load (see [`load_state_dict`][sparsam.SAM.load_state_dict]); subclasses
+        add theirs."""
+        return {"eps": self.eps, "ascent": self.ascent, "max_grad_norm": self.max_grad_norm}
+
+    def _check_settings(self, extra: Mapping[str, Any]) -> None:
+        """Refuse a state made with settings (outside the parameter groups) other than this
+        optimizer's, naming each with both values; change nothing."""
+        check_settings(type(self).__name__, extra.get("settings"), self._settings())
 
     @classmethod
     def _state_keys(cls, version: int = STATE_VERSION) -> set[str]:
@@ -811,6 +824,7 @@ class SAM(Optimizer):
             "type": type(self).__name__,
             "base": type(self.base_optimizer).__name__,
             "compute": self._compute,
+            "settings": self._settings(),
         }
 
     def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
@@ -906,7 +920,20 @@ class SAM(Optimizer):
         against the parameters, the base optimizer it was saved by, SAM vs SSAM, SSAM's norm, form,
         mask source and mask shapes) and a ``ValueError`` names the problem before anything
         changes. If loading still fails (say, inside the mask source), everything is put back as
-        it was before the exception propagates."""
+        it was before the exception propagates.
+
+        The ``"sparsam"`` entry must carry a state version this sparsam reads (1 to
+        ``STATE_VERSION``; an older one is migrated with a warning saying what was filled in) and,
+        for a state of this class or one it extends, exactly the keys that class writes: a
+        missing or renamed key (SSAM's ``steps``, say) is refused naming it and the version.
+
+        Settings outside the parameter groups (SAM's ``eps``, ``ascent`` and ``max_grad_norm``,
+        LookSAM's ``k``, ``alpha`` and ``per_tensor``, ESAM's ``gamma``, the schedule and
+        ``ascent_fraction``, SSAM's ``implicit_layers``, the mask source's sparsity, period,
+        timing, seed and its own settings such as ESAM's ``beta``) follow one rule: the built
+        optimizer's are used, and a state saved with a different value is refused with a
+        ``ValueError`` naming each setting with the saved and the built value. The parameter
+        groups (``lr``, ``rho``, ...) are the saved ones, as for any torch optimizer."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"load_state_dict needs a state dict (a mapping), got {type(state_dict).__name__}")
         if _is_davda54_state(state_dict):
@@ -924,6 +951,7 @@ class SAM(Optimizer):
         if extra is not None:
             extra = self._checked_version(extra)
             self._check_extra_state(extra)
+            self._check_settings(extra)
         self._check_base_state(sd, extra)
         before = (self.base_optimizer.state_dict(), self._extra_state())
         try:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._checks import check_settings
 from .sam import SAM
 from .ssam import SSAM
 
@@ -245,6 +246,14 @@ class ScheduledSAM(SAM):
             "schedule": self.schedule.state_dict(),
             "ascent_fraction": self.ascent_fraction,
         }
+
+    def _check_settings(self, extra: Mapping[str, Any]) -> None:
+        super()._check_settings(extra)
+        built = {**self.schedule.state_dict(), "ascent_fraction": self.ascent_fraction}
+        saved = dict(extra["schedule"]) if isinstance(extra.get("schedule"), Mapping) else {}
+        if "ascent_fraction" in extra:
+            saved["ascent_fraction"] = extra["ascent_fraction"]
+        check_settings(type(self).__name__, saved, built)  # LookSAM's k is the schedule's every
 
     def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
         super()._check_extra_state(extra)

@@ -416,6 +416,9 @@ class SSAM(SAM):
         "mask_source",
     )
 
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "implicit_layers": self.implicit_layers}
+
     def _extra_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(self._all_params())}
         return {
@@ -461,6 +464,7 @@ class SSAM(SAM):
             )
         if not isinstance(extra["masks"], Mapping) or not isinstance(extra["mask_source"], Mapping):
             raise TypeError("the SSAM state's 'masks' and 'mask_source' entries must be dicts")
+        self.mask_source.check_state(extra["mask_source"])  # its settings: the built ones, or refused
         params = self._all_params()
         for i, m in extra["masks"].items():
             if isinstance(i, bool) or not isinstance(i, (int, str)) or not str(i).isdigit() or not int(i) < len(params):
