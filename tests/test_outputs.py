@@ -127,3 +127,22 @@ def test_report_writes_beside_the_runs_in_every_format_with_latex(tmp_path, monk
     assert (root / "a" / "report" / "report.tex").is_file()
     assert main(["report", str(root), "--format", "gif"]) == 2
     assert "--format 'gif'" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_nothing_and_names_the_bad_value(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from sparsam.__main__ import main
+
+    tiny = ["--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--threads", "1", "--no-progress"]
+    (tmp_path / "keep").mkdir()
+    out = tmp_path / "new" / "deeper" / "run"
+    assert main(["train", *tiny, "--epochs", "1", "--model", "bogus", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--model 'bogus': unknown model 'bogus'" in err and "--width" not in err  # no "--width None"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no empty parent folders either
+    # a width the user gave is named
+    assert main(["train", *tiny, "--epochs", "1", "--model", "bogus", "--width", "8", "--out", str(out)]) == 2
+    assert "--model 'bogus' --width 8:" in capsys.readouterr().err
+    # a folder that existed before is kept, empty or not
+    assert main(["train", *tiny, "--epochs", "1", "--model", "bogus", "--out", str(tmp_path / "keep" / "r")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"] and list((tmp_path / "keep").iterdir()) == []

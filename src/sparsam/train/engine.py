@@ -359,7 +359,8 @@ def _model(cfg: TrainConfig, data: TrainData, info: D.DistInfo) -> tuple[nn.Modu
     try:
         model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, width=cfg.width)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"--model {cfg.model!r} --width {cfg.width}: {e}") from None
+        width = "" if cfg.width is None else f" --width {cfg.width}"  # the flags the user gave, not defaults
+        raise ConfigError(f"--model {cfg.model!r}{width}: {e}") from None
     model.to(info.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -91,12 +91,14 @@ class DirLock:
     """An exclusive OS lock (``flock``) on a directory, held until ``release`` or until the
     process ends, also by a crash or ``kill -9``: the OS drops it with the process."""
 
-    def __init__(self, path: Path, lock_file: Path, fd: int | None, created: bool) -> None:
+    def __init__(self, path: Path, lock_file: Path, fd: int | None, created: bool, top: Path | None = None) -> None:
         self.path, self.lock_file, self._fd, self._created = path, lock_file, fd, created
+        self._top = top if created and top is not None else path  # the highest folder the lock created
 
     def release(self) -> None:
         """Give the lock back (removing the lock file, and the directory if this lock created it and
-        it holds nothing else). Calling it again does nothing."""
+        it holds nothing else, with the parent folders it created for it: a run that failed before
+        writing anything leaves nothing behind). Calling it again does nothing."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -104,6 +106,10 @@ class DirLock:
             self.lock_file.unlink(missing_ok=True)  # while still locked: see lock_dir
             if self._created and self.path.is_dir() and not any(self.path.iterdir()):
                 self.path.rmdir()
+                for d in self.path.parents:  # the parents created with it, while empty
+                    if not d.is_relative_to(self._top) or any(d.iterdir()):
+                        break
+                    d.rmdir()
         except OSError:
             pass
         finally:
@@ -125,13 +131,16 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
     nothing is locked."""
     p = resolve_dir(path, flag=flag)
     created = not p.exists()
+    top = p  # the highest folder mkdir creates
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"{flag} {path}: cannot create {p} ({e.strerror or e})") from None
     lock_file = p / LOCK_NAMES[kind]
     if fcntl is None:  # pragma: no cover
-        return DirLock(p, lock_file, None, created)
+        return DirLock(p, lock_file, None, created, top)
     while True:
         try:
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -147,7 +156,7 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
             ) from None
         except OSError:  # a filesystem without locks (some network filesystems): go on unlocked
             os.close(fd)
-            return DirLock(p, lock_file, None, created)
+            return DirLock(p, lock_file, None, created, top)
         # The holder removes the file on release: if it was removed (or replaced) between our open
         # and our lock, we locked a file nobody else sees; take the one at the path instead.
         try:
@@ -159,7 +168,7 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    return DirLock(p, lock_file, fd, created)
+    return DirLock(p, lock_file, fd, created, top)
 
 
 def read_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
