@@ -146,3 +146,21 @@ def test_a_failed_run_leaves_nothing_and_names_the_bad_value(tmp_path, capsys):
     # a folder that existed before is kept, empty or not
     assert main(["train", *tiny, "--epochs", "1", "--model", "bogus", "--out", str(tmp_path / "keep" / "r")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"] and list((tmp_path / "keep").iterdir()) == []
+
+
+def test_the_image_cache_folder_is_printed_once_and_follows_sparsam_cache(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("PIL")
+    from sparsam.data import image_folder, load_dataset
+
+    from .test_data import make_folder
+
+    make_folder(tmp_path / "ds", n=(1, 1))
+    monkeypatch.setattr(image_folder, "_ANNOUNCED", set())
+    monkeypatch.setenv("SPARSAM_CACHE", str(tmp_path / "mine"))
+    load_dataset(tmp_path / "ds")
+    load_dataset(tmp_path / "ds")  # from the cache now: not said again
+    err = capsys.readouterr().err
+    said = f"sparsam: decoded images are cached in {tmp_path / 'mine'} (set SPARSAM_CACHE to use another folder)"
+    assert err.count(said) == 1 and len(list((tmp_path / "mine").glob("sparsam-*.npz"))) == 1
+    load_dataset(tmp_path / "ds", cache=False)
+    assert capsys.readouterr().err == ""  # no cache, no word

@@ -21,7 +21,8 @@ root/test/<class_name>/...      (or root/val/...; test wins if both exist)
   absolute path, ``max_per_class`` and every selected file's relative path, size and modification
   time, so editing, adding or removing an image makes a new entry. The cache file is written to a
   temporary name and renamed into place (atomic), so concurrent loaders never read half a file.
-  Default cache folder: ``$SPARSAM_CACHE``, else ``$XDG_CACHE_HOME/sparsam``, else ``~/.cache/sparsam``.
+  Default cache folder: ``$SPARSAM_CACHE``, else ``$XDG_CACHE_HOME/sparsam``, else ``~/.cache/sparsam``;
+  the folder in use is printed on stderr the first time a process uses it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +59,19 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _CACHE_FORMAT = 1
 _CHUNK = 256  # files decoded per worker task
+
+
+_ANNOUNCED: set[Path] = set()
+
+
+def _announce_cache(folder: Path, *, from_default: bool) -> None:
+    """Say on stderr where decoded images are cached, once per folder and process (rank 0 only)."""
+    folder = folder.absolute()
+    if folder in _ANNOUNCED or os.environ.get("RANK", "0") != "0":
+        return
+    _ANNOUNCED.add(folder)
+    how = " (set SPARSAM_CACHE to use another folder)" if from_default else ""
+    print(f"sparsam: decoded images are cached in {folder}{how}", file=sys.stderr, flush=True)
 
 
 def default_cache_dir() -> Path:
@@ -370,6 +385,7 @@ def load_image_folder(
     if cache:
         key = _cache_key(root, max_per_class, {"train": train_files, "test": test_files})
         cache_file = Path(default_cache_dir() if cache_dir is None else cache_dir).expanduser() / f"sparsam-{key}.npz"
+        _announce_cache(cache_file.parent, from_default=cache_dir is None)
         if cache_file.is_file():
             try:
                 with np.load(cache_file, allow_pickle=False) as z:
