@@ -4,6 +4,14 @@
 #   bash benchmarks/cifar_study.sh regime [ROOT] [SEEDS]   (defaults: study-regime, "0 1 2")
 #   bash benchmarks/cifar_study.sh early  [ROOT] [SEEDS]   (defaults: study,        "0 1")
 #   bash benchmarks/cifar_study.sh replication [ROOT] [SEEDS]   (defaults: replication, "3 4 5 6 7 8")
+#   bash benchmarks/cifar_study.sh msam-pilot  [ROOT]          (seed 9, rho 0.3 / 1 / 3: chooses rho)
+#   RHO=R bash benchmarks/cifar_study.sh msam [ROOT] [SEEDS]   (defaults: replication, "3 4 5 6 7 8")
+#
+# msam-pilot / msam: Momentum-SAM and sparse MSAM (Fisher mask, 50%) in the replication's setting,
+#   pre-registered in docs/RESULTS.md ("Momentum-SAM at SGD's price: plan"): the pilot runs both
+#   at three radii on seed 9 (outside the reported seeds 3-8), the main runs use the chosen RHO and
+#   write ROOT/runs/{msam,smsam-f}-seedS beside the replication's runs, whose SGD and SAM they are
+#   compared with.
 #
 # replication: the pre-registered replication of docs/RESULTS.md ("Replication: plan"), in the
 #   regime study's setting on fresh seeds: SGD at EPOCHS, 1.25 x EPOCHS and 2 x EPOCHS epochs (equal
@@ -111,6 +119,27 @@ replication)
   python "$(dirname "$0")/replication.py" "$ROOT" --figures "$ROOT/figures" --json "$ROOT/replication.json"
   exit 0
   ;;
+msam-pilot|msam)
+  ROOT=${2:-replication}
+  if [ "$MODE" = msam-pilot ]; then SEEDS=9; RHOS="0.3 1 3"; else SEEDS=${3:-"3 4 5 6 7 8"}; RHOS=${RHO:?set RHO to the radius the pilot chose}; fi
+  EPOCHS=${EPOCHS:-20}
+  COMMON=(--data "$DATA" --model resnet18 --width 16 --train-subset 5000 --augment none
+          --lr 0.05 --schedule cosine --momentum 0.9 --batch-size 128 --weight-decay 5e-4
+          --num-samples 128 --mask-update-epochs 1 --threads 1 --workers 1 --no-progress
+          --epochs "$EPOCHS" --test-epochs "$(( EPOCHS / 4 )),$(( EPOCHS / 2 )),$(( 3 * EPOCHS / 4 ))" ${EXTRA:-})
+  for S in $SEEDS; do
+    for R in $RHOS; do
+      for C in "msam|--opt msam" "smsam-f|--opt smsam --mask fisher --sparsity 0.5 --norm full"; do
+        NAME=${C%%|*}; read -r -a FLAGS <<< "${C#*|}"
+        OUT="$ROOT/runs/$NAME-seed$S"; [ "$MODE" = msam-pilot ] && OUT="$ROOT/pilot/$NAME-rho$R-seed$S"
+        if [ -f "$OUT/summary.json" ]; then continue; fi
+        RESUME=(); if [ -f "$OUT/config.json" ]; then RESUME=(--resume); fi
+        "${SP[@]}" train "${COMMON[@]}" "${FLAGS[@]}" --rho "$R" --seed "$S" --out "$OUT" "${RESUME[@]}"
+      done
+    done
+  done
+  exit 0
+  ;;
 early)
   ROOT=${2:-study}
   SEEDS=${3:-"0 1"}
@@ -132,7 +161,7 @@ early)
   TITLE="CIFAR-10, ResNet-18 width 8, 5k images, 10 epochs"
   ;;
 *)
-  echo "usage: bash benchmarks/cifar_study.sh {regime|early|replication} [ROOT] [SEEDS]" >&2
+  echo "usage: bash benchmarks/cifar_study.sh {regime|early|replication|msam-pilot|msam} [ROOT] [SEEDS]" >&2
   exit 2
   ;;
 esac
