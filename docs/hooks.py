@@ -1,6 +1,6 @@
 """MkDocs hooks of the documentation site (mkdocs.yml, ``hooks:``).
 
-* ``<!-- trainconfig-fields -->`` on a page becomes the table of every `TrainConfig` field (name, flag,
+* ``<!-- trainconfig-fields -->`` on a page becomes the list of every `TrainConfig` field (name, flag,
   default, help), read from the dataclass at build time, so the reference never falls behind the code.
 * In the API reference, a docstring's mention of a guide page by its file name (``docs/masks.md``)
   becomes a link to that page, so the rendered reference shows no repository paths.
@@ -20,14 +20,17 @@ GUIDE_PATH = re.compile(r"(?:<code>)?docs/(?P<name>[a-z_]+)\.md(?:</code>)?")
 
 
 def _cell(text: str) -> str:
-    """Text for a Markdown table cell: no pipes, stars or underscores that Markdown would act on."""
+    """Text for Markdown: no pipes, stars or underscores that Markdown would act on."""
     return html.escape(text).replace("|", "&#124;").replace("*", "&#42;").replace("_", "&#95;")
 
 
 def trainconfig_table() -> str:
+    """Every field of `TrainConfig`, grouped as `sparsam train --help` groups them: one list item per
+    field with its flag, its default and its help (a list reads better than a four-column table
+    whose narrow columns break identifiers)."""
     from sparsam.train import TrainConfig
 
-    rows = ["| field | flag | default | what it sets |", "|---|---|---|---|"]
+    groups: dict[str, list[str]] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -39,8 +42,11 @@ def trainconfig_table() -> str:
         help_text = f.metadata.get("help", "")
         if choices:
             help_text += f" (one of: {', '.join(choices)})"
-        rows.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{default!r}` | {_cell(help_text)} |")
-    return "\n".join(rows)
+        flag = f.name.replace("_", "-")
+        groups.setdefault(f.metadata.get("group", "other"), []).append(
+            f"- `{f.name}` (`--{flag}`, default `{default!r}`): {_cell(help_text)}"
+        )
+    return "\n\n".join(f"**{group}**\n\n" + "\n".join(items) for group, items in groups.items())
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:

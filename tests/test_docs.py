@@ -622,9 +622,9 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert small_images(tmp_path / "site", "results/index.html", img)
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0\0\0\rIHDR" + (880).to_bytes(4, "big") + (374).to_bytes(4, "big"))
     assert not small_images(tmp_path / "site", "results/index.html", img)
-    # TrainConfig's fields: a table that lost one fails
-    assert missing_fields("<td><code>data</code></td>", ["data", "lr"]) == ["lr"]
-    assert missing_fields("<td><code>data</code></td><td><code>lr</code></td>", ["data", "lr"]) == []
+    # TrainConfig's fields: a list that lost one fails
+    assert missing_fields("<li><code>data</code> (<code>--data</code>)</li>", ["data", "lr"]) == ["lr"]
+    assert missing_fields("<li><code>data</code></li><li><code>lr</code> (...)</li>", ["data", "lr"]) == []
 
 
 def test_site_loads_nothing_from_the_network(built):
@@ -697,8 +697,8 @@ def split_returns(html: str) -> list[int]:
 
 
 def missing_fields(html: str, names: list[str]) -> list[str]:
-    """The names that no table cell of ``html`` shows as code."""
-    shown = set(re.findall(r"<td><code>(\w+)</code></td>", html))
+    """The names that no list item of ``html`` opens with, as code."""
+    shown = set(re.findall(r"<li><code>(\w+)</code>", html))
     return [n for n in names if n not in shown]
 
 
