@@ -192,3 +192,89 @@ def test_start_up_imports_no_heavy_module(code):
     assert "sparsam" in mods and "torch" in mods  # the report was read
     heavy = sorted(m for m in mods if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
     assert not heavy, f"{code!r} imports {heavy[:5]}: import them where they are used"
+
+
+# ---------------------------------------------------------------------------------------- the command line
+def _run_cli(argv, capsys):
+    from sparsam.__main__ import main
+
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--epoch", "1"], "unknown option --epoch (did you mean --epochs?)"),
+        (["train", "--learning-rate=0.1"], "unknown option --learning-rate=0.1"),
+        (["train", "--opt", "sssam"], "invalid choice: 'sssam' (did you mean ssam?)"),
+        (["train", "--mask", "fishr"], "invalid choice: 'fishr' (did you mean fisher?)"),
+        (["sweep", "--root", "r", "--method", "sam"], "unknown option --method (did you mean --methods?)"),
+    ],
+)
+def test_a_typo_gets_one_line_with_a_suggestion(argv, expected, capsys):
+    rc, out, err = _run_cli(argv, capsys)
+    assert rc == 2 and out == ""
+    assert expected in err
+    assert err.count("\n") == 1 and "usage:" not in err  # one line, no usage block
+
+
+@pytest.mark.parametrize("name", ["ssam-f", "ssam-d", "ssam-r", "ssam-n", "lookssam-f", "looksam", "esam", "sam"])
+def test_opt_takes_method_names(name):
+    from sparsam.cli.train import build_parser, resolve
+    from sparsam.train.methods import METHODS
+
+    cfg = resolve(build_parser("sparsam train").parse_args(["--opt", name]))
+    assert cfg.method == name
+    assert {k: getattr(cfg, k) for k in METHODS[name]} == METHODS[name]  # ssam-f: opt ssam, mask fisher
+
+
+def test_opt_alias_in_a_config_file_and_over_a_preset(tmp_path):
+    from sparsam.cli.train import build_parser, resolve
+    from sparsam.train import ConfigError
+
+    path = tmp_path / "c.json"
+    path.write_text('{"opt": "ssam-d"}')
+    cfg = resolve(build_parser("sparsam train").parse_args(["--config", str(path)]))
+    assert (cfg.opt, cfg.mask) == ("ssam", "dynamic")
+    # a later layer's alias replaces the preset's mask, as --opt ssam --mask fisher would
+    args = ["--preset", "digits-smallcnn-ssam-d", "--opt", "ssam-f"]
+    cfg = resolve(build_parser("sparsam train").parse_args(args))
+    assert (cfg.opt, cfg.mask) == ("ssam", "fisher")
+    with pytest.raises(ConfigError, match="--opt ssam-f means --opt ssam --mask fisher"):
+        resolve(build_parser("sparsam train").parse_args(["--opt", "ssam-f", "--mask", "dynamic"]))
+    path.write_text('{"opt": "sssam"}')
+    with pytest.raises(ConfigError, match=r"did you mean ssam\?"):
+        resolve(build_parser("sparsam train").parse_args(["--config", str(path)]))
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_short_help_and_help_all(command, capsys):
+    from sparsam.train.config import FIELDS, flag
+
+    module = __import__(f"sparsam.cli.{command}", fromlist=["SHORT_HELP"])
+    rc, short, _ = _run_cli([command, "--help"], capsys)
+    assert rc == 0
+    listed = [name for _, names in module.SHORT_HELP for name in names]
+    assert 10 <= len(listed) <= 16
+    for name in listed:
+        assert f"\n  {name}" in short, name
+    assert short.count("\n") < 70 and "--help-all" in short
+    assert "--fisher-bn-stats" not in short  # a specialist option: only in --help-all
+    rc, full, _ = _run_cli([command, "--help-all"], capsys)
+    assert rc == 0
+    for name in FIELDS:  # every config option, including ones added after SHORT_HELP was written
+        assert flag(name) in full, name
+
+
+def test_preset_summaries_differ_within_a_family():
+    from sparsam.train.presets import format_presets, list_presets
+
+    text = format_presets()
+    summaries: dict[tuple[str, str], str] = {}
+    for p in list_presets().values():
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(p.name + " "))
+        summary = line.strip()[len(p.name) :].strip()
+        assert (p.family, summary) not in summaries, f"{p.name} reads like {summaries[(p.family, summary)]}"
+        summaries[(p.family, summary)] = p.name

@@ -19,8 +19,15 @@ from typing import Any
 from ..train.config import TrainConfig, add_config_flags, build_config, diff_identity
 from ..train.errors import ConfigError, UserError
 from ..train.methods import METHODS, SPARSE_METHODS, method_values
+from ._args import Parser
 
 GRID_KEYS = ("methods", "sparsities", "seeds", "family", "train")
+#: what ``sparsam sweep --help`` shows (``--help-all`` shows every option, all of ``sparsam train``'s too)
+SHORT_HELP = (
+    ("the grid", ["--root", "--methods", "--sparsities", "--seeds", "--family", "--grid"]),
+    ("every run", ["--preset", "--config", "--data", "--model", "--epochs"]),
+    ("the sweep", ["--dry-run", "--redo", "--report"]),
+)
 
 
 @dataclass
@@ -96,8 +103,9 @@ def plan(
 
 
 def main(argv: list[str], prog: str = "sparsam sweep") -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
+        short_help=SHORT_HELP,
         description="Run a grid of methods x sparsities x seeds (one run directory each under --root). Re-run the "
         "same command to continue: finished runs are skipped, unfinished ones resumed. Any `sparsam train` option "
         "applies to every run.",
@@ -107,7 +115,6 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
         "  sparsam sweep --root runs/x --grid grid.json\n"
         f"\nmethods: {', '.join(METHODS)} (sparsity applies to {', '.join(SPARSE_METHODS)})",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
     )
     parser.add_argument("--root", required=True, metavar="DIR", help="folder that receives one run directory per run")
     parser.add_argument("--grid", metavar="FILE", help="JSON grid file (methods, sparsities, seeds, family, train)")

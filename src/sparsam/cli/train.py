@@ -9,10 +9,11 @@ from typing import Any
 
 from ..train.config import TrainConfig, add_config_flags, build_config, cli_values, read_config_file
 from ..train.errors import RunDirError
+from ._args import Parser
 
 EPILOG = """examples:
   sparsam train                                            # SGD on the built-in digits, a few seconds
-  sparsam train --opt ssam --mask fisher --sparsity 0.9 --epochs 5
+  sparsam train --opt ssam-f --sparsity 0.9 --epochs 5      # = --opt ssam --mask fisher
   sparsam train --preset cifar10-resnet18-ssam-f --download --out runs/c10-r18-ssamf
   sparsam train --resume runs/c10-r18-ssamf               # continue after a crash or Ctrl-C
   torchrun --nproc_per_node 4 -m sparsam train --preset imagenet-resnet50-ssam-f --data /data/imagenet --amp bf16
@@ -39,13 +40,22 @@ def config_layers(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     return layers
 
 
+#: what ``sparsam train --help`` shows (``--help-all`` shows every option)
+SHORT_HELP = (
+    ("start from", ["--preset", "--list-presets", "--config"]),
+    ("data and model", ["--data", "--model", "--epochs", "--batch-size"]),
+    ("method", ["--opt", "--mask", "--sparsity", "--rho", "--lr"]),
+    ("the run", ["--out", "--resume", "--seed", "--device"]),
+)
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
         description="Train one model with SGD, SAM, ASAM or SSAM and write a run directory.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
+        short_help=SHORT_HELP,
     )
     add_layer_flags(parser)
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")

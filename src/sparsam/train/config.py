@@ -28,6 +28,8 @@ from .errors import ConfigError
 DATA_NAMES = ("digits", "cifar10", "cifar100")
 OPTIMIZERS = tuple(methods.OPTIMIZERS)
 MASKS = tuple(methods.MASKS)
+#: ``--opt`` also takes a method name that names a mask: ``--opt ssam-f`` = ``--opt ssam --mask fisher``
+OPT_ALIASES: dict[str, dict[str, Any]] = {n: v for n, v in methods.METHODS.items() if n not in methods.OPTIMIZERS}
 
 
 def _f(
@@ -134,9 +136,14 @@ class TrainConfig:
     # ---------------------------------------------------------------- optimizer
     opt: str = _f(
         "sgd",
-        "optimizer: " + ", ".join(o.help for o in methods.OPTIMIZERS.values()),
+        "optimizer: "
+        + ", ".join(o.help for o in methods.OPTIMIZERS.values())
+        + "; or a method name with its mask: "
+        + ", ".join(n for n in OPT_ALIASES if n.startswith("ssam-"))
+        + ", ... (ssam-f = --opt ssam --mask fisher)",
         group="optimizer",
         choices=OPTIMIZERS,
+        metavar="NAME",
     )
     base: str = _f("sgd", "base optimizer that takes the descent step", group="optimizer", choices=("sgd", "adamw"))
     lr: float = _f(0.05, "peak learning rate", group="optimizer")
@@ -490,6 +497,15 @@ def check_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
         if k not in FIELDS:
             raise ConfigError(_unknown_key_message(key, source))
         out[k] = _coerce(k, value, source)
+    alias = OPT_ALIASES.get(out.get("opt", ""))
+    if alias is not None:
+        if "mask" in out and out["mask"] != alias["mask"]:
+            where = "the command line" if source == "command line" else source
+            raise ConfigError(
+                f"--opt {out['opt']} means --opt {alias['opt']} --mask {alias['mask']}, and {where} also sets "
+                f"--mask {out['mask']}: give --opt {alias['opt']} --mask {out['mask']}, or drop --mask"
+            )
+        out.update(alias)
     return out
 
 
@@ -549,7 +565,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _coerce(name, getattr(cfg, name), "command line")  # types (config files are checked on reading)
         choices = FIELDS[name].metadata["choices"]
         if choices and getattr(cfg, name) not in choices:
-            raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+            known = (*choices, *OPT_ALIASES) if name == "opt" else choices
+            close = difflib.get_close_matches(str(getattr(cfg, name)), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{flag(name)} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}{hint}")
 
     def finite(name: str) -> float:
         v = getattr(cfg, name)
@@ -744,8 +763,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             kw["type"] = kind
             if meta["choices"]:
-                kw["choices"] = meta["choices"]
-            elif meta["metavar"]:
+                kw["choices"] = (*meta["choices"], *OPT_ALIASES) if name == "opt" else meta["choices"]
+            if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
         if name == "progress":  # --progress / --no-progress
             kw["help"] = meta["help"]
@@ -763,6 +782,7 @@ __all__ = [
     "IDENTITY_KEYS",
     "MASKS",
     "OPTIMIZERS",
+    "OPT_ALIASES",
     "TrainConfig",
     "add_config_flags",
     "build_config",

@@ -26,6 +26,8 @@ class Preset:
     description: str
     notes: tuple[str, ...]
     values: dict[str, Any]
+    own: tuple[str, ...] = ()
+    """The keys the variant sets over its family's base (what tells it from its siblings)."""
 
 
 def _families() -> dict[str, dict[str, Any]]:
@@ -52,6 +54,7 @@ def list_presets() -> dict[str, Preset]:
                 description=spec.get("description", ""),
                 notes=tuple(spec.get("notes", ())),
                 values=values,
+                own=tuple(k.replace("-", "_") for k in over),
             )
     return dict(sorted(presets.items()))
 
@@ -77,10 +80,9 @@ def format_presets() -> str:
             lines.append(f"\n{family}: {p.description}")
             lines += [f"    {n}" for n in p.notes]
         v = p.values
-        summary = ", ".join(
-            f"{k}={v[k]}"
-            for k in ("opt", "mask", "sparsity", "rho", "weight_decay", "epochs", "batch_size", "lr")
-            if k in v and relevant(k, v)
-        )
+        keys: tuple[str, ...] = ("opt", "mask", "sparsity", "rho", "weight_decay", "epochs", "batch_size", "lr")
+        # then what the variant sets beyond those (sam_every=2, ...), so no two presets of a family read alike
+        keys += tuple(k for k in p.own if k not in keys)
+        summary = ", ".join(f"{k}={v[k]}" for k in keys if k in v and relevant(k, v))
         lines.append(f"  {p.name:<28} {summary}")
     return "\n".join(lines).lstrip("\n")
