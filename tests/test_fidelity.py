@@ -384,7 +384,7 @@ def test_dynamic_pending_mask_survives_a_state_dict_round_trip():
     _run_ssam(model, src, batches)
     state = src.state_dict()
     assert state["pending"] is not None and state["timing"] == "after-step"
-    other = DynamicMask(0.5, 10, update_every=2, timing="after-step", grow="gradient", seed=5)
+    other = DynamicMask(0.5, 10, update_every=2, timing="after-step", grow="gradient", seed=2)  # same settings
     other.load_state_dict(state)
     for n in state["pending"]:
         assert torch.equal(other._pending[n], state["pending"][n])
@@ -578,11 +578,15 @@ _AUTHORS = {
     "dynamic_alpha": 0.5,
     "momentum": 0.9,
     "lr": 0.05,
+    "eps": 1e-7,
+    "crop_fill": "black",
+    "dynamic_counts": "nominal",
+    "ascent": "sync",
+    "batch_scope": "per-process",
 }
 
 
 def test_papers_presets_follow_the_authors_code_and_cite_each_value():
-    import json
     from importlib import resources
 
     from sparsam.train import list_presets
@@ -592,11 +596,19 @@ def test_papers_presets_follow_the_authors_code_and_cite_each_value():
     for family in families:
         spec = json.loads(resources.files("sparsam").joinpath("configs", f"{family}.json").read_text())
         for key in (*_AUTHORS, "num_samples", "mask_update_epochs", "rho", "weight_decay", "epochs", "batch_size"):
+            if key == "crop_fill" and family.startswith("imagenet"):
+                continue  # no padding in the ImageNet pipeline
             cited = spec["sources"].get(key, "")
             assert ".py" in cited or ".md" in cited, (family, key)
+        for key, cited in spec["sources"].items():  # each value says where it comes from
+            assert cited.startswith(("authors' command", "authors' default", "extrapolated")), (family, key)
+        text = json.dumps(spec)
+        assert not re.search(r"issue \d|#\d", text), family
         for method in ("ssam-f", "ssam-d"):
             v = presets[f"{family}-{method}"].values
             for key, want in _AUTHORS.items():
+                if key == "crop_fill" and family.startswith("imagenet"):
+                    continue
                 assert v[key] == want, (family, method, key)
             assert v["mask_update_epochs"] == (5 if method == "ssam-d" else 1)
             assert v["sparsity"] == 0.5
@@ -681,3 +693,419 @@ def test_fisher_samples_augmented_with_fisher_augment(fisher_augment):
     data = build_data(cfg, device=torch.device("cpu"), batch_per_rank=32)
     assert (data.fisher.augment is not None) == fisher_augment
     assert data.train.augment is not None
+
+
+# ------------------------------------------------------------------------------------------ presets, replayed
+# A few fp64 steps of what `sparsam train --preset ...-ssam-f / -ssam-d / -ssam-f-implicit` builds (the config,
+# the engine's optimizer and scheduler builders, its augmentation) against the authors' rules written out
+# below from the papers and the behaviour of their released code (NeurIPS 2022 release: solver/sam.py,
+# data/dataset.py, utils/engine.py; TPAMI release: utils/engine.py, models/nm_conv.py): perturbation eps
+# 1e-7; SSAM-F from an all-zero mask, each Fisher mask made after the step at batch 0 of an epoch; SSAM-D
+# updated from the step's gradient after the perturbation, with their counts; the implicit form's mask made
+# at batch 0 before the ascent pass; training and Fisher images padded with black before normalising.
+# Both sides see the same random numbers (shuffles, crop offsets, flips, Cutout, SSAM-D's random scores).
+_EPOCHS, _SPE, _BATCH, _NS, _PAD, _CUT = 3, 2, 4, 4, 4, 4
+
+
+class _Tiny(nn.Module):
+    """Three conv-BN-ReLU blocks (a skip around the second), mean pool, a bias-free classifier:
+    108 + 2 x 144 + 3 x 8 + 20 = 440 coordinates, so the authors' int(N (1 - s)) and sparsam's
+    round(N (1 - s)) budgets agree at s = 0.5, while SSAM-D's counts differ (220 dr is fractional
+    at dr = 0.375)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b3 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        h = h + torch.relu(self.b2(self.c2(h)))
+        h = torch.relu(self.b3(self.c3(h)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+_CONVS = ("c1.weight", "c2.weight", "c3.weight")
+
+
+def _tiny_forward(w, x, conv_masks=None):
+    """_Tiny written out, BatchNorm in train mode; with ``conv_masks`` each conv sends its input
+    gradient through W * M (the authors' SAMConv backward)."""
+
+    def block(i, h):
+        name = f"c{i}.weight"
+        if conv_masks is None:
+            h = F.conv2d(h, w[name], padding=1)
+        else:
+            h = _AuthorsMaskedConv.apply(h, w[name], conv_masks[name], 1)
+        return torch.relu(F.batch_norm(h, None, None, w[f"b{i}.weight"], w[f"b{i}.bias"], training=True))
+
+    h = block(1, x)
+    h = h + block(2, h)
+    h = block(3, h)
+    return F.linear(h.mean(dim=(2, 3)), w["fc.weight"])
+
+
+def _tiny_grad(w, x, y, conv_masks=None):
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in w.items()}
+    loss = F.cross_entropy(_tiny_forward(leaves, x, conv_masks), y)
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def _draws(n, seed):
+    """The augmentation's random numbers for a batch of n, in sparsam.data.augment's documented order."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, 2 * _PAD + 1, (2, n), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    cut = torch.rand(n, generator=g) < 0.5
+    cy, cx = torch.randint(0, 8, (n,), generator=g), torch.randint(0, 8, (n,), generator=g)
+    return offsets, flip, cut, cy, cx
+
+
+def _authors_augment(u, seed, mean, std):
+    """torchvision RandomCrop(8, padding) on the raw image (black padding), horizontal flip, ToTensor +
+    Normalize (here with the loader's arithmetic), then the authors' Cutout (image * mask, rows
+    clip(y - s/2, 0, h) to clip(y + s/2, 0, h))."""
+    from sparsam.data import to_device_batch
+
+    offsets, flip, cut, cy, cx = _draws(u.shape[0], seed)
+    padded = F.pad(u, (_PAD, _PAD, _PAD, _PAD))  # uint8 zeros: black
+    crops = torch.stack([padded[i, :, a : a + 8, b : b + 8] for i, (a, b) in enumerate(offsets.t().tolist())])
+    crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+    x, _ = to_device_batch(
+        crops, torch.zeros(u.shape[0], dtype=torch.int64), device=torch.device("cpu"), mean=mean, std=std
+    )
+    for i in range(u.shape[0]):
+        if cut[i]:
+            mask = torch.ones(8, 8)
+            y0, y1 = max(int(cy[i]) - _CUT // 2, 0), min(int(cy[i]) + _CUT // 2, 8)
+            x0, x1 = max(int(cx[i]) - _CUT // 2, 0), min(int(cx[i]) + _CUT // 2, 8)
+            mask[y0:y1, x0:x1] = 0
+            x[i] = x[i] * mask
+    return x.double()
+
+
+def _sparsam_augment(cfg, u, seed, mean, std):
+    """What the engine's DeviceLoader does to a batch: normalise, then the training augmentation."""
+    from sparsam.data import to_device_batch
+    from sparsam.train.loaders import augment_fn
+
+    x, _ = to_device_batch(
+        u, torch.zeros(u.shape[0], dtype=torch.int64), device=torch.device("cpu"), mean=mean, std=std
+    )
+    return augment_fn(cfg, "cifar", mean, std)(x, generator=torch.Generator().manual_seed(seed)).double()
+
+
+class _FisherStream:
+    """The Fisher samples: a fresh batch at every ``iter()`` (the authors draw a new shuffled loader per update)."""
+
+    def __init__(self, batches):
+        self.batches, self.calls = batches, 0
+
+    def __iter__(self):
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return iter([batch])
+
+
+def _replay_data(cfg):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 256, (16, 3, 8, 8), generator=g).to(torch.uint8)
+    y = torch.randint(0, 5, (16,), generator=g)
+    mean = (u.double() / 255).mean(dim=(0, 2, 3)).tolist()
+    std = (u.double() / 255).std(dim=(0, 2, 3)).tolist()
+    ours, theirs = {"train": [], "fisher": []}, {"train": [], "fisher": []}
+    for kind, count, size, seed in (("train", _EPOCHS * _SPE, _BATCH, 100), ("fisher", 4, _NS, 200)):
+        for k in range(count):
+            idx = torch.randperm(16, generator=torch.Generator().manual_seed(seed + k))[:size]
+            ours[kind].append((_sparsam_augment(cfg, u[idx], seed + 50 + k, mean, std), y[idx]))
+            theirs[kind].append((_authors_augment(u[idx], seed + 50 + k, mean, std), y[idx]))
+    return ours, theirs
+
+
+def _authors_fisher_scores(w, batch):
+    x, y = batch
+    acc = {n: torch.zeros_like(t) for n, t in w.items()}
+    for j in range(x.shape[0]):
+        for n, gj in _tiny_grad(w, x[j : j + 1], y[j : j + 1]).items():
+            acc[n] += gj**2
+    return acc
+
+
+def _authors_ssamd_update(mask, grad, draw, sparsity, drop_rate):
+    """The authors' SSAMD.update_mask over one flat vector, growth scores from ``draw``."""
+    n = mask.numel()
+    live = n - n * sparsity
+    death = (grad.abs() + 1e-7) * mask
+    keep = torch.topk(death, int(live * (1 - drop_rate))).indices
+    scores = torch.zeros(n, dtype=torch.float64)
+    dead = torch.nonzero(~mask).flatten()
+    scores[dead] = draw(dead.numel()).double()
+    grow = torch.topk((scores + 1e-7) * (~mask), int(min(live * drop_rate, n * sparsity))).indices
+    new = torch.zeros(n, dtype=torch.bool)
+    new[keep] = True
+    new[grow] = True
+    return new
+
+
+def _authors_run(kind, cfg, w0, data):
+    """The authors' training loop on the test's data: returns the final weights and the masks in force
+    at each step."""
+    names = list(w0)
+    shapes = {n: t.shape for n, t in w0.items()}
+    w, bufs, history = dict(w0), dict.fromkeys(w0), []
+    fisher_calls = iter(data["fisher"])
+    rng = torch.Generator().manual_seed(cfg.seed)  # the random numbers sparsam's DynamicMask draws, in order
+    mask = conv_masks = None
+    if kind == "ssam-f":
+        mask = {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}
+    elif kind == "ssam-d":
+        scores = _flat([torch.rand(s, generator=rng) for s in shapes.values()])
+        keep = scores.numel() - math.ceil(scores.numel() * cfg.sparsity)
+        flat = torch.zeros(scores.numel(), dtype=torch.bool)
+        flat[torch.topk(scores, keep).indices] = True
+    for e in range(cfg.epochs):
+        lr = cfg.lr if e == 0 else cfg.lr * (1 + math.cos(math.pi * (e - 1) / cfg.epochs)) / 2
+        for b in range(_SPE):
+            x, y = data["train"][e * _SPE + b]
+            update = e % cfg.mask_update_epochs == 0 and b == 0
+            if kind == "implicit" and update:  # TPAMI utils/engine.py: before the step's ascent pass
+                structured = _authors_structured(_authors_fisher_scores(w, next(fisher_calls)), cfg.sparsity)
+                conv_masks = {n: structured[n] for n in _CONVS}
+            if kind == "ssam-d":
+                mask = dict(
+                    zip(
+                        names,
+                        (m.reshape(s) for m, s in zip(flat.split([t.numel() for t in w0.values()]), shapes.values())),
+                    )
+                )
+            g = _tiny_grad(w, x, y, conv_masks)
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g.values()))
+            if kind == "implicit":
+                eps = {n: cfg.rho * g[n] / (norm + 1e-7) for n in names}
+                history.append({n: conv_masks[n].clone() for n in conv_masks})
+            else:
+                eps = {n: cfg.rho * g[n] * mask[n] / (norm + 1e-7) for n in names}
+                history.append({n: m.clone() for n, m in mask.items()})
+            if kind == "ssam-d" and update:  # after the perturbation, from the gradient at w
+                rate = cfg.dynamic_alpha * (1 + math.cos(math.pi * e / cfg.epochs)) / 2
+                draw = lambda k: torch.rand(k, generator=rng)  # noqa: E731
+                flat = _authors_ssamd_update(flat, _flat(list(g.values())), draw, cfg.sparsity, rate)
+            g2 = _tiny_grad({n: w[n] + eps[n] for n in names}, x, y)
+            for n in names:
+                d = g2[n] + cfg.weight_decay * w[n]
+                bufs[n] = d.clone() if bufs[n] is None else cfg.momentum * bufs[n] + d
+                w[n] = w[n] - lr * bufs[n]
+            if kind == "ssam-f" and update:  # N solver/sam.py SSAMF.step: after the step
+                mask = _authors_topk(_authors_fisher_scores(w, next(fisher_calls)), cfg.sparsity)
+    return w, history
+
+
+_REPLAYS = {
+    "ssam-f": "cifar10-resnet18-ssam-f",
+    "ssam-d": "cifar10-resnet18-ssam-d",
+    "implicit": "cifar10-resnet18-ssam-f-implicit",
+}
+
+
+def _replay(kind, flip=None):
+    """Largest weight difference and number of steps whose masks differ between sparsam with the preset
+    (one setting changed by ``flip``) and the authors' rules."""
+    from sparsam.train import build_config, list_presets
+    from sparsam.train.build import build_optimizer, build_scheduler
+
+    overrides = {"data": "digits", "epochs": _EPOCHS, "num_samples": _NS, "cutout": _CUT, "crop_padding": _PAD}
+    if kind == "ssam-d":
+        overrides["mask_update_epochs"] = 1  # three updates in three epochs (the preset: every 5 epochs)
+    preset = list_presets()[_REPLAYS[kind]].values
+    authors = build_config([("preset", preset), ("test", overrides)])
+    cfg = build_config([("preset", preset), ("test", {**overrides, **(flip or {})})])
+    ours, theirs = _replay_data(cfg)
+    torch.manual_seed(0)
+    model = _Tiny().double()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt, base = build_optimizer(
+        cfg,
+        model.parameters(),
+        model=model,
+        loss_fn=F.cross_entropy,
+        fisher_data=_FisherStream(ours["fisher"]),
+        steps_per_epoch=_SPE,
+        total_steps=_EPOCHS * _SPE,
+    )
+    sched = build_scheduler(cfg, base, steps_per_epoch=_SPE)
+    history = []
+    for x, y in ours["train"]:
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        sched.step()
+        held = opt.masks  # all-False masks are not held: they perturb nothing
+        history.append({n: held.get(n, torch.zeros(p.shape, dtype=torch.bool)) for n, p in model.named_parameters()})
+    w, ref_history = _authors_run(kind, authors, w0, theirs)
+    gap = max(float((p.detach() - w[n]).abs().max()) for n, p in model.named_parameters())
+    # Both histories hold the masks that shaped step t (sparsam installs a new mask at the start of a step).
+    differ = sum(any(not torch.equal(history[t][n], ref[n]) for n in ref) for t, ref in enumerate(ref_history))
+    changes = sum(any(not torch.equal(a[n], b[n]) for n in a) for a, b in zip(ref_history, ref_history[1:]))
+    return gap, differ, changes
+
+
+@pytest.mark.parametrize("kind", list(_REPLAYS))
+def test_presets_replay_the_authors_rules(kind):
+    gap, differ, changes = _replay(kind)
+    assert changes >= (1 if kind == "implicit" else 2)  # the masks do change along the replay
+    assert differ == 0
+    assert gap < 1e-12, gap
+
+
+@pytest.mark.parametrize(
+    "kind,flip",
+    [
+        ("ssam-f", {"eps": 1e-12}),
+        ("ssam-f", {"mask_timing": "before-step"}),
+        ("ssam-f", {"crop_fill": "mean"}),
+        ("ssam-d", {"eps": 1e-12}),
+        ("ssam-d", {"mask_timing": "before-step"}),
+        ("ssam-d", {"dynamic_counts": "exact"}),
+        ("ssam-d", {"crop_fill": "mean"}),
+        ("implicit", {"eps": 1e-12}),
+        ("implicit", {"mask_timing": "after-step"}),
+        ("implicit", {"crop_fill": "mean"}),
+    ],
+)
+def test_presets_replay_fails_with_a_switch_flipped(kind, flip):
+    """Each switch of the presets matters: with one set to the library's default, the replay parts from
+    the authors' rules by far more than the equality test allows."""
+    gap, differ, _ = _replay(kind, flip)
+    assert gap > 1e-10 or differ > 0, (gap, differ)
+
+
+# ------------------------------------------------------------------------------------------ the switches, one by one
+def test_switches_are_settable_from_the_command_line_and_config_files(tmp_path):
+    import argparse
+
+    from sparsam.train import ConfigError, build_config
+    from sparsam.train.config import add_config_flags, cli_values, read_config_file
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    argv = ["--eps", "1e-7", "--crop-fill", "black", "--dynamic-counts", "nominal", "--batch-scope", "per-process"]
+    cfg = build_config([("command line", cli_values(parser.parse_args(argv)))])
+    want = {"eps": 1e-7, "crop_fill": "black", "dynamic_counts": "nominal", "batch_scope": "per-process"}
+    assert {k: getattr(cfg, k) for k in want} == want
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(want))
+    assert read_config_file(path) == want
+    # The library's defaults are unchanged.
+    lib = build_config([])
+    assert {k: getattr(lib, k) for k in want} == {
+        "eps": 1e-12,
+        "crop_fill": "mean",
+        "dynamic_counts": "exact",
+        "batch_scope": "global",
+    }
+    with pytest.raises(ConfigError, match="--eps must be >= 0, got -1"):
+        build_config([("t", {"eps": -1.0})])
+    with pytest.raises(ConfigError, match="--batch-scope must be one of global, per-process, got 'local'"):
+        build_config([("t", {"batch_scope": "local"})])
+    with pytest.raises(ConfigError, match="--fsdp with --mask dynamic supports --dynamic-counts exact only"):
+        build_config(
+            [("t", {"opt": "ssam", "mask": "dynamic", "dynamic_counts": "nominal", "fsdp": True, "ascent": "sync"})]
+        )
+
+
+def test_eps_reaches_the_optimizer():
+    from sparsam.train import build_config
+    from sparsam.train.build import build_optimizer
+
+    model = _Tiny().double()
+    for eps in (1e-7, 1e-12):
+        cfg = build_config([("t", {"opt": "sam", "eps": eps})])
+        opt, _ = build_optimizer(
+            cfg, model.parameters(), model=model, loss_fn=None, fisher_data=None, steps_per_epoch=1, total_steps=1
+        )
+        assert opt.eps == eps
+
+
+@pytest.mark.parametrize("scope,world,expected", [("global", 4, 32), ("per-process", 4, 128), ("per-process", 3, 128)])
+def test_batch_scope(scope, world, expected):
+    from sparsam.train import ConfigError, build_config
+    from sparsam.train.loaders import batch_per_rank
+
+    cfg = build_config([("t", {"batch_size": 128, "batch_scope": scope})])
+    assert batch_per_rank(cfg, world) == expected
+    if scope == "global":
+        with pytest.raises(ConfigError, match=r"--batch-size 128 must be divisible by the number of processes \(3\)"):
+            batch_per_rank(cfg, 3)
+        cfg = build_config([("t", {"batch_size": 128, "accum": 16})])
+        with pytest.raises(ConfigError, match=r"the per-process batch \(8\) must be divisible by --accum \(16\)"):
+            batch_per_rank(cfg, 16)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3, 0.8])
+def test_dynamic_nominal_counts_are_the_authors(sparsity):
+    """counts='nominal': N - ceil(N s) at first; an update keeps int(L (1 - dr)) and grows
+    int(min(L dr, N s)) with L = N - N s; counts='exact' conserves round((1 - s) N)."""
+    from sparsam.masks import MaskContext
+    from sparsam.masks.dynamic import nominal_counts
+
+    g = torch.Generator().manual_seed(1)
+    params = {"a": torch.randn(7, 11, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g)}
+    grads = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
+    n = 82
+    for counts in ("nominal", "exact"):
+        src = DynamicMask(sparsity, 4, update_every=1, counts=counts, seed=3)
+        masks = src.init(MaskContext(params=params, grads=grads))
+        live = sum(int(m.sum()) for m in masks.values())
+        assert live == (n - math.ceil(n * sparsity) if counts == "nominal" else round((1 - sparsity) * n))
+        for step in (1, 2):
+            ctx = MaskContext(params=params, grads=grads, masks=masks, step=step)
+            new = src.update(ctx)
+            rate = src.drop_rate(step)
+            kept = sum(int((new[k] & masks[k]).sum()) for k in params)
+            grown = sum(int((new[k] & ~masks[k]).sum()) for k in params)
+            before = sum(int(m.sum()) for m in masks.values())
+            if counts == "nominal":
+                assert (kept, grown) == nominal_counts(n, sparsity, rate)
+            else:
+                assert kept + grown == before
+            masks = new
+    with pytest.raises(ValueError, match="counts must be one of"):
+        DynamicMask(0.5, 4, update_every=1, counts="authors")
+    state = DynamicMask(0.5, 4, update_every=1, counts="nominal").state_dict()
+    exact = DynamicMask(0.5, 4, update_every=1)
+    with pytest.raises(ValueError, match="counts: saved 'nominal', built 'exact'"):
+        exact.load_state_dict(state)
+
+
+def test_black_crop_padding_is_the_normalised_black():
+    from sparsam.data import cifar_augment, to_device_batch
+    from sparsam.train import build_config
+    from sparsam.train.loaders import crop_fill
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    cfg = build_config([("t", {"crop_fill": "black"})])
+    u = torch.full((1, 3, 4, 4), 200, dtype=torch.uint8)
+    x, _ = to_device_batch(u, torch.zeros(1, dtype=torch.int64), device=torch.device("cpu"), mean=mean, std=std)
+    black, _ = to_device_batch(
+        torch.zeros_like(u), torch.zeros(1, dtype=torch.int64), device=torch.device("cpu"), mean=mean, std=std
+    )
+    fill = crop_fill(cfg, mean, std)
+    out = cifar_augment(x, generator=torch.Generator().manual_seed(0), crop_padding=4, cutout=0, crop_fill=fill)
+    # Every output pixel is either an image pixel or exactly the normalised black; some are padding.
+    is_black = (out == black[:, :, :1, :1]).all(dim=1)
+    is_image = (out == x[:, :, :1, :1]).all(dim=1)
+    assert bool((is_black | is_image).all()) and bool(is_black.any())
+    assert crop_fill(build_config([]), mean, std) is None  # mean colour: zero after normalising
+    with pytest.raises(ValueError, match="one value per channel"):
+        cifar_augment(x, crop_padding=2, crop_fill=[0.0, 0.0])

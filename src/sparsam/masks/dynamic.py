@@ -15,9 +15,14 @@ Mi et al., NeurIPS 2022 (arXiv 2210.05177), Sec. 3.3; TPAMI version arXiv 2306.1
 These are the strategies of the authors' ``--drop_strategy`` / ``--growth_strategy`` (argparse
 defaults ``gradient`` / ``random``, NeurIPS 2022 release ``configs/defaulf_cfg.py``).
 
-The number of perturbed coordinates is conserved exactly. (The authors keep
-``int((N - N s)(1 - dr))`` and grow ``int(min((N - N s) dr, N s))``, truncations of the same
-numbers, so their count can drift by a coordinate per update; we round once and conserve.) With
+With ``counts="exact"`` (default) the number of perturbed coordinates is conserved exactly: we
+round once and move as many as we drop. ``counts="nominal"`` counts as the authors' code
+(NeurIPS 2022 release, ``solver/sam.py``, ``SSAMD``), from the nominal live count
+``L = N - N s`` (a float) of the group: ``init`` keeps ``N - ceil(N s)`` coordinates, and an update
+keeps the ``int(L (1 - dr))`` live coordinates with the largest drop score (at most the live count)
+and grows ``int(min(L dr, N s))`` inactive ones. Both are truncations, so after an update the count
+is ``int(L (1 - dr)) + int(L dr)``, one short of ``L`` whenever ``L dr`` is not a whole number; it
+does not accumulate, since each update counts from ``L`` again. With
 ``budget="global"`` (default, as the authors) drop and grow run over one flat ranking of every
 parameter, so coordinates may move between layers; with ``budget="layer"`` each tensor keeps its
 own count. For ``t >= T`` the drop rate is 0 (``t`` is clamped to ``T``). A parameter without a
@@ -49,6 +54,15 @@ from .selection import BUDGETS, select, top_positions
 
 GROW = ("random", "gradient", "weight")
 DROP = ("gradient", "weight", "random")
+COUNTS = ("exact", "nominal")
+
+
+def nominal_counts(numel: int, sparsity: float, drop_rate: float) -> tuple[int, int]:
+    """The authors' SSAM-D counts of one update over ``numel`` coordinates: ``(keep, grow)`` =
+    ``(int(L (1 - dr)), int(min(L dr, N s)))`` with the nominal live count ``L = N - N s``,
+    evaluated in the same floating-point order as their code."""
+    live = numel - numel * sparsity
+    return int(live * (1 - drop_rate)), int(min(live * drop_rate, numel * sparsity))
 
 
 def cosine_drop_rate(step: int, total_steps: int, alpha: float = 0.5) -> float:
@@ -80,6 +94,8 @@ class DynamicMask(SeededSource):
             authors' argparse default is 5 epochs).
         timing: ``"before-step"`` (default) or ``"after-step"`` (the authors'), see the module
             docstring.
+        counts: ``"exact"`` (default) or ``"nominal"`` (the authors' counts), see the module
+            docstring. Not supported on parameters sharded by FSDP2.
         seed: seeds this source's ``torch.Generator`` (CPU); its state is in ``state_dict``, so a
             resumed run makes the same masks.
     """
@@ -99,6 +115,7 @@ class DynamicMask(SeededSource):
         update_every_epochs: int | None = None,
         steps_per_epoch: int | None = None,
         timing: str = "before-step",
+        counts: str = "exact",
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -121,7 +138,9 @@ class DynamicMask(SeededSource):
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         self.total_steps, self.alpha, self.budget = total_steps, float(alpha), budget
-        self.drop, self.grow = drop, grow
+        if counts not in COUNTS:
+            raise ValueError(f"counts must be one of {COUNTS}, got {counts!r}")
+        self.drop, self.grow, self.counts = drop, grow, counts
         self._pending: dict[str, Tensor] | None = None  # timing="after-step": the mask for the next step
         self._seed(seed)
 
@@ -141,7 +160,12 @@ class DynamicMask(SeededSource):
             if sharded is not None
             else {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}
         )
-        masks = select(scores, self.sparsity, "unstructured", budget=self.budget, one_d="rank")
+        if sharded is not None and self.counts != "exact":
+            raise ValueError("DynamicMask(counts='nominal') is not supported on parameters sharded by FSDP2")
+        if self.counts == "nominal":
+            masks = self._nominal_init(scores)
+        else:
+            masks = select(scores, self.sparsity, "unstructured", budget=self.budget, one_d="rank")
         if sharded is not None:
             if self.timing == "after-step":
                 self._pending = self._next(ctx, masks)
@@ -150,6 +174,20 @@ class DynamicMask(SeededSource):
         if self.timing == "after-step":  # the authors also update at step 0, for step 1 on
             self._pending = self._next(ctx, first)
         return first
+
+    def _nominal_init(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The authors' first mask: the ``N - ceil(N s)`` largest random scores of each group."""
+        names = list(scores)
+        groups = [names] if self.budget == "global" else [[n] for n in names]
+        out: dict[str, Tensor] = {}
+        for group in groups:
+            flat = _flat([scores[n] for n in group], torch.device("cpu"), torch.float32)
+            keep = top_positions(flat, flat.numel() - math.ceil(flat.numel() * self.sparsity))
+            i = 0
+            for n in group:
+                out[n] = keep[i : i + scores[n].numel()].reshape(scores[n].shape)
+                i += scores[n].numel()
+        return out
 
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
         if self.timing == "before-step":
@@ -179,6 +217,8 @@ class DynamicMask(SeededSource):
 
     def _next(self, ctx: MaskContext, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if any(map(_dist.is_dtensor, ctx.params.values())):
+            if self.counts != "exact":
+                raise ValueError("DynamicMask(counts='nominal') is not supported on parameters sharded by FSDP2")
             return self._next_sharded(ctx, masks)
         names = list(ctx.params)
         groups = [names] if self.budget == "global" else [[n] for n in names]
@@ -197,12 +237,18 @@ class DynamicMask(SeededSource):
             new = live.clone()
             live_idx = torch.nonzero(live).flatten()
             dead_idx = torch.nonzero(~live).flatten()
-            n_move = min(round(rate * live_idx.numel()), dead_idx.numel())
-            if n_move > 0:
+            if self.counts == "nominal":
+                keep, n_grow = nominal_counts(live.numel(), self.sparsity, rate)
+                n_drop = max(live_idx.numel() - keep, 0)
+                n_grow = min(n_grow, dead_idx.numel())
+            else:
+                n_drop = n_grow = min(round(rate * live_idx.numel()), dead_idx.numel())
+            if n_drop > 0 or n_grow > 0:
+                # Scores are drawn drop first, then grow, as before the counts option existed.
                 drop_scores = self._scores(self.drop, params, grads, device, live_idx)
-                drop = live_idx[top_positions(drop_scores, n_move, largest=False)]
+                drop = live_idx[top_positions(drop_scores, n_drop, largest=False)]
                 grow_scores = self._scores(self.grow, params, grads, device, dead_idx)
-                grown = dead_idx[top_positions(grow_scores, n_move, largest=True)]
+                grown = dead_idx[top_positions(grow_scores, n_grow, largest=True)]
                 new[drop] = False
                 new[grown] = True
             i = 0
@@ -322,6 +368,7 @@ class DynamicMask(SeededSource):
             "drop": self.drop,
             "grow": self.grow,
             "budget": self.budget,
+            "counts": self.counts,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -340,5 +387,5 @@ class DynamicMask(SeededSource):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, total_steps={self.total_steps}, alpha={self.alpha}, "
-            f"drop={self.drop!r}, grow={self.grow!r}, budget={self.budget!r}, seed={self.seed}"
+            f"drop={self.drop!r}, grow={self.grow!r}, budget={self.budget!r}, counts={self.counts!r}, seed={self.seed}"
         )

@@ -62,7 +62,10 @@ class SSAM(SAM):
       Linear/Conv layer whose weight has a mask sends its input gradient through ``W ⊙ M``
       (``dX = dY (W ⊙ M)^T``-style; forward and ``dW`` dense). See ``sparsam.optim.implicit``.
       Needs ``model=``; only active inside [`ascent_pass`][sparsam.SSAM.ascent_pass] (which
-      [`step`][sparsam.SAM.step] uses).
+      [`step`][sparsam.SAM.step] uses). A mask source that does not read the ascent gradient
+      (Fisher, random) initialises and updates its masks on entering ``ascent_pass``, before pass 1,
+      so a new mask already shapes the backward of the step it is made for (the authors' implicit
+      path, TPAMI release ``utils/engine.py``).
 
     Cheaper ascent (``sparse_ascent``): with ``norm="masked"`` the ascent pass only needs the
     gradients of perturbed coordinates, so inside [`ascent_pass`][sparsam.SSAM.ascent_pass] every
@@ -163,6 +166,7 @@ class SSAM(SAM):
         self._sparse_ok: dict[Tensor, bool] = {}
         self._masks_ready = False
         self._steps = 0  # SSAM steps taken (not skipped by a GradScaler): the clock of the mask schedule
+        self._early_update_at: int | None = None  # step count of the last update made before pass 1
         self._base_stepped = False
         self._step_deferred = False  # second_step(base_step=False) ran; the caller's base step is due
         self.base_optimizer.register_step_post_hook(self._on_base_step)
@@ -313,6 +317,10 @@ class SSAM(SAM):
         (``sparse_ascent``) or the implicit form's masked input gradients."""
         if not self._masks_ready and not self.mask_source.needs_grads:
             self.init_masks()  # the mask is needed now to know what pass 1 can skip
+        elif self.form == "implicit" and not self.mask_source.needs_grads:
+            # The implicit form's masks act in pass 1's backward: a source that does not read the
+            # ascent gradient updates before pass 1, so a new mask serves the step it is made for.
+            self._update_masks(early=True)
         with super().ascent_pass():
             if self.form == "implicit":
                 with masked_input_gradients(
@@ -390,12 +398,22 @@ class SSAM(SAM):
         self._base_stepped = self._step_deferred = False
         if not self._masks_ready:
             self.init_masks()
-        elif self.mask_source.wants_update(self._steps):
-            if self._found_inf is not None and bool(self._found_inf.item()):
-                # Host sync, only on a mask-update step under a GradScaler: the ascent gradient is
-                # not finite, so keep the masks and try again at the next step.
-                return
-            self._apply_source(self.mask_source.update(self.mask_context()))
+        else:
+            self._update_masks(early=False)
+
+    def _update_masks(self, *, early: bool) -> None:
+        """Ask the source for new masks if it wants them at this step: at the start of pass 1
+        (``early``, the implicit form; then not again in this step's ``first_step``) or in
+        ``first_step``."""
+        if self._early_update_at == self._steps or not self.mask_source.wants_update(self._steps):
+            return
+        if early:
+            self._early_update_at = self._steps
+        elif self._found_inf is not None and bool(self._found_inf.item()):
+            # Host sync, only on a mask-update step under a GradScaler: the ascent gradient is
+            # not finite, so keep the masks and try again at the next step.
+            return
+        self._apply_source(self.mask_source.update(self.mask_context()))
 
     def _after_step(self) -> None:
         # A step the GradScaler skipped (non-finite gradients: the base optimizer did not step)

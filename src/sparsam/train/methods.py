@@ -52,6 +52,7 @@ class BuildContext:
             rho=cfg.rho,
             adaptive=cfg.is_adaptive(),
             eta=cfg.eta,
+            eps=cfg.eps,
             model=self.model,
             ascent=cfg.ascent,
             max_grad_norm=cfg.clip,
@@ -167,6 +168,7 @@ def _dynamic(ctx: BuildContext) -> Any:
         grow=cfg.grow,
         budget=cfg.budget,
         timing=cfg.mask_timing,
+        counts=cfg.dynamic_counts,
         seed=cfg.seed,
         **_period(ctx),
     )
@@ -411,7 +413,7 @@ def _check_asam(cfg: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------------ the registry
 #: settings of every SAM-family optimizer
 SAM_KEYS = frozenset(
-    {"rho", "adaptive", "eta", "asam_rule", "ascent", "sam_every", "sam_start", "rho_ramp", "ascent_fraction"}
+    {"rho", "adaptive", "eta", "eps", "asam_rule", "ascent", "sam_every", "sam_start", "rho_ramp", "ascent_fraction"}
 )
 _SSAM_KEYS = frozenset({"mask", "form", "norm", "sparse_ascent", "implicit_layers"})
 #: settings of MSAM (one pass: no ASAM, no ascent, no schedule)
@@ -495,7 +497,16 @@ MASKS: dict[str, MaskSpec] = {
             _dynamic,
             check=_check_dynamic,
             owns=frozenset(
-                {"sparsity", "budget", "mask_update_epochs", "mask_timing", "dynamic_alpha", "drop", "grow"}
+                {
+                    "sparsity",
+                    "budget",
+                    "mask_update_epochs",
+                    "mask_timing",
+                    "dynamic_alpha",
+                    "drop",
+                    "grow",
+                    "dynamic_counts",
+                }
             ),
         ),
         MaskSpec("random", "r", "R", "random", _random, owns=_SELECTION_KEYS),

@@ -4,6 +4,10 @@ A file ``configs/<family>.json`` holds ``{"description", "source", "notes", "bas
 "variants": {"sgd": {...}, "sam": {...}, ...}}``; preset ``<family>-<variant>`` is ``base``
 updated with ``variants[<variant>]``. So ``cifar10-resnet18-ssam-f`` is the CIFAR-10 ResNet-18
 setting with SSAM-F.
+
+The SSAM papers' presets follow the authors' released code; their ``"sources"`` mark each value as
+an authors' command (file and line), an authors' default, or extrapolated (and from what), and
+``docs/differences.md`` lists what still differs.
 """
 
 from __future__ import annotations
@@ -80,9 +84,20 @@ def format_presets() -> str:
             lines.append(f"\n{family}: {p.description}")
             lines += [f"    {n}" for n in p.notes]
         v = p.values
-        keys: tuple[str, ...] = ("opt", "mask", "sparsity", "rho", "weight_decay", "epochs", "batch_size", "lr")
+        keys: tuple[str, ...] = (
+            "opt",
+            "mask",
+            "form",
+            "pattern",
+            "sparsity",
+            "rho",
+            "weight_decay",
+            "epochs",
+            "batch_size",
+            "lr",
+        )
         # then what the variant sets beyond those (sam_every=2, ...), so no two presets of a family read alike
         keys += tuple(k for k in p.own if k not in keys)
         summary = ", ".join(f"{k}={v[k]}" for k in keys if k in v and relevant(k, v))
-        lines.append(f"  {p.name:<28} {summary}")
+        lines.append(f"  {p.name:<34} {summary}")
     return "\n".join(lines).lstrip("\n")
