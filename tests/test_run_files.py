@@ -293,6 +293,37 @@ def test_a_resume_whose_metrics_rewrite_fails_midway_keeps_every_line(tmp_path, 
     assert (summary["best_epoch"], summary["best_test_acc"]) == (best["epoch"], best["test_acc"])
 
 
+KILL_AT_RENAME = """
+    import os, signal, sys
+    name = sys.argv[1]
+
+    def hook(event, args):  # SIGKILL when a whole new `name` is about to replace the old one
+        if event == "os.rename" and os.path.basename(str(args[1])) == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
+    from sparsam.__main__ import main
+    sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_while_resume_rewrites_metrics_keeps_every_line(tmp_path):
+    """The issue's case: SIGKILL while --resume rewrites metrics.jsonl (here at the last moment,
+    the new text written in full) leaves the file as it was, and the next resume has every epoch."""
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "4", "--stop-after", "2", "--out", str(out)]) == 0
+    two = metrics(out)
+    extra = {**two[-1], "epoch": 3, "step": two[-1]["step"] + 4}  # a line beyond the checkpoint
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*two, extra]))
+    before = (out / "metrics.jsonl").read_bytes()
+    killed = python(KILL_AT_RENAME, "metrics.jsonl", "train", "--resume", str(out))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert main(["train", "--resume", str(out)]) == 0
+    assert [r["epoch"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert untimed(metrics(out)[:2]) == untimed(two)
+
+
 # ------------------------------------------------------------------------------------- point 3: write order
 KILL_AT = """
     import os, signal, sys
