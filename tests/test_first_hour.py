@@ -278,3 +278,19 @@ def test_preset_summaries_differ_within_a_family():
         summary = line.strip()[len(p.name) :].strip()
         assert (p.family, summary) not in summaries, f"{p.name} reads like {summaries[(p.family, summary)]}"
         summaries[(p.family, summary)] = p.name
+
+
+# ---------------------------------------------------------------------------------------- README set-up
+def test_readme_set_up_is_true_on_an_ordinary_machine():
+    """The set-up section gives the CPU-index and the plain (GPU) torch lines, the test time and the
+    quick subset; no command in README points at a path only the project's developers have."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in setup
+    assert "\npip install torch   " in setup  # the plain line, for GPU machines
+    assert 'python -m pytest -m "not slow"' in setup and "minutes" in setup
+    commands = [ln for ln in readme.splitlines() if ln.lstrip().startswith(("sparsam ", "python ", "torchrun "))]
+    for bad in ("../shared", "/tmp/", "/work/", "~/"):
+        assert not any(bad in ln for ln in commands), bad
