@@ -65,9 +65,10 @@ class MSAM(SAM):
     - **Direction.** SGD: ``state["momentum_buffer"]`` (torch's convention ``v ← μ v + (1 − τ) g``,
       with weight decay in ``g``; Nesterov only changes the update, not ``v``). Adam / AdamW: the
       first moment ``state["exp_avg"]`` (``m ← β₁ m + (1 − β₁) g``, not bias-corrected; the
-      normalisation removes its scale), the rule of the authors' ``AdamW_MSAM`` (the paper's ViT
-      runs) and the paper's remark that Adam's first moment plays the momentum's part. Other base
-      optimizers are refused, as is SGD with ``momentum=0`` (no direction).
+      normalisation removes its scale): the rule of the authors' ``AdamW_MSAM`` (their README's
+      ImageNet ViT command), and the abstract's claim of MSAM "over SGD or Adam" without overhead
+      needs a momentum-like vector in Adam, which is its first moment. Other base optimizers are
+      refused, as is SGD with ``momentum=0`` (no direction).
     - **First step.** Before the base optimizer's first step there is no momentum (the paper's
       ``v₀ = 0``): nothing is perturbed, the step is the base optimizer's. Likewise a parameter
       without a buffer yet, and an all-zero momentum (``e = −0``, ``w~ = w`` exactly).
