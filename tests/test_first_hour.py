@@ -294,3 +294,52 @@ def test_readme_set_up_is_true_on_an_ordinary_machine():
     commands = [ln for ln in readme.splitlines() if ln.lstrip().startswith(("sparsam ", "python ", "torchrun "))]
     for bad in ("../shared", "/tmp/", "/work/", "~/"):
         assert not any(bad in ln for ln in commands), bad
+
+
+# ---------------------------------------------------------------------------------------- smaller points
+class _NoForward(torch.nn.Module):
+    """A module that computes its outputs in a training-step method, as some LightningModules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(6, 3)
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_fisher_of_a_module_without_forward_says_so_without_a_fallback_warning():
+    import warnings
+
+    from sparsam.masks import fisher_information
+
+    x, y = tiny_data(dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the misleading "falling back to a per-sample loop" would fail here
+        with pytest.raises(NotImplementedError, match=r"_NoForward .*needs a forward\(inputs\)"):
+            fisher_information(_NoForward(), F.cross_entropy, [(x, y)], num_samples=4)
+
+
+def test_fisher_still_falls_back_for_a_model_only_vmap_cannot_run():
+    from sparsam.masks import fisher_information
+
+    class ItemBranch(torch.nn.Module):  # data-dependent control flow: vmap refuses .item()
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.lin(x) * (2.0 if x.sum().item() > 0 else 1.0)
+
+    torch.manual_seed(0)
+    model = ItemBranch()
+    x, y = tiny_data(dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="falling back to a per-sample loop"):
+        fisher = fisher_information(model, F.cross_entropy, [(x, y)], num_samples=4)
+    w = model.lin.weight
+    expected = torch.zeros_like(w)
+    for j in range(4):  # the definition: squared per-sample gradients, summed
+        g = torch.autograd.grad(F.cross_entropy(model(x[j : j + 1]), y[j : j + 1]), w)[0]
+        expected += g**2
+    torch.testing.assert_close(fisher["lin.weight"], expected)

@@ -219,8 +219,19 @@ def fisher_information(
 
     use_vmap = True
 
-    def fallback(err: Exception) -> None:
+    def fallback(err: Exception, x: Tensor) -> None:
         nonlocal use_vmap
+        # Is it vmap, or does the model fail on one sample without vmap too? Then the loop would
+        # only fail again: report the model's own error, not a misleading fallback warning.
+        try:
+            with torch.no_grad():
+                forward(theta, x[:1])
+        except NotImplementedError as plain:
+            raise NotImplementedError(
+                f"fisher_information: {type(model).__name__} fails on one sample without vmap too ({plain}). The "
+                "Fisher mask computes loss_fn(model(inputs), targets) one sample at a time, so the model needs a "
+                "forward(inputs) (a LightningModule too: define forward() and call it from training_step)"
+            ) from plain
         use_vmap = False
         warnings.warn(
             f"fisher_information: torch.func.vmap cannot run this model ({type(err).__name__}: {err}); "
@@ -251,7 +262,7 @@ def fisher_information(
                 try:
                     out = per_sample_outputs(theta, x)
                 except (RuntimeError, NotImplementedError) as err:
-                    fallback(err)
+                    fallback(err, x)
             if out is None:
                 out = torch.cat([forward(theta, x[j : j + 1]) for j in range(x.shape[0])])
         return _sampled_labels(out, generator, x.device)
@@ -265,7 +276,7 @@ def fisher_information(
                 try:
                     gs, losses = per_sample_grads(theta, x, y)
                 except (RuntimeError, NotImplementedError) as err:
-                    fallback(err)
+                    fallback(err, x)
             if gs is None:
                 gs, losses = loop_grads(x, y)
             finite = torch.isfinite(losses)
