@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -609,3 +610,102 @@ def test_a_version_1_state_is_migrated_with_a_warning():
     sd["sparsam"]["mask_source"]["sparsity"] = 0.25
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="sparsity: saved 0.25, built 0.5"):
         target.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------ a skipped step and the mask schedule
+def _schedule_run(mask, form, skip_at, steps=6, deferred=False):
+    """SSAM under a GradScaler; the attempt numbered ``skip_at`` gets a non-finite descent gradient
+    (the scaler skips it) and the same batch is tried again. Returns the model, the optimizer and
+    the masks after every step that counted."""
+    model = tiny_net(dtype=torch.float32)
+    opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model, mask=mask, form=form)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    history, attempt, t = [], 0, 0
+    while t < steps:
+        x, y = tiny_data(seed=10 + t, dtype=torch.float32)
+        with opt.ascent_pass():
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        with opt.descent_pass():
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if attempt == skip_at:
+            model[2].bias.grad[0] = float("nan")
+        if deferred:  # the caller takes the base step (as the transformers Trainer does)
+            opt.second_step(base_step=False)
+            scaler.step(opt.base_optimizer)
+            opt.zero_grad()
+        else:
+            opt.second_step(zero_grad=True)
+        scaler.update()
+        if attempt != skip_at:
+            history.append({k: v.clone() for k, v in opt.masks.items()})
+            t += 1
+        attempt += 1
+    return model, opt, history
+
+
+@pytest.mark.parametrize(
+    "make, form",
+    [
+        (lambda: DynamicMask(0.5, 10, update_every=2, seed=1), "explicit"),  # drop by |g|, grow at random
+        (lambda: DynamicMask(0.5, 10, update_every=2, seed=1, timing="after-step"), "explicit"),
+        (lambda: RandomMask(0.5, seed=1, update_every=2), "implicit"),  # updated before pass 1
+    ],
+)
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_skipped_step_does_not_add_a_mask_update_round(make, form, deferred):
+    # A step the scaler skips at a mask-update step (t = 2) must leave the schedule as if it had not
+    # been tried: one update at t = 2 from the retried step's gradient, masks and weights equal to a
+    # run without the skipped attempt (the scale is a power of two either way: unscaling is exact).
+    ref_model, ref, ref_history = _schedule_run(make(), form, skip_at=-1, deferred=deferred)
+    model, opt, history = _schedule_run(make(), form, skip_at=2, deferred=deferred)
+    assert opt._steps == ref._steps == 6
+    for t, (a, b) in enumerate(zip(history, ref_history, strict=True)):
+        assert a.keys() == b.keys(), t
+        assert all(torch.equal(a[k], b[k]) for k in a), t
+    assert same(weights(model), weights(ref_model))
+    assert opt.mask_source.generator.get_state().equal(ref.mask_source.generator.get_state())
+
+
+# ------------------------------------------------------------------ frozen when the masks are chosen
+@pytest.mark.parametrize("update_every", [None, 2])
+def test_a_parameter_unfrozen_after_the_masks_were_chosen_is_not_left_out_silently(update_every):
+    model = tiny_net()
+    x, y = tiny_data()
+    model[0].weight.requires_grad_(False)
+    opt = SSAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        lr=0.1,
+        model=model,
+        mask=RandomMask(0.5, update_every=update_every),
+    )
+    opt.step(closure_for(model, x, y))  # masks chosen while 0.weight is frozen
+    assert "0.weight" not in opt.masks
+    model[0].weight.requires_grad_(True)
+    expected = "never updates its masks" if update_every is None else "includes it from its next mask update on"
+    with pytest.warns(
+        UserWarning, match=rf"'0.weight' were frozen .* when the masks were chosen.*{expected}.*init_masks"
+    ):
+        opt.step(closure_for(model, x, y))  # step 1: no update yet, 0.weight still unperturbed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        opt.step(closure_for(model, x, y))
+    if update_every is None:  # the way out the warning names
+        assert "0.weight" not in opt.masks
+        opt.init_masks()
+    assert "0.weight" in opt.masks  # the update at step 2 (or init_masks) chose its mask too
+
+
+def test_masks_set_by_hand_leave_out_frozen_parameters_without_a_warning():
+    model = tiny_net()
+    x, y = tiny_data()
+    model[0].weight.requires_grad_(False)
+    opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model)
+    opt.set_masks({"2.weight": torch.ones(3, 8, dtype=torch.bool)})
+    opt.step(closure_for(model, x, y))
+    model[0].weight.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure_for(model, x, y))

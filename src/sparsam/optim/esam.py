@@ -193,6 +193,10 @@ class ESAM(ScheduledSSAM):
             else:
                 kinds[p] = _SKIP
         self._masks, self._kind = masks, kinds
+        self._note_frozen(set(kinds))
+
+    def _masks_renewed(self) -> bool:
+        return isinstance(self.mask_source, StochasticMask) or super()._masks_renewed()  # SWP: every step
 
     def _sam_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         if self.gamma >= 1.0:

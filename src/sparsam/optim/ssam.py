@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, cast
 
@@ -168,7 +170,11 @@ class SSAM(SAM):
         self._steps = 0  # SSAM steps taken (not skipped by a GradScaler): the clock of the mask schedule
         self._early_update_at: int | None = None  # step count of the last update made before pass 1
         self._base_stepped = False
+        self._base_step_run = False  # second_step ran the base step (through a GradScaler, which may skip it)
         self._step_deferred = False  # second_step(base_step=False) ran; the caller's base step is due
+        # transient: what a mask update of the current step replaced, put back if the step does not count
+        self._mask_undo: tuple[int, dict[str, Any], dict[str, Any]] | None = None
+        self._frozen_at_masking: set[Tensor] = set()  # frozen when the masks were chosen: no mask
         self.base_optimizer.register_step_post_hook(self._on_base_step)
         if isinstance(mask, ManualMask) and mask.given is not None:
             # Names and shapes are known now: refuse a bad mask before any step. Under FSDP2 a mask of
@@ -188,6 +194,7 @@ class SSAM(SAM):
         if self._step_deferred:  # the base step a second_step(base_step=False) left to the caller
             self._step_deferred = False
             self._steps += 1
+            self._mask_undo = None
 
     @property
     def sparsity(self) -> float:
@@ -229,6 +236,7 @@ class SSAM(SAM):
         tensor of the parameter's shape. A parameter left out is not perturbed. Validated fully
         before anything changes."""
         self._install(self._validated_masks(masks))
+        self._frozen_at_masking = set()  # masks given by hand: what is left out is meant to be
 
     def _validated_masks(self, masks: Mapping[Any, Tensor]) -> dict[Tensor, Tensor]:
         """``masks`` by parameter, each checked (a known parameter or name, a bool tensor of the
@@ -315,6 +323,7 @@ class SSAM(SAM):
     def ascent_pass(self) -> Iterator[None]:
         """Pass-1 context: DDP ``no_sync`` (``ascent="local"``), plus the cheaper ascent
         (``sparse_ascent``) or the implicit form's masked input gradients."""
+        self._settle_deferred_step()
         if not self._masks_ready and not self.mask_source.needs_grads:
             self.init_masks()  # the mask is needed now to know what pass 1 can skip
         elif self.form == "implicit" and not self.mask_source.needs_grads:
@@ -388,6 +397,39 @@ class SSAM(SAM):
             by_name = {n: p for p, n in self.param_names().items()}
             masks = {n: _sharded.local_part(m, by_name[n]) if n in by_name else m for n, m in masks.items()}
         self.set_masks({n: sharded[n] if n in sharded else masks[n] for n in result})
+        self._note_frozen(set(self._kind))
+
+    def _note_frozen(self, decided: set[Tensor]) -> None:
+        """Remember the parameters of perturbed groups that got no mask because they were frozen
+        (``requires_grad=False``) when the masks were chosen (``decided``: those that got one)."""
+        perturbed_groups = [g["params"] for g in self.param_groups if g["rho"] > 0]
+        self._frozen_at_masking = {p for ps in perturbed_groups for p in ps if not p.requires_grad and p not in decided}
+
+    def _masks_renewed(self) -> bool:
+        """Whether the masks are chosen again during training (the source has an update period)."""
+        return self.mask_source.update_every is not None
+
+    def _warn_unfrozen(self) -> None:
+        """Warn once per parameter that was frozen when the masks were chosen and is trainable now:
+        it has no mask, so it is not perturbed until the masks are chosen again."""
+        thawed = [p for p in self._frozen_at_masking if p.requires_grad]
+        if not thawed:
+            return
+        self._frozen_at_masking.difference_update(thawed)
+        names = self.param_names()
+        listed = ", ".join(sorted(repr(names[p]) for p in thawed))
+        src = type(self.mask_source).__name__
+        if self._masks_renewed():
+            when = f"{src} includes it from its next mask update on"
+        else:
+            when = f"{src} never updates its masks, so it stays unperturbed"
+        warnings.warn(
+            f"SSAM: parameter(s) {listed} were frozen (requires_grad=False) when the masks were chosen and are "
+            f"trainable now, without a mask: {when}. Call opt.init_masks() to choose the masks again over the "
+            "parameters trainable now, or opt.set_masks(...) to give them masks",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def init_masks(self) -> None:
         """Ask the mask source for the first masks now (otherwise done at the first step)."""
@@ -395,11 +437,13 @@ class SSAM(SAM):
         self._masks_ready = True
 
     def _before_perturb(self) -> None:
-        self._base_stepped = self._step_deferred = False
+        self._settle_deferred_step()
+        self._base_stepped = self._base_step_run = self._step_deferred = False
         if not self._masks_ready:
             self.init_masks()
         else:
             self._update_masks(early=False)
+        self._warn_unfrozen()
 
     def _update_masks(self, *, early: bool) -> None:
         """Ask the source for new masks if it wants them at this step: at the start of pass 1
@@ -407,6 +451,7 @@ class SSAM(SAM):
         ``first_step``."""
         if self._early_update_at == self._steps or not self.mask_source.wants_update(self._steps):
             return
+        self._keep_for_undo()
         if early:
             self._early_update_at = self._steps
         elif self._found_inf is not None and bool(self._found_inf.item()):
@@ -415,11 +460,45 @@ class SSAM(SAM):
             return
         self._apply_source(self.mask_source.update(self.mask_context()))
 
+    # A step that does not count (a GradScaler skipped its base step) leaves the mask schedule as
+    # if it had not been tried: its mask update is undone (masks, the source's RNG and pending
+    # state), so the next step makes the schedule's one update, from its own gradient, instead of
+    # a second drop/grow round.
+    def _keep_for_undo(self) -> None:
+        masks = (dict(self._masks), dict(self._kind), dict(self._implicit_masks), dict(self._sparse_ok))
+        source = copy.deepcopy(self.mask_source.state_dict())
+        kept = {"masks": masks, "early": self._early_update_at, "frozen": set(self._frozen_at_masking)}
+        self._mask_undo = (self._steps, kept, source)
+
+    def _undo_mask_update(self) -> None:
+        undo, self._mask_undo = self._mask_undo, None
+        if undo is None or undo[0] != self._steps:  # none, or its step counted
+            return
+        _, kept, source = undo
+        self._masks, self._kind, self._implicit_masks, self._sparse_ok = kept["masks"]
+        self._early_update_at = kept["early"]
+        self._frozen_at_masking = kept["frozen"]
+        self.mask_source.load_state_dict(source)
+
+    def _settle_deferred_step(self) -> None:
+        """At the start of a step: the base step that the last ``second_step(base_step=False)``
+        left to the caller never came (skipped by the caller's GradScaler): undo that step's update."""
+        if self._step_deferred:
+            self._step_deferred = False
+            self._undo_mask_update()
+
+    def _base_step(self, scaler: Any, before_base_step: Callable[[], Any] | None = None) -> None:
+        self._base_step_run = True
+        super()._base_step(scaler, before_base_step)
+
     def _after_step(self) -> None:
         # A step the GradScaler skipped (non-finite gradients: the base optimizer did not step)
         # does not count, as a skipped optimizer.step() does not count for an LR scheduler.
         if self._base_stepped:
             self._steps += 1
+            self._mask_undo = None
+        elif self._base_step_run:  # skipped: undo its mask update
+            self._undo_mask_update()
         else:  # base step left to the caller (base_step=False): counted when it happens
             self._step_deferred = True
 
