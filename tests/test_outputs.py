@@ -164,3 +164,17 @@ def test_the_image_cache_folder_is_printed_once_and_follows_sparsam_cache(tmp_pa
     assert err.count(said) == 1 and len(list((tmp_path / "mine").glob("sparsam-*.npz"))) == 1
     load_dataset(tmp_path / "ds", cache=False)
     assert capsys.readouterr().err == ""  # no cache, no word
+
+
+def test_train_prints_accuracy_in_percent(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import json
+
+    from sparsam.__main__ import main
+
+    tiny = ["--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--threads", "1", "--no-progress"]
+    assert main(["train", *tiny, "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    rec = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"train_acc {100 * rec['train_acc']:.2f}%" in err and f"test_acc {100 * rec['test_acc']:.2f}%" in err
+    assert f"done: final test accuracy {100 * rec['test_acc']:.2f}%, best {100 * rec['test_acc']:.2f}% (epoch 1)" in err

@@ -299,8 +299,8 @@ def _train(
             run.end_epoch(record, model, saved_state())
             say(
                 f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "
-                f"{record['train_acc']:.4f}"
-                + (f"  test_loss {test_loss:.4f}  test_acc {test_acc:.4f}" if test_acc is not None else "")
+                f"{100 * record['train_acc']:.2f}%"  # accuracy in percent, as in every table and figure
+                + (f"  test_loss {test_loss:.4f}  test_acc {100 * test_acc:.2f}%" if test_acc is not None else "")
                 + f"  ({meter.time_s:.1f} s"
                 + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "")
                 + ")"

@@ -87,6 +87,11 @@ def locked_run_dir(cfg: TrainConfig, info: D.DistInfo) -> Iterator[None]:
             lock.release()
 
 
+def _percent(fraction: float | None) -> str:
+    """An accuracy for the console, in percent as in every table and figure."""
+    return "—" if fraction is None else f"{100 * fraction:.2f}%"
+
+
 def _version() -> str:
     from .. import __version__
 
@@ -412,7 +417,8 @@ class Run:
                 },
             )
             self.say(
-                f"done: final test accuracy {final_acc:.4f}, best {best['test_acc']:.4f} (epoch {best['epoch']}); "
+                f"done: final test accuracy {_percent(final_acc)}, best {_percent(best['test_acc'])} "
+                f"(epoch {best['epoch']}); "
                 f"{self.out / rundir.SUMMARY}"
                 if best
                 else "done"
