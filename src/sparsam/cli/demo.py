@@ -169,7 +169,7 @@ def differences(rows: list[dict[str, Any]], ref: str = "SGD") -> list[str]:
 def main(argv: list[str], prog: str = "sparsam demo") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Train SGD, SAM, SSAM-F and SSAM-D on scikit-learn's digits (no download) with 30%% of the "
+        description="Train SGD, SAM, SSAM-F and SSAM-D on scikit-learn's digits (no download) with 30% of the "
         "training labels flipped, over three seeds; print the comparison table and the differences between the "
         "methods (with whether each exceeds the seeds' spread), and plot test accuracy per epoch. "
         "About 30 s of CPU time (one thread).",
