@@ -709,3 +709,26 @@ def test_masks_set_by_hand_leave_out_frozen_parameters_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(closure_for(model, x, y))
+
+
+@pytest.mark.parametrize(
+    "saved, built, words",
+    [
+        (RandomMask(0.5, seed=3), RandomMask(0.5, seed=3, budget="layer"), "budget: saved 'global', built 'layer'"),
+        (RandomMask(0.5, seed=3), RandomMask(0.5, seed=3, pattern="structured"), "pattern: saved 'unstructured'"),
+        (
+            DynamicMask(0.5, 10, update_every=2),
+            DynamicMask(0.5, 10, update_every=2, grow="gradient"),
+            "grow: saved 'random', built 'gradient'",
+        ),
+    ],
+)
+def test_mask_source_pattern_settings_follow_the_rule(saved, built, words):
+    from sparsam.masks import FisherMask
+
+    with pytest.raises(ValueError, match="other settings than this") as e:
+        built.load_state_dict(roundtrip(saved.state_dict()))
+    assert words in str(e.value)
+    a, b = FisherMask(0.5, num_samples=16), FisherMask(0.5, num_samples=32)
+    with pytest.raises(ValueError, match="num_samples: saved 16, built 32"):
+        b.load_state_dict(roundtrip(a.state_dict()))

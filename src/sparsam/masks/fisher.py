@@ -484,6 +484,15 @@ class FisherMask(PatternOptions, SeededSource):
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
         return self._compute(ctx)
 
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            **self._pattern_settings(),
+            "num_samples": self.num_samples,
+            "true_fisher": self.true_fisher,
+            "bn_stats": self.bn_stats,
+        }
+
     def extra_repr(self) -> str:
         pat = self._pattern_name()
         return (

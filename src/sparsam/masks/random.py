@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -79,6 +81,9 @@ class RandomMask(PatternOptions, SeededSource):
 
     def update(self, ctx: MaskContext) -> dict[str, Tensor] | None:
         return self._draw(ctx)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **self._pattern_settings()}
 
     def extra_repr(self) -> str:
         pat = self._pattern_name()

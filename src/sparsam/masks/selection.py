@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -524,6 +525,18 @@ class PatternOptions:
             one_d=self.one_d,
             fill=self.fill,
         )
+
+    def _pattern_settings(self) -> dict[str, Any]:
+        """The pattern settings, for the source's ``settings()`` (compared when a state is loaded)."""
+        return {
+            "pattern": self.pattern,
+            "n": self.n,
+            "m": self.m,
+            "granularity": self.granularity,
+            "budget": self.budget,
+            "one_d": self.one_d,
+            "fill": self.fill,
+        }
 
     def _pattern_name(self) -> str:
         return f"{self.n}:{self.m}" if self.pattern == "nm" else self.pattern
