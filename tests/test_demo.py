@@ -23,12 +23,15 @@ def _record(tmp_path, opt, seed, final, **extra):
     return RunRecord(tmp_path / f"{opt}{seed}", cfg, {}, rows, {"finished": True})
 
 
-def test_significance_is_the_paired_t_ratio():
-    mean, std, z = significance([1.0, 2.0, 3.0])
-    assert mean == 2.0 and std == pytest.approx(1.0) and z == pytest.approx(2.0 * math.sqrt(3))
+def test_significance_is_the_95_percent_t_interval():
+    mean, std, half = significance([1.0, 2.0, 3.0])
+    assert mean == 2.0 and std == pytest.approx(1.0) and half == pytest.approx(4.303 / math.sqrt(3))  # t(2) = 4.303
+    _, _, half = significance([0.0, 1.0, 2.0, 3.0, 4.0])
+    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))  # t(4) = 2.776
+    _, _, half = significance([0.0, 1.0] * 20)  # 39 degrees of freedom: the normal's 1.96
+    assert half == pytest.approx(1.96 * 0.5063696835 / math.sqrt(40))
     assert significance([0.5]) == (0.5, None, None)
-    assert significance([1.0, 1.0]) == (1.0, 0.0, math.inf)
-    assert significance([0.0, 0.0]) == (0.0, 0.0, 0.0)
+    assert significance([1.0, 1.0]) == (1.0, 0.0, 0.0)
 
 
 def test_paired_difference_pairs_runs_by_seed(tmp_path):
@@ -48,18 +51,25 @@ def test_differences_say_noise_or_not_from_the_seeds(tmp_path):
     text = "\n".join(differences(rows))
     assert "paired by seed (3 seeds" in text
     sam_line = next(ln for ln in text.splitlines() if ln.strip().startswith("SAM - SGD"))
-    z = 4.0 / (1.0 / math.sqrt(3))
-    assert "+4.00 ± 1.00" in sam_line and f"more than seed noise ({z:.2f} standard errors)" in sam_line
+    half = 4.303 / math.sqrt(3)  # the 95% t-interval over three seeds
+    interval = f"95% interval {4 - half:+.2f} to {4 + half:+.2f}"
+    assert "+4.00 ± 1.00" in sam_line and f"more than seed noise ({interval})" in sam_line
     ssam_line = next(ln for ln in text.splitlines() if ln.strip().startswith("SSAM-F, 50% - SGD"))
     assert "within seed noise" in ssam_line
     assert "no method differs" not in text  # SAM does
+    # a difference whose interval ends at 0.00 is at the edge: no claim either way, in words
+    m = 4.303 / math.sqrt(3)  # differences m - 1, m, m + 1 points: the interval runs from 0 to 2m
+    edge = [_record(tmp_path, "sam", s, a + d / 100) for s, a, d in ((0, 0.80, m - 1), (1, 0.81, m), (2, 0.79, m + 1))]
+    edge_text = "\n".join(differences(summarize(sgd + edge)[1]))
+    assert "at the edge of seed noise (95% interval " in edge_text and "0.00 to +4.97)" in edge_text
+    assert "At this size, no method differs from SGD by more than seed noise." in edge_text
     # without SAM, nothing differs from SGD by more than noise, and the demo says so in words
     _, rows = summarize(sgd + ssam)
     assert "At this size, no method differs from SGD by more than seed noise." in differences(rows)
     # one seed: no verdict at all
     _, rows = summarize(sgd[:1] + sam[:1])
     text = "\n".join(differences(rows))
-    assert "one seed: cannot be told from seed noise" in text and "--seeds 0,1,2" in text
+    assert "one seed: cannot be told from seed noise" in text and "--seeds 0,1,2,3,4" in text
 
 
 @pytest.fixture(scope="module")
