@@ -30,6 +30,7 @@ from sparsam.integrations import unwrap_optimizer  # noqa: E402
 from sparsam.integrations.lightning import SAMCallback, in_descent_pass  # noqa: E402
 from sparsam.masks import FisherMask, MaskSource, RandomMask  # noqa: E402
 
+from .lightning_ranks import EndRank  # noqa: E402
 from .reference import tiny_data, tiny_net  # noqa: E402
 from .test_integrations import ddp_reference  # noqa: E402
 
@@ -98,7 +99,7 @@ def trainer(steps=4, callbacks=(SAMCallback,), **kw):
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[c() if isinstance(c, type) else c for c in callbacks],
+        callbacks=[c() if isinstance(c, type) else c for c in callbacks] + ([EndRank()] if "strategy" in kw else []),
         **kw,
     )
 

@@ -197,6 +197,8 @@ def _fit(module, steps=STEPS, *, own_loader=True, **trainer_kw):
     L = pytest.importorskip("lightning.pytorch")
     from sparsam.integrations.lightning import SAMCallback
 
+    from .lightning_ranks import EndRank
+
     trainer_kw = {"devices": 1, **trainer_kw}
     t = L.Trainer(
         accelerator="cpu",
@@ -206,7 +208,7 @@ def _fit(module, steps=STEPS, *, own_loader=True, **trainer_kw):
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[SAMCallback()],
+        callbacks=[SAMCallback()] + ([EndRank()] if "strategy" in trainer_kw else []),
         **trainer_kw,
     )
     with warnings.catch_warnings():
