@@ -211,6 +211,9 @@ def _run_cli(argv, capsys):
         (["train", "--opt", "sssam"], "invalid choice: 'sssam' (did you mean ssam?)"),
         (["train", "--mask", "fishr"], "invalid choice: 'fishr' (did you mean fisher?)"),
         (["sweep", "--root", "r", "--method", "sam"], "unknown option --method (did you mean --methods?)"),
+        (["report", "runs", "--ot", "x"], "unknown option --ot (did you mean --out?)"),
+        (["analyze", "runs/a", "--ot", "x"], "unknown option --ot (did you mean --out?)"),
+        (["demo", "--seed", "3"], "unknown option --seed (did you mean --seeds?)"),
     ],
 )
 def test_a_typo_gets_one_line_with_a_suggestion(argv, expected, capsys):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train.errors import ConfigError, UserError
+from ._args import Parser
 
 _WEIGHT_FILES = {"final": "checkpoint.pt", "best": "best_model.pt"}
 
@@ -251,7 +252,7 @@ def _positive(kind: type, *, zero_ok: bool = False) -> Any:
 
 
 def main(argv: list[str], prog: str = "sparsam analyze") -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # one-line errors with 'did you mean', as train and sweep
         prog=prog,
         description=__doc__.split("\n\n")[1].replace("``", "`").replace(":func:", ""),
         epilog="examples:\n"

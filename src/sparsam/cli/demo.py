@@ -26,6 +26,7 @@ from typing import Any
 from ..train.config import build_config
 from ..train.errors import ConfigError, UserError
 from ..train.methods import METHODS, method_values
+from ._args import Parser
 
 DEFAULT_METHODS = ("sgd", "sam", "ssam-f", "ssam-d")
 #: what the demo changes in the ``digits-smallcnn`` preset (see the module docstring)
@@ -176,7 +177,7 @@ def differences(rows: list[dict[str, Any]], ref: str = "SGD") -> list[str]:
 
 
 def main(argv: list[str], prog: str = "sparsam demo") -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # one-line errors with 'did you mean', as train and sweep
         prog=prog,
         description="Train SGD, SAM, SSAM-F and SSAM-D on scikit-learn's digits (no download) with 30% of the "
         "training labels flipped, over five seeds; print the comparison table and the differences between the "

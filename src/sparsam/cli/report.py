@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..train.errors import UserError
+from ._args import Parser
 
 
 FIGURES = ("acc_vs_epoch", "acc_vs_time", "acc_vs_compute")
@@ -84,7 +85,7 @@ def write_report(
 
 
 def main(argv: list[str], prog: str = "sparsam report") -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # one-line errors with 'did you mean', as train and sweep
         prog=prog,
         description="Summarise run directories as a table like the papers' (mean ± std over seeds) in Markdown, "
         "CSV and LaTeX (booktabs), with plots of test accuracy against epochs, training time and training compute.",
