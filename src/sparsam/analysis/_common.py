@@ -318,12 +318,6 @@ class Objective:
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
 
-    def unflatten(self, v: Tensor) -> list[Tensor]:
-        return [
-            part.view(shape).to(p.dtype)
-            for part, shape, p in zip(torch.split(v, self.numels), self.shapes, self.params)
-        ]
-
 
 class WeightGuard:
     """Context manager: saves the given parameters and restores them bitwise on exit (also on error)."""

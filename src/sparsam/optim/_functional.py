@@ -109,25 +109,6 @@ def global_norm(terms: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([t.to(dev, dtype) for t in terms]), 2)
 
 
-def perturb_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    masks: Sequence[Tensor | None],
-    backups: Sequence[Tensor],
-    scale: Tensor,
-    *,
-    adaptive: bool,
-    eta: float,
-    foreach: bool,
-) -> None:
-    """Save ``w`` into ``backups`` and move ``w`` to ``w + e`` with ``e = scale * m * T^2 g``.
-
-    Where a mask entry is False, ``e`` is ±0 and ``w`` keeps its exact value.
-    """
-    copy_(backups, params, foreach=foreach)
-    add_perturbation(backups, grads, masks, params, scale, adaptive=adaptive, eta=eta, foreach=foreach)
-
-
 def add_perturbation(
     srcs: Sequence[Tensor],
     grads: Sequence[Tensor],

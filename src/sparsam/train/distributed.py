@@ -122,15 +122,6 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(b, src=0)
 
 
-def broadcast_error(message: str | None, info: DistInfo) -> str | None:
-    """Rank 0's error message (or None) on every rank, so all ranks stop together."""
-    if not info.enabled:
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def dump_rank_state(
     folder: Path, info: DistInfo, *, model: torch.nn.Module, opt: Any, train_loader: Any, samples_seen: int, epoch: int
 ) -> None:
