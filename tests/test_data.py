@@ -376,7 +376,8 @@ def test_image_folder_cache(tmp_path, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("decoded although the cache is valid")
 
-    monkeypatch.setattr(folder_mod, "decode_images", no_decoding)
+    # decode_files is the one place load_image_folder decodes files; a valid entry must not reach it.
+    monkeypatch.setattr(folder_mod, "decode_files", no_decoding)
     again = load_dataset(tmp_path / "ds", cache_dir=cache_dir)
     assert torch.equal(again.train.images, first.train.images) and torch.equal(again.test.labels, first.test.labels)
     assert (again.class_names, again.mean, again.std) == (first.class_names, first.mean, first.std)

@@ -250,22 +250,6 @@ def decode_files(
     return arrays, damaged
 
 
-def decode_images(files: Sequence[str], *, num_workers: int = 0) -> tuple[np.ndarray, int]:
-    """Decode ``files`` into one uint8 array (N, C, H, W), checking that every image has one size.
-
-    Returns the array and the number of images that were converted from grayscale to RGB. Raises
-    [`DamagedImageError`][sparsam.data.DamagedImageError] naming the first file that cannot be
-    decoded (and how many there are).
-    """
-    if not files:
-        return np.zeros((0, 1, 0, 0), dtype=np.uint8), 0
-    decoded, damaged = decode_files(files, num_workers=num_workers)
-    if damaged:
-        where = os.path.commonpath([os.path.dirname(p) for p, _ in damaged])
-        raise DamagedImageError(damaged_message(damaged, where), damaged)
-    return stack_images(files, [a for a in decoded if a is not None])
-
-
 def stack_images(files: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
     """Decoded images (H, W, C arrays of one size, named by ``files``) as one uint8 (N, C, H, W)
     array, grayscale planes replicated where others are RGB; returns it and how many were converted."""
