@@ -137,7 +137,7 @@ def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[s
     from torch import nn
 
     from .. import analysis
-    from ..data.loader import DeviceLoader
+    from ..data.device_loader import DeviceLoader
     from ..models import create_model
     from ..train.config import build_config
     from ..train.loaders import build_data

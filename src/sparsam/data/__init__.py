@@ -23,9 +23,9 @@ The Models and data guide has the details.
 from .augment import Augment, cifar_augment, cutout, random_crop, random_flip
 from .cifar import DatasetNotFoundError
 from .dataset import ArrayDataset, DatasetSplits, channel_stats, random_subset
+from .device_loader import DeviceLoader, make_loaders, to_device_batch
 from .image_folder import DamagedImageError, default_cache_dir, folder_image_size
-from .load import DATASET_NAMES, load_dataset
-from .loader import DeviceLoader, make_loaders, to_device_batch
+from .sources import DATASET_NAMES, load_dataset
 from .stream import IMAGENET_MEAN, IMAGENET_STD, ImageFolderStream, RandomResizedCrop, ResizeCenterCrop
 
 __all__ = [

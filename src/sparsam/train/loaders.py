@@ -44,7 +44,7 @@ def _decode_workers(cfg: TrainConfig) -> int:
 
 # Folders whose first image is at most this many pixels on a side are held in memory (auto mode).
 MEMORY_MAX_SIDE = 64
-# Streams of the derived seeds (see sparsam.data.loader.derive_seed).
+# Streams of the derived seeds (see sparsam.data.device_loader.derive_seed).
 _FISHER_STREAM = 7
 _STREAM_SHUFFLE = 8
 _LABEL_NOISE_STREAM = 9
@@ -329,7 +329,7 @@ def _build_memory(
     cfg: TrainConfig, kind: str, *, device: torch.device, rank: int, world_size: int, batch_per_rank: int
 ) -> TrainData:
     from ..data import ArrayDataset, DeviceLoader, load_dataset
-    from ..data.loader import derive_seed
+    from ..data.device_loader import derive_seed
 
     if kind == "folder" and (cfg.train_subset is not None or cfg.test_subset is not None):
         splits = _folder_subset_splits(cfg)
@@ -442,7 +442,7 @@ class StreamLoader:
         self.epoch = epoch
 
     def _indices(self) -> list[int]:
-        from ..data.loader import derive_seed
+        from ..data.device_loader import derive_seed
 
         n = len(self.dataset)
         if self.shuffle:
@@ -463,7 +463,7 @@ class StreamLoader:
         from torch.utils.data import DataLoader, Subset
 
         from ..data import to_device_batch
-        from ..data.loader import derive_seed
+        from ..data.device_loader import derive_seed
 
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _STREAM_SHUFFLE, self.rank))
         loader = DataLoader(
@@ -503,7 +503,7 @@ def _build_stream(
     from torch.utils.data import Subset
 
     from ..data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderStream, RandomResizedCrop, ResizeCenterCrop
-    from ..data.loader import derive_seed
+    from ..data.device_loader import derive_seed
 
     from ..data.image_folder import GRAY_MODES
 
