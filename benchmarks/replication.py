@@ -1,6 +1,7 @@
 """The pre-registered replication of docs/RESULTS.md ("Replication: plan"): its tables and figures.
 
     python benchmarks/replication.py ROOT [--figures DIR] [--json FILE]
+    python benchmarks/replication.py ROOT --study msam [--figures DIR] [--json FILE]
 
 Reads the finished runs ``ROOT/runs/NAME-seedS/`` that ``bash benchmarks/cifar_study.sh replication
 ROOT`` writes (``summary.json``: final test accuracy; the last line of ``metrics.jsonl``: counted
@@ -16,6 +17,11 @@ compute in SGD-step equivalents) and prints, in Markdown:
 beside the mean and its 95% interval, the ±1-point margin shaded) and ``replication_accuracy.png``
 (every configuration's final accuracy, seeds as dots, mean and 95% interval, its compute in the
 label). ``--json FILE`` writes the numbers.
+
+``--study msam`` does the same for the pre-registered Momentum-SAM comparison of docs/RESULTS.md
+("Momentum-SAM at SGD's price: plan"): the runs ``msam`` and ``smsam-f`` that ``cifar_study.sh msam
+ROOT`` writes beside the replication's ``sgd`` and ``sam``, contrasts M1-M3 (Holm over these three),
+figures ``msam_contrasts.png`` and ``msam_accuracy.png``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,29 @@ LABELS = {
     "ssam-f-masked": "SSAM-F, 50%, SAM's radius",
     "sam-asc": "SAM, quarter-batch ascent",
     "ssam-f-asc": "SSAM-F, 50%, quarter-batch ascent",
+}
+#: the Momentum-SAM comparison's contrasts and configurations (its own plan, its own Holm family)
+MSAM_CONTRASTS: tuple[tuple[str, str, str, str], ...] = (
+    ("M1", "msam", "sgd", "MSAM against SGD at equal compute"),
+    ("M2", "smsam-f", "sgd", "sparse MSAM against SGD at equal compute"),
+    ("M3", "msam", "sam", "MSAM against SAM (2x its compute)"),
+)
+MSAM_CONFIGS = ("sgd", "sam", "msam", "smsam-f")
+LABELS.update({"msam": "MSAM", "smsam-f": "sparse MSAM, Fisher 50%"})
+
+
+@dataclass(frozen=True)
+class Study:
+    """What one pre-registered comparison reads and draws."""
+
+    contrasts: tuple[tuple[str, str, str, str], ...]
+    configs: tuple[str, ...]
+    prefix: str  # of the figure files
+
+
+STUDIES = {
+    "replication": Study(CONTRASTS, CONFIGS, "replication"),
+    "msam": Study(MSAM_CONTRASTS, MSAM_CONFIGS, "msam"),
 }
 MARGIN = 1.0  # points: the equivalence margin of the plan
 ALPHA = 0.05
@@ -141,9 +170,9 @@ def load_runs(root: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return out
 
 
-def contrasts(runs: dict[tuple[str, int], dict[str, Any]]) -> list[Contrast]:
+def contrasts(runs: dict[tuple[str, int], dict[str, Any]], study: Study = STUDIES["replication"]) -> list[Contrast]:
     cs = []
-    for name, a, b, q in CONTRASTS:
+    for name, a, b, q in study.contrasts:
         seeds = sorted(s for (c, s) in runs if c == a and (b, s) in runs)
         diffs = [runs[(a, s)]["acc"] - runs[(b, s)]["acc"] for s in seeds]
         cs.append(paired_stats(Contrast(name, a, b, q, diffs, seeds)))
@@ -170,7 +199,7 @@ def _p(x: float | None) -> str:
     return "—" if x is None else ("< 0.001" if x < 0.001 else f"{x:.3f}")
 
 
-def tables(runs: dict[tuple[str, int], dict[str, Any]]) -> str:
+def tables(runs: dict[tuple[str, int], dict[str, Any]], study: Study = STUDIES["replication"]) -> str:
     lines = [
         "Final test accuracy per configuration (mean ± sample std over the finished seeds) and counted "
         "compute as a multiple of SGD's:",
@@ -178,7 +207,7 @@ def tables(runs: dict[tuple[str, int], dict[str, Any]]) -> str:
         "| Configuration | Seeds | Final acc (%) | Compute vs SGD |",
         "|---|---|---|---|",
     ]
-    for cfg in CONFIGS:
+    for cfg in study.configs:
         accs = [r["acc"] for (c, _), r in sorted(runs.items()) if c == cfg]
         seeds = sorted(s for (c, s) in runs if c == cfg)
         acc = (
@@ -194,13 +223,13 @@ def tables(runs: dict[tuple[str, int], dict[str, Any]]) -> str:
     lines += [
         "",
         "Pre-registered contrasts, paired by seed, final test accuracy in points: mean, 95% t-interval, "
-        f"two-sided paired t-test p, Holm-corrected p over the {len(CONTRASTS)} contrasts, TOST p against "
+        f"two-sided paired t-test p, Holm-corrected p over the {len(study.contrasts)} contrasts, TOST p against "
         f"±{MARGIN:g} point:",
         "",
         "| # | Contrast | n | Mean | 95% interval | p | p (Holm) | p (TOST ±1) | Verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in contrasts(runs):
+    for c in contrasts(runs, study):
         interval = "—" if c.lo is None else f"{c.lo:+.2f} to {c.hi:+.2f}"
         lines.append(
             f"| {c.name} | {LABELS[c.a]} − {LABELS[c.b]} | {len(c.diffs)} | {_f(c.mean, '+.2f')} | {interval} | "
@@ -209,7 +238,9 @@ def tables(runs: dict[tuple[str, int], dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figures(runs: dict[tuple[str, int], dict[str, Any]], out: Path) -> list[Path]:
+def figures(
+    runs: dict[tuple[str, int], dict[str, Any]], out: Path, study: Study = STUDIES["replication"]
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,17 +257,21 @@ def figures(runs: dict[tuple[str, int], dict[str, Any]], out: Path) -> list[Path
         "ssam-f-masked": {"opt": "ssam", "mask": "fisher", "sparsity": 0.5},
         "sam-asc": {"opt": "sam", "ascent_fraction": 0.25},
         "ssam-f-asc": {"opt": "ssam", "mask": "fisher", "sparsity": 0.5, "ascent_fraction": 0.25},
+        "msam": {"opt": "msam"},
+        "smsam-f": {"opt": "smsam", "mask": "fisher", "sparsity": 0.5},
     }
     # one colour each: the project's method colours where one method appears once, shades otherwise
     colour = {k: method_style(v).color for k, v in settings.items()}
     colour.update({"sgd-1.25x": "#5f5f5f", "sgd-2x": "#b5b5b5", "ssam-f-masked": "#6baed6", "ssam-f-asc": "#8c6bb1"})
-    row_colour = {c[0]: colour[c[1]] for c in CONTRASTS} | {"C1": "#4d4d4d"}  # C1 and C6 both start from SAM
+    colour.update({"msam": "#d95f02", "smsam-f": "#1b9e77"})
+    row_colour = {c[0]: colour[c[1]] for c in study.contrasts}
+    row_colour.update({"C1": "#4d4d4d", "M3": "#7a3b00"})  # C1 and C6 both start from SAM, M1 and M3 from MSAM
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     seeds_all = sorted({s for _, s in runs})
     seed_text = f"seeds {', '.join(map(str, seeds_all))}" if seeds_all else "no finished seeds"
 
-    cs = contrasts(runs)
+    cs = contrasts(runs, study)
     fig, ax = plt.subplots(figsize=(8.0, 0.62 * len(cs) + 1.6))
     for row, c in enumerate(reversed(cs)):
         y = row
@@ -253,12 +288,13 @@ def figures(runs: dict[tuple[str, int], dict[str, Any]], out: Path) -> list[Path
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=9, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    paths.append(out / "replication_contrasts.png")
+    paths.append(out / f"{study.prefix}_contrasts.png")
     fig.savefig(paths[-1], dpi=130)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8.0, 0.55 * len(CONFIGS) + 1.4))
-    for row, cfg in enumerate(reversed(CONFIGS)):
+    configs = study.configs
+    fig, ax = plt.subplots(figsize=(8.0, 0.55 * len(configs) + 1.4))
+    for row, cfg in enumerate(reversed(configs)):
         accs = [r["acc"] for (c, _), r in sorted(runs.items()) if c == cfg]
         ax.scatter(accs, [row + 0.15] * len(accs), s=16, color=colour[cfg], alpha=0.55, zorder=3)
         if len(accs) >= 2:
@@ -266,10 +302,10 @@ def figures(runs: dict[tuple[str, int], dict[str, Any]], out: Path) -> list[Path
             half = t_quantile(1 - ALPHA / 2, len(accs) - 1) * se
             ax.errorbar(m, row - 0.1, xerr=half, fmt="o", color=colour[cfg], capsize=4, zorder=4)
     labels = []
-    for cfg in reversed(CONFIGS):
+    for cfg in reversed(configs):
         r = _compute_ratio(runs, cfg)
         labels.append(f"{LABELS[cfg]} ({r:.2f}x)" if r is not None else LABELS[cfg])
-    ax.set_yticks(range(len(CONFIGS)))
+    ax.set_yticks(range(len(configs)))
     ax.set_yticklabels(labels, fontsize=10)
     ax.set_xlabel("final test accuracy (%)", fontsize=10)
     fig.suptitle(
@@ -277,7 +313,7 @@ def figures(runs: dict[tuple[str, int], dict[str, Any]], out: Path) -> list[Path
     )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    paths.append(out / "replication_accuracy.png")
+    paths.append(out / f"{study.prefix}_accuracy.png")
     fig.savefig(paths[-1], dpi=130)
     plt.close(fig)
     return paths
@@ -288,14 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("root", type=Path, help="the replication's ROOT (cifar_study.sh replication ROOT)")
     ap.add_argument("--figures", type=Path, metavar="DIR", help="write the two figures here")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write the numbers as JSON")
+    ap.add_argument(
+        "--study",
+        choices=sorted(STUDIES),
+        default="replication",
+        help="which pre-registered comparison (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
+    study = STUDIES[args.study]
     runs = load_runs(args.root)
-    print(tables(runs), end="")
+    print(tables(runs, study), end="")
     if args.json:
-        args.json.write_text(json.dumps([asdict(c) for c in contrasts(runs)], indent=2) + "\n")
+        args.json.write_text(json.dumps([asdict(c) for c in contrasts(runs, study)], indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.figures:
-        for path in figures(runs, args.figures):
+        for path in figures(runs, args.figures, study):
             print(f"figure: {path}")
     return 0
 

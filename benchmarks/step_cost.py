@@ -7,6 +7,7 @@ ratio (variant / SGD and variant / SAM). Columns:
   x SGD, x SAM    time of a whole training step (both passes and the optimizer), as ratios
   opt/fb          optimizer-only time (first_step + second_step, no forward/backward) divided by
                   one SGD forward+backward of the same batch
+  opt x SGD       the same optimizer-only time divided by SGD's ``opt.step()`` of the same round
   state MB        SAM/SSAM's own extra state: the copy of w for the perturbed tensors + masks
                   (bool, 1 byte/coordinate); the base optimizer's state is the same for all
   peak MB         peak device memory of the step (CUDA only; '-' on the CPU)
@@ -29,8 +30,8 @@ lookssam-f) is LookSAM k=5 on the mask of "SSAM unstructured s=0.5" (norm="full"
 "MSAM" (Momentum-SAM, rho 3 as in its paper) and "sparse MSAM s=0.5" (on the mask of "SSAM
 unstructured s=0.5", norm="full") run one pass per step: first_step (perturb along the momentum),
 forward+backward at the perturbed weights, second_step (restore, SGD step). Their opt/fb is
-first_step + second_step over SGD's forward+backward, so "MSAM opt/fb / SGD opt/fb" is the
-optimizer-only work against ``SGD.step``.
+first_step + second_step over SGD's forward+backward; "opt x SGD" is that optimizer-only work
+against ``SGD.step``.
 
     python benchmarks/step_cost.py                       # the issue's full matrix (long on a CPU)
     python benchmarks/step_cost.py --models resnet18:16:32 --rounds 5   # a quick look
@@ -258,7 +259,7 @@ def timed_step(model, opt, x, y, device, cycle: int = 0) -> tuple[float, float, 
         sync(device)
         t2 = time.perf_counter()
         return t2 - t0, t2 - t1, t1 - t0
-    if getattr(opt, "one_pass", False):  # MSAM: perturb, the one pass at w~, restore + base step
+    if not opt.ascends_next():  # MSAM: perturb, the one pass at w~, restore + base step
         opt.zero_grad()
         opt.first_step()
         sync(device)
@@ -339,19 +340,21 @@ def bench_model(spec: str, args, device: torch.device) -> list[str]:
     sam_state = extra_state_mb(runs[1][2])
     rows = [
         f"\n### {name} width={width or 'default'} batch={batch} ({sum(p.numel() for p in proto.parameters()) / 1e6:.2f}M params)\n",
-        "| variant | x SGD | x SAM | opt/fb | state MB | state / SAM | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | x SGD | x SAM | opt/fb | opt x SGD | state MB | state / SAM | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v, model, opt in runs:
         ts = times[v.name]
         x_sgd = statistics.median(ts[i] / times["SGD"][i] for i in range(n))
         x_sam = statistics.median(ts[i] / times["SAM"][i] for i in range(n))
         ofb = statistics.median(opt_t[v.name][i] / fb_t[i] for i in range(n)) if not v.cycle else math.nan
+        osgd = statistics.median(opt_t[v.name][i] / opt_t["SGD"][i] for i in range(n)) if not v.cycle else math.nan
         st = extra_state_mb(opt)
         rel = f"{st / sam_state:.2f}" if sam_state else "-"
         pk = f"{peak[v.name]:.0f}" if v.name in peak else "-"
         ofb_s = "-" if math.isnan(ofb) else f"{ofb:.3f}"
-        rows.append(f"| {v.name} | {x_sgd:.2f} | {x_sam:.2f} | {ofb_s} | {st:.1f} | {rel} | {pk} |")
+        osgd_s = "-" if math.isnan(osgd) else f"{osgd:.2f}"
+        rows.append(f"| {v.name} | {x_sgd:.2f} | {x_sam:.2f} | {ofb_s} | {osgd_s} | {st:.1f} | {rel} | {pk} |")
     return rows
 
 

@@ -81,3 +81,33 @@ def test_unfinished_runs_are_left_out_and_counted(tmp_path):
     (run / "config.json").write_text("{}")  # started, not finished
     c6 = {c.name: c for c in rp.contrasts(rp.load_runs(tmp_path))}["C6"]
     assert c6.diffs == [pytest.approx(2.0)] and c6.mean is None and c6.verdict == "not resolved"
+
+
+def test_msam_study_has_its_own_contrasts_holm_family_and_figures(tmp_path):
+    # MSAM +2 over SGD with little noise (M1 above), sparse MSAM noisy around SGD (M2 unresolved),
+    # MSAM 1 point under SAM with little noise (M3 below); the replication's runs beside them
+    # (here sgd-2x) are not part of this study
+    wobble = [0.0, 0.3, -0.2, 0.1, -0.1, 0.2]
+    noise = [2.5, -2.0, 1.5, -2.5, 2.0, -1.0]
+    for i, seed in enumerate(range(3, 9)):
+        _write(tmp_path, "sgd", seed, 50.0, 780)
+        _write(tmp_path, "sgd-2x", seed, 51.0 + wobble[i], 1560)
+        _write(tmp_path, "sam", seed, 53.0 + wobble[i], 1560)
+        _write(tmp_path, "msam", seed, 52.0 + 0.5 * wobble[i], 780)
+        _write(tmp_path, "smsam-f", seed, 50.0 + noise[i], 786)
+    runs = rp.load_runs(tmp_path)
+    study = rp.STUDIES["msam"]
+    by = {c.name: c for c in rp.contrasts(runs, study)}
+    assert sorted(by) == ["M1", "M2", "M3"]
+    assert by["M1"].verdict == "above" and by["M3"].verdict == "below" and by["M2"].verdict == "not resolved"
+    assert by["M1"].mean == pytest.approx(2.0 + 0.5 * sum(wobble) / 6)
+    # Holm over three contrasts: the smallest p is multiplied by 3
+    assert min(c.p_holm for c in by.values()) == pytest.approx(3 * min(c.p for c in by.values()))
+    text = rp.tables(runs, study)
+    assert "Holm-corrected p over the 3 contrasts" in text
+    assert "| MSAM | 3,4,5,6,7,8 | " in text and "SGD, 2x epochs" not in text
+    assert "| M1 | MSAM − SGD | 6 |" in text
+    pytest.importorskip("matplotlib")
+    paths = rp.figures(runs, tmp_path / "fig", study)
+    assert [p.name for p in paths] == ["msam_contrasts.png", "msam_accuracy.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
