@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from sparsam import SAM
 from sparsam.models import create_model
-from sparsam.optim._sharded import local_numel_bytes
+from sparsam._sharded import local_numel_bytes
 
 MODES = ("ddp", "fsdp2")
 

@@ -1,4 +1,4 @@
-"""The distributed threshold of ``sparsam.masks._distributed`` in one process: R ranks simulated by
+"""The distributed threshold of ``sparsam._sharded`` in one process: R ranks simulated by
 threads whose collectives meet at a barrier, against ``top_positions`` / ``select`` on the whole
 scores (the one-process rule: the k largest, ties to the lower flat position)."""
 
@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from sparsam.masks._distributed import chunk_starts, order_keys, sharded_top
+from sparsam._sharded import chunk_starts, order_keys, sharded_top
 from sparsam.masks.selection import keep_count, top_positions
 
 

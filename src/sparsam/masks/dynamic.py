@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _distributed as _dist
+from .. import _sharded
 from .base import MaskContext, SeededSource, check_sparsity
 from .selection import BUDGETS, select, top_positions
 
@@ -154,7 +154,7 @@ class DynamicMask(SeededSource):
         return super().wants_update(step)
 
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
-        sharded = _dist.sharded_draw(ctx.params, self.generator)  # FSDP2: this rank's rows only
+        sharded = _sharded.sharded_draw(ctx.params, self.generator)  # FSDP2: this rank's rows only
         scores = (
             sharded
             if sharded is not None
@@ -216,7 +216,7 @@ class DynamicMask(SeededSource):
         return absg[index]
 
     def _next(self, ctx: MaskContext, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if any(map(_dist.is_dtensor, ctx.params.values())):
+        if any(map(_sharded.is_sharded, ctx.params.values())):
             if self.counts != "exact":
                 raise ValueError("DynamicMask(counts='nominal') is not supported on parameters sharded by FSDP2")
             return self._next_sharded(ctx, masks)
@@ -259,16 +259,16 @@ class DynamicMask(SeededSource):
 
     def _next_sharded(self, ctx: MaskContext, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``_next`` on parameters sharded by FSDP2: the same drop and grow as one process, chosen
-        with the distributed threshold over this rank's shards (``sparsam.masks._distributed``).
+        with the distributed threshold over this rank's shards (``sparsam._sharded``).
         Random scores are drawn for the whole group in one-process order and each rank keeps the
         numbers of its own candidates; gradients and weights are this rank's shards."""
         names = list(ctx.params)
         params = [ctx.params[n] for n in names]
         for n, p in zip(names, params):
-            if not _dist.is_dtensor(p):
+            if not _sharded.is_sharded(p):
                 raise ValueError(f"DynamicMask got the plain parameter {n!r} next to sharded (FSDP2) ones")
-            _dist.check_layout(p, f"parameter {n!r}")
-        comm = _dist.Comm.of(params[0])
+            _sharded.check_layout(p, f"parameter {n!r}")
+        comm = _sharded.Comm.of(params[0])
         groups = [0] * len(names) if self.budget == "global" else list(range(len(names)))
         n_groups = max(groups) + 1 if groups else 0
         live = [self._local_mask(masks.get(n), p).reshape(-1) for n, p in zip(names, params)]
@@ -281,7 +281,9 @@ class DynamicMask(SeededSource):
         rate = self.drop_rate(ctx.step)
         n_move = [min(round(rate * live_total[g]), numel[g] - live_total[g]) for g in range(n_groups)]
         if not any(k > 0 for k in n_move):
-            return {n: _dist.shard(p.shape, m.reshape(_dist.local(p).shape), p) for n, p, m in zip(names, params, live)}
+            return {
+                n: _sharded.shard_like(m.reshape(_sharded.local(p).shape), p) for n, p, m in zip(names, params, live)
+            }
         grads = [ctx.grads.get(n) for n in names]
         cands = {
             "drop": [torch.nonzero(m).flatten() for m in live],
@@ -301,14 +303,14 @@ class DynamicMask(SeededSource):
                     members, self._sharded_scores(kind, members, params, grads, cands[what], n_cand[what], comm)
                 ):
                     vals[what][i] = v
-        drop = _dist.sharded_top(vals["drop"], groups, n_move, comm, largest=False)  # type: ignore[arg-type]
-        grow = _dist.sharded_top(vals["grow"], groups, n_move, comm, largest=True)  # type: ignore[arg-type]
+        drop = _sharded.sharded_top(vals["drop"], groups, n_move, comm, largest=False)  # type: ignore[arg-type]
+        grow = _sharded.sharded_top(vals["grow"], groups, n_move, comm, largest=True)  # type: ignore[arg-type]
         out = {}
         for i, (n, p) in enumerate(zip(names, params)):
             new = live[i].clone()
             new[cands["drop"][i][drop[i]]] = False
             new[cands["grow"][i][grow[i]]] = True
-            out[n] = _dist.shard(p.shape, new.reshape(_dist.local(p).shape), p)
+            out[n] = _sharded.shard_like(new.reshape(_sharded.local(p).shape), p)
         return out
 
     def _sharded_scores(
@@ -328,22 +330,22 @@ class DynamicMask(SeededSource):
             out, start = [], 0
             for i in members:
                 mine = start + int(n_cand[: comm.rank, i].sum())
-                out.append(drawn[mine : mine + int(n_cand[comm.rank, i])].to(_dist.local(params[i]).device))
+                out.append(drawn[mine : mine + int(n_cand[comm.rank, i])].to(_sharded.local(params[i]).device))
                 start += int(n_cand[:, i].sum())
             return out
         if kind == "weight":
             first = params[members[0]]
             dtype = first.dtype if first.dtype.is_floating_point else torch.float32
-            return [_dist.local(params[i]).reshape(-1).abs().to(dtype)[cands[i]] for i in members]
+            return [_sharded.local(params[i]).reshape(-1).abs().to(dtype)[cands[i]] for i in members]
         gdtype = next((g.dtype for g in (grads[i] for i in members) if g is not None), torch.float32)
         gdtype = gdtype if gdtype.is_floating_point else torch.float32
         out = []
         for i in members:
             g = grads[i]
             absg = (
-                _dist.local(g).reshape(-1).abs().to(gdtype)
+                _sharded.local(g).reshape(-1).abs().to(gdtype)
                 if g is not None
-                else torch.zeros(_dist.local(params[i]).numel(), dtype=gdtype)
+                else torch.zeros(_sharded.local(params[i]).numel(), dtype=gdtype)
             )
             out.append(absg[cands[i]])
         return out
@@ -351,14 +353,14 @@ class DynamicMask(SeededSource):
     @staticmethod
     def _local_mask(m: Tensor | None, p: Tensor) -> Tensor:
         """This rank's part of a mask of ``p``: a sharded mask, one of the full shape or one of the shard's."""
-        shard = _dist.local(p)
+        shard = _sharded.local(p)
         if m is None:
             return torch.zeros(shard.shape, dtype=torch.bool, device=shard.device)
-        if _dist.is_dtensor(m):
-            return _dist.local(m).to(torch.bool)
+        if _sharded.is_sharded(m):
+            return _sharded.local(m).to(torch.bool)
         if m.shape == shard.shape:
             return m.to(shard.device, torch.bool)
-        return _dist.local_part(m, p).to(shard.device, torch.bool)
+        return _sharded.local_part(m, p).to(shard.device, torch.bool)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -375,7 +377,7 @@ class DynamicMask(SeededSource):
         pending = (
             None
             if self._pending is None
-            else {n: m.clone() if _dist.is_dtensor(m) else m.cpu().clone() for n, m in self._pending.items()}
+            else {n: m.clone() if _sharded.is_sharded(m) else m.cpu().clone() for n, m in self._pending.items()}
         )
         return {**super().state_dict(), "pending": pending}
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from ._distributed import Comm, is_dtensor, local, shard
+from .._sharded import Comm, is_sharded, local, shard_like
 from .base import LossFn, MaskContext, SeededSource
 from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
@@ -187,7 +187,7 @@ def fisher_information(
     scored = _resolve_params(model, params)
     if not scored:
         return {}
-    if any(is_dtensor(p) for _, _, p in scored):
+    if any(is_sharded(p) for _, _, p in scored):
         return _sharded_fisher(model, loss_fn, data, n_total, scored, chunk_size, true_fisher, generator, bn_stats)
     device = scored[0][2].device
     inputs, targets = _take_samples(data, n_total, device)
@@ -311,7 +311,7 @@ def _sharded_fisher(
     square is added to the rank's part of ``F``. Per-sample passes are FSDP collectives, so every
     rank makes the same number of them. The ``.grad`` of every parameter is restored afterwards.
     """
-    plain = [out for out, _, p in scored if not is_dtensor(p)]
+    plain = [out for out, _, p in scored if not is_sharded(p)]
     if plain:
         raise ValueError(
             f"fisher_information: parameters {plain[:3]} are plain tensors next to sharded (FSDP2) ones; "
@@ -331,7 +331,7 @@ def _sharded_fisher(
     saved = [p.grad for p in params]
     # Buffers (BatchNorm running statistics) are per rank under FSDP2: every rank computes with
     # rank 0's for the duration of the call, so all ranks take the gradient of the same function.
-    buffers = [b for b in model.buffers() if not is_dtensor(b)]
+    buffers = [b for b in model.buffers() if not is_sharded(b)]
     saved_buffers = [b.detach().clone() for b in buffers]
 
     def labels(x: Tensor) -> Tensor:
@@ -368,7 +368,7 @@ def _sharded_fisher(
         with torch.no_grad():
             for b, v in zip(buffers, saved_buffers):
                 b.copy_(v)
-    return {out: shard(p.shape, acc[mn], p) for out, mn, p in scored}
+    return {out: shard_like(acc[mn], p) for out, mn, p in scored}
 
 
 class FisherMask(PatternOptions, SeededSource):
@@ -474,8 +474,8 @@ class FisherMask(PatternOptions, SeededSource):
     def init(self, ctx: MaskContext) -> dict[str, Tensor]:
         if self.timing == "after-step":  # the authors' all-zero start: step 0 is unperturbed
             return {
-                n: shard(p.shape, torch.zeros(local(p).shape, dtype=torch.bool, device=local(p).device), p)
-                if is_dtensor(p)  # FSDP2: this rank's rows only
+                n: shard_like(torch.zeros(local(p).shape, dtype=torch.bool, device=local(p).device), p)
+                if is_sharded(p)  # FSDP2: this rank's rows only
                 else torch.zeros(p.shape, dtype=torch.bool, device=p.device)
                 for n, p in ctx.params.items()
             }

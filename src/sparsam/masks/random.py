@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _distributed as _dist
+from .. import _sharded
 from .base import MaskContext, SeededSource, check_sparsity
 from .selection import PatternOptions, parse_pattern, resolve_sparsity, select
 
@@ -69,7 +69,7 @@ class RandomMask(PatternOptions, SeededSource):
         if self.sparsity == 1.0:
             return {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in ctx.params.items()}
         sharded = self.pattern == "unstructured" or (self.pattern == "structured" and self.granularity == "channel")
-        scores = _dist.sharded_draw(ctx.params, self.generator) if sharded else None
+        scores = _sharded.sharded_draw(ctx.params, self.generator) if sharded else None
         if scores is not None:  # FSDP2: this rank's scores; select() chooses with the distributed threshold
             return self._select(scores)
         scores = {n: torch.rand(p.shape, generator=self.generator) for n, p in ctx.params.items()}

@@ -44,8 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _distributed as _dist
-from ._distributed import is_dtensor
+from .. import _sharded
 from .base import check_sparsity
 
 PATTERNS = ("unstructured", "structured", "nm")
@@ -386,7 +385,7 @@ def select(
     if one_d is None:
         one_d = "always" if p == "nm" else "rank"
     _check_choice("one_d", one_d, ONE_D_POLICIES)
-    if isinstance(scores, Mapping) and any(map(is_dtensor, scores.values())):
+    if isinstance(scores, Mapping) and any(map(_sharded.is_sharded, scores.values())):
         return _select_sharded(scores, s, p, n, m, granularity, budget, one_d, fill)
     _check_scores(scores)
 
@@ -423,12 +422,12 @@ def _select_sharded(
     choose from the full scores, as DTensors sharded like the scores. See ``docs/scaling.md``."""
     first = None
     for name, t in scores.items():
-        if not is_dtensor(t):
+        if not _sharded.is_sharded(t):
             raise ValueError(
                 f"scores[{name!r}] is a plain tensor next to sharded (DTensor) scores: give every score sharded "
                 "(FSDP2) or none"
             )
-        _dist.check_layout(t, f"scores[{name!r}]")
+        _sharded.check_layout(t, f"scores[{name!r}]")
         if first is None:
             first = t
         elif t.device_mesh != first.device_mesh:
@@ -437,8 +436,8 @@ def _select_sharded(
             raise TypeError(f"scores[{name!r}] is complex; scores must be real")
     if first is None:
         return {}
-    comm = _dist.Comm.of(first)
-    parts = {name: _dist.local(t) for name, t in scores.items()}
+    comm = _sharded.Comm.of(first)
+    parts = {name: _sharded.local(t) for name, t in scores.items()}
     # NaN on any rank's part: every rank raises (a rank alone would leave the others waiting).
     nan = torch.tensor(
         [bool(t.is_floating_point() and torch.isnan(t).any()) for t in parts.values()], dtype=torch.int64
@@ -460,7 +459,7 @@ def _select_sharded(
             groups, ks = [0] * len(ranked), [keep_count(sum(scores[x].numel() for x in ranked), sparsity)]
         else:
             groups, ks = list(range(len(ranked))), [keep_count(scores[x].numel(), sparsity) for x in ranked]
-        keeps = _dist.sharded_top([parts[x].reshape(-1) for x in ranked], groups, ks, comm)
+        keeps = _sharded.sharded_top([parts[x].reshape(-1) for x in ranked], groups, ks, comm)
         chosen = {x: k.reshape(parts[x].shape) for x, k in zip(ranked, keeps)}
     elif pattern == "structured":
         if granularity == "tensor":
@@ -470,7 +469,7 @@ def _select_sharded(
                 "so the chosen tensors could differ; use granularity='channel' (rows lie whole on one rank)"
             )
         local_means = [_unit_means(parts[x], "channel") for x in ranked]
-        full_means, offsets = _dist.gather_vectors(local_means, comm)
+        full_means, offsets = _sharded.gather_vectors(local_means, comm)
         rows = _structured_units(
             dict(zip(ranked, full_means)),
             {x: scores[x].numel() for x in ranked},
@@ -485,7 +484,7 @@ def _select_sharded(
         for x in ranked:
             t = scores[x]
             if t.dim() <= 1:  # one row over the whole vector: its groups must not cross a shard boundary
-                starts = _dist.chunk_starts(t.numel(), comm.world)
+                starts = _sharded.chunk_starts(t.numel(), comm.world)
                 if any(st % m for st in starts):
                     raise ValueError(
                         f"the {n}:{m} pattern on the sharded 1-D tensor {x!r} of length {t.numel()}: its shards start "
@@ -493,10 +492,7 @@ def _select_sharded(
                         f"(the N:M default), or a world size whose shards of it are multiples of {m}"
                     )
             chosen[x] = nm_mask(parts[x], n, m)  # rows (dim 0) lie whole on one rank
-    return {
-        name: _dist.shard(scores[name].shape, fixed[name] if name in fixed else chosen[name], scores[name])
-        for name in scores
-    }
+    return {name: _sharded.shard_like(fixed[name] if name in fixed else chosen[name], scores[name]) for name in scores}
 
 
 class PatternOptions:

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from ..masks.base import LossFn, MaskSource
 from . import _functional as F
-from . import _sharded
+from .. import _sharded
 from . import sam as _sam
 from .sam import SAM, _check_rho
 from .ssam import SSAM
@@ -84,7 +84,7 @@ class MSAM(SAM):
     - **Data parallel (DDP):** the momentum is built from all-reduced gradients, so every rank
       holds the same ``v`` and perturbs identically with no communication; the pass's gradient is
       all-reduced as for SGD. **FSDP2:** the norm runs over the local shards with one all-reduce
-      of a scalar (``sparsam.optim._sharded``), the perturbation on each rank's shard.
+      of a scalar (``sparsam._sharded``), the perturbation on each rank's shard.
     - **Mixed precision:** the momentum is never scaled by a GradScaler, so the perturbation needs
       no unscaling; ``grad_scaler=`` is used for the base step (``scaler.step``: a non-finite
       gradient skips it and leaves ``v`` unchanged). bf16 / fp16 weights: the norm is reduced in

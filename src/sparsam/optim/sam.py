@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from .._checks import check_settings
 from ..bn import no_running_stats
 from . import _functional as F
-from . import _sharded
+from .. import _sharded
 
 _SAM_KEYS = ("rho", "adaptive", "eta")
 STATE_VERSION = 2

@@ -17,7 +17,7 @@ from ..masks.base import LossFn, MaskContext, MaskSource, check_sparsity
 from ..masks.manual import ManualMask
 from ..masks.random import RandomMask
 from .implicit import check_implicit_layers, is_2to4_rows, masked_input_gradients
-from . import _sharded
+from .. import _sharded
 from .sam import SAM
 
 _NORMS = ("full", "masked")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim import _sharded
+from .. import _sharded
 from ..optim.passes import pass_batch, pass_loss
 from ..optim.sam import SAM
 from . import distributed as D
@@ -431,7 +431,7 @@ class _MaskStats:
                             if m is not None
                             else torch.zeros(_sharded.local(p).shape, dtype=torch.bool, device=_sharded.local(p).device)
                         )
-                        whole: Any = _sharded.saved_mask(local, p)
+                        whole: Any = _sharded.shard_like(local, p)
                         m = whole.full_tensor()
                     elif m is None:
                         m = torch.zeros(p.shape, dtype=torch.bool, device=p.device)

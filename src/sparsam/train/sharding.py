@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..optim import _sharded
+from .. import _sharded
 
 
 def shard_model(model: nn.Module, device: torch.device, world_size: int) -> None:
