@@ -102,6 +102,34 @@ def sam_ref(w: torch.Tensor, c_ascent: torch.Tensor, rho: float = RHO, c_descent
     return w - LR * grad(w + e, c_descent)
 
 
+# ---------------------------------------------------------------------------------- the exports
+def test_sparsam_optim_exports_every_optimizer_class_flat():
+    """`from sparsam.optim import X` works for every optimizer class the optim modules define, as
+    `torch.optim` exports its optimizers: a new variant's module cannot be forgotten in `__all__`."""
+    import importlib
+    import pkgutil
+
+    import sparsam.optim
+
+    defined = {}
+    for info in pkgutil.iter_modules(sparsam.optim.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"sparsam.optim.{info.name}")
+        for name, obj in vars(module).items():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, torch.optim.Optimizer)
+                and obj.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
+                defined[name] = obj
+    assert {"SAM", "SSAM", "MSAM", "ESAM", "LookSAM", "ScheduledSAM"} <= defined.keys()  # the walk finds them
+    missing = sorted(set(defined) - set(sparsam.optim.__all__))
+    assert not missing, f"optimizer classes missing from sparsam.optim.__all__: {missing}"
+    assert all(getattr(sparsam.optim, name) is cls for name, cls in defined.items())
+
+
 # ---------------------------------------------------------------------------------- sparse in time
 def test_schedule_every_start_ramp_matches_closed_form():
     total = 12
