@@ -31,6 +31,7 @@ from sparsam.data import (
     random_crop,
     random_flip,
     random_subset,
+    subset_indices,
     to_device_batch,
 )
 from sparsam.data import cifar as cifar_mod
@@ -89,6 +90,22 @@ def test_random_subset():
         random_subset(ds, 41)
     with pytest.raises(ValueError, match="'even'"):
         random_subset(ds, 4, mode="even")
+
+
+def test_subset_indices_draws_the_samples_runs_have_drawn():
+    """The exact subsets of a fixed (labels, n, mode, seed): a run's --train-subset/--test-subset
+    samples (and random_subset's) must not change from one version to the next."""
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 0, 0, 2, 1, 0, 0, 0])  # 9, 5 and 4 per class
+    assert subset_indices(labels, 7, mode="balanced", seed=0).tolist() == [1, 5, 7, 8, 11, 13, 15]
+    assert subset_indices(labels, 13, mode="balanced", seed=1).tolist() == [0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 13, 14, 16]
+    assert subset_indices(labels, 5, mode="random", seed=2).tolist() == [2, 6, 7, 10, 16]
+    # 16 = 6 + 5 + 5 with class 2 holding 4: its shortfall comes from the other classes' rest ...
+    filled = subset_indices(labels, 16, mode="balanced", seed=3)
+    assert filled.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 16, 17]
+    # ... or is an error without fill_short (random_subset's rule).
+    with pytest.raises(ValueError, match="class 2, which has 4"):
+        subset_indices(labels, 16, mode="balanced", seed=3, fill_short=False)
+    assert len(subset_indices(labels, 0)) == 0
 
 
 # ================================================================= digits

@@ -22,7 +22,7 @@ The Models and data guide has the details.
 
 from .augment import Augment, cifar_augment, cutout, random_crop, random_flip
 from .cifar import DatasetNotFoundError
-from .dataset import ArrayDataset, DatasetSplits, channel_stats, random_subset
+from .dataset import ArrayDataset, DatasetSplits, channel_stats, random_subset, subset_indices
 from .device_loader import DeviceLoader, make_loaders, to_device_batch
 from .image_folder import DamagedImageError, default_cache_dir, folder_image_size
 from .sources import DATASET_NAMES, load_dataset
@@ -51,5 +51,6 @@ __all__ = [
     "random_crop",
     "random_flip",
     "random_subset",
+    "subset_indices",
     "to_device_batch",
 ]

@@ -118,34 +118,64 @@ def channel_stats(images: Tensor, *, chunk: int = 4096) -> tuple[list[float], li
     return (mean / 255.0).tolist(), (var.sqrt() / 255.0).tolist()
 
 
+def subset_indices(
+    labels: Sequence[int] | np.ndarray, n: int, *, mode: str = "balanced", seed: int = 0, fill_short: bool = True
+) -> np.ndarray:
+    """Sorted indices of a seeded ``n``-element subset of a dataset with these ``labels``: the one rule
+    behind [`random_subset`][sparsam.data.random_subset] and ``sparsam train --train-subset/--test-subset``.
+
+    ``mode="random"``: ``n`` indices uniformly without replacement.
+    ``mode="balanced"``: ``n // C`` of each of the C classes present, one more for the first ``n % C``
+    classes of a seeded class order. A class with fewer samples than its share gives all it has; with
+    ``fill_short`` the shortfall is drawn at random from the other classes' remaining samples,
+    without it the subset is a ValueError.
+    Draws come from ``numpy.random.default_rng(seed)``, so a subset depends only on
+    (labels, n, mode, seed).
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if not 0 <= n <= total:
+        raise ValueError(f"subset size must be in [0, {total}], got {n}")
+    if mode not in ("balanced", "random"):
+        raise ValueError(f"subset mode must be 'balanced' or 'random', got {mode!r}")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        return np.sort(rng.permutation(total)[:n])
+    classes = np.unique(labels)
+    quota = np.full(len(classes), n // len(classes))
+    quota[rng.permutation(len(classes))[: n % len(classes)]] += 1
+    chosen: list[np.ndarray] = []
+    rest: list[np.ndarray] = []
+    for c, q in zip(classes, quota):
+        idx = np.flatnonzero(labels == c)
+        if q > len(idx) and not fill_short:
+            raise ValueError(f"balanced subset of {n} needs {q} samples of class {c}, which has {len(idx)}")
+        idx = idx[rng.permutation(len(idx))]
+        chosen.append(idx[:q])
+        rest.append(idx[q:])
+    picked = np.concatenate(chosen)
+    short = n - len(picked)
+    if short > 0:
+        pool = np.concatenate(rest)
+        picked = np.concatenate([picked, pool[rng.permutation(len(pool))[:short]]])
+    return np.sort(picked)
+
+
 def random_subset(dataset: ArrayDataset, n: int, *, mode: str = "balanced", seed: int = 0) -> ArrayDataset:
-    """A seeded subset of ``n`` samples, kept in dataset order.
+    """A seeded subset of ``n`` samples, kept in dataset order: the samples
+    [`subset_indices`][sparsam.data.subset_indices] picks, with a class that has too few samples
+    for its share of a balanced subset a ValueError (``fill_short=False``).
 
     ``mode="random"``: ``n`` samples uniformly without replacement.
     ``mode="balanced"``: ``n // C`` samples of each of the C classes present, and one more for
-    ``n % C`` classes chosen at random; a class with too few samples is a ValueError.
-    Draws come from ``numpy.random.default_rng(seed)``, so a subset depends only on (labels, n, mode, seed).
+    ``n % C`` classes chosen at random.
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(dataset):
         raise ValueError(f"subset size must be an int in [1, {len(dataset)}], got {n!r}")
-    if mode not in ("balanced", "random"):
-        raise ValueError(f"subset mode must be 'balanced' or 'random', got {mode!r}")
-    rng = np.random.default_rng(seed)
-    labels = dataset.labels.cpu().numpy()
-    if mode == "random":
-        keep = rng.choice(len(labels), size=n, replace=False)
-    else:
-        classes = np.unique(labels)
-        quota = np.full(len(classes), n // len(classes))
-        quota[rng.permutation(len(classes))[: n % len(classes)]] += 1
-        parts = []
-        for c, q in zip(classes, quota):
-            idx = np.flatnonzero(labels == c)
-            if q > len(idx):
-                raise ValueError(f"balanced subset of {n} needs {q} samples of class {c}, which has {len(idx)}")
-            parts.append(rng.choice(idx, size=q, replace=False))
-        keep = np.concatenate(parts)
-    return dataset.subset(torch.from_numpy(np.sort(keep)))
+    keep = subset_indices(dataset.labels.cpu().numpy(), n, mode=mode, seed=seed, fill_short=False)
+    return dataset.subset(torch.from_numpy(keep))
 
 
 def take_per_class(labels: Sequence[int] | Tensor, max_per_class: int | None) -> list[int]:
