@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +43,8 @@ def test_step_calls_the_closure_once_per_pass_and_names_the_pass():
         opt.current_pass = "descent"  # read-only
 
 
-def test_one_pass_step_equals_a_plain_base_step():
-    """_one_pass_step (what a schedule runs on its off-steps) is the base optimizer's step on the
+def test_plain_step_equals_a_plain_base_step():
+    """_plain_step (what a schedule runs on its off-steps) is the base optimizer's step on the
     gradient at w: compared with plain SGD on the same model."""
     net, x, y = _net_and_batch()
     ref = nn.Linear(4, 3)
@@ -56,7 +58,7 @@ def test_one_pass_step_equals_a_plain_base_step():
         nn.functional.cross_entropy(net(x), y).backward()
 
     for _ in range(3):
-        opt._one_pass_step(closure)
+        opt._plain_step(closure)
         opt.zero_grad()
         nn.functional.cross_entropy(ref(x), y).backward()
         sgd.step()
@@ -64,6 +66,18 @@ def test_one_pass_step_equals_a_plain_base_step():
     assert passes == [None, None, None]
     for p, q in zip(net.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_design_pages_variant_counts_compute_as_the_schedule_does():
+    """docs/design.md's EveryOtherStepSAM (its code, run here) equals ScheduledSAM(every=2): the same
+    passes and weights, and compute 6.0 after 2 SAM + 2 plain steps (its plain steps count)."""
+    text = (Path(__file__).parent.parent / "docs" / "design.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class EveryOtherStepSAM" in b)
+    namespace: dict = {}
+    exec(compile(block, "docs/design.md", "exec"), namespace)
+    variant, schedule = namespace["opts"]
+    assert type(schedule).__name__ == "ScheduledSAM" and schedule.schedule.every == 2
+    assert variant.compute == schedule.compute == 6.0
 
 
 class EveryOtherStepSAM(SAM):
@@ -80,7 +94,7 @@ class EveryOtherStepSAM(SAM):
             return closure()
 
         if self._t % 2:
-            return self._one_pass_step(recording, grad_scaler=grad_scaler, before_base_step=before_base_step)
+            return self._plain_step(recording, grad_scaler=grad_scaler, before_base_step=before_base_step)
         return super().step(recording, grad_scaler=grad_scaler, before_base_step=before_base_step, base_step=base_step)
 
 
@@ -127,7 +141,7 @@ def test_one_implementation_of_the_contract_serves_the_engine_and_the_integratio
     import sparsam.integrations as integrations
     from sparsam.optim import passes
     from sparsam.train import engine
-    from sparsam.train.build import PlainStep
+    from sparsam.optim.plain import PlainStep
 
     for name in ("pass_batch", "pass_loss", "unwrap_optimizer"):
         assert getattr(integrations, name) is getattr(passes, name)

@@ -22,15 +22,11 @@ framework), so every variant runs in every framework from the same code.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any
-
 from torch import Tensor
 
 from ..optim.passes import _batch_size as _batch_size
 from ..optim.passes import _take as _take
 from ..optim.passes import pass_batch, pass_loss, unwrap_optimizer
-from ..optim.sam import SAM
 
 __all__ = ["pass_batch", "pass_loss", "unwrap_optimizer"]
 
@@ -39,32 +35,7 @@ __all__ = ["pass_batch", "pass_loss", "unwrap_optimizer"]
 # imported for accelerate.py. What follows is the integrations' own part of the contract.
 
 
-# ---------------------------------------------------------------------------------- the closure contract
-def _selects_samples(optimizer: Any) -> bool:
-    """Does the optimizer choose the samples of its descent pass from per-sample losses (ESAM
-    with ``gamma < 1``)? Then the closure must report per-sample losses."""
-    return float(getattr(unwrap_optimizer(optimizer), "gamma", 1.0)) < 1.0
-
-
-def _ascends_next(sam: SAM) -> bool:
-    """Will the optimizer's next ``step`` run the ascent? False on the steps a schedule
-    (``ScheduledSAM``, LookSAM, ESAM: ``schedule.ascent_at``) runs as one plain pass, and on every
-    step of a one-pass optimizer (``one_pass``: MSAM, whose one pass runs at perturbed weights)."""
-    if getattr(sam, "one_pass", False):
-        return False
-    schedule = getattr(sam, "schedule", None)
-    steps = getattr(sam, "steps", None)
-    return schedule is None or not isinstance(steps, int) or bool(schedule.ascent_at(steps))
-
-
-def _single_pass(sam: SAM) -> Any:
-    """The context of a micro-batch before the window's last on a step without ascent: the
-    weights a one-pass optimizer takes its gradient at (MSAM's ``perturbation``: ``w~``, restored
-    on exit), or nothing (a schedule's plain step: ``w``)."""
-    perturbation = getattr(sam, "perturbation", None)
-    return perturbation() if getattr(sam, "one_pass", False) and callable(perturbation) else nullcontext()
-
-
+# ---------------------------------------------------------------------------------- accumulation windows
 def _sum_for_selection(losses: Tensor, selected: int, micro_batches: int) -> Tensor:
     """A micro-batch's share of the mean over ESAM's selected samples: ``Σ losses · m / K`` for
     ``selected`` = K samples spread over ``micro_batches`` = m micro-batches (a caller that divides

@@ -50,16 +50,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import (
-    _ascends_next,
-    _batch_size,
-    _single_pass,
-    _split_index,
-    _sum_for_selection,
-    _take,
-    pass_loss,
-    unwrap_optimizer,
-)
+from ..optim.passes import DESCENT, MEASURE
+from . import _batch_size, _split_index, _sum_for_selection, _take, pass_loss, unwrap_optimizer
 
 __all__ = ["SAMStep"]
 
@@ -194,7 +186,7 @@ class SAMStep:
             # Not the window's last micro-batch: its ascent pass now (the gradient accumulates), or
             # its plain pass if a schedule makes this step one without ascent.
             # (MSAM: its one pass, at the perturbed weights of the step, restored after the micro-batch.)
-            with sam.ascent_pass() if _ascends_next(sam) else _single_pass(sam):
+            with sam.accumulation_pass():
                 out = _call(compute_loss, args, kwargs, n, None, sam.batch_fraction)
                 if out.dim() == 1:  # per-sample losses at w: ESAM compares them with those at w + e
                     self._held.append(out.detach())
@@ -207,11 +199,11 @@ class SAMStep:
 
         def closure() -> Tensor | None:
             kind = sam.current_pass
-            if kind == "measure":  # ESAM: forward only at w + e (under no_grad), every micro-batch
+            if kind == MEASURE:  # ESAM: forward only at w + e (under no_grad), every micro-batch
                 for fn, a, kw, size in window:
                     pass_loss(sam, _call(fn, a, kw, size, None, 1.0))
                 return None
-            if kind != "descent":  # the window's last micro-batch at w
+            if kind != DESCENT:  # the window's last micro-batch at w
                 if sam.wants_sample_losses:
                     for h in held:
                         sam.record_sample_losses(h)

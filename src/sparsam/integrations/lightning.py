@@ -92,7 +92,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..masks.base import LossFn
-from ..optim.sam import SAM
+from ..optim.sam import ASCENT, DESCENT, MEASURE, SAM
 from ..optim.ssam import SSAM
 
 __all__ = ["SAMCallback", "in_descent_pass"]
@@ -306,7 +306,7 @@ def _sam_step(
     scaler = _enabled_scaler(plugin)
 
     def pass_closure() -> Any:
-        if sam.current_pass == "measure":  # ESAM: forward only at w + e (under no_grad), no backward
+        if sam.current_pass == MEASURE:  # ESAM: forward only at w + e (under no_grad), no backward
             step_fn = getattr(closure, "_step_fn", None)  # automatic optimization: training_step alone
             if step_fn is None and model.automatic_optimization:
                 raise RuntimeError(
@@ -319,7 +319,7 @@ def _sam_step(
                     return closure()
                 step_fn()  # training_step records its per-sample losses through pass_loss
             return None
-        if sam.current_pass == "descent":  # at w + e: pass 1's logs and result are the ones kept
+        if sam.current_pass == DESCENT:  # at w + e: pass 1's logs and result are the ones kept
             with _descent(model, quiet=not log_descent), _keep_closure_result(closure):
                 return closure()
         with _ascent_sync(sam, trainer.strategy):
@@ -409,7 +409,7 @@ def _check_accumulation(trainer: pl.Trainer, module: pl.LightningModule) -> None
 def _ascent_sync(sam: SAM, strategy: Any) -> Any:
     # ascent="local": each data-parallel rank perturbs with its own gradient, so pass 1 skips the
     # gradient all-reduce (DDP's no_sync, which Lightning exposes as block_backward_sync).
-    if sam.current_pass == "ascent" and sam.ascent == "local" and hasattr(strategy, "block_backward_sync"):
+    if sam.current_pass == ASCENT and sam.ascent == "local" and hasattr(strategy, "block_backward_sync"):
         return strategy.block_backward_sync()
     return nullcontext()
 

@@ -69,7 +69,6 @@ from torch.optim import Optimizer
 from transformers import Trainer
 
 from ..optim.sam import SAM
-from . import _selects_samples
 from .accelerate import SAMStep
 
 __all__ = ["SPARSAM_STATE_NAME", "SAMTrainer"]
@@ -139,9 +138,9 @@ class SAMTrainer(Trainer):
                 f"the SAM optimizer has max_grad_norm={sam.max_grad_norm!r}; under the Trainer clip with "
                 "TrainingArguments(max_grad_norm=...) instead (it clips the descent gradient before the base step)"
             )
-        if _selects_samples(sam) and self._sample_loss is None:
+        if sam.selects_samples and self._sample_loss is None:
             raise ValueError(
-                f"{type(sam).__name__}(gamma={getattr(sam, 'gamma', '?')}) runs pass 2 on the samples whose loss rose "
+                f"{sam!r} runs pass 2 on the samples whose loss rose "
                 "most, so it needs one loss per sample: pass SAMTrainer(sample_loss=lambda outputs, inputs: "
                 "F.cross_entropy(outputs.logits, inputs['labels'], reduction='none')) or the equivalent for your model"
             )
@@ -224,7 +223,7 @@ class SAMTrainer(Trainer):
         """The loss the Trainer's own ``training_step`` backpropagates for this micro-batch; with
         data selection, the micro-batch's per-sample losses (``sample_loss``) scaled so that their
         mean over the window is the window's mean (``SAMStep`` selects and reduces them)."""
-        if self._sample_loss is not None and self.sam_optimizer is not None and _selects_samples(self.sam_optimizer):
+        if self._sample_loss is not None and self.sam_optimizer is not None and self.sam_optimizer.selects_samples:
             with self.compute_loss_context_manager():
                 _, outputs = self.compute_loss(
                     model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..bn import no_running_stats
 from ..masks.base import MaskSource
 from ..masks.stochastic import StochasticMask
+from .sam import ASCENT, DESCENT, MEASURE, PassKind
 from .schedule import ScheduledSSAM
 from .ssam import _DENSE, _SKIP
 
@@ -122,11 +123,16 @@ class ESAM(ScheduledSSAM):
     # ------------------------------------------------------------------ the contract
     @property
     def batch_index(self) -> Tensor | None:
-        return self._index if self.current_pass == "descent" else None
+        return self._index if self.current_pass == DESCENT else None
 
     @property
     def wants_sample_losses(self) -> bool:
         return self._recording
+
+    @property
+    def selects_samples(self) -> bool:
+        """True with ``gamma < 1``: pass 2 runs on the samples whose loss rose most."""
+        return self.gamma < 1.0
 
     def record_sample_losses(self, losses: Tensor) -> None:
         if not self._recording:
@@ -138,8 +144,8 @@ class ESAM(ScheduledSSAM):
             )
         self._losses.append(losses.detach().float())
 
-    def _pass_cost(self, kind: str) -> float:
-        return self._descent_cost if kind == "descent" else super()._pass_cost(kind)
+    def _pass_cost(self, kind: PassKind) -> float:
+        return self._descent_cost if kind == DESCENT else super()._pass_cost(kind)
 
     @contextmanager
     def _record(self) -> Iterator[None]:
@@ -204,12 +210,12 @@ class ESAM(ScheduledSSAM):
         with_grad = torch.enable_grad()(closure)
         with self.ascent_pass(), self._record():
             loss = with_grad()
-        before = self._take_losses("ascent")
+        before = self._take_losses(ASCENT)
         self.first_step(zero_grad=True, grad_scaler=kwargs["grad_scaler"])
         try:
-            with torch.no_grad(), no_running_stats(self.model), self._in_pass("measure"), self._record():
+            with torch.no_grad(), no_running_stats(self.model), self._in_pass(MEASURE), self._record():
                 closure()  # forward only, at w + e
-            after = self._take_losses("measure")
+            after = self._take_losses(MEASURE)
             if after.shape != before.shape:
                 raise RuntimeError(
                     f"the closure recorded {before.numel()} per-sample losses at w and {after.numel()} at w + e: "

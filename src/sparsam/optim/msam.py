@@ -8,7 +8,7 @@ pseudocode; facts about the authors' release (github.com/MarlonBecker/MSAM) are 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from ..masks.base import LossFn, MaskSource
 from . import _functional as F
 from .. import _sharded
 from . import sam as _sam
-from .sam import SAM, _check_rho
+from .sam import ASCENT, SAM, _check_rho
 from .ssam import SSAM
 
 #: the version of the ``"sparsam"`` entry of MSAM's ``state_dict()`` (SAM's); others are refused on load
@@ -130,9 +130,6 @@ class MSAM(SAM):
     ```
     """
 
-    #: the step runs one pass, at the perturbed weights: framework helpers run no ascent pass
-    one_pass = True
-
     def __init__(
         self,
         params_or_optimizer: Any,
@@ -167,7 +164,16 @@ class MSAM(SAM):
 
     # ------------------------------------------------------------------ the contract
     def _pass_cost(self, kind: str) -> float:
-        return 0.0 if kind == "ascent" else 1.0
+        return 0.0 if kind == ASCENT else 1.0
+
+    def ascends_next(self) -> bool:
+        """Never: MSAM's one pass runs at the perturbed weights ``w~``, with no ascent pass."""
+        return False
+
+    def accumulation_pass(self) -> AbstractContextManager[None]:
+        """A micro-batch run ahead of [`step`][sparsam.optim.msam.MSAM.step] takes its gradient at
+        the step's ``w~``: [`perturbation`][sparsam.optim.msam.MSAM.perturbation]."""
+        return self.perturbation()
 
     @contextmanager
     def ascent_pass(self) -> Iterator[None]:
@@ -256,7 +262,7 @@ class MSAM(SAM):
         self._exchanged = exchanged
         torch.clear_autocast_cache()  # casts of w cached by an enclosing autocast region (see SAM.first_step)
         self._in_perturbation = True
-        self._compute += self._pass_cost("ascent")
+        self._compute += self._pass_cost(ASCENT)
         if zero_grad:
             self.zero_grad()
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from .sam import SAM
+from .sam import ASCENT, DESCENT, MEASURE, SAM, PassKind
 
-__all__ = ["PassContract", "pass_batch", "pass_loss", "unwrap_optimizer"]
+__all__ = ["ASCENT", "DESCENT", "MEASURE", "PassContract", "PassKind", "pass_batch", "pass_loss", "unwrap_optimizer"]
 
 # Attribute under which each framework's optimizer wrapper keeps the wrapped optimizer:
 # Accelerate's AcceleratedOptimizer (.optimizer), Lightning's LightningOptimizer (._optimizer).
@@ -31,7 +32,7 @@ class PassContract(Protocol):
     subclasses, and the plain optimizer of ``sparsam train`` (``--opt sgd``), which runs one pass."""
 
     @property
-    def current_pass(self) -> str | None: ...
+    def current_pass(self) -> PassKind | None: ...
 
     @property
     def batch_fraction(self) -> float: ...
@@ -42,7 +43,14 @@ class PassContract(Protocol):
     @property
     def wants_sample_losses(self) -> bool: ...
 
+    @property
+    def selects_samples(self) -> bool: ...
+
     def record_sample_losses(self, losses: Tensor) -> None: ...
+
+    def ascends_next(self) -> bool: ...
+
+    def accumulation_pass(self) -> AbstractContextManager[None]: ...
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -171,7 +179,7 @@ def pass_loss(optimizer: Any, losses: Tensor) -> Tensor:
     if losses.dim() == 0:
         if sam.wants_sample_losses:
             raise RuntimeError(
-                f"{type(sam).__name__}(gamma={getattr(sam, 'gamma', '?')}) selects samples by their losses, but the "
+                f"{sam!r} selects samples by their losses, but the "
                 "loss is already reduced to one number: compute it with reduction='none' (one loss per sample)"
             )
         return losses

@@ -6,8 +6,8 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from typing import Any, ClassVar, cast
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, ClassVar, Final, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,18 @@ from .._checks import check_settings
 from ..bn import no_running_stats
 from . import _functional as F
 from .. import _sharded
+from .plain import base_step as base_step_kernel
+from .plain import plain_step
 
+PassKind = Literal["ascent", "descent", "measure"]
+"""The passes of a step, as [`current_pass`][sparsam.SAM.current_pass] names them (``None``: a
+plain pass, or no pass running)."""
+ASCENT: Final = "ascent"
+"""Pass 1 of a SAM step, at ``w``: its gradient decides the perturbation."""
+DESCENT: Final = "descent"
+"""Pass 2 of a SAM step, at ``w + e``: its gradient is the one the base optimizer steps on."""
+MEASURE: Final = "measure"
+"""ESAM's forward-only pass at ``w + e`` (under ``torch.no_grad()``): per-sample losses, no backward."""
 _SAM_KEYS = ("rho", "adaptive", "eta")
 STATE_VERSION = 2
 """Version of the ``"sparsam"`` entry of the optimizers' state dicts, checked on load. Version 2
@@ -303,7 +314,7 @@ class SAM(Optimizer):
     def _after_step(self) -> None:
         """Called at the end of [`second_step`][sparsam.SAM.second_step]."""
 
-    def _pass_cost(self, kind: str) -> float:
+    def _pass_cost(self, kind: PassKind) -> float:
         """What the pass before [`first_step`][sparsam.SAM.first_step] (``kind="ascent"``) or
         [`second_step`][sparsam.SAM.second_step] (``"descent"``) cost, in forward+backward passes
         over the whole batch: 1.0 for SAM; a variant whose pass uses part of the batch returns less."""
@@ -319,10 +330,10 @@ class SAM(Optimizer):
         return self._compute
 
     # ------------------------------------------------------------------ the two passes
-    _current_pass: str | None = None
+    _current_pass: PassKind | None = None
 
     @property
-    def current_pass(self) -> str | None:
+    def current_pass(self) -> PassKind | None:
         """Which pass runs now: ``"ascent"`` inside [`ascent_pass`][sparsam.SAM.ascent_pass] (at
         ``w``), ``"descent"`` inside [`descent_pass`][sparsam.SAM.descent_pass] (at ``w + e``),
         ``None`` otherwise, which includes a step that runs one plain pass. Read-only. ESAM adds
@@ -359,8 +370,32 @@ class SAM(Optimizer):
         """Receive the per-sample losses of the current pass (a 1-D tensor, one per sample, in the
         batch's order). SAM ignores them; see [`wants_sample_losses`][sparsam.SAM.wants_sample_losses]."""
 
+    @property
+    def selects_samples(self) -> bool:
+        """True when the optimizer chooses the samples of its descent pass from per-sample losses
+        (ESAM with ``gamma < 1``): a closure must then be able to give one loss per sample. Always
+        False for SAM."""
+        return False
+
+    def ascends_next(self) -> bool:
+        """Will the next [`step`][sparsam.SAM.step] run the ascent pass? True for SAM; a variant
+        answers False for the steps it takes as one plain pass (a schedule's off-steps) or when it
+        has no ascent pass at all (MSAM). A framework that runs an accumulation window's early
+        micro-batches ahead of ``step`` asks it (see
+        [`accumulation_pass`][sparsam.SAM.accumulation_pass])."""
+        return True
+
+    def accumulation_pass(self) -> AbstractContextManager[None]:
+        """The context of a micro-batch that an accumulation window runs ahead of
+        [`step`][sparsam.SAM.step] (the window's last micro-batch goes through ``step``, the
+        earlier ones only accumulate their gradient): [`ascent_pass`][sparsam.SAM.ascent_pass] when
+        the next step ascends, otherwise the weights of the step's one pass: ``w`` as they are for
+        a plain step (nothing to do); a variant whose one pass runs elsewhere overrides it (MSAM:
+        its perturbed weights)."""
+        return self.ascent_pass() if self.ascends_next() else nullcontext()
+
     @contextmanager
-    def _in_pass(self, name: str | None) -> Iterator[None]:
+    def _in_pass(self, name: PassKind | None) -> Iterator[None]:
         previous, self._current_pass = self._current_pass, name
         try:
             yield
@@ -376,14 +411,14 @@ class SAM(Optimizer):
         """
         model: Any = self.model
         ctx = model.no_sync() if self.ascent == "local" and hasattr(model, "no_sync") else nullcontext()
-        with ctx, self._in_pass("ascent"):
+        with ctx, self._in_pass(ASCENT):
             yield
 
     @contextmanager
     def descent_pass(self) -> Iterator[None]:
         """Context for pass 2 (forward + backward at ``w + e``); sets ``current_pass = "descent"``.
         BatchNorm running statistics are not updated (they come from the clean pass only). Needs ``model=``."""
-        with no_running_stats(self.model), self._in_pass("descent"):
+        with no_running_stats(self.model), self._in_pass(DESCENT):
             yield
 
     @torch.no_grad()
@@ -461,7 +496,7 @@ class SAM(Optimizer):
         # (keyed by the parameter, not its values) still holds w's, so pass 2 would run at w.
         torch.clear_autocast_cache()
         self._in_perturbation = True
-        self._compute += self._pass_cost("ascent")
+        self._compute += self._pass_cost(ASCENT)
         if zero_grad:
             self.zero_grad()
 
@@ -529,7 +564,7 @@ class SAM(Optimizer):
         if base_step:
             self._base_step(scaler, before_base_step)
         self._after_step()
-        self._compute += self._pass_cost("descent")
+        self._compute += self._pass_cost(DESCENT)
         # An LR scheduler built on this optimizer patches step() to record that the optimizer has
         # stepped; the two-step API never calls step(), so record it here, or the scheduler warns
         # that lr_scheduler.step() came first.
@@ -582,30 +617,37 @@ class SAM(Optimizer):
 
     def _base_step(self, scaler: Any, before_base_step: Callable[[], Any] | None = None) -> None:
         """[unscale →] [clip →] [hook →] the base optimizer's step (through ``scaler`` if given)."""
-        if scaler is not None and (self.max_grad_norm is not None or before_base_step is not None):
-            scaler.unscale_(self.base_optimizer)
-        if self.max_grad_norm is not None:
-            self._clip()
-        if before_base_step is not None:
-            before_base_step()
-        if scaler is not None:
-            scaler.step(self.base_optimizer)
-        else:
-            self.base_optimizer.step()
+        base_step_kernel(
+            self.base_optimizer,
+            self.param_groups,
+            scaler=scaler,
+            max_grad_norm=self.max_grad_norm,
+            foreach=self.foreach is not False,
+            before_base_step=before_base_step,
+        )
 
-    def _one_pass_step(
-        self, closure: Callable[[], Any], *, grad_scaler: Any = None, before_base_step: Callable[[], Any] | None = None
+    def _plain_step(
+        self,
+        closure: Callable[[], Any],
+        *,
+        grad_scaler: Any = None,
+        before_base_step: Callable[[], Any] | None = None,
+        base_step: bool = True,
     ) -> Any:
-        """A step without perturbation, for variants that skip the ascent on some steps: the closure
-        once at ``w`` (``current_pass`` is ``None``: a clean pass whose gradient is all-reduced),
-        then [unscale, clip, hook and] the base step. Returns the closure's result."""
-        with torch.enable_grad():
-            loss = closure()
-        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
-        with torch.no_grad():
-            self._base_step(scaler, before_base_step)
+        """A step without perturbation, for variants that skip the ascent on some steps: the
+        [plain step][sparsam.optim.plain.plain_step] (the closure once at ``w`` with
+        ``current_pass`` ``None``, one pass added to [`compute`][sparsam.SAM.compute], the
+        ``_after_plain_pass`` hook, then [unscale, clip, hook and] the base step). Returns the
+        closure's result."""
+        loss = plain_step(
+            self, closure, grad_scaler=grad_scaler, before_base_step=before_base_step, base_step=base_step
+        )
         self._opt_called = True
         return loss
+
+    def _after_plain_pass(self) -> None:
+        """Called in [`_plain_step`][sparsam.optim.plain.plain_step] after the closure, before the
+        base step (LookSAM adds its stored component to the gradient here)."""
 
     @torch.no_grad()
     def restore(self) -> bool:
@@ -722,11 +764,6 @@ class SAM(Optimizer):
                     torch.where(found_inf.to(g.device) > 0, torch.tensor(math.inf, device=g.device), 0.0).to(g.dtype)
                 )
                 return
-
-    def _clip(self) -> None:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, cast(float, self.max_grad_norm), foreach=self.foreach is not False)
 
     # ------------------------------------------------------------------ checkpoints
     # The keys of the "sparsam" entry that each class adds (the union over the class's MRO is what

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import check_settings
-from .sam import SAM
+from .sam import ASCENT, SAM, PassKind
 from .ssam import SSAM
 
 
@@ -167,15 +167,19 @@ class ScheduledSAM(SAM):
     # ------------------------------------------------------------------ the contract
     @property
     def batch_fraction(self) -> float:
-        return self.ascent_fraction if self.current_pass == "ascent" else 1.0
+        return self.ascent_fraction if self.current_pass == ASCENT else 1.0
 
-    def _pass_cost(self, kind: str) -> float:
-        return self.ascent_fraction if kind == "ascent" else 1.0
+    def _pass_cost(self, kind: PassKind) -> float:
+        return self.ascent_fraction if kind == ASCENT else 1.0
 
     @property
     def steps(self) -> int:
         """Steps taken through [`step`][sparsam.SAM.step] (the schedule's clock)."""
         return self._t
+
+    def ascends_next(self) -> bool:
+        """Does the next [`step`][sparsam.SAM.step] run the ascent (is it the schedule's turn)?"""
+        return self.schedule.ascent_at(self._t)
 
     # ------------------------------------------------------------------ the step
     def step(
@@ -201,25 +205,6 @@ class ScheduledSAM(SAM):
     def _sam_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         """A perturbing step (SAM's sequence; LookSAM and ESAM override it)."""
         return SAM.step(self, closure, **kwargs)
-
-    def _plain_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        """A step without ascent: the closure once at ``w``, then the base step."""
-        with torch.enable_grad():
-            loss = closure()
-        self._compute += 1.0
-        self._after_plain_pass()
-        self._finish_plain_step(kwargs["grad_scaler"], kwargs["before_base_step"], kwargs["base_step"])
-        return loss
-
-    def _after_plain_pass(self) -> None:
-        """Called after the closure of a plain step, before the base step (LookSAM adds its g_v)."""
-
-    @torch.no_grad()
-    def _finish_plain_step(self, grad_scaler: Any, before_base_step: Callable[[], Any] | None, base_step: bool) -> None:
-        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
-        if base_step:
-            self._base_step(scaler, before_base_step)
-        self._opt_called = True
 
     @contextmanager
     def _rho_scaled(self, factor: float) -> Iterator[None]:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 
 from . import methods
@@ -59,44 +59,6 @@ def build_optimizer(
         total_steps=total_steps,
     )
     return methods.build_optimizer(ctx), base
-
-
-class PlainStep:
-    """A plain optimizer (``--opt sgd``) driven like SAM, so the engine makes one call for every method.
-
-    ``step(closure, grad_scaler=...)`` calls the closure once (``current_pass`` is ``None``: a clean
-    pass whose gradient is all-reduced), then [unscales and] clips to ``max_grad_norm`` if set, and
-    steps the optimizer through the GradScaler (which skips the step on an overflow).
-    Its closure contract (``sparsam.optim.passes.PassContract``) is SAM's for a plain pass: the
-    whole batch, no per-sample losses.
-    """
-
-    current_pass: str | None = None
-    batch_fraction: float = 1.0
-    batch_index: Tensor | None = None
-    wants_sample_losses: bool = False
-
-    def __init__(self, optimizer: Optimizer, *, max_grad_norm: float | None = None) -> None:
-        # Not ``self.optimizer``: the pass helpers unwrap a framework's wrapper by that attribute.
-        self.base_optimizer = optimizer
-        self.max_grad_norm = max_grad_norm
-
-    def record_sample_losses(self, losses: Tensor) -> None:
-        """Ignored, as by SAM: a plain pass selects no samples."""
-
-    def step(self, closure: Any, *, grad_scaler: Any = None) -> Any:
-        with torch.enable_grad():
-            loss = closure()
-        if self.max_grad_norm is not None:
-            if grad_scaler is not None:
-                grad_scaler.unscale_(self.base_optimizer)
-            params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if grad_scaler is not None:
-            grad_scaler.step(self.base_optimizer)
-        else:
-            self.base_optimizer.step()
-        return loss
 
 
 class WarmupCosine:
@@ -157,4 +119,4 @@ def build_scheduler(cfg: TrainConfig, base: Optimizer, *, steps_per_epoch: int) 
     return torch.optim.lr_scheduler.LambdaLR(base, WarmupCosine(total, warmup, cfg.min_lr / cfg.lr, cfg.schedule))
 
 
-__all__ = ["EpochCosine", "PlainStep", "WarmupCosine", "build_optimizer", "build_scheduler"]
+__all__ = ["EpochCosine", "WarmupCosine", "build_optimizer", "build_scheduler"]

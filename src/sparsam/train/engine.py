@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _sharded
-from ..optim.passes import pass_batch, pass_loss
+from ..optim.passes import ASCENT, MEASURE, pass_batch, pass_loss
+from ..optim.plain import PlainStep
 from ..optim.sam import SAM
 from . import distributed as D
 from . import sharding
-from .build import PlainStep, build_optimizer, build_scheduler
+from .build import build_optimizer, build_scheduler
 from .config import TrainConfig, test_epochs
 from .errors import ConfigError, UserError
 from .loaders import TrainData, batch_per_rank, build_data
@@ -146,7 +147,6 @@ def _train(
         raise
     except (ValueError, TypeError) as e:  # the optimizer and mask classes validate their arguments
         raise ConfigError(f"cannot build --opt {cfg.opt}: {e}") from e
-    stepper: SAM | PlainStep = opt if isinstance(opt, SAM) else PlainStep(opt, max_grad_norm=cfg.clip)
     sched = build_scheduler(cfg, base_opt, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
@@ -158,6 +158,8 @@ def _train(
     if sharded and run.ckpt is not None:  # full tensors in the file: cut to this rank's shards
         run.ckpt = sharding.shard_checkpoint(run.ckpt, model, opt)
     progress = run.restore(model, opt, sched, scaler)
+    # --opt sgd: the plain step drives the optimizer; its compute so far is one pass per step taken
+    stepper = opt if isinstance(opt, SAM) else PlainStep(opt, max_grad_norm=cfg.clip, compute=progress.global_step)
     run.start(data=data, steps_per_epoch=steps_per_epoch, argv=argv)
 
     def train_step(x: Tensor, y: Tensor, sums: list[Tensor]) -> int:
@@ -167,13 +169,13 @@ def _train(
 
         def closure() -> None:  # the optimizer calls it once per pass
             kind = stepper.current_pass
-            clean = kind in (None, "ascent")
+            clean = kind in (None, ASCENT)
             # This pass's samples (ESAM's data selection, a sub-batch ascent): the closure contract's helpers
             xa, ya = pass_batch(stepper, (x, y))
             xs, ys = (xa.chunk(cfg.accum), ya.chunk(cfg.accum)) if cfg.accum > 1 else ((xa,), (ya,))
             per_sample = stepper.wants_sample_losses  # ESAM: the losses of each sample, recorded by pass_loss
             for j, (xb, yb) in enumerate(zip(xs, ys)):
-                if kind == "measure":  # ESAM: forward only at w + e (under no_grad), per-sample losses
+                if kind == MEASURE:  # ESAM: forward only at w + e (under no_grad), per-sample losses
                     with autocast():
                         pass_loss(stepper, sample_loss(forward_model(xb).float(), yb))
                     continue
@@ -294,7 +296,7 @@ def _train(
                 "train_samples": total,
                 **masks.record(),
                 # training compute so far in SGD-step equivalents (forward+backward passes, counted by the optimizer)
-                "compute": opt.compute if isinstance(opt, SAM) else float(progress.global_step),
+                "compute": stepper.compute,
             }
             run.end_epoch(record, model, saved_state())
             say(
