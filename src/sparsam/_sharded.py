@@ -50,10 +50,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # importing it costs 1-2 s: only looked up at run time (_dtensor_class)
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "FSDP1_REFUSAL",
@@ -121,7 +124,7 @@ def _dtensor_class() -> Any:
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
-def is_sharded(t: Any) -> bool:
+def is_sharded(t: object) -> TypeGuard[DTensor]:
     """True for a DTensor (a parameter or gradient sharded by FSDP2 / tensor parallelism)."""
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
@@ -130,7 +133,7 @@ def is_sharded(t: Any) -> bool:
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (the same tensor object every call, outside autograd), else ``t``."""
     if is_sharded(t):
-        return t._local_tensor  # type: ignore[attr-defined]  # to_local() under no_grad: the stored shard
+        return t._local_tensor  # to_local() under no_grad: the stored shard
     return t
 
 
@@ -194,7 +197,11 @@ def local_part(full: Tensor, p: Any) -> Tensor:
     chunk ``torch.chunk`` gives along the sharded dimension (FSDP2's layout)."""
     if not is_sharded(p):
         return full
+    from torch.distributed.tensor import Shard  # loaded: p is a DTensor
+
     (placement,) = p.placements
+    if not isinstance(placement, Shard):  # pragma: no cover - sharding_of and check_layout refuse it first
+        raise ValueError(f"cannot cut a tensor placed as {placement} into this rank's part: it is not sharded")
     mesh = p.device_mesh
     chunks = torch.chunk(full, mesh.size(), dim=placement.dim)
     rank = mesh.get_local_rank()
@@ -222,7 +229,7 @@ def mask_shape_error(m: Tensor, p: Tensor) -> str:
 
 def first_mesh(params: Iterable[Tensor]) -> Any:
     """The device mesh of the first sharded tensor in ``params`` (``None`` if none is sharded)."""
-    return next((p.device_mesh for p in params if is_sharded(p)), None)  # type: ignore[attr-defined]
+    return next((p.device_mesh for p in params if is_sharded(p)), None)
 
 
 def reduce_max(flag: Tensor, mesh: Any) -> Tensor:

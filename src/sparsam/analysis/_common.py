@@ -79,6 +79,7 @@ def resolve_params(model: nn.Module, params: Iterable[Tensor] | None, *, require
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if params is None and not require_grad:
         return list(model.parameters())
+    out: list[Tensor]
     if params is None:
         out = [p for p in model.parameters() if p.requires_grad]
         if not out:
@@ -233,7 +234,8 @@ class Objective:
     # -- Hessian-vector products ---------------------------------------------------------------
     def _gradient_with_graph(self, index: int | None) -> list[Tensor | None]:
         if index is None:
-            loss = sum(w * self.batch_loss(i) for i, w in enumerate(self.weights))
+            terms = [w * self.batch_loss(i) for i, w in enumerate(self.weights)]
+            loss = sum(terms[1:], terms[0])
         else:
             loss = self.weights[index] * self.batch_loss(index)
         gs = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -243,13 +245,13 @@ class Objective:
     def _double_backward(
         gs: list[Tensor | None], params: list[Tensor], vs: Sequence[Tensor], retain: bool, batched: bool = False
     ) -> list[Tensor | None]:
-        idx = [i for i, g in enumerate(gs) if g is not None]
-        if not idx:
+        live = [(i, g) for i, g in enumerate(gs) if g is not None]
+        if not live:
             return [None] * len(params)
         out = torch.autograd.grad(
-            [gs[i] for i in idx],  # type: ignore[misc]
+            [g for _, g in live],
             params,
-            grad_outputs=[vs[i].to(gs[i].dtype) for i in idx],  # type: ignore[union-attr]
+            grad_outputs=[vs[i].to(g.dtype) for i, g in live],
             retain_graph=retain,
             allow_unused=True,
             is_grads_batched=batched,
@@ -272,7 +274,8 @@ class Objective:
         for hv in parts:
             for j, h in enumerate(hv):
                 if h is not None:
-                    result[j] = h if result[j] is None else result[j].add_(h)  # type: ignore[union-attr]
+                    r = result[j]
+                    result[j] = h if r is None else r.add_(h)
         lead = (vs[0].shape[0],) if batched else ()
         return [
             r if r is not None else torch.zeros(lead + tuple(p.shape), dtype=p.dtype, device=p.device)

@@ -254,7 +254,9 @@ def _power(op: Operator, q0: Tensor, max_iter: int, locked: Tensor | None, tol: 
             if change <= tol:
                 return lam_new, v, change
         lam = lam_new
-    return float(lam), v, change  # type: ignore[arg-type]
+    if lam is None:  # no iteration: top_eigenvalues checks n_iter >= 1
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    return lam, v, change
 
 
 def _stack(vectors: list[Tensor]) -> Tensor | None:

@@ -208,16 +208,19 @@ def loss_landscape_2d(
     obj = Objective(model, loss_fn, data, params=params, device=device, n_batches=n_batches)
     agrid = _default_grid(alphas, -1.0, 1.0, 21, "alphas")
     bgrid = _default_grid(betas, -1.0, 1.0, 21, "betas")
+    pair: Sequence[Sequence[Tensor]]
     if directions is None:
         gen = make_generator(generator)
-        directions = tuple(
+        pair = [
             random_direction(model, generator=gen, params=obj.params, normalize=normalize, one_d=one_d)
             for _ in range(2)
-        )  # type: ignore[assignment]
-    if len(directions) != 2:
-        raise ValueError(f"directions must be a pair (d1, d2), got {len(directions)} directions")
-    d1 = _check_direction(directions[0], obj.params, "directions[0]")
-    d2 = _check_direction(directions[1], obj.params, "directions[1]")
+        ]
+    else:
+        pair = directions
+    if len(pair) != 2:
+        raise ValueError(f"directions must be a pair (d1, d2), got {len(pair)} directions")
+    d1 = _check_direction(pair[0], obj.params, "directions[0]")
+    d2 = _check_direction(pair[1], obj.params, "directions[1]")
     losses: list[list[float]] = []
     with WeightGuard(obj.params) as guard:
         for a in agrid:
@@ -268,7 +271,7 @@ def linear_interpolation(
     """
     s0 = _state_tensors(start, "start")
     s1 = _state_tensors(end, "end")
-    named = [(n, p) for n, p in model.named_parameters()]
+    named: list[tuple[str, Tensor]] = list(model.named_parameters())
     if interpolate_buffers:
         named += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
     for key, t in named:

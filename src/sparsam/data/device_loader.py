@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -238,7 +239,8 @@ def make_loaders(
     keeps shapes static for ``torch.compile``). Test: in order, no augmentation, ``drop_last=False``,
     batches of ``eval_batch_size`` (default ``batch_size``).
     """
-    common = dict(
+    loader = partial(
+        DeviceLoader,
         device=device,
         mean=splits.mean,
         std=splits.std,
@@ -248,12 +250,11 @@ def make_loaders(
         channels_last=channels_last,
         dtype=dtype,
     )
-    train = DeviceLoader(splits.train, batch_size=batch_size, shuffle=True, drop_last=True, augment=augment, **common)
-    test = DeviceLoader(
+    train = loader(splits.train, batch_size=batch_size, shuffle=True, drop_last=True, augment=augment)
+    test = loader(
         splits.test,
         batch_size=batch_size if eval_batch_size is None else eval_batch_size,
         shuffle=False,
         drop_last=False,
-        **common,
     )
     return train, test

@@ -14,7 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .image_folder import DamagedImageError, _reason, check_classes, find_split_dirs, list_classes, scan_split
+
+if TYPE_CHECKING:  # Pillow is an optional dependency, imported where an image is decoded
+    from PIL.Image import Image as PILImage
 
 # The usual ImageNet normalisation constants (per-channel mean / std of the ImageNet train set, 0..1).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -40,11 +43,13 @@ def pil_to_uint8(im: object) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def _check_pil(im: object) -> None:
+def _check_pil(im: object) -> PILImage:
+    """``im``, checked to be a Pillow image."""
     from PIL import Image
 
     if not isinstance(im, Image.Image):
         raise TypeError(f"expected a Pillow image, got {type(im).__name__}")
+    return im
 
 
 def _uniform(lo: float, hi: float) -> float:
@@ -104,7 +109,7 @@ class RandomResizedCrop:
     def __call__(self, im: object) -> Tensor:
         from PIL import Image
 
-        _check_pil(im)
+        im = _check_pil(im)
         left, top, w, h = self.box(*im.size)
         out = im.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
         if float(torch.rand(())) < self.flip_p:
@@ -128,7 +133,7 @@ class ResizeCenterCrop:
     def __call__(self, im: object) -> Tensor:
         from PIL import Image
 
-        _check_pil(im)
+        im = _check_pil(im)
         w, h = im.size
         s = self.resize / min(w, h)
         nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))

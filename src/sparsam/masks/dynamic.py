@@ -291,7 +291,7 @@ class DynamicMask(SeededSource):
         }
         # per (segment, rank) candidate counts: dead = local numel - live
         n_cand = {"drop": every[:, :, 0], "grow": every[:, :, 1] - every[:, :, 0]}
-        vals: dict[str, list[Tensor | None]] = {"drop": [None] * len(names), "grow": [None] * len(names)}
+        vals: dict[str, dict[int, Tensor]] = {"drop": {}, "grow": {}}  # segment -> its candidates' scores
         for g in range(n_groups):  # one process draws group by group, drop scores before grow scores
             members = [i for i, gi in enumerate(groups) if gi == g]
             for what, kind in (("drop", self.drop), ("grow", self.grow)):
@@ -303,8 +303,8 @@ class DynamicMask(SeededSource):
                     members, self._sharded_scores(kind, members, params, grads, cands[what], n_cand[what], comm)
                 ):
                     vals[what][i] = v
-        drop = _sharded.sharded_top(vals["drop"], groups, n_move, comm, largest=False)  # type: ignore[arg-type]
-        grow = _sharded.sharded_top(vals["grow"], groups, n_move, comm, largest=True)  # type: ignore[arg-type]
+        drop = _sharded.sharded_top([vals["drop"][i] for i in range(len(names))], groups, n_move, comm, largest=False)
+        grow = _sharded.sharded_top([vals["grow"][i] for i in range(len(names))], groups, n_move, comm, largest=True)
         out = {}
         for i, (n, p) in enumerate(zip(names, params)):
             new = live[i].clone()

@@ -84,9 +84,7 @@ def parse_pattern(pattern: str, n: int | None = None, m: int | None = None) -> t
             f"unknown pattern {pattern!r}; use 'unstructured', 'structured', 'nm' (with n, m) or 'N:M' such as '2:4'"
         )
     if p == "nm":
-        for name, v in (("n", n), ("m", m)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"the N:M pattern needs {name} as an int, got {name}={v!r}")
+        n, m = _nm_ints(n, m)
         if m < 1:
             raise ValueError(f"N:M needs m >= 1, got m={m!r}")
         if n < 1:
@@ -98,9 +96,19 @@ def parse_pattern(pattern: str, n: int | None = None, m: int | None = None) -> t
     return p, n, m
 
 
+def _nm_ints(n: int | None, m: int | None) -> tuple[int, int]:
+    """``(n, m)`` of the N:M pattern, each checked to be an int."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the N:M pattern needs n as an int, got n={n!r}")
+    if isinstance(m, bool) or not isinstance(m, int):
+        raise TypeError(f"the N:M pattern needs m as an int, got m={m!r}")
+    return n, m
+
+
 def resolve_sparsity(sparsity: float | None, pattern: str, n: int | None, m: int | None) -> float:
     """The sparsity a pattern implies. For N:M it is ``1 - n/m``; a given ``sparsity`` must agree."""
     if pattern == "nm":
+        n, m = _nm_ints(n, m)
         implied = 1.0 - n / m
         if sparsity is not None:
             s = check_sparsity(sparsity, allow_one=False)
@@ -402,6 +410,7 @@ def select(
     elif p == "structured":
         chosen = _structured(ranked, s, granularity, budget, fill)
     else:
+        n, m = _nm_ints(n, m)
         chosen = {name: nm_mask(t, n, m) for name, t in ranked.items()}
     return {name: (fixed[name] if name in fixed else chosen[name]) for name in scores}
 
@@ -481,6 +490,7 @@ def _select_sharded(
         for x, off, mine in zip(ranked, offsets, local_means):
             chosen[x] = _rows_to_mask(rows[x][off : off + mine.numel()], parts[x])
     else:
+        n, m = _nm_ints(n, m)
         for x in ranked:
             t = scores[x]
             if t.dim() <= 1:  # one row over the whole vector: its groups must not cross a shard boundary

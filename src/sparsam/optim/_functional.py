@@ -80,7 +80,7 @@ def norm_terms(
             out.append(torch.linalg.vector_norm(x, 2, dtype=_norm_dtype(x)))
         return out
 
-    result: list[Tensor | None] = [None] * len(grads)
+    result: dict[int, Tensor] = {}  # every index is in one bucket
     for (_, dtype), idx in _buckets(grads).items():
         ps = [params[i] for i in idx]
         xs = [grads[i] for i in idx]
@@ -99,7 +99,7 @@ def norm_terms(
         norms = torch._foreach_norm(xs, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
         for i, n in zip(idx, norms):
             result[i] = n
-    return result  # type: ignore[return-value]
+    return [result[i] for i in range(len(grads))]
 
 
 def global_norm(terms: Sequence[Tensor]) -> Tensor:

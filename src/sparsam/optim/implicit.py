@@ -206,7 +206,7 @@ def masked_input_gradients(
             if isinstance(w, Tensor) and w in masks and supports_implicit(module) and isinstance(module, kinds):
                 m = masks[w]
                 ok = isinstance(module, nn.Linear) and bool(sparse_ok and sparse_ok.get(w, False))
-                module.forward = _implicit_forward(module, m, ok)  # type: ignore[method-assign]
+                module.forward = _implicit_forward(module, m, ok)  # type: ignore[method-assign]  # instance attribute shadows forward until restored
                 patched.append(module)
         yield len(patched)
     finally:

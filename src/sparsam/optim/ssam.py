@@ -335,7 +335,7 @@ class SSAM(SAM):
                 with masked_input_gradients(
                     cast(nn.Module, self.model),  # form="implicit" requires model= (checked in __init__)
                     self._implicit_masks,
-                    self._sparse_ok,  # type: ignore[arg-type]
+                    self._sparse_ok,
                     layers=self.implicit_layers,
                 ):
                     yield
