@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-GPU check (issue 17, point 5). On a machine with one NVIDIA GPU, from the repository root:
+# The one-GPU check. On a machine with one NVIDIA GPU, from the repository root:
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check_out
 #     bash benchmarks/gpu_check.sh --dry-run [OUT_DIR] # every step's setup, tiny sizes, on the CPU

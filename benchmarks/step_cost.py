@@ -33,7 +33,7 @@ forward+backward at the perturbed weights, second_step (restore, SGD step). Thei
 first_step + second_step over SGD's forward+backward; "opt x SGD" is that optimizer-only work
 against ``SGD.step``.
 
-    python benchmarks/step_cost.py                       # the issue's full matrix (long on a CPU)
+    python benchmarks/step_cost.py                       # the full matrix (long on a CPU)
     python benchmarks/step_cost.py --models resnet18:16:32 --rounds 5   # a quick look
 """
 

@@ -1,4 +1,4 @@
-"""Fidelity to the authors' SSAM (issue 12): each option that follows the authors' release is pinned
+"""Fidelity to the authors' SSAM: each option that follows the authors' release is pinned
 against a plain re-implementation of their rule, written here from the papers and docs/differences.md
 (NeurIPS 2022 arXiv 2210.05177, TPAMI arXiv 2306.17504, ASAM arXiv 2102.11600). No code of theirs."""
 

@@ -1,6 +1,6 @@
-"""Issue 13, checkpoint files: a bit-flipped checkpoint is called damaged and never loaded with
-wrong weights (case 13); a write on a full disk says so, keeps the old file and leaves no
-temporary file, and stale temporary files are removed (case 14)."""
+"""Robustness of checkpoint files: a bit-flipped checkpoint is called damaged and never loaded with
+wrong weights; a write on a full disk says so, keeps the old file and leaves no
+temporary file, and stale temporary files are removed."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def flip_bit(path, part, at=5):
     path.write_bytes(bytes(data))
 
 
-# ------------------------------------------------------------------------------------- case 13
+# ------------------------------------------------------------------------- damaged checkpoint files
 @pytest.mark.parametrize("part", ["data/0", "data.pkl"])
 def test_a_bit_flipped_checkpoint_is_called_damaged(tmp_path, part):
     path = tmp_path / "checkpoint.pt"
@@ -51,7 +51,7 @@ def test_a_bit_flipped_checkpoint_is_called_damaged(tmp_path, part):
     flip_bit(path, part)
     damaged = path.read_bytes()
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)  # a flip in the tensor data used to load silently, with a wrong weight
+        load_checkpoint(path)  # a flip in the tensor data must not load silently, with a wrong weight
     msg = str(info.value)
     assert "damaged" in msg and "checksum" in msg and part in msg and "\n" not in msg
     assert "weights_only" not in msg
@@ -82,7 +82,7 @@ def test_the_cli_says_a_damaged_checkpoint_is_damaged(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-# ------------------------------------------------------------------------------------- case 14
+# ------------------------------------------------------------ a full disk and stale temporary files
 class _Full:
     """A file object on a disk that fills up after ``room`` bytes."""
 

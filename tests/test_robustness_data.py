@@ -1,4 +1,4 @@
-"""Issue 13, data level: one-class and empty class folders (case 6), damaged image files (case 12)."""
+"""Robustness at the data level: one-class and empty class folders, damaged image files."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-# ------------------------------------------------------------------------------------- case 6
+# ---------------------------------------------------------------- one-class and empty class folders
 def test_a_one_class_folder_is_refused(tmp_path):
     make_folder(tmp_path, classes=("only",))
     with pytest.raises(ValueError, match="at least two classes"):
@@ -59,7 +59,7 @@ def test_a_class_folder_without_train_images_warns(tmp_path):
         ImageFolderStream(tmp_path, transform=ResizeCenterCrop(8, resize=8))
 
 
-# ------------------------------------------------------------------------------------- case 12
+# ------------------------------------------------------------------------------ damaged image files
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_truncated_jpeg_is_named_in_one_line(tmp_path, workers):
     make_folder(tmp_path)

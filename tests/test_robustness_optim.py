@@ -1,6 +1,6 @@
-"""Issue 13, optimizer level: loading is checked and all-or-nothing, an interrupted step never
+"""Robustness at the optimizer level: loading is checked and all-or-nothing, an interrupted step never
 leaves the weights at w + e, a skipped GradScaler step does not move SSAM's mask schedule, and
-masks set by hand are a mask source of their own (cases 7, 8, 9, 10, 11, 17)."""
+masks set by hand are a mask source of their own."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def assert_unchanged(opt, snap):
         assert opt._steps == extra["steps"] and opt._masks_ready == extra["ready"]
 
 
-# ------------------------------------------------------------------------------------- case 7
+# ------------------------------------------------------ a state of another optimizer or mask source
 def test_sam_refuses_an_ssam_state_that_holds_masks():
     _, ssam = trained_ssam()
     model = tiny_net()
@@ -127,7 +127,7 @@ def test_ssam_refuses_a_state_of_another_mask_source():
         other.load_state_dict(roundtrip(ssam.state_dict()))
 
 
-# ------------------------------------------------------------------------------------- case 8
+# -------------------------------------------------------------------- a failed load changes nothing
 @pytest.mark.parametrize("bad", ["norm", "mask_shape", "mask_index", "source_state"])
 def test_a_failed_load_changes_nothing(bad):
     _, src = trained_ssam(steps=3)
@@ -150,7 +150,7 @@ def test_a_failed_load_changes_nothing(bad):
     assert target.param_groups is target.base_optimizer.param_groups
 
 
-# ------------------------------------------------------------------------------------- case 9
+# ------------------------------------------------------------------- an interrupted step restores w
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
 @pytest.mark.parametrize("kind", ["sam", "ssam"])
 def test_an_exception_in_pass_two_restores_w(kind, exc):
@@ -225,7 +225,7 @@ def test_perturbed_context_equals_two_step_api_and_restores_on_error():
     o2.state_dict()
 
 
-# ------------------------------------------------------------------------------------- case 10
+# ----------------------------------------------------- a skipped GradScaler step and the mask clock
 class _CountingSource(MaskSource):
     """Update every 2 steps; records the step of every update."""
 
@@ -267,7 +267,7 @@ def test_a_grad_scaler_skipped_step_does_not_advance_the_mask_clock():
     assert src.updates == [2]  # the update came at the 2nd step that was taken, not the 2nd attempted
 
 
-# ------------------------------------------------------------------------------------- case 11
+# ------------------------------------------------------- a state of another model or base optimizer
 def test_loading_a_differently_shaped_model_fails_at_load():
     _, src = trained_ssam()
     sd = roundtrip(src.state_dict())
@@ -310,7 +310,7 @@ def test_state_dicts_of_the_same_optimizer_still_load():
     assert sam.param_groups[0]["lr"] == 0.02 and sam.param_groups[0]["rho"] == 0.1
 
 
-# ------------------------------------------------------------------------------------- case 17
+# -------------------------------------------------------------------------------- masks set by hand
 def test_masks_set_by_hand_need_no_sparsity():
     model = tiny_net()
     x, y = tiny_data()

@@ -1,5 +1,5 @@
-"""Issue 13, run directories: nothing a run wrote is lost, and what cannot be done is refused in one
-line with exit status 2 (cases 1, 2, 3, 4, 5, 15, 16)."""
+"""Robustness of run directories: nothing a run wrote is lost, and what cannot be done is refused in one
+line with exit status 2."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def run_a(finished, tmp_path):
     return out
 
 
-# ------------------------------------------------------------------------------------- case 1
+# -------------------------------------------------------------- --out cannot replace a finished run
 def test_out_through_a_missing_folder_and_dotdot_cannot_replace_a_finished_run(run_a, tmp_path, capsys):
     before = snapshot(run_a)
     capsys.readouterr()
@@ -60,7 +60,7 @@ def test_out_through_a_missing_folder_and_dotdot_cannot_replace_a_finished_run(r
     assert not (tmp_path / "ghost").exists()
 
 
-# ------------------------------------------------------------------------------------- case 2
+# ---------------------------------------------------------------------- resume without a checkpoint
 def test_resume_of_a_run_without_checkpoint_but_with_epochs_refuses(run_a, capsys):
     (run_a / "checkpoint.pt").unlink()
     (run_a / "summary.json").unlink()
@@ -79,7 +79,7 @@ def test_resume_of_a_run_stopped_in_its_first_epoch_still_starts_over(run_a, cap
     assert len((run_a / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-# ------------------------------------------------------------------------------------- case 3
+# --------------------------------------------------------- one process per run directory (the lock)
 def _hold_lock(path: Path, kind: str) -> subprocess.Popen:
     """A second process that holds the lock of ``path`` until its stdin closes."""
     code = textwrap.dedent(f"""
@@ -176,7 +176,7 @@ def test_a_second_sweep_on_the_same_root_is_refused(tmp_path, capsys):
         holder.wait(timeout=60)
 
 
-# ------------------------------------------------------------------------------------- case 4
+# ---------------------------------------------------- resume from a file that is not the checkpoint
 @pytest.mark.parametrize("name", ["best_model.pt", "other.pt"])
 def test_resume_from_a_file_that_is_not_the_checkpoint_refuses(run_a, capsys, name):
     (run_a / "summary.json").unlink()
@@ -195,7 +195,7 @@ def test_resume_from_the_checkpoint_file_itself_works(run_a, capsys):
     assert main(["train", "--resume", str(run_a / "checkpoint.pt"), "--epochs", "2"]) == 0
 
 
-# ------------------------------------------------------------------------------------- case 5
+# ---------------------------------------------------------------- a sweep rerun with other settings
 def test_a_sweep_rerun_with_other_settings_is_refused_unless_redo(tmp_path, capsys):
     root = tmp_path / "sweep"
     argv = ["sweep", "--root", str(root), "--methods", "sgd", *TINY, "--no-report"]
@@ -213,7 +213,7 @@ def test_a_sweep_rerun_with_other_settings_is_refused_unless_redo(tmp_path, caps
     assert len((root / "sgd-seed0" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-# ------------------------------------------------------------------------------------- case 15
+# ----------------------------------------------------------------------------- --out that is a file
 def test_out_that_is_a_file_or_under_a_file_is_a_clear_error(tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("keep me")
@@ -230,7 +230,7 @@ def test_out_that_is_a_file_or_under_a_file_is_a_clear_error(tmp_path, capsys):
     assert f.read_text() == "keep me"
 
 
-# ------------------------------------------------------------------------------------- case 16
+# -------------------------------------------------------------------------- a malformed config.json
 @pytest.mark.parametrize("content", ['{"config": [1, 2]}', "[1, 2]", '{"config": "x"}', "{"])
 def test_a_malformed_config_json_is_a_clear_error(run_a, capsys, content):
     (run_a / "summary.json").unlink()

@@ -1,7 +1,6 @@
 """Run files read back and rewritten: every reader checks each file against its schema and names the
 first bad line or key in one line (exit 2); every rewrite is atomic; a run stopped at any write of
-its first epochs stays resumable and ends as a straight run does (issue 30: points 1, 3, 4, 5, 9,
-11, 17)."""
+its first epochs stays resumable and ends as a straight run does."""
 
 from __future__ import annotations
 
@@ -73,7 +72,7 @@ def run_a(straight, tmp_path):
     return out
 
 
-# ------------------------------------------------------------------------------------- points 4, 11: metrics.jsonl
+# ------------------------------------------------------------------------------------ metrics.jsonl
 def _line(run: Path, n: int) -> str:
     return (run / "metrics.jsonl").read_text().splitlines()[n - 1]
 
@@ -127,7 +126,7 @@ def test_a_torn_last_line_without_newline_is_left_out(run_a, tmp_path, capsys):
     assert "2/2" in (tmp_path / "rep" / "report.md").read_text()
 
 
-# ------------------------------------------------------------------------------------- points 5, 11: config.json
+# --------------------------------------------------------------------- config.json and summary.json
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [
@@ -198,7 +197,7 @@ def test_resume_names_a_bad_checkpoint_entry(run_a, capsys, change, says):
     assert snapshot(run_a) == before
 
 
-# ------------------------------------------------------------------------------------- point 11: where files go
+# ----------------------------------------------------------------------------------- where files go
 def test_report_and_analyze_out_pointing_at_a_file_is_one_line(run_a, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("keep me")
@@ -260,7 +259,7 @@ def test_a_full_disk_before_config_json_is_one_line_and_leaves_nothing(tmp_path,
     assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
 
 
-# ------------------------------------------------------------------------------------- point 1: atomic rewrite
+# ----------------------------------------------------------------------------------- atomic rewrite
 LIMITED = """
     import resource, sys
     limit = int(sys.argv[1])
@@ -308,7 +307,7 @@ KILL_AT_RENAME = """
 
 
 def test_sigkill_while_resume_rewrites_metrics_keeps_every_line(tmp_path):
-    """The issue's case: SIGKILL while --resume rewrites metrics.jsonl (here at the last moment,
+    """SIGKILL while --resume rewrites metrics.jsonl (here at the last moment,
     the new text written in full) leaves the file as it was, and the next resume has every epoch."""
     out = tmp_path / "r"
     assert main(["train", *TINY, "--epochs", "4", "--stop-after", "2", "--out", str(out)]) == 0
@@ -324,7 +323,7 @@ def test_sigkill_while_resume_rewrites_metrics_keeps_every_line(tmp_path):
     assert untimed(metrics(out)[:2]) == untimed(two)
 
 
-# ------------------------------------------------------------------------------------- point 3: write order
+# -------------------------------------------------------------------------------------- write order
 KILL_AT = """
     import os, signal, sys
     name, nth = sys.argv[1], int(sys.argv[2])
@@ -378,7 +377,7 @@ def test_a_kill_at_any_write_leaves_a_run_that_ends_as_a_straight_one(straight, 
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-# ------------------------------------------------------------------------------------- point 17: stopped while starting
+# --------------------------------------------------------------------------- stopped while starting
 SLOW_DATA = """
     import sys, time
     import sparsam.train.engine as engine
@@ -432,7 +431,7 @@ def test_sigkill_while_loading_data_leaves_a_folder_a_new_run_may_use(tmp_path, 
     assert main(argv) == 0  # no --overwrite needed: nothing was written
 
 
-# ------------------------------------------------------------------------------------- point 9: absent classes
+# ----------------------------------------------------------------------------------- absent classes
 def test_a_subset_without_some_classes_warns_naming_them():
     from sparsam.train.loaders import choose_subset
 
@@ -461,7 +460,7 @@ def test_the_cli_says_which_classes_a_tiny_train_subset_leaves_out(tmp_path):
     ]
 
 
-# ------------------------------------------------------------------------------------- point 11: Ctrl-C at once
+# ----------------------------------------------------------------------------------- Ctrl-C at once
 def test_import_sparsam_loads_no_torch():
     """The package loads its names on first use, so the command's own Ctrl-C handling starts before
     the seconds of importing torch."""

@@ -386,7 +386,7 @@ def test_a_parameter_listed_twice_in_a_group_is_restored():
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_masks_cannot_change_between_the_two_steps(exchange):
-    # a mask leaving a parameter out used to drop its kept w: restore() then failed with w lost
+    # a mask that leaves a parameter out between the two steps must not drop its kept w, which restore() needs
     model = tiny_net()
     x, y = tiny_data()
     opt = SSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, mask=RandomMask(0.5, seed=1), exchange=exchange)
@@ -407,7 +407,7 @@ def test_masks_cannot_change_between_the_two_steps(exchange):
 @pytest.mark.parametrize("exchange", [True, False])
 def test_a_step_inside_one_autocast_region_runs_pass_2_at_w_plus_e(exchange):
     # autocast caches its bfloat16 casts of the weights per parameter until its region ends: a
-    # whole step inside one region used to run pass 2 on the cast of w (SAM became SGD)
+    # whole step inside one region must run pass 2 at w + e, not on the cached cast of w (which would make it SGD's step)
     x, y = tiny_data(dtype=torch.float32)
 
     def run(outer):
@@ -824,8 +824,8 @@ def test_bad_mask_leaves_existing_masks_in_place():
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_cpu_step_allocates_no_weight_sized_temporary(exchange):
-    # Issue 15 point 7: after the first step has made the spare buffers, SAM's first_step +
-    # second_step write w + e without temporaries (the old kernels allocated e every step).
+    # After the first step has made the spare buffers, SAM's first_step + second_step write w + e
+    # without temporaries: no tensor of a weight's size is allocated per step.
     # Allocations are counted by the profiler, not timed.
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,4 +1,4 @@
-"""Issue 4: the cheaper ascent pass is exact, and the implicit form's backward is right."""
+"""The cheaper ascent pass is exact, and the implicit form's backward is right."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def test_the_design_pages_variant_counts_compute_as_the_schedule_does():
 
 
 class EveryOtherStepSAM(SAM):
-    """A sequence-changing variant as issue 15 would write it: SAM on even steps, one plain pass on odd ones."""
+    """A variant that changes the pass sequence: SAM on even steps, one plain pass on odd ones."""
 
     calls: list[list[str | None]] = []
 

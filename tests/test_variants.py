@@ -1,4 +1,4 @@
-"""SAM sparse in time and in samples, LookSAM and ESAM (issue 15): closed forms on a quadratic,
+"""SAM sparse in time and in samples, LookSAM and ESAM: closed forms on a quadratic,
 equivalences with SAM / SSAM / SGD, exact resume, compute counting and the errors."""
 
 from __future__ import annotations
