@@ -445,6 +445,22 @@ def test_built_pages_show_no(built, rule):
     assert not found, f"{rule} in the built site ({len(found)}):\n" + "\n".join(found[:30])
 
 
+def test_code_tests_benchmarks_and_presets_name_no_issue_numbers():
+    """Code, tests, benchmarks and the shipped presets say what they do and why, not which issue
+    asked for it: the pages' "issue number" rule on every text file under src/, tests/ and
+    benchmarks/ (this file's samples for the rule excepted)."""
+    pattern = re.compile(TEXT_RULES["issue number"][0])
+    found = []
+    for top in ("src", "tests", "benchmarks"):
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.suffix not in (".py", ".sh", ".json", ".md") or path == Path(__file__).resolve():
+                continue
+            for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not found, "issue numbers in the code:\n" + "\n".join(found)
+
+
 def plus_bullets(markdown: str) -> list[str]:
     """Lines outside code fences that start with '+ ': Markdown makes each a stray bullet."""
     text = re.sub(r"^(```|~~~).*?^\1[ \t]*$", "", markdown, flags=re.S | re.M)
