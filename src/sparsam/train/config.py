@@ -658,10 +658,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _and(names: Iterable[str]) -> str:
+    """``a, b and c``."""
+    items = list(names)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def _check_fsdp(cfg: TrainConfig) -> None:
     """What ``--fsdp`` supports (docs/scaling.md): the rest is refused by name."""
-    if cfg.opt not in ("sgd", "sam", "asam", "ssam"):
-        raise ConfigError(f"--fsdp supports --opt sgd, sam, asam and ssam, got --opt {cfg.opt} (use DDP: drop --fsdp)")
+    # Which methods run sharded is the registry's (each enabled once tests/test_fsdp.py checked it).
+    if not methods.OPTIMIZERS[cfg.opt].fsdp:
+        raise ConfigError(
+            f"--fsdp supports --opt {_and(n for n, o in methods.OPTIMIZERS.items() if o.fsdp)}, got --opt {cfg.opt} "
+            "(use DDP: drop --fsdp)"
+        )
+    if methods.OPTIMIZERS[cfg.opt].uses_mask and not methods.MASKS[cfg.mask].fsdp:
+        raise ConfigError(
+            f"--fsdp with --opt {cfg.opt} supports --mask {_and(n for n, m in methods.MASKS.items() if m.fsdp)}, "
+            f"got --mask {cfg.mask} (not tested on sharded parameters; use DDP)"
+        )
     sam_family = cfg.opt != "sgd"
     if sam_family and cfg.ascent != "sync":
         raise ConfigError(
@@ -677,12 +692,6 @@ def _check_fsdp(cfg: TrainConfig) -> None:
             f"--fsdp with --mask dynamic supports --dynamic-counts exact only, got --dynamic-counts {cfg.dynamic_counts}"
         )
     if cfg.opt == "ssam":
-        # Each mask source is enabled here once tests/test_fsdp.py has checked it on sharded parameters.
-        if cfg.mask not in ("random", "fisher", "dynamic", "norm"):
-            raise ConfigError(
-                f"--fsdp with --opt ssam supports --mask random, fisher, dynamic and norm, got --mask {cfg.mask} "
-                "(not tested on sharded parameters; use DDP)"
-            )
         if cfg.mask == "fisher" and cfg.pattern == "structured" and cfg.granularity == "tensor":
             raise ConfigError(
                 "--fsdp with --mask fisher --pattern structured needs --granularity channel: a whole tensor's mean "

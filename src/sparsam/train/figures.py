@@ -1,5 +1,6 @@
 """Plots of test accuracy against epochs and against training time (matplotlib, imported lazily),
-and the project's fixed colours and words for every method (``method_style``).
+and the project's fixed colours and words for every method (``method_style``: each method's
+style is declared with it in the registry, ``sparsam.train.methods``).
 
 Every figure of the project draws a method in the same colour: SGD grey, SAM black (ASAM a dark
 grey), SSAM-F blues and SSAM-D oranges with the sparsity as lightness (50% dark, 99% light),
@@ -14,90 +15,21 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import methods
 from .config import IDENTITY_KEYS
-from .methods import is_scheduled, relevant
+from .methods import FAMILIES, MethodStyle, relevant
+from .methods._spec import hex_color as _hex
 from .tables import Group, curves
-
-#: the families, in panel order; SGD and SAM are the references drawn in every panel
-FAMILIES: tuple[str, ...] = ("SGD", "SAM", "SSAM-F", "SSAM-D", "other SSAM", "cheaper SAM", "other")
-REFERENCES: frozenset[str] = frozenset({"SGD", "SAM"})
-
-
-@dataclass(frozen=True)
-class MethodStyle:
-    """How one method is drawn in every figure of the project.
-
-    Attributes:
-        color: its colour, ``#rrggbb``: SGD grey, SAM black, SSAM-F blues, SSAM-D oranges (sparsity
-            as lightness), other masks raspberry and magenta, cheaper SAM variants greens, purples,
-            teal and gold-olive (MSAM).
-        label: the method in words: ``"SGD"``, ``"SSAM-F, 50%"``, ``"SAM every 2 steps"``, ...
-        family: one of ``FAMILIES``: ``"SGD"``, ``"SAM"`` (the references), ``"SSAM-F"``,
-            ``"SSAM-D"``, ``"other SSAM"``, ``"cheaper SAM"``, ``"other"``; a figure's panel.
-        marker: a matplotlib marker.
-        linestyle: a matplotlib line style.
-    """
-
-    color: str
-    label: str
-    family: str
-    marker: str = "o"
-    linestyle: str = "-"
-
-    @property
-    def reference(self) -> bool:
-        """SGD and SAM (and ASAM): drawn in every panel as the references."""
-        return self.family in REFERENCES
-
-
-def _hex(hue_deg: float, lightness: float, saturation: float = 0.7) -> str:
-    r, g, b = colorsys.hls_to_rgb((hue_deg % 360) / 360, min(max(lightness, 0.0), 1.0), saturation)
-    return "#{:02x}{:02x}{:02x}".format(*(round(255 * c) for c in (r, g, b)))
-
-
-# Sparsity -> lightness (piecewise linear): 50% dark, 90% middle, 99% light.
-_LIGHTNESS = ((0.0, 0.2), (0.5, 0.27), (0.8, 0.38), (0.9, 0.47), (0.95, 0.55), (0.99, 0.65), (0.999, 0.74))
-
-
-def _lightness(sparsity: float) -> float:
-    pts = _LIGHTNESS
-    if sparsity <= pts[0][0]:
-        return pts[0][1]
-    for (s0, l0), (s1, l1) in zip(pts, pts[1:]):
-        if sparsity <= s1:
-            return l0 + (l1 - l0) * (sparsity - s0) / (s1 - s0)
-    return pts[-1][1]
-
-
-# hue (degrees) of each mask source, per pattern; marker per pattern
-_MASK_HUE = {"fisher": 212.0, "dynamic": 27.0, "random": 335.0}
-# (hue shift, lightness shift) of a pattern: structured towards indigo, N:M towards cyan
-_PATTERN_SHIFT = {"unstructured": (0.0, 0.0), "structured": (24.0, 0.06), "nm": (-22.0, 0.1)}
-_PATTERN_MARKER = {"unstructured": "o", "structured": "s", "nm": "^"}
-_MASK_FAMILY = {"fisher": "SSAM-F", "dynamic": "SSAM-D"}
-
 
 def _num(v: Any, default: float) -> float:
     try:
         return float(v)
     except (TypeError, ValueError):
         return default
-
-
-def _pct(fraction: float) -> str:
-    return f"{100 * fraction:.3g}%"
-
-
-def _nm(settings: Mapping[str, Any]) -> tuple[int, int] | None:
-    try:
-        n, m = (int(p) for p in str(settings.get("nm", "2:4")).split(":"))
-    except ValueError:
-        return None
-    return (n, m) if 0 < n <= m else None
 
 
 def _identity(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,54 +42,6 @@ def _identity(settings: Mapping[str, Any]) -> dict[str, Any]:
         if k in settings:
             s[k] = settings[k]
     return {k: v for k, v in s.items() if k in ("opt", "mask") or relevant(k, s)}
-
-
-def _mask_part(s: Mapping[str, Any]) -> tuple[str, str, float, float, str]:
-    """(label, family, hue, lightness, marker) of an SSAM-family method's mask."""
-    mask = str(s.get("mask", "fisher"))
-    if mask == "norm":
-        return "norm layers only", "other SSAM", 305.0, 0.45, "D"
-    pattern = str(s.get("pattern", "unstructured"))
-    nm = _nm(s) if pattern == "nm" else None
-    sparsity = 1 - nm[0] / nm[1] if nm else _num(s.get("sparsity"), 0.5)
-    short = {"fisher": "F", "dynamic": "D", "random": "R"}.get(mask, mask)
-    label = f"SSAM-{short}, {_pct(sparsity)}"
-    if nm:
-        label += f", {nm[0]}:{nm[1]}"
-    elif pattern != "unstructured":
-        label += f", {pattern}"
-    dhue, dlight = _PATTERN_SHIFT.get(pattern, (36.0, 0.12))
-    hue = _MASK_HUE.get(mask, 240.0) + dhue
-    marker = _PATTERN_MARKER.get(pattern, "v")
-    return label, _MASK_FAMILY.get(mask, "other SSAM"), hue, _lightness(sparsity) + dlight, marker
-
-
-def _schedule(s: Mapping[str, Any], base: str) -> tuple[str, float, float, str]:
-    """(label, hue, lightness, marker) of a time schedule / sub-batch ascent on top of ``base``."""
-    every = int(_num(s.get("sam_every"), 1))
-    start = _num(s.get("sam_start"), 0.0)
-    ramp = _num(s.get("rho_ramp"), 0.0)
-    asc = _num(s.get("ascent_fraction"), 1.0)
-    plain = "," not in base
-    label = base
-    if every != 1:
-        label += f" every {every} steps" if plain else f", every {every} steps"
-    if start:
-        if label == "SAM":
-            label = f"late-phase SAM (last {_pct(1 - start)})"
-        else:
-            label += f", late phase (last {_pct(1 - start)})"
-    if ramp:
-        label += f", ρ ramped over {_pct(ramp)}"
-    if asc != 1:
-        label += f", ascent on {_pct(asc)} of the batch"
-    if every != 1:  # greens: every-k dark (lighter for larger k), late phase sea green, sub-batch yellow-green
-        return label, 125.0, min(0.28 + 0.07 * math.log2(max(every, 2) / 2), 0.6), "v"
-    if start:
-        return label, 155.0, 0.42, "<"
-    if asc != 1:
-        return label, 85.0, 0.5, ">"
-    return label, 105.0, 0.36, "p"
 
 
 def method_style(settings: Mapping[str, Any]) -> MethodStyle:
@@ -183,46 +67,7 @@ def method_style(settings: Mapping[str, Any]) -> MethodStyle:
     assert method_style({"opt": "sgd"}).label == "SGD"
     ```
     """
-    s = _identity(settings)
-    opt = str(s.get("opt", "sgd"))
-    adaptive = s.get("adaptive") is True or opt == "asam"
-    if opt == "sgd":
-        return MethodStyle("#8c8c8c", "SGD", "SGD", "s")
-    if opt in ("sam", "asam"):
-        base, color, family, marker = ("ASAM", "#4d4d4d", "SAM", "D") if adaptive else ("SAM", "#000000", "SAM", "o")
-        if not is_scheduled(s):
-            return MethodStyle(color, base, family, marker, "--" if adaptive else "-")
-        label, hue, lightness, marker = _schedule(s, base)
-        return MethodStyle(_hex(hue, lightness + (0.1 if adaptive else 0.0), 0.6), label, "cheaper SAM", marker)
-    if opt == "ssam":
-        label, family, hue, lightness, marker = _mask_part(s)
-        if adaptive:
-            label += ", adaptive"
-        if not is_scheduled(s):
-            return MethodStyle(_hex(hue, lightness), label, family, marker)
-        label, hue, lightness, marker = _schedule(s, label)  # SSAM on a schedule: the schedule's hue, lighter
-        return MethodStyle(_hex(hue, lightness + 0.15, 0.55), label, "cheaper SAM", marker, "--")
-    k = int(_num(s.get("look_k"), 5))
-    if opt == "looksam":
-        label = f"LookSAM-{k}"
-        return MethodStyle(_hex(265, 0.42, 0.55), _with_schedule(s, label), "cheaper SAM", "P")
-    if opt == "lookssam":
-        label = f"LookSSAM-{k} ({_mask_part(s)[0]})"
-        return MethodStyle(_hex(280, 0.62, 0.55), _with_schedule(s, label), "cheaper SAM", "X")
-    if opt == "esam":
-        return MethodStyle(_hex(178, 0.3, 0.7), _with_schedule(s, "ESAM"), "cheaper SAM", "*")
-    if opt == "msam":  # Momentum-SAM: one pass per step, at SGD's cost (a gold-olive hue no other method has)
-        return MethodStyle(_hex(52, 0.36, 0.75), "MSAM", "cheaper SAM", "h")
-    if opt == "smsam":  # sparse MSAM: the same hue, lighter, with the mask's words
-        return MethodStyle(_hex(52, 0.52, 0.75), f"sparse MSAM ({_mask_part(s)[0]})", "cheaper SAM", "H")
-    # an optimizer this version does not know: a stable colour from its name
-    hue = sum(map(ord, opt)) * 47 % 360
-    return MethodStyle(_hex(hue, 0.45, 0.5), opt.upper(), "other", "h")
-
-
-def _with_schedule(s: Mapping[str, Any], label: str) -> str:
-    """``label`` with the words of a time schedule / sub-batch ascent, if any."""
-    return _schedule(s, label)[0] if is_scheduled(s) else label
+    return methods.method_style(_identity(settings))
 
 
 # Settings that are part of the method's label, or that a figure shows otherwise (rows, seeds).
