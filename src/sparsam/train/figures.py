@@ -25,6 +25,7 @@ from .methods import FAMILIES, MethodStyle, relevant
 from .methods._spec import hex_color as _hex
 from .tables import Group, curves
 
+
 def _num(v: Any, default: float) -> float:
     try:
         return float(v)
