@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, damaged_file_advice as _advice
 
 FORMAT = "sparsam-checkpoint"
 FORMAT_VERSION = 1
@@ -219,13 +219,6 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], names: tuple[str, ..
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def _advice() -> str:
-    return (
-        "The file was left as it is: restore it from a backup, or start the run again with --overwrite "
-        "(which deletes it)."
-    )
 
 
 def read_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", what: str = "checkpoint") -> Any:

@@ -22,3 +22,11 @@ class RunDirError(UserError):
 class CheckpointError(UserError):
     """A checkpoint is missing, truncated, damaged or belongs to a different run. The file is
     never modified when this is raised."""
+
+
+def damaged_file_advice() -> str:
+    """What a message about a damaged run file advises (the file is never touched)."""
+    return (
+        "The file was left as it is: restore it from a backup, or start the run again with --overwrite "
+        "(which deletes it)."
+    )

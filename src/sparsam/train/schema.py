@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import _advice
 from .config import TrainConfig, check_keys, validate
 from .errors import CheckpointError, ConfigError, RunDirError
+from .errors import damaged_file_advice as _advice
 
 
 class RunFileError(RunDirError):
