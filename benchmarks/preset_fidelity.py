@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from sparsam.data import to_device_batch
 from sparsam.models import create_model
 from sparsam.train import build_config, list_presets
-from sparsam.train.build import build_optimizer, build_scheduler
+from sparsam.train.build import build_optimizer_and_base, build_scheduler
 from sparsam.train.loaders import augment_fn
 
 
@@ -288,7 +288,7 @@ def run(preset_name, args, flip):
     model = create_model(preset.values["model"], num_classes=classes, width=args.width).double()
     ref = create_model(preset.values["model"], num_classes=classes, width=args.width).double()
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt, base_opt = build_optimizer(
+    opt, base_opt = build_optimizer_and_base(
         ours_cfg,
         model.parameters(),
         model=model,

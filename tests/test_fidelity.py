@@ -917,7 +917,7 @@ def _replay(kind, flip=None):
     """Largest weight difference and number of steps whose masks differ between sparsam with the preset
     (one setting changed by ``flip``) and the authors' rules."""
     from sparsam.train import build_config, list_presets
-    from sparsam.train.build import build_optimizer, build_scheduler
+    from sparsam.train.build import build_optimizer_and_base, build_scheduler
 
     overrides = {"data": "digits", "epochs": _EPOCHS, "num_samples": _NS, "cutout": _CUT, "crop_padding": _PAD}
     if kind == "ssam-d":
@@ -929,7 +929,7 @@ def _replay(kind, flip=None):
     torch.manual_seed(0)
     model = _Tiny().double()
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt, base = build_optimizer(
+    opt, base = build_optimizer_and_base(
         cfg,
         model.parameters(),
         model=model,
@@ -1026,12 +1026,12 @@ def test_switches_are_settable_from_the_command_line_and_config_files(tmp_path):
 
 def test_eps_reaches_the_optimizer():
     from sparsam.train import build_config
-    from sparsam.train.build import build_optimizer
+    from sparsam.train.build import build_optimizer_and_base
 
     model = _Tiny().double()
     for eps in (1e-7, 1e-12):
         cfg = build_config([("t", {"opt": "sam", "eps": eps})])
-        opt, _ = build_optimizer(
+        opt, _ = build_optimizer_and_base(
             cfg, model.parameters(), model=model, loss_fn=None, fisher_data=None, steps_per_epoch=1, total_steps=1
         )
         assert opt.eps == eps

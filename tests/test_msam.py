@@ -489,7 +489,7 @@ def test_msam_preset_carries_the_papers_settings_and_builds():
     from importlib import resources
 
     from sparsam.train import build_config, list_presets
-    from sparsam.train.build import build_optimizer
+    from sparsam.train.build import build_optimizer_and_base
 
     presets = list_presets()
     msam = presets["cifar100-wrn16-4-msam"].values
@@ -507,7 +507,7 @@ def test_msam_preset_carries_the_papers_settings_and_builds():
     model = nn.Linear(3, 2)
     for name in ("cifar100-wrn16-4-msam", "cifar100-wrn16-4-smsam-f"):
         cfg = build_config([("p", {**presets[name].values, "data": "digits"})])
-        opt, base = build_optimizer(
+        opt, base = build_optimizer_and_base(
             cfg,
             model.parameters(),
             model=model,

@@ -5,7 +5,7 @@ import torch
 
 from sparsam.train import ConfigError
 from sparsam.train import methods as M
-from sparsam.train.build import build_optimizer
+from sparsam.train.build import build_optimizer_and_base
 from sparsam.train.config import TrainConfig, build_config
 
 
@@ -29,7 +29,7 @@ def test_method_names_round_trip_and_are_unique():
 
 def _build(cfg: TrainConfig, model: torch.nn.Module):
     """(optimizer, base) for ``model`` as the engine builds them, with no Fisher data."""
-    return build_optimizer(
+    return build_optimizer_and_base(
         cfg,
         model.parameters(),
         model=model,

@@ -676,7 +676,7 @@ def test_presets_carry_the_papers_settings_with_sources():
 
 def test_report_shows_compute_and_plots_accuracy_against_it(tmp_path):
     pytest.importorskip("sklearn")
-    from sparsam.cli.report import write_report
+    from sparsam.cli.report import write_runs_report
     from sparsam.train import train
 
     from .test_train_engine import tiny
@@ -688,7 +688,7 @@ def test_report_shows_compute_and_plots_accuracy_against_it(tmp_path):
         import matplotlib  # noqa: F401
     except ImportError:
         plots = False
-    table = write_report([str(tmp_path / "runs")], tmp_path / "rep", plots=plots)
+    table = write_runs_report([str(tmp_path / "runs")], tmp_path / "rep", plots=plots)
     head, _, *rows = table.strip().splitlines()
     cols = [c.strip() for c in head.strip("|").split("|")]
     cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}

@@ -30,7 +30,7 @@ def default_out(paths: list[str], name: str) -> Path:
     return Path(os.path.commonpath(dirs)) / name
 
 
-def write_report(
+def write_runs_report(
     paths: list[str],
     out: str | os.PathLike[str],
     *,
@@ -112,7 +112,7 @@ def main(argv: list[str], prog: str = "sparsam report") -> int:
         if not os.path.isdir(p):
             raise UserError(f"{p}: no such directory")
     out = Path(args.out) if args.out else default_out(args.paths, "report")
-    table = write_report(args.paths, out, plots=args.plots, title=args.title, formats=formats)
+    table = write_runs_report(args.paths, out, plots=args.plots, title=args.title, formats=formats)
     print(table)
     files = ["report.md", "report.csv", "report.tex"]
     if args.plots:

@@ -263,10 +263,10 @@ def _run_all(
             log(f"sweep paused after {r.name} (--stop-after); run the same command again to continue")
             return 0
     if args.report and not quiet_rank:
-        from .report import write_report
+        from .report import write_runs_report
 
         try:
-            table = write_report([args.root], Path(args.root) / "report")
+            table = write_runs_report([args.root], Path(args.root) / "report")
         except UserError as e:
             print(f"no report: {e}", file=sys.stderr)
         else:

@@ -18,7 +18,7 @@ from . import methods
 from .config import TrainConfig
 
 
-def build_optimizer(
+def build_optimizer_and_base(
     cfg: TrainConfig,
     params: Iterable[nn.Parameter],
     *,
@@ -119,4 +119,4 @@ def build_scheduler(cfg: TrainConfig, base: Optimizer, *, steps_per_epoch: int) 
     return torch.optim.lr_scheduler.LambdaLR(base, WarmupCosine(total, warmup, cfg.min_lr / cfg.lr, cfg.schedule))
 
 
-__all__ = ["EpochCosine", "WarmupCosine", "build_optimizer", "build_scheduler"]
+__all__ = ["EpochCosine", "WarmupCosine", "build_optimizer_and_base", "build_scheduler"]

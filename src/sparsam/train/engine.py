@@ -39,7 +39,7 @@ from ..optim.plain import PlainStep
 from ..optim.sam import SAM
 from . import distributed as D
 from . import sharding
-from .build import build_optimizer, build_scheduler
+from .build import build_optimizer_and_base, build_scheduler
 from .config import TrainConfig, test_epochs
 from .errors import ConfigError, UserError
 from .loaders import TrainData, batch_per_rank, build_data
@@ -134,7 +134,7 @@ def _train(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     sample_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     try:  # SAM/SSAM get the DDP wrapper (no_sync, BatchNorm, names), never the torch.compile one
-        opt, base_opt = build_optimizer(
+        opt, base_opt = build_optimizer_and_base(
             cfg,
             model.parameters(),
             model=ddp or model,
