@@ -213,6 +213,7 @@ class SAMStep:
                 return loss
             index = sam.batch_index  # ESAM's data selection: indices over the whole window
             local = _split_index(index, [size or 0 for *_, size in window]) if index is not None else None
+            selected = int(index.numel()) if index is not None else 0
             for i, (fn, a, kw, size) in enumerate(window):  # every micro-batch of the window at w + e
                 last = i == len(window) - 1
                 if local is not None and not local[i].numel() and not last:
@@ -225,7 +226,7 @@ class SAMStep:
                         loss = _call(fn, a, kw, size, None, 1.0)[:0].sum()
                     else:
                         out = _call(fn, a, kw, size, local[i], 1.0)
-                        loss = _sum_for_selection(out, int(index.numel()), len(window))  # type: ignore[union-attr]
+                        loss = _sum_for_selection(out, selected, len(window))
                     acc.backward(loss)
             return None
 

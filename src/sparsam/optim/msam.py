@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..masks.base import LossFn, MaskSource
-from . import _functional as F
+from . import _functional as kernels
 from .. import _sharded
 from . import sam as _sam
 from .sam import ASCENT, SAM, _check_rho
@@ -241,14 +241,14 @@ class MSAM(SAM):
                     norm_vs.append(lv)
                     norm_ms.append(m if use_masked else None)
             if norm_vs:
-                terms += F.norm_terms(norm_ps, norm_vs, norm_ms, adaptive=False, eta=0.0, foreach=foreach)
+                terms += kernels.norm_terms(norm_ps, norm_vs, norm_ms, adaptive=False, eta=0.0, foreach=foreach)
             if ps:
                 plan.append((rho, ps, vs, ms, owned))
 
         perturbed: list[Tensor] = []
         exchanged: list[bool] = []
         if plan:
-            norm = F.global_norm(terms)
+            norm = kernels.global_norm(terms)
             mesh = _sharded.sharding_of(
                 p for g in self.param_groups if g["rho"] > 0 for p in g["params"] if self._direction(p) is not None
             )

@@ -136,7 +136,7 @@ def _take(batch: Any, index: Tensor | None = None, fraction: float = 1.0, *, n: 
             d = {k: cut(v) for k, v in t.items()}
             if isinstance(t, defaultdict):  # its constructor takes the default factory first
                 return type(t)(t.default_factory, d)
-            return d if type(t) is dict else type(t)(d)  # type: ignore[call-arg]
+            return d if type(t) is dict else type(t)(d)  # type: ignore[call-arg]  # a Mapping subclass rebuilt from a dict, as dict(d) is
         if isinstance(t, tuple):
             parts = [cut(v) for v in t]
             return type(t)(*parts) if hasattr(t, "_fields") else tuple(parts)

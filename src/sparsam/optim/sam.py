@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from .._checks import check_settings
 from ..bn import no_running_stats
-from . import _functional as F
+from . import _functional as kernels
 from .. import _sharded
 from .plain import base_step as base_step_kernel
 from .plain import plain_step
@@ -470,14 +470,14 @@ class SAM(Optimizer):
                     norm_gs.append(lg)
                     norm_ms.append(m if use_masked else None)
             if norm_gs:
-                terms += F.norm_terms(norm_ps, norm_gs, norm_ms, adaptive=adaptive, eta=eta, foreach=foreach)
+                terms += kernels.norm_terms(norm_ps, norm_gs, norm_ms, adaptive=adaptive, eta=eta, foreach=foreach)
             if ps:
                 plan.append((rho, adaptive, eta, ps, gs, ms, owned))
 
         perturbed: list[Tensor] = []
         exchanged: list[bool] = []
         if plan:
-            norm = F.global_norm(terms)
+            norm = kernels.global_norm(terms)
             mesh = _sharded.sharding_of(
                 p for g in self.param_groups if g["rho"] > 0 for p in g["params"] if p.grad is not None
             )
@@ -522,10 +522,12 @@ class SAM(Optimizer):
         swap = [o and once[id(p)] == 1 and self._exchangeable(p, b) for p, b, o in zip(ps, spares, owned)]
         # Exchanged: w + e is written into the spare, w stays in place. Copied: w goes into
         # the spare and w + e is written over it.
-        F.copy_([b for b, x in zip(spares, swap) if not x], [p for p, x in zip(ps, swap) if not x], foreach=foreach)
+        kernels.copy_(
+            [b for b, x in zip(spares, swap) if not x], [p for p, x in zip(ps, swap) if not x], foreach=foreach
+        )
         srcs = [p if x else b for p, b, x in zip(ps, spares, swap)]
         dsts = [b if x else p for p, b, x in zip(ps, spares, swap)]
-        F.add_perturbation(srcs, ds, ms, dsts, scale, adaptive=adaptive, eta=eta, foreach=foreach)
+        kernels.add_perturbation(srcs, ds, ms, dsts, scale, adaptive=adaptive, eta=eta, foreach=foreach)
         for p, b, x in zip(ps, spares, swap):
             if x:
                 self._backup[p] = _exchange(p, b)
@@ -704,7 +706,7 @@ class SAM(Optimizer):
     def _restore_weights(self) -> None:
         """Every perturbed parameter back to ``w`` exactly: an exchange of storages back, or a copy."""
         copied = [p for p, x in zip(self._perturbed, self._exchanged) if not x]
-        F.restore_(copied, [self._backup[p] for p in copied], foreach=self.foreach is not False)
+        kernels.restore_(copied, [self._backup[p] for p in copied], foreach=self.foreach is not False)
         for p, x in zip(self._perturbed, self._exchanged):
             if x:
                 self._backup[p] = _exchange(p, self._backup[p])

@@ -77,6 +77,7 @@ class TrainData:
 def choose_subset(labels: Sequence[int] | np.ndarray, n: int, mode: str, seed: int, *, what: str) -> np.ndarray:
     """Sorted indices of an ``n``-element subset.
 
+    The draw is [`sparsam.data.subset_indices`][sparsam.data.subset_indices]'s (``fill_short``):
     ``mode="balanced"``: ``n // C`` per class (the first ``n % C`` classes of a seeded class
     order get one more); a class with too few images gives all it has and the shortfall is
     drawn at random from the rest. ``mode="random"``: uniformly without replacement.
@@ -88,27 +89,9 @@ def choose_subset(labels: Sequence[int] | np.ndarray, n: int, mode: str, seed: i
     total = len(labels)
     if n > total:
         raise ConfigError(f"--{what}-subset {n} is larger than the {what} set ({total} images)")
-    rng = np.random.default_rng(seed)
-    if mode == "random":
-        picked = np.sort(rng.permutation(total)[:n])
-        _warn_absent_classes(labels, picked, n, mode, what)
-        return picked
-    classes = np.unique(labels)
-    quota = np.full(len(classes), n // len(classes))
-    quota[rng.permutation(len(classes))[: n % len(classes)]] += 1
-    chosen: list[np.ndarray] = []
-    rest: list[np.ndarray] = []
-    for c, q in zip(classes, quota):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        chosen.append(idx[:q])
-        rest.append(idx[q:])
-    picked = np.concatenate(chosen)
-    short = n - len(picked)
-    if short > 0:
-        pool = np.concatenate(rest)
-        picked = np.concatenate([picked, pool[rng.permutation(len(pool))[:short]]])
-    picked = np.sort(picked)
+    from ..data import subset_indices
+
+    picked = subset_indices(labels, n, mode=mode, seed=seed)
     _warn_absent_classes(labels, picked, n, mode, what)
     return picked
 
