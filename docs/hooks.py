@@ -28,10 +28,10 @@ def trainconfig_table() -> str:
     """Every field of `TrainConfig`, grouped as `sparsam train --help` groups them: one list item per
     field with its flag, its default and its help (a list reads better than a four-column table
     whose narrow columns break identifiers)."""
-    from sparsam.train import TrainConfig
+    from sparsam.train.config import FIELDS
 
     groups: dict[str, list[str]] = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in FIELDS.values():
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -118,6 +118,10 @@ def channel_stats(images: Tensor, *, chunk: int = 4096) -> tuple[list[float], li
     return (mean / 255.0).tolist(), (var.sqrt() / 255.0).tolist()
 
 
+SUBSET_MODES: tuple[str, ...] = ("balanced", "random")
+"""How a subset is drawn: the same number per class, or uniformly at random (``mode=`` below)."""
+
+
 def subset_indices(
     labels: Sequence[int] | np.ndarray, n: int, *, mode: str = "balanced", seed: int = 0, fill_short: bool = True
 ) -> np.ndarray:
@@ -136,7 +140,7 @@ def subset_indices(
     total = len(labels)
     if not 0 <= n <= total:
         raise ValueError(f"subset size must be in [0, {total}], got {n}")
-    if mode not in ("balanced", "random"):
+    if mode not in SUBSET_MODES:
         raise ValueError(f"subset mode must be 'balanced' or 'random', got {mode!r}")
     if n == 0:
         return np.zeros(0, dtype=np.int64)

@@ -36,9 +36,9 @@ from typing import Any
 
 from torch import nn
 
-RULES = ("weight-names", "all")
+RULES = ("all", "weight-names")
 """The values of [`asam_param_groups`][sparsam.optim.asam.asam_param_groups]'s ``rule``:
-``"weight-names"`` (the official code's rule) or ``"all"`` (every parameter, as ``adaptive=True``)."""
+``"all"`` (every parameter, as ``adaptive=True``) or ``"weight-names"`` (the official code's rule)."""
 
 
 def asam_param_groups(model: nn.Module, *, rule: str = "weight-names", **group_options: Any) -> list[dict[str, Any]]:

@@ -33,7 +33,8 @@ _SAM_KEYS = ("rho", "adaptive", "eta")
 STATE_VERSION = 2
 """Version of the ``"sparsam"`` entry of the optimizers' state dicts, checked on load. Version 2
 added ``"settings"`` (a state of version 1 is read with ``settings=None``: not compared)."""
-_ASCENT_MODES = ("local", "sync")
+ASCENT_MODES = ("local", "sync")
+"""The values of ``ascent=``: each rank perturbs with its own gradient, or with the all-reduced one."""
 # Per-coordinate buffers of torch's optimizers: each has its parameter's shape (checked at load).
 _PER_COORDINATE = frozenset(
     {
@@ -244,8 +245,8 @@ class SAM(Optimizer):
             base = base_optimizer_cls(params_or_optimizer, **base_kwargs)
         if not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-        if ascent not in _ASCENT_MODES:
-            raise ValueError(f"ascent must be one of {_ASCENT_MODES}, got {ascent!r}")
+        if ascent not in ASCENT_MODES:
+            raise ValueError(f"ascent must be one of {ASCENT_MODES}, got {ascent!r}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         self._sam_defaults = {"rho": _check_rho(rho), "adaptive": adaptive, "eta": eta}

@@ -20,13 +20,15 @@ from .implicit import check_implicit_layers, is_2to4_rows, masked_input_gradient
 from .. import _sharded
 from .sam import SAM
 
-_NORMS = ("full", "masked")
+NORMS = ("full", "masked")
+"""The values of ``norm=``: the full gradient's norm (the authors') or the masked gradient's."""
 _SPARSE_ASCENT_FSDP2 = (
     "sparse_ascent=True is not supported on parameters sharded by FSDP2: a shard whose mask is all False on one "
     "rank only would leave that rank out of FSDP's gradient reduce-scatter while the others wait in it; pass "
     "sparse_ascent=False (the default under FSDP2)"
 )
-_FORMS = ("explicit", "implicit")
+FORMS = ("explicit", "implicit")
+"""The values of ``form=``: mask the perturbation, or perturb densely and mask the ascent's input gradients."""
 # How SSAM treats a parameter, decided when a mask is set (a host sync there, never in a step).
 _SKIP, _PARTIAL, _DENSE = 0, 1, 2
 
@@ -122,10 +124,10 @@ class SSAM(SAM):
         implicit_layers: str = "conv+linear",
         **kwargs: Any,
     ) -> None:
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         if form == "implicit" and model is None:
             raise ValueError("form='implicit' needs model= (the layers whose backward is masked)")
         explicit_sparse_ascent = sparse_ascent

@@ -23,7 +23,7 @@ see ``docs/design.md``) and a module ``methods/<variant>.py`` with its ``Optimiz
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -31,7 +31,6 @@ from . import esam, looksam, msam, sam, ssam
 from ._spec import (
     FAMILIES,
     REFERENCES,
-    SAM_KEYS,
     BuildContext,
     MaskSpec,
     MethodStyle,
@@ -40,7 +39,10 @@ from ._spec import (
     hex_color,
     is_scheduled,
 )
-from .sam import variant_tag
+from .esam import ESAMSettings
+from .looksam import LookSAMSettings
+from .sam import SAM_KEYS, SAMSettings, variant_tag
+from .ssam import SSAMSettings
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -154,6 +156,38 @@ def check(cfg: Settings) -> None:
         raise ConfigError(f"--adaptive applies to {sam_family}, got --opt {cfg.opt}")
 
 
+def _and(names: Iterable[str]) -> str:
+    """``a, b and c``."""
+    items = list(names)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def check_fsdp(cfg: Settings) -> None:
+    """What ``--fsdp`` supports (docs/scaling.md): the methods whose specs say ``fsdp=True`` (each enabled
+    once tests/test_fsdp.py checked it), the synchronised ascent, and their specs' own ``fsdp_check``."""
+    opt, mask = _parts(cfg)
+    if opt is None or not opt.fsdp:
+        raise ConfigError(
+            f"--fsdp supports --opt {_and(n for n, o in OPTIMIZERS.items() if o.fsdp)}, got --opt {cfg.opt} "
+            "(use DDP: drop --fsdp)"
+        )
+    if mask is not None and not mask.fsdp:
+        raise ConfigError(
+            f"--fsdp with --opt {cfg.opt} supports --mask {_and(n for n, m in MASKS.items() if m.fsdp)}, "
+            f"got --mask {cfg.mask} (not tested on sharded parameters; use DDP)"
+        )
+    if "ascent" in opt.owns and cfg.ascent != "sync":
+        raise ConfigError(
+            f"--fsdp needs --ascent sync (its default), got --ascent {cfg.ascent}: FSDP reduce-scatters every "
+            "gradient, so a rank only holds its shard of the averaged gradient and no per-rank ascent exists"
+        )
+    # --sam-every/--sam-start/--rho-ramp decide per step whether it perturbs (the same on every rank);
+    # --ascent-fraction: every rank runs pass 1 on its first fraction, so FSDP's reduce-scatter pairs up.
+    for spec in (mask, opt):
+        if spec is not None and spec.fsdp_check is not None:
+            spec.fsdp_check(cfg)
+
+
 def fsdp_runs(cfg: Settings) -> bool:
     """Does the method of ``cfg`` run under ``--fsdp`` (its optimizer, and its mask if it takes one)?"""
     opt, mask = _parts(cfg)
@@ -179,12 +213,17 @@ __all__ = [
     "SAM_KEYS",
     "SPARSE_METHODS",
     "BuildContext",
+    "ESAMSettings",
+    "LookSAMSettings",
     "MaskSpec",
     "MethodStyle",
     "OptimizerSpec",
+    "SAMSettings",
+    "SSAMSettings",
     "Settings",
     "build_optimizer",
     "check",
+    "check_fsdp",
     "fsdp_runs",
     "is_scheduled",
     "is_sparse",

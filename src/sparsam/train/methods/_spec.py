@@ -213,6 +213,7 @@ class OptimizerSpec:
         adaptive: ``--adaptive`` defaults to on.
         fsdp: it runs under ``--fsdp`` (FSDP2-sharded parameters; tested there).
         check: cross-field validation of a config with this optimizer (raise ConfigError).
+        fsdp_check: what it refuses under ``--fsdp`` beyond the shared rules (raise ConfigError).
     """
 
     name: str
@@ -225,6 +226,7 @@ class OptimizerSpec:
     adaptive: bool = False
     fsdp: bool = False
     check: Callable[[Settings], None] | None = None
+    fsdp_check: Callable[[Settings], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ class MaskSpec:
         sparse: the mask depends on ``--sparsity`` (sweeps vary it, run names show it).
         fsdp: it runs under ``--fsdp`` (tested on sharded parameters).
         check: cross-field validation of a config with this mask (raise ConfigError).
+        fsdp_check: what it refuses under ``--fsdp`` beyond the shared rules (raise ConfigError).
     """
 
     name: str
@@ -259,9 +262,4 @@ class MaskSpec:
     sparse: bool = True
     fsdp: bool = False
     check: Callable[[Settings], None] | None = None
-
-
-#: settings of every SAM-family optimizer
-SAM_KEYS = frozenset(
-    {"rho", "adaptive", "eta", "eps", "asam_rule", "ascent", "sam_every", "sam_start", "rho_ramp", "ascent_fraction"}
-)
+    fsdp_check: Callable[[Settings], None] | None = None

@@ -3,15 +3,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ._spec import SAM_KEYS, BuildContext, MaskSpec, MethodStyle, OptimizerSpec, Settings, hex_color, with_schedule
-from .sam import schedule_kwargs
+from ..fields import Range, setting
+from ._spec import BuildContext, MaskSpec, MethodStyle, OptimizerSpec, Settings, hex_color, with_schedule
+from .sam import SAM_KEYS, schedule_kwargs
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
+
+
+@dataclass
+class ESAMSettings:
+    """ESAM's settings: the weight subsets (SWP) and the data selection (SDS)."""
+
+    esam_beta: float = setting(
+        0.6,
+        "ESAM: probability that a parameter tensor is perturbed at a step (SWP)",
+        group="variants",
+        range=Range(0, 1, lo_open=True, words="a fraction"),
+    )
+    esam_gamma: float = setting(
+        0.5,
+        "ESAM: fraction of each batch whose loss rose most under the perturbation, used in pass 2 (SDS; 1 = off)",
+        group="variants",
+        range=Range(0, 1, lo_open=True, words="a fraction"),
+    )
+
+
+_ESAM_KEYS = frozenset(f.name for f in dataclasses.fields(ESAMSettings))
 
 
 def _esam(ctx: BuildContext) -> Optimizer:
@@ -44,6 +68,6 @@ OPTIMIZERS = (
         _esam,
         _esam_style,
         check=_check_esam,
-        owns=SAM_KEYS | {"esam_beta", "esam_gamma"},
+        owns=SAM_KEYS | _ESAM_KEYS,
     ),
 )

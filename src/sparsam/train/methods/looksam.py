@@ -3,12 +3,14 @@ LookSSAM (the same on SSAM's mask)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ..fields import AT_LEAST_1, NON_NEGATIVE, setting
 from ._spec import (
-    SAM_KEYS,
     BuildContext,
     MaskSpec,
     MethodStyle,
@@ -18,13 +20,36 @@ from ._spec import (
     num,
     with_schedule,
 )
-from .sam import schedule_kwargs
+from .sam import SAM_KEYS, schedule_kwargs
 from .ssam import SSAM_KEYS, mask_style, ssam_kwargs
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
-_LOOK_KEYS = frozenset({"look_k", "look_alpha", "look_per_tensor"})
+
+@dataclass
+class LookSAMSettings:
+    """LookSAM's settings: how often it runs a SAM step, and how the stored component is reused."""
+
+    look_k: int = setting(
+        5,
+        "LookSAM: a SAM step every K steps, the stored g_v reused in between",
+        group="variants",
+        metavar="K",
+        range=AT_LEAST_1,
+    )
+    look_alpha: float = setting(
+        0.7, "LookSAM: weight alpha of the reused component g_v", group="variants", range=NON_NEGATIVE
+    )
+    look_per_tensor: bool = setting(
+        False,
+        "LookSAM: project and rescale g_v per parameter tensor (the public re-implementations' form; "
+        "default: over all parameters at once, as the paper's algorithm)",
+        group="variants",
+    )
+
+
+_LOOK_KEYS = frozenset(f.name for f in dataclasses.fields(LookSAMSettings))
 
 
 def _look_kwargs(ctx: BuildContext) -> dict[str, Any]:

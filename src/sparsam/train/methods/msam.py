@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ._spec import SAM_KEYS, BuildContext, MaskSpec, MethodStyle, OptimizerSpec, Settings, hex_color, is_scheduled
+from ._spec import BuildContext, MaskSpec, MethodStyle, OptimizerSpec, Settings, hex_color, is_scheduled
+from .sam import SAM_KEYS
 from .ssam import mask_data, mask_style
 
 if TYPE_CHECKING:

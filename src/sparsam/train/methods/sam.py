@@ -3,15 +3,84 @@ and the sub-batch ascent (``--ascent-fraction``) that every SAM-family optimizer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ...optim.asam import RULES
+from ...optim.sam import ASCENT_MODES
 from ..errors import ConfigError
-from ._spec import SAM_KEYS, BuildContext, MaskSpec, MethodStyle, OptimizerSpec, Settings, hex_color, is_scheduled
+from ..fields import NON_NEGATIVE, Range, setting
+from ._spec import BuildContext, MaskSpec, MethodStyle, OptimizerSpec, Settings, hex_color, is_scheduled
 from ._spec import schedule_style as _schedule_style
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
+
+
+@dataclass
+class SAMSettings:
+    """The settings of every SAM-family optimizer: the ascent (rho, ASAM, eps, data-parallel ascent),
+    the time schedule and the sub-batch ascent. (rho, eta are checked by SAM's constructor.)"""
+
+    rho: float = setting(0.05, "SAM neighbourhood radius", group="optimizer")
+    adaptive: bool | None = setting(
+        None, "ASAM's adaptive perturbation (default: on for --opt asam only)", group="optimizer"
+    )  # the optimizers with adaptive=True below
+    eta: float = setting(0.01, "ASAM offset: T = |w| + eta", group="optimizer")
+    asam_rule: str = setting(
+        "all",
+        "which parameters ASAM scales by |w| + eta: all, or those whose name contains "
+        "'weight' (the official ASAM code; biases get the plain SAM ascent)",
+        group="optimizer",
+        choices=RULES,
+    )
+    eps: float = setting(
+        1e-12,
+        "added to the gradient norm in the perturbation rho g / (||g|| + eps) (the SSAM authors' code: 1e-7)",
+        group="optimizer",
+        range=NON_NEGATIVE,
+    )
+    ascent: str = setting(
+        "local",
+        "data parallel: each rank perturbs with its own gradient (local, SAM's m-sharpness) "
+        "or with the all-reduced one (sync; the default, and the only one, under --fsdp)",
+        group="optimizer",
+        choices=ASCENT_MODES,
+    )
+    sam_every: int = setting(
+        1,
+        "SAM's ascent on every K-th step only; the other steps run one pass (SGD's cost)",
+        group="variants",
+        metavar="K",
+        range=Range(1),
+    )
+    sam_start: float = setting(
+        0.0,
+        "SAM from this fraction of training on (late-phase SAM: 0.75 = the last quarter); before it, plain steps",
+        group="variants",
+        metavar="FRACTION",
+        range=Range(0, 1, hi_open=True, words="a fraction"),
+    )
+    rho_ramp: float = setting(
+        0.0,
+        "ramp rho linearly from rho/R to rho over R = FRACTION x training steps, from --sam-start on",
+        group="variants",
+        metavar="FRACTION",
+        range=Range(0, 1, words="a fraction"),
+    )
+    ascent_fraction: float = setting(
+        1.0,
+        "the ascent gradient from the first FRACTION of each batch (pass 1 costs that fraction; SAM's m-sharpness)",
+        group="variants",
+        metavar="FRACTION",
+        range=Range(0, 1, lo_open=True, words="a fraction"),
+    )
+
+
+#: settings of every SAM-family optimizer
+SAM_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SAMSettings))
 
 
 def schedule_kwargs(ctx: BuildContext) -> dict[str, Any]:

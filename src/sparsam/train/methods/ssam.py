@@ -6,12 +6,20 @@ name, builder, checks, the settings it owns, whether it runs under ``--fsdp`` an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ...masks.base import TIMINGS
+from ...masks.dynamic import COUNTS, DROP, GROW
+from ...masks.fisher import BN_STATS
+from ...masks.selection import BUDGETS, FILLS, GRANULARITIES, PATTERNS, parse_pattern
+from ...optim.implicit import IMPLICIT_LAYERS
+from ...optim.ssam import FORMS, NORMS
 from ..errors import ConfigError
+from ..fields import AT_LEAST_1, NON_NEGATIVE, Range, bad, setting
 from ._spec import (
-    SAM_KEYS,
     BuildContext,
     MaskSpec,
     MethodStyle,
@@ -23,7 +31,7 @@ from ._spec import (
     pct,
     schedule_style,
 )
-from .sam import schedule_kwargs
+from .sam import SAM_KEYS, schedule_kwargs
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -155,6 +163,31 @@ def _check_ssam(cfg: Settings) -> None:
         raise ConfigError("--sparse-ascent needs --form explicit: the implicit form perturbs densely")
 
 
+def _check_ssam_fsdp(cfg: Settings) -> None:
+    if cfg.form != "explicit":
+        raise ConfigError(f"--fsdp supports --form explicit only, got --form {cfg.form}")
+    if cfg.sparse_ascent or (cfg.sparse_ascent is None and cfg.norm == "masked"):
+        raise ConfigError(
+            "--fsdp cannot skip weight gradients in the ascent pass (--sparse-ascent, the default with --norm "
+            "masked): a rank whose shard is unmasked would leave FSDP's reduce-scatter; pass --no-sparse-ascent"
+        )
+
+
+def _check_fisher_fsdp(cfg: Settings) -> None:
+    if cfg.pattern == "structured" and cfg.granularity == "tensor":
+        raise ConfigError(
+            "--fsdp with --mask fisher --pattern structured needs --granularity channel: a whole tensor's mean "
+            "Fisher would be summed over the shards, whose rounding differs from one process's"
+        )
+
+
+def _check_dynamic_fsdp(cfg: Settings) -> None:
+    if cfg.dynamic_counts != "exact":
+        raise ConfigError(
+            f"--fsdp with --mask dynamic supports --dynamic-counts exact only, got --dynamic-counts {cfg.dynamic_counts}"
+        )
+
+
 # ------------------------------------------------------------------------------------------ figure style
 # Sparsity -> lightness (piecewise linear): 50% dark, 90% middle, 99% light.
 _LIGHTNESS = ((0.0, 0.2), (0.5, 0.27), (0.8, 0.38), (0.9, 0.47), (0.95, 0.55), (0.99, 0.65), (0.999, 0.74))
@@ -222,6 +255,7 @@ OPTIMIZERS = (
         uses_mask=True,
         fsdp=True,
         check=_check_ssam,
+        fsdp_check=_check_ssam_fsdp,
         owns=SAM_KEYS | SSAM_KEYS,
     ),
 )
@@ -237,6 +271,7 @@ MASKS = (
         hue=212.0,
         family="SSAM-F",
         fsdp=True,
+        fsdp_check=_check_fisher_fsdp,
         owns=_SELECTION_KEYS | {"num_samples", "true_fisher", "fisher_bn_stats", "fisher_augment"},
     ),
     MaskSpec(
@@ -249,6 +284,7 @@ MASKS = (
         family="SSAM-D",
         fsdp=True,
         check=_check_dynamic,
+        fsdp_check=_check_dynamic_fsdp,
         owns=frozenset(
             {
                 "sparsity",
@@ -276,3 +312,114 @@ MASKS = (
         check=_check_unstructured_only("has no pattern (it perturbs whole normalisation layers)"),
     ),
 )
+
+
+# ------------------------------------------------------------------------------------------ the settings
+@dataclass
+class SSAMSettings:
+    """The settings of SSAM and of the optimizers that take its mask: the mask source, its selection
+    (sparsity, pattern, budget, ...), its updates, the Fisher and dynamic sources' own settings, and the
+    form and norm of the perturbation. (dynamic_alpha is checked by DynamicMask.)"""
+
+    sparsity: float = setting(
+        0.5,
+        "SSAM: fraction of coordinates NOT perturbed",
+        group="ssam",
+        range=Range(0, 1, hi_open=True, note="the fraction of coordinates NOT perturbed"),
+    )
+    mask: str = setting(
+        "fisher",
+        "SSAM mask source: " + ", ".join(m.help for m in MASKS),
+        group="ssam",
+        choices=[m.name for m in MASKS],
+    )
+    pattern: str = setting("unstructured", "mask pattern", group="ssam", choices=PATTERNS)
+    granularity: str = setting(
+        "tensor", "structured pattern unit: whole tensors or output channels", group="ssam", choices=GRANULARITIES
+    )
+    nm: str = setting("2:4", "N:M pattern (with --pattern nm): keep N of every M weights", group="ssam", metavar="N:M")
+    budget: str = setting("global", "one budget over all parameters, or one per layer", group="ssam", choices=BUDGETS)
+    form: str = setting(
+        "explicit",
+        "explicit: mask the perturbation; implicit: dense perturbation, masked input gradients in the ascent backward",
+        group="ssam",
+        choices=FORMS,
+    )
+    norm: str = setting(
+        "full",
+        "perturbation norm: full gradient (the authors') or masked gradient (||e|| = rho)",
+        group="ssam",
+        choices=NORMS,
+    )
+    sparse_ascent: bool | None = setting(
+        None,
+        "skip weight gradients of unperturbed tensors in the ascent pass (default: on with --norm masked)",
+        group="ssam",
+    )
+    num_samples: int = setting(128, "SSAM-F: Ns, samples of the Fisher information", group="ssam", range=AT_LEAST_1)
+    mask_update_epochs: int = setting(
+        1, "update the mask every this many epochs (0: never)", group="ssam", range=NON_NEGATIVE
+    )
+    dynamic_alpha: float = setting(0.5, "SSAM-D: initial drop rate alpha of the cosine schedule", group="ssam")
+    grow: str = setting(
+        "random", "SSAM-D: grow at random, by largest |g| or by largest |w|", group="ssam", choices=GROW
+    )
+    drop: str = setting(
+        "gradient", "SSAM-D: drop the smallest |g|, the smallest |w| or at random", group="ssam", choices=DROP
+    )
+    mask_timing: str = setting(
+        "before-step",
+        "when masks are made: before-step (first mask before step 0, new masks "
+        "serve the step they are made at) or after-step (the authors': SSAM-F starts all-zero so "
+        "only step 0 is unperturbed, each mask is made after the step and serves from the next)",
+        group="ssam",
+        choices=TIMINGS,
+    )
+    fill: str = setting(
+        "first-fit",
+        "structured pattern: meet the global budget first-fit (never exceeds it) or "
+        "overshoot (the authors': whole tensors by decreasing mean until the budget is reached)",
+        group="ssam",
+        choices=FILLS,
+    )
+    implicit_layers: str = setting(
+        "conv+linear",
+        "implicit form: the layers whose input gradient is masked (conv = the authors' --samconv)",
+        group="ssam",
+        choices=IMPLICIT_LAYERS,
+    )
+    dynamic_counts: str = setting(
+        "exact",
+        "SSAM-D: exact keeps round((1 - s) N) perturbed coordinates at every update; nominal counts as the "
+        "authors' code (N - ceil(N s) at first, then keeps int(L (1 - dr)) and grows int(min(L dr, N s)), "
+        "L = N - N s, so the count can end one short)",
+        group="ssam",
+        choices=COUNTS,
+    )
+    fisher_augment: bool = setting(
+        False,
+        "SSAM-F: draw the Fisher samples from the augmented training images (the authors'), not the plain ones",
+        group="ssam",
+    )
+    true_fisher: bool = setting(
+        False, "SSAM-F: sample labels from the model (true Fisher) instead of the targets", group="ssam"
+    )
+    fisher_bn_stats: str = setting(
+        "running", "SSAM-F: BatchNorm statistics of the per-sample passes", group="ssam", choices=BN_STATS
+    )
+
+    def nm_pair(self) -> tuple[int, int]:
+        """(N, M) of ``--nm``, parsed as the mask selection parses patterns; ConfigError naming the value."""
+        try:
+            kind, n, m = parse_pattern(self.nm)
+        except (ValueError, TypeError) as e:
+            if str(e).startswith("N:M needs"):
+                raise bad("nm", self.nm, "needs 1 <= N <= M") from None
+            kind, n, m = "", None, None
+        if kind != "nm" or n is None or m is None:
+            raise bad("nm", self.nm, "must look like N:M, e.g. 2:4")
+        return n, m
+
+
+# every key an SSAM optimizer or a mask source owns is one of these settings
+assert SSAM_KEYS.union(*(m.owns for m in MASKS)) <= {f.name for f in dataclasses.fields(SSAMSettings)}
