@@ -3,7 +3,7 @@ defaults < preset < config file < command-line flags.
 
 Every field of [`TrainConfig`][sparsam.train.TrainConfig] is also a command-line flag (``batch_size`` ->
 ``--batch-size``); the parser is built from the dataclass, so a new option is one field (a
-[`setting`][sparsam.train.fields.setting] with its help, group, choices and range). The settings of a
+``setting`` with its help, group, choices and range). The settings of a
 method family live in its module of ``sparsam.train.methods`` (``SAMSettings``, ``SSAMSettings``,
 ``LookSAMSettings``, ``ESAMSettings``), which ``TrainConfig`` inherits; the fields here are those every
 method shares. Fields marked ``identity=False`` are *run control* (where to write, progress bar, how

@@ -1,10 +1,10 @@
 """How a setting of [`TrainConfig`][sparsam.train.TrainConfig] is declared, and the generic machinery
 that reads the declarations: each value's type and coercion, its range check, and its flag.
 
-A setting is a dataclass field made by [`setting`][sparsam.train.fields.setting]: its help, its
+A setting is a dataclass field made by ``setting``: its help, its
 ``--help`` group, its choices (import them from the module that defines them), whether it is part of
-the run's identity, and its numeric range (a [`Range`][sparsam.train.fields.Range]), which
-[`check_ranges`][sparsam.train.fields.check_ranges] checks for every field in one loop.
+the run's identity, and its numeric range (a ``Range``), which
+``check_ranges`` checks for every field in one loop.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ mask, ``<optimizer>-<mask short name>`` (``ssam-f`` = ``--opt ssam --mask fisher
 Adding a mask source: write it in ``sparsam/masks/`` and add one ``MaskSpec`` to ``MASKS`` in
 ``methods/ssam.py``. Adding a SAM variant: write the optimizer (a [`SAM`][sparsam.SAM] subclass,
 see ``docs/design.md``) and a module ``methods/<variant>.py`` with its ``OptimizerSpec``, listed in
-``_FAMILIES`` below. Settings of its own are fields of ``TrainConfig``, named in ``owns``.
+``_FAMILIES`` below. Settings of its own are a settings dataclass in that module (``SAMSettings``,
+``SSAMSettings``, ...: fields made with ``train.fields.setting``, choices imported from the core, numeric
+ranges declared), which ``TrainConfig`` inherits; its ``owns`` names them.
 """
 
 from __future__ import annotations
