@@ -118,7 +118,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparsam.train.figures import method_style
+    from sparsam.runs.figures import method_style
 
     settings = {
         "sgd": {"opt": "sgd"},

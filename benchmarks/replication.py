@@ -246,7 +246,7 @@ def figures(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparsam.train.figures import method_style
+    from sparsam.runs.figures import method_style
 
     settings = {
         "sgd": {"opt": "sgd"},

@@ -215,7 +215,7 @@ def _styles(runs: dict[tuple[str, int], dict[str, Any]], cfgs: list[str]) -> dic
     """(colour, label) of each configuration, from sparsam's method palette; two configurations of
     one method (LookSAM at two α, ESAM with and without data selection) are told apart by the
     setting that differs, in words, and a colour is not repeated."""
-    from sparsam.train.figures import method_styles
+    from sparsam.runs.figures import method_styles
 
     settings = [next(v["settings"] for (c, _), v in runs.items() if c == cfg) for cfg in cfgs]
     styles = method_styles(settings, keys=_LABEL_KEYS)

@@ -180,7 +180,7 @@ def test_plots_write_non_empty_png_and_pdf(tmp_path):
 
 
 def test_run_colours_never_repeat_and_legends_lie_beside_the_data(tmp_path, monkeypatch):
-    from sparsam.train.figures import method_style
+    from sparsam.runs.figures import method_style
 
     figs = []
     save = plots._save

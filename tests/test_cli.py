@@ -239,8 +239,8 @@ def test_report_table_csv_and_plots(two_runs, capsys):
 
 
 def test_report_mean_and_std_over_seeds(tmp_path):
-    from sparsam.train.tables import summarize, to_markdown
-    from sparsam.train.rundir import RunRecord
+    from sparsam.runs.tables import summarize, to_markdown
+    from sparsam.runs.rundir import RunRecord
 
     def record(seed, accs, times):
         cfg = {**TrainConfig(opt="sam", epochs=3).to_dict(), "seed": seed}
@@ -344,8 +344,8 @@ def test_sweep_grid_file_and_family(tmp_path, capsys):
 
 
 def test_report_time_to_reach_sgds_final_accuracy(tmp_path):
-    from sparsam.train.tables import summarize, to_markdown
-    from sparsam.train.rundir import RunRecord
+    from sparsam.runs.tables import summarize, to_markdown
+    from sparsam.runs.rundir import RunRecord
 
     def record(opt, seed, accs, times):
         cfg = {**TrainConfig(opt=opt, epochs=len(accs)).to_dict(), "seed": seed}

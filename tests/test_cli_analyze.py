@@ -165,7 +165,7 @@ def test_figures_take_each_runs_method_style(runs, tmp_path, monkeypatch):
     """The landscape, training-curve, spectrum and mask-density figures colour and name each run by its
     method, as the report does."""
     from sparsam.analysis import plots
-    from sparsam.train.figures import method_style
+    from sparsam.runs.figures import method_style
 
     seen: dict[str, dict] = {}
     figures = ("plot_landscape_1d", "plot_training_curves", "plot_spectra", "plot_mask_density")

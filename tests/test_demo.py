@@ -11,8 +11,8 @@ import pytest
 from sparsam.__main__ import main
 from sparsam.cli.demo import differences, is_demo_run, significance
 from sparsam.train import build_config, train
-from sparsam.train.rundir import RunRecord
-from sparsam.train.tables import paired_difference, summarize
+from sparsam.runs.rundir import RunRecord
+from sparsam.runs.tables import paired_difference, summarize
 
 from .test_train_engine import TINY, metrics
 
@@ -107,7 +107,7 @@ def test_demo_clears_its_own_runs_of_other_seeds_and_methods(demo_root, capsys):
     )
     out = capsys.readouterr().out
     assert "With one seed no difference can be told from seed noise" not in out  # only SGD: nothing to compare
-    from sparsam.train.rundir import find_runs
+    from sparsam.runs.rundir import find_runs
 
     assert find_runs([str(demo_root)]) == [(demo_root / "sgd" / "seed0").resolve()]
     assert not (demo_root / "ssam-f").exists()

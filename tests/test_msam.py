@@ -535,7 +535,7 @@ def test_cli_refuses_what_msam_has_no_use_for():
 
 def test_figures_draw_msam_in_its_own_colour():
     from sparsam.train import methods as M
-    from sparsam.train.figures import method_style
+    from sparsam.runs.figures import method_style
 
     msam = method_style({"opt": "msam"})
     sparse = method_style({"opt": "smsam", "mask": "fisher", "sparsity": 0.5})

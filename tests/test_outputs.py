@@ -9,8 +9,8 @@ import io
 import pytest
 
 from sparsam.train import build_config
-from sparsam.train.rundir import RunRecord
-from sparsam.train.tables import sig3, summarize, to_csv, to_latex, to_markdown
+from sparsam.runs.rundir import RunRecord
+from sparsam.runs.tables import sig3, summarize, to_csv, to_latex, to_markdown
 
 
 def _run(tmp_path, opt, seed, accs, epoch_time, **extra):
@@ -79,7 +79,7 @@ def test_latex_is_booktabs_with_the_markdown_numbers(rows):
 
 def test_accuracy_figure_formats_integer_epochs_and_a_title_inside(tmp_path, rows):
     pytest.importorskip("matplotlib")
-    from sparsam.train.figures import plot_accuracy
+    from sparsam.runs.figures import plot_accuracy
 
     groups = [r["group"] for r in rows[1]]
     title = "a long title that would run off a narrow one-panel figure on both of its sides if it were not wrapped"

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import torch
 
-from sparsam.train.checkpoint import (
+from sparsam.runs.checkpoint import (
     load_checkpoint,
     read_torch_file,
     remove_stale_temp_files,
@@ -20,7 +20,7 @@ from sparsam.train.checkpoint import (
     save_torch_file,
 )
 from sparsam.train.errors import CheckpointError
-from sparsam.train.rundir import clear
+from sparsam.runs.rundir import clear
 
 PAYLOAD = {
     "epoch": 1,
@@ -103,7 +103,7 @@ def test_a_full_disk_gives_a_clear_error_keeps_the_old_file_and_no_tmp(tmp_path,
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, PAYLOAD)
     before = path.read_bytes()
-    import sparsam.train.checkpoint as ck
+    import sparsam.runs.checkpoint as ck
 
     real = ck._WriteRecorder.__init__
 

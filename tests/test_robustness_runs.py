@@ -84,7 +84,7 @@ def _hold_lock(path: Path, kind: str) -> subprocess.Popen:
     """A second process that holds the lock of ``path`` until its stdin closes."""
     code = textwrap.dedent(f"""
         import sys
-        from sparsam.train.rundir import lock_dir
+        from sparsam.runs.rundir import lock_dir
         lock = lock_dir({str(path)!r}, kind={kind!r})
         print("locked", flush=True)
         sys.stdin.read()
@@ -116,7 +116,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(run_a, tmp_path, 
 
 
 def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
-    from sparsam.train.rundir import lock_dir
+    from sparsam.runs.rundir import lock_dir
 
     holder = _hold_lock(tmp_path / "r", "run")
     holder.send_signal(signal.SIGKILL)
@@ -129,7 +129,7 @@ def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
 def test_a_training_run_holds_its_lock_for_its_lifetime(tmp_path, capsys):
     from sparsam.train import build_config, train
     from sparsam.train.errors import RunDirError
-    from sparsam.train.rundir import lock_dir
+    from sparsam.runs.rundir import lock_dir
 
     out = tmp_path / "r"
     seen = []

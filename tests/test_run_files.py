@@ -239,7 +239,7 @@ def test_a_read_only_out_is_one_line_for_train_resume_and_report(run_a, tmp_path
 
 
 def test_a_full_disk_before_config_json_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    from sparsam.train import checkpoint as ck
+    from sparsam.runs import checkpoint as ck
 
     real = ck.atomic_write
 

@@ -1,4 +1,4 @@
-"""The training wing's figures: one fixed style per method (sparsam.train.figures.method_style)."""
+"""The training wing's figures: one fixed style per method (sparsam.runs.figures.method_style)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import colorsys
 import pytest
 
 from sparsam.train import TrainConfig
-from sparsam.train.figures import method_style, method_styles
+from sparsam.runs.figures import method_style, method_styles
 
 W = {"epochs": 20, "weight_decay": 1e-3}
 # The regime study's grid (benchmarks/cifar_study.sh): method settings -> the label in words.
@@ -109,7 +109,7 @@ def test_patterns_and_settings_that_differ():
 
 # ------------------------------------------------------------------------------------------ plot_accuracy
 def runs_of(settings, seeds=(0, 1), epochs=5, compute=True, data="/d/cifar10", model="resnet18"):
-    from sparsam.train.rundir import RunRecord
+    from sparsam.runs.rundir import RunRecord
 
     out = []
     for seed in seeds:
@@ -129,7 +129,7 @@ def runs_of(settings, seeds=(0, 1), epochs=5, compute=True, data="/d/cifar10", m
 
 
 def study_groups(**kw):
-    from sparsam.train.tables import group_runs
+    from sparsam.runs.tables import group_runs
 
     return group_runs([r for s, _ in GRID for r in runs_of({**s, "epochs": s.get("epochs", 5)}, **kw)])
 
@@ -140,7 +140,7 @@ def visible_axes(fig):
 
 def test_small_multiples_with_the_references_in_every_panel(tmp_path):
     pytest.importorskip("matplotlib")
-    from sparsam.train.figures import plot_accuracy
+    from sparsam.runs.figures import plot_accuracy
 
     fig = plot_accuracy(study_groups(), tmp_path / "acc.png", x="epoch", varying=["epochs", "weight_decay"])
     assert (tmp_path / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -176,8 +176,8 @@ def test_small_multiples_with_the_references_in_every_panel(tmp_path):
 
 def test_compute_leaves_out_groups_without_a_record_and_rows_per_pair(tmp_path):
     pytest.importorskip("matplotlib")
-    from sparsam.train.figures import plot_accuracy
-    from sparsam.train.tables import group_runs
+    from sparsam.runs.figures import plot_accuracy
+    from sparsam.runs.tables import group_runs
 
     runs = runs_of({"opt": "sgd"}) + runs_of({"opt": "sam"}, compute=False)
     runs += runs_of({"opt": "ssam", "mask": "fisher", "sparsity": 0.5})
@@ -202,8 +202,8 @@ def test_compute_leaves_out_groups_without_a_record_and_rows_per_pair(tmp_path):
 
 def test_a_large_family_is_split_and_patterns_get_their_own_panel(tmp_path):
     pytest.importorskip("matplotlib")
-    from sparsam.train.figures import plot_accuracy
-    from sparsam.train.tables import group_runs
+    from sparsam.runs.figures import plot_accuracy
+    from sparsam.runs.tables import group_runs
 
     f = {"opt": "ssam", "mask": "fisher"}
     runs = runs_of({"opt": "sgd"}, seeds=(0,)) + runs_of({"opt": "sam"}, seeds=(0,))
@@ -226,8 +226,8 @@ def test_a_large_family_is_split_and_patterns_get_their_own_panel(tmp_path):
 
 def test_few_lines_share_one_panel_and_an_empty_figure_says_why(tmp_path):
     pytest.importorskip("matplotlib")
-    from sparsam.train.figures import plot_accuracy
-    from sparsam.train.tables import group_runs
+    from sparsam.runs.figures import plot_accuracy
+    from sparsam.runs.tables import group_runs
 
     settings = [{"opt": "sgd"}, {"opt": "sam"}, {"opt": "ssam", "mask": "fisher"}, {"opt": "ssam", "mask": "dynamic"}]
     groups = group_runs([r for s in settings for r in runs_of(s, seeds=(0,))])

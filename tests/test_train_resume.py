@@ -11,7 +11,7 @@ import torch
 
 from sparsam.__main__ import main
 from sparsam.train import CheckpointError, RunDirError, train
-from sparsam.train.checkpoint import load_checkpoint
+from sparsam.runs.checkpoint import load_checkpoint
 
 from .test_train_engine import metrics, tiny
 

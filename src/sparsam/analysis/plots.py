@@ -64,7 +64,7 @@ def _runs(obj: Mapping[str, Any], single_key: str) -> Mapping[str, Any]:
 
 
 # Colours of runs whose method is not known: distinct, none grey or black (SGD's and SAM's colours in
-# ``sparsam.train.figures.method_style``); beyond these, evenly spaced hues.
+# ``sparsam.runs.figures.method_style``); beyond these, evenly spaced hues.
 _RUN_COLORS = (
     "#1f77b4",
     "#ff7f0e",
@@ -85,7 +85,7 @@ _RUN_COLORS = (
 
 def _run_styles(names: Sequence[str], styles: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Line style and label of each run: from ``styles[name]`` (any object with ``color`` and
-    ``label``, and optionally ``linestyle`` and ``marker``: a ``sparsam.train.figures.MethodStyle``),
+    ``label``, and optionally ``linestyle`` and ``marker``: a ``sparsam.runs.figures.MethodStyle``),
     else a colour no other run of the figure has, and the run's name."""
     import colorsys
 
@@ -134,7 +134,7 @@ def plot_landscape_1d(
         runs: ``{run name: {"alphas": [...], "losses": [...]}}`` (or one such dict).
         log: logarithmic loss axis.
         styles: ``{run name: style}``, a style being any object with ``color`` and ``label``
-            (``sparsam.train.figures.method_style`` of the run's configuration gives the project's
+            (``sparsam.runs.figures.method_style`` of the run's configuration gives the project's
             colour and words for its method); runs without one get a colour no other run has.
     """
     results = _runs(runs, "alphas")

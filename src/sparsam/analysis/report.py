@@ -32,7 +32,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _summary_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    from ..train.tables import sig3  # here, not at import: sparsam.analysis stays light
+    from ..runs.tables import sig3  # here, not at import: sparsam.analysis stays light
 
     cols = [
         ("top eigenvalue", lambda r: r.get("top_eigenvalues", [None])[0] if r.get("top_eigenvalues") else None),
@@ -95,7 +95,7 @@ def write_report(
     for run, r in results.items():
         if not isinstance(r, Mapping):
             raise ValueError(f"results[{run!r}] must be a dict of results, got {type(r).__name__}")
-    from ..train.checkpoint import write_text
+    from ..runs.checkpoint import write_text
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

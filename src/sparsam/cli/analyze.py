@@ -37,7 +37,7 @@ class Target:
 
 def resolve_targets(paths: list[str], weights: str) -> list[Target]:
     """Run directories, folders of runs and checkpoint files -> one ``Target`` each."""
-    from ..train.rundir import CONFIG, find_runs
+    from ..runs.rundir import CONFIG, find_runs
 
     targets: list[Target] = []
     for raw in paths:
@@ -77,9 +77,9 @@ def resolve_targets(paths: list[str], weights: str) -> list[Target]:
 
 def _load(target: Target) -> tuple[dict[str, Any], dict[str, Any]]:
     """(saved configuration dict, checkpoint dict) of a target."""
-    from ..train.checkpoint import read_torch_file
+    from ..runs.checkpoint import read_torch_file
     from ..train.errors import CheckpointError
-    from ..train.rundir import CONFIG, read_run_config
+    from ..runs.rundir import CONFIG, read_run_config
 
     try:  # checkpoint.pt (sparsam training checkpoint) or best_model.pt ({"model", "epoch", "test_acc"})
         ckpt = read_torch_file(target.weights, map_location="cpu")
@@ -118,8 +118,8 @@ def _named_masks(ckpt: dict[str, Any], model: Any) -> dict[str, Any] | None:
 def _method_styles(targets: list[Target]) -> dict[str, Any]:
     """{run name: the project's colour and words for its method} of the targets with a saved
     configuration (the figures give the others colours of their own)."""
-    from ..train.figures import method_styles
-    from ..train.rundir import read_run_config
+    from ..runs.figures import method_styles
+    from ..runs.rundir import read_run_config
 
     named = []
     for t in targets:
@@ -141,7 +141,7 @@ def analyze_target(target: Target, args: argparse.Namespace, say: Any) -> dict[s
     from ..models import create_model
     from ..train.config import build_config
     from ..train.loaders import build_data
-    from ..train.rundir import read_metrics
+    from ..runs.rundir import read_metrics
 
     saved, ckpt = _load(target)
     try:
@@ -368,7 +368,7 @@ def main(argv: list[str], prog: str = "sparsam analyze") -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     targets = resolve_targets(args.paths, args.weights)
-    from ..train.rundir import load_run, resolve_dir
+    from ..runs.rundir import load_run, resolve_dir
 
     for t in targets:  # every run file checked before any work: the first bad line or key stops here
         if t.run_dir is not None:

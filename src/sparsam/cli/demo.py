@@ -60,7 +60,7 @@ def check_out(out: Path, targets: list[Path]) -> list[Path]:
     """Refuse an ``out`` that holds a training run the demo did not make (``UserError`` naming it
     and saying how to proceed); return the demo's own earlier runs there that this demo will not
     rewrite (other methods or seeds, the one-seed layout ``OUT/<method>``), to be cleared."""
-    from ..train.rundir import CONFIG, find_runs
+    from ..runs.rundir import CONFIG, find_runs
 
     if (out / CONFIG).is_file() and not is_demo_run(out):
         raise UserError(
@@ -82,7 +82,7 @@ def check_out(out: Path, targets: list[Path]) -> list[Path]:
 
 def _clear_run(run: Path) -> None:
     """Remove a demo run's files, and its folder (and an emptied method folder) if nothing else is there."""
-    from ..train import rundir
+    from ..runs import rundir
 
     rundir.clear(run)
     for d in (run, run.parent):
@@ -134,8 +134,8 @@ def differences(rows: list[dict[str, Any]], ref: str = "SGD") -> list[str]:
     ``ref`` (SGD), and between each SSAM and SAM, over the seeds both have; a difference is called
     more than seed noise when its 95% t-interval over the seeds leaves out zero (at the edge when the
     interval's near end rounds to zero at two decimals)."""
-    from ..train.figures import method_styles
-    from ..train.tables import paired_difference
+    from ..runs.figures import method_styles
+    from ..runs.tables import paired_difference
 
     groups = [r["group"] for r in rows]
     labels = [s.label for s in method_styles([g.settings for g in groups])]
@@ -223,7 +223,7 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
 
     from ..train.engine import train
     from ..train.presets import get_preset, list_presets
-    from ..train.rundir import resolve_dir
+    from ..runs.rundir import resolve_dir
 
     methods = list(dict.fromkeys(m for m in args.methods.replace(" ", "").split(",") if m))
     if not methods:
@@ -281,8 +281,8 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
         )
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
-    from ..train import rundir
-    from ..train.tables import summarize, to_markdown
+    from ..runs import rundir
+    from ..runs.tables import summarize, to_markdown
 
     runs = [rundir.load_run(Path(str(configs[m, s].out))) for m in methods for s in seeds]
     varying, rows = summarize(runs)
@@ -294,8 +294,8 @@ def main(argv: list[str], prog: str = "sparsam demo") -> int:
     )
     print("\n".join(differences(rows)))
     if args.plot:
-        from ..train.figures import plot_accuracy
-        from ..train.tables import curves
+        from ..runs.figures import plot_accuracy
+        from ..runs.tables import curves
 
         paths = [out / f"demo.{fmt}" for fmt in formats]
         # the accuracy axis spans the last three quarters of training (where the methods part), not epoch 1

@@ -41,9 +41,9 @@ def write_runs_report(
     """Write ``report.md``, ``report.csv``, ``report.tex`` (a booktabs table) and (with ``plots``)
     ``acc_vs_epoch``, ``acc_vs_time`` and ``acc_vs_compute`` in each of ``formats`` into ``out``;
     return the Markdown table."""
-    from ..train.checkpoint import write_text
-    from ..train.rundir import find_runs, load_run, resolve_dir
-    from ..train.tables import summarize, to_csv, to_latex, to_markdown
+    from ..runs.checkpoint import write_text
+    from ..runs.rundir import find_runs, load_run, resolve_dir
+    from ..runs.tables import summarize, to_csv, to_latex, to_markdown
 
     dirs = find_runs(paths)
     if not dirs:
@@ -75,7 +75,7 @@ def write_runs_report(
     write_text(out / "report.csv", to_csv(varying, rows), what="report")
     write_text(out / "report.tex", to_latex(varying, rows, caption=title), what="report")
     if plots:
-        from ..train.figures import plot_accuracy
+        from ..runs.figures import plot_accuracy
 
         groups = [r["group"] for r in rows]
         for name in FIGURES:

@@ -175,7 +175,7 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
     runs = plan(args.root, methods, sparsities, seeds, layers, family)
 
     from ..train import distributed as D
-    from ..train import rundir
+    from ..runs import rundir
     from ..train.engine import train
 
     rundir.resolve_dir(args.root, flag="--root")  # not a file, nor under one
@@ -217,7 +217,7 @@ def main(argv: list[str], prog: str = "sparsam sweep") -> int:
 
 def _changed_settings(runs: list[SweepRun], states: dict[str, str]) -> dict[str, list[str]]:
     """{run name: ["--flag: saved X, now Y", ...]} for every run directory made with other settings."""
-    from ..train import rundir
+    from ..runs import rundir
 
     changed: dict[str, list[str]] = {}
     for r in runs:

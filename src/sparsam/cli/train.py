@@ -75,7 +75,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """The run's config. With --resume the saved config of the run replaces the defaults, so
     `--resume DIR` alone continues exactly; flags that contradict it are reported by the engine."""
-    from ..train import rundir
+    from ..runs import rundir
 
     layers = config_layers(args)
     cfg = build_config(layers)

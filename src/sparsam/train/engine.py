@@ -3,7 +3,7 @@
     open the run directory -> data -> model -> optimizer, schedule, scaler -> [restore checkpoint]
     -> for each epoch: train steps, evaluate, record (metrics, best model, checkpoint) -> summary
 
-The run directory's bookkeeping lives in ``sparsam.train.run.Run``; what happens in one step
+The run directory's bookkeeping lives in ``sparsam.runs.run.Run``; what happens in one step
 is the optimizer's: ``opt.step(closure)`` calls the closure once per pass (twice for SAM/SSAM,
 see ``docs/design.md``). The closure runs the ``--accum`` micro-batches under autocast, scales
 the loss for the GradScaler, lets DDP all-reduce on the last micro-batch only, and adds the
@@ -37,13 +37,13 @@ from .. import _sharded
 from ..optim.passes import ASCENT, MEASURE, pass_batch, pass_loss
 from ..optim.plain import PlainStep
 from ..optim.sam import SAM
+from ..runs.run import EpochMeter, Run, RunResult, locked_run_dir
 from . import distributed as D
 from . import sharding
 from .build import build_optimizer_and_base, build_scheduler
 from .config import TrainConfig, test_epochs
 from .errors import ConfigError, UserError
 from .loaders import TrainData, batch_per_rank, build_data
-from .run import EpochMeter, Run, RunResult, locked_run_dir
 
 DEBUG_DUMP_ENV = "SPARSAM_DEBUG_RANK_DUMP"
 
@@ -57,7 +57,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     argv: list[str] | None = None,
 ) -> RunResult:
-    """Train as ``cfg`` says, writing the run directory ``cfg.out`` (see ``sparsam.train.rundir``).
+    """Train as ``cfg`` says, writing the run directory ``cfg.out`` (see ``sparsam.runs.rundir``).
 
     Args:
         cfg: a validated configuration

@@ -102,7 +102,7 @@ def method_label(values: Any) -> str:
 
 def method_style(settings: Mapping[str, Any]) -> MethodStyle:
     """The figure style of a run's method from the identity settings that matter for it (see
-    ``sparsam.train.figures.method_style``, which picks them from a config)."""
+    ``sparsam.runs.figures.method_style``, which picks them from a config)."""
     opt, mask = _parts(dict(settings))
     if opt is None:  # an optimizer this version does not know: a stable colour from its name
         name = str(settings.get("opt", "sgd"))

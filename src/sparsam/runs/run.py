@@ -4,7 +4,7 @@
 into the model, optimizer, schedule and scaler, writes ``config.json``, and at the end of every
 epoch the metrics line, the best model and the checkpoint; an interrupted epoch is saved as a
 partial checkpoint; a finished run gets ``summary.json``. The files are described in
-``sparsam.train.rundir``. Rank 0 writes; every rank holds the same ``Progress``.
+``sparsam.runs.rundir``. Rank 0 writes; every rank holds the same ``Progress``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import distributed as D
+from ..train import distributed as D
+from ..train.config import TrainConfig, diff_identity
+from ..train.errors import CheckpointError, ConfigError, RunDirError
 from . import rundir
 from .checkpoint import (
     load_checkpoint,
@@ -33,8 +35,6 @@ from .checkpoint import (
     set_rng_state,
     write_json,
 )
-from .config import TrainConfig, diff_identity
-from .errors import CheckpointError, ConfigError, RunDirError
 from .schema import read_summary
 
 

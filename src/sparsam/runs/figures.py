@@ -19,10 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import methods
-from .config import IDENTITY_KEYS
-from .methods import FAMILIES, MethodStyle, relevant
-from .methods._spec import hex_color as _hex
+from ..train import methods
+from ..train.config import IDENTITY_KEYS
+from ..train.methods import FAMILIES, MethodStyle, relevant
+from ..train.methods._spec import hex_color as _hex
 from .tables import Group, curves
 
 
@@ -61,7 +61,7 @@ def method_style(settings: Mapping[str, Any]) -> MethodStyle:
         repeating within one figure.
 
     ```python
-    from sparsam.train.figures import method_style
+    from sparsam.runs.figures import method_style
 
     style = method_style({"opt": "ssam", "mask": "fisher", "sparsity": 0.5})
     assert style.label == "SSAM-F, 50%" and style.family == "SSAM-F"
@@ -182,7 +182,7 @@ def _figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Any, A
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        from .errors import UserError
+        from ..train.errors import UserError
 
         raise UserError(
             "plots need matplotlib (pip install matplotlib, or sparsam[cli]); pass --no-plots to skip them"
@@ -301,7 +301,7 @@ def plot_accuracy(
     (``method_style``); the legends lie below the panels and the title states the number of seeds.
 
     Args:
-        groups: report groups (``sparsam.train.tables.group_runs``).
+        groups: report groups (``sparsam.runs.tables.group_runs``).
         path: the PNG to write.
         x: ``"epoch"``, ``"time"`` (cumulative training time in s, evaluation excluded) or
             ``"compute"`` (training compute in SGD-step equivalents, counted by the optimizer;

@@ -43,7 +43,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .errors import CheckpointError, damaged_file_advice as _advice
+from ..train.errors import CheckpointError
+from ..train.errors import damaged_file_advice as _advice
 
 FORMAT = "sparsam-checkpoint"
 FORMAT_VERSION = 1

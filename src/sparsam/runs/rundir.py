@@ -2,7 +2,7 @@
 
 Layout (every file is written atomically: to a temporary file in the same folder, flushed to disk
 and renamed into place; ``metrics.jsonl`` is rewritten so once per epoch). Readers check each file
-against its schema (``sparsam.train.schema``).
+against its schema (``sparsam.runs.schema``).
 
 ```text
 RUN_DIR/
@@ -11,7 +11,7 @@ RUN_DIR/
                     "device", "data": {name, num_classes, in_channels, image_size,
                     train_size, test_size, augment, mode, steps_per_epoch, mean, std}}
   metrics.jsonl    one JSON object per epoch (see ``METRIC_KEYS``)
-  checkpoint.pt    latest checkpoint (see sparsam.train.checkpoint), every epoch
+  checkpoint.pt    latest checkpoint (see sparsam.runs.checkpoint), every epoch
   best_model.pt    {"model": state_dict, "epoch", "test_acc"} of the best epoch so far
   summary.json     written when the run finishes: final/best accuracy, timings
   tensorboard/     only with --tensorboard
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from ..train.errors import RunDirError
 from . import schema
 from .checkpoint import remove_stale_temp_files, write_text
-from .errors import RunDirError
 
 try:
     import fcntl
@@ -173,7 +173,7 @@ def lock_dir(path: str | os.PathLike[str], *, kind: str = "run", flag: str = "--
 
 def read_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``config.json`` of a run directory (the whole file), checked against its schema
-    (``sparsam.train.schema.check_config``: a ``"config"`` object of valid settings); otherwise a
+    (``sparsam.runs.schema.check_config``: a ``"config"`` object of valid settings); otherwise a
     [`RunDirError`][sparsam.train.RunDirError] names the file and its first bad key."""
     return schema.read_config(Path(path) / CONFIG)
 
@@ -205,7 +205,7 @@ def clear(out: str | os.PathLike[str]) -> None:
 
 
 def read_metrics(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The epoch records of a run, every line checked (``sparsam.train.schema.parse_metrics``): the
+    """The epoch records of a run, every line checked (``sparsam.runs.schema.parse_metrics``): the
     first bad line raises a [`RunDirError`][sparsam.train.RunDirError] naming it. A last line without
     its newline that is not JSON (an append interrupted by a crash, in runs of earlier versions) is
     left out."""
@@ -257,7 +257,7 @@ class RunRecord:
 
 
 def load_run(path: str | os.PathLike[str]) -> RunRecord:
-    """Read a run directory back, each file checked against its schema (``sparsam.train.schema``):
+    """Read a run directory back, each file checked against its schema (``sparsam.runs.schema``):
     the first bad line or key raises a [`RunDirError`][sparsam.train.RunDirError] naming its file."""
     p = Path(path)
     meta = read_run_config(p)

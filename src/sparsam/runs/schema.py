@@ -1,9 +1,9 @@
 """What each run file must hold, checked whenever a command reads it back.
 
 ``sparsam report``, ``sparsam analyze`` and ``sparsam train --resume`` read a run directory
-(``sparsam.train.rundir``) through these checks, one per file: ``config.json``, ``metrics.jsonl``,
+(``sparsam.runs.rundir``) through these checks, one per file: ``config.json``, ``metrics.jsonl``,
 ``summary.json`` and ``checkpoint.pt``. A file that does not hold what sparsam writes raises a
-[`RunFileError`][sparsam.train.schema.RunFileError] whose one line names the file and its first
+[`RunFileError`][sparsam.runs.schema.RunFileError] whose one line names the file and its first
 bad line or key; the file is never changed. So a garbled line, a value of the wrong type or bytes
 that are not UTF-8 text stop the command with a message, instead of a table that silently leaves
 an epoch out or a traceback.
@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, check_keys, validate
-from .errors import CheckpointError, ConfigError, RunDirError
-from .errors import damaged_file_advice as _advice
+from ..train.config import TrainConfig, check_keys, validate
+from ..train.errors import CheckpointError, ConfigError, RunDirError
+from ..train.errors import damaged_file_advice as _advice
 
 
 class RunFileError(RunDirError):

@@ -4,7 +4,7 @@ Runs are grouped by their configuration minus the seed; every group is one row. 
 settings that tell groups apart (method, sparsity, and any other key that differs between groups),
 the number of seeds, final and best test accuracy (mean ± sample std, in %), epochs done, time
 per epoch (median over the run's epochs, mean over seeds) and its ratio to the SGD group with the
-same data, model and batch settings. No plotting here: see ``sparsam.train.figures``.
+same data, model and batch settings. No plotting here: see ``sparsam.runs.figures``.
 
 One precision rule for every table (Markdown and LaTeX; the CSV keeps full precision): accuracy in
 percent with two decimals; measured times to three significant digits (``0.250``, ``0.514``,
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import IDENTITY_KEYS, TrainConfig
-from .methods import OPTIMIZERS, is_sparse, method_label, method_order, relevant
+from ..train.config import IDENTITY_KEYS, TrainConfig
+from ..train.methods import OPTIMIZERS, is_sparse, method_label, method_order, relevant
 from .rundir import RunRecord
 
 # Keys that do not split groups: the seed (what we average over) and run control.
