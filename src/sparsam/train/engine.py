@@ -3,9 +3,9 @@
     open the run directory -> data -> model -> optimizer, schedule, scaler -> [restore checkpoint]
     -> for each epoch: train steps, evaluate, record (metrics, best model, checkpoint) -> summary
 
-The run directory's bookkeeping lives in ``sparsam.runs.run.Run``; what happens in one step
-is the optimizer's: ``opt.step(closure)`` calls the closure once per pass (twice for SAM/SSAM,
-see ``docs/design.md``). The closure runs the ``--accum`` micro-batches under autocast, scales
+The run directory's bookkeeping lives in ``sparsam.runs.run.Run``; one step on a batch is
+``TrainStep``'s: ``opt.step(closure)`` calls its closure once per pass (twice for SAM/SSAM,
+see ``docs/design.md``), which runs the ``--accum`` micro-batches under autocast, scales
 the loss for the GradScaler, lets DDP all-reduce on the last micro-batch only, and adds the
 loss and accuracy of the clean pass (``opt.current_pass != "descent"``) to the epoch's sums.
 
@@ -16,6 +16,7 @@ timing) and checkpoints.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -112,11 +113,7 @@ def _train(
     argv: list[str] | None,
 ) -> RunResult:
     device = info.device
-
-    def say(msg: str) -> None:
-        if info.is_main and not quiet:
-            print(msg, file=sys.stderr, flush=True)
-
+    say = functools.partial(_say, info.is_main and not quiet)
     run = Run.open(cfg, info, resume=resume, overwrite=overwrite, say=say)
     if run.done is not None:
         return run.done
@@ -132,84 +129,27 @@ def _train(
         say("--fsdp with one process: nothing to shard, the model is trained unsharded")
     model, ddp, forward_model = _model(cfg, data, info)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    sample_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
-    try:  # SAM/SSAM get the DDP wrapper (no_sync, BatchNorm, names), never the torch.compile one
-        opt, base_opt = build_optimizer_and_base(
-            cfg,
-            model.parameters(),
-            model=ddp or model,
-            loss_fn=criterion,
-            fisher_data=data.fisher,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=cfg.epochs * steps_per_epoch,
-        )
-    except UserError:
-        raise
-    except (ValueError, TypeError) as e:  # the optimizer and mask classes validate their arguments
-        raise ConfigError(f"cannot build --opt {cfg.opt}: {e}") from e
+    opt, base_opt = _optimizer(cfg, model, ddp, criterion, data, steps_per_epoch)
     sched = build_scheduler(cfg, base_opt, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
     sharded = cfg.fsdp and info.enabled
     if sharded and run.ckpt is not None:  # full tensors in the file: cut to this rank's shards
         run.ckpt = sharding.shard_checkpoint(run.ckpt, model, opt)
     progress = run.restore(model, opt, sched, scaler)
-    # --opt sgd: the plain step drives the optimizer; its compute so far is one pass per step taken
-    stepper = opt if isinstance(opt, SAM) else PlainStep(opt, max_grad_norm=cfg.clip, compute=progress.global_step)
+    step = TrainStep(
+        cfg,
+        device,
+        model=model,
+        ddp=ddp,
+        forward_model=forward_model,
+        opt=opt,
+        sched=sched,
+        scaler=scaler,
+        criterion=criterion,
+        compute=progress.global_step,
+        sharded=sharded,
+    )
     run.start(data=data, steps_per_epoch=steps_per_epoch, argv=argv)
-
-    def train_step(x: Tensor, y: Tensor, sums: list[Tensor]) -> int:
-        """One optimizer step on (x, y); returns the number of samples of the clean pass, whose
-        loss sum and correct count it adds to ``sums``."""
-        seen = [0]
-
-        def closure() -> None:  # the optimizer calls it once per pass
-            kind = stepper.current_pass
-            clean = kind in (None, ASCENT)
-            # This pass's samples (ESAM's data selection, a sub-batch ascent): the closure contract's helpers
-            xa, ya = pass_batch(stepper, (x, y))
-            xs, ys = (xa.chunk(cfg.accum), ya.chunk(cfg.accum)) if cfg.accum > 1 else ((xa,), (ya,))
-            per_sample = stepper.wants_sample_losses  # ESAM: the losses of each sample, recorded by pass_loss
-            for j, (xb, yb) in enumerate(zip(xs, ys)):
-                if kind == MEASURE:  # ESAM: forward only at w + e (under no_grad), per-sample losses
-                    with autocast():
-                        pass_loss(stepper, sample_loss(forward_model(xb).float(), yb))
-                    continue
-                # DDP all-reduces in the last micro-batch only (SAM's local ascent: not at all, see ascent_pass)
-                with ddp.no_sync() if ddp is not None and j < len(xs) - 1 else nullcontext():
-                    with autocast():
-                        logits = forward_model(xb)
-                        loss = pass_loss(stepper, sample_loss(logits, yb) if per_sample else criterion(logits, yb))
-                    scaler.scale(loss / len(xs)).backward()
-                if clean:
-                    sums[0] += loss.detach().float() * yb.shape[0]
-                    sums[1] += (logits.detach().argmax(1) == yb).sum()
-                    seen[0] += yb.shape[0]
-
-        stepper.step(closure, grad_scaler=scaler)
-        opt.zero_grad(set_to_none=True)
-        scaler.update()  # on-device scale update; under fp16 scaler.step above syncs once, as for any optimizer
-        sched.step()
-        return seen[0]
-
-    def state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        }
-
-    def saved_state() -> Callable[[], dict[str, Any]]:
-        """What rank 0 saves. Under --fsdp every rank gathers the full tensors now (a collective)."""
-        if not sharded:
-            return state
-        snapshot = sharding.full_state(state())
-        return lambda: snapshot
 
     # ------------------------------------------------------------------ the loop
     masks = _MaskStats(opt, resumed=run.ckpt is not None)
@@ -243,7 +183,7 @@ def _train(
             for i, (x, y) in enumerate(data.train):
                 if i < meter.skip:
                     continue  # resumed mid-epoch: these batches were trained on before the interruption
-                meter.count += train_step(x, y, meter.sums)
+                meter.count += step(x, y, meter.sums)
                 progress.global_step += 1
                 if on_step is not None:
                     on_step(progress.global_step)
@@ -260,7 +200,7 @@ def _train(
             samples_seen += meter.count
             if interrupted_at is not None:  # the partial epoch's time travels in the checkpoint's "partial"
                 run.save_interrupted(
-                    saved_state(),
+                    step.saved_state(),
                     step_in_epoch=interrupted_at,
                     steps_per_epoch=steps_per_epoch,
                     sums=meter.reduce(info),
@@ -270,43 +210,18 @@ def _train(
                 stopped = "interrupted"
                 break
             # ---------------------------------------------------------- end of epoch
-            loss_sum, correct, total = meter.reduce(info)  # host sync: epoch metrics
+            sums = meter.reduce(info)  # host sync: epoch metrics
             D.broadcast_buffers(model, info)  # every rank evaluates and ends with rank 0's BN statistics
             t_eval = time.perf_counter()
-            test_loss: float | None = None
-            test_acc: float | None = None
+            test: tuple[float, float] | None = None
             if eval_at is None or progress.epoch + 1 in eval_at:  # --test-epochs: else recorded as null
-                test_loss, test_acc = evaluate(model, data.test, autocast, info, sharded=sharded)
-                last_test_acc = test_acc
+                test = evaluate(model, data.test, step.autocast, info, sharded=sharded)
+                last_test_acc = test[1]
             eval_time = time.perf_counter() - t_eval
             epochs_this_call += 1
-            record: dict[str, Any] = {
-                "epoch": progress.epoch + 1,
-                "step": progress.global_step,
-                "lr": meter.lr,
-                "train_loss": loss_sum / total,
-                "train_acc": correct / total,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "epoch_time_s": meter.time_s,
-                "eval_time_s": eval_time,
-                "time_s": progress.elapsed + meter.time_s,
-                "samples_per_s": total / meter.time_s if meter.time_s > 0 else None,
-                "steps": steps_per_epoch,
-                "train_samples": total,
-                **masks.record(),
-                # training compute so far in SGD-step equivalents (forward+backward passes, counted by the optimizer)
-                "compute": stepper.compute,
-            }
-            run.end_epoch(record, model, saved_state())
-            say(
-                f"epoch {progress.epoch}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  train_acc "
-                f"{100 * record['train_acc']:.2f}%"  # accuracy in percent, as in every table and figure
-                + (f"  test_loss {test_loss:.4f}  test_acc {100 * test_acc:.2f}%" if test_acc is not None else "")
-                + f"  ({meter.time_s:.1f} s"
-                + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "")
-                + ")"
-            )
+            record = _epoch_record(progress, meter, sums, test, eval_time, steps_per_epoch, masks, step.compute)
+            run.end_epoch(record, model, step.saved_state())
+            say(_epoch_line(record, progress.epoch, cfg.epochs, meter.time_s))
             if not math.isfinite(record["train_loss"]):
                 say("warning: the training loss is not finite")
             if D.any_rank(stop.requested, info) and progress.epoch < cfg.epochs:
@@ -331,6 +246,177 @@ def _train(
             epoch=progress.epoch,
         )
     return run.finish(stopped=stopped, last_test_acc=last_test_acc, steps_per_epoch=steps_per_epoch)
+
+
+class TrainStep:
+    """One optimizer step on a batch: ``step(x, y, sums)`` returns the number of samples of the
+    clean pass, whose loss sum and correct count it adds to ``sums``.
+
+    The optimizer calls ``_pass`` once per pass (twice for SAM/SSAM, see ``docs/design.md``): it runs
+    the ``--accum`` micro-batches under autocast, scales the loss for the GradScaler, lets DDP
+    all-reduce on the last micro-batch only, and counts the clean pass (``current_pass`` ``None`` or
+    ascent). Then the gradients are cleared, the scaler updated and the LR schedule stepped.
+    ``saved_state`` is what a checkpoint holds."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        *,
+        model: nn.Module,
+        ddp: Any,
+        forward_model: Any,
+        opt: Any,
+        sched: Any,
+        scaler: torch.amp.GradScaler,
+        criterion: nn.Module,
+        compute: float,
+        sharded: bool,
+    ) -> None:
+        self.model, self.ddp, self.forward_model = model, ddp, forward_model
+        self.opt, self.sched, self.scaler, self.sharded = opt, sched, scaler, sharded
+        self.accum = cfg.accum
+        self.criterion = criterion
+        self.sample_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
+        self.device_type = device.type
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        # --opt sgd: the plain step drives the optimizer; its compute so far is one pass per step taken
+        self.stepper: Any = opt if isinstance(opt, SAM) else PlainStep(opt, max_grad_norm=cfg.clip, compute=compute)
+        self._batch: tuple[Tensor, Tensor, list[Tensor]] | None = None
+        self._seen = 0
+
+    @property
+    def compute(self) -> float:
+        """Training compute so far in SGD-step equivalents (forward+backward passes, counted by the optimizer)."""
+        compute: float = self.stepper.compute
+        return compute
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+
+    def __call__(self, x: Tensor, y: Tensor, sums: list[Tensor]) -> int:
+        self._batch, self._seen = (x, y, sums), 0
+        try:
+            self.stepper.step(self._pass, grad_scaler=self.scaler)
+        finally:
+            self._batch = None
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.update()  # on-device scale update; under fp16 scaler.step above syncs once, as for any optimizer
+        self.sched.step()
+        return self._seen
+
+    def _pass(self) -> None:  # the closure: the optimizer calls it once per pass
+        assert self._batch is not None
+        x, y, sums = self._batch
+        stepper, ddp = self.stepper, self.ddp
+        kind = stepper.current_pass
+        clean = kind in (None, ASCENT)
+        # This pass's samples (ESAM's data selection, a sub-batch ascent): the closure contract's helpers
+        xa, ya = pass_batch(stepper, (x, y))
+        xs, ys = (xa.chunk(self.accum), ya.chunk(self.accum)) if self.accum > 1 else ((xa,), (ya,))
+        per_sample = stepper.wants_sample_losses  # ESAM: the losses of each sample, recorded by pass_loss
+        for j, (xb, yb) in enumerate(zip(xs, ys)):
+            if kind == MEASURE:  # ESAM: forward only at w + e (under no_grad), per-sample losses
+                with self.autocast():
+                    pass_loss(stepper, self.sample_loss(self.forward_model(xb).float(), yb))
+                continue
+            # DDP all-reduces in the last micro-batch only (SAM's local ascent: not at all, see ascent_pass)
+            with ddp.no_sync() if ddp is not None and j < len(xs) - 1 else nullcontext():
+                with self.autocast():
+                    logits = self.forward_model(xb)
+                    loss = pass_loss(
+                        stepper, self.sample_loss(logits, yb) if per_sample else self.criterion(logits, yb)
+                    )
+                self.scaler.scale(loss / len(xs)).backward()
+            if clean:
+                sums[0] += loss.detach().float() * yb.shape[0]
+                sums[1] += (logits.detach().argmax(1) == yb).sum()
+                self._seen += yb.shape[0]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+
+    def saved_state(self) -> Callable[[], dict[str, Any]]:
+        """What rank 0 saves. Under --fsdp every rank gathers the full tensors now (a collective)."""
+        if not self.sharded:
+            return self.state
+        snapshot = sharding.full_state(self.state())
+        return lambda: snapshot
+
+
+def _say(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _optimizer(
+    cfg: TrainConfig, model: nn.Module, ddp: Any, criterion: nn.Module, data: TrainData, steps_per_epoch: int
+) -> tuple[Any, Any]:
+    """(optimizer to step, base optimizer the schedule drives); the classes' own argument errors as ConfigError."""
+    try:  # SAM/SSAM get the DDP wrapper (no_sync, BatchNorm, names), never the torch.compile one
+        return build_optimizer_and_base(
+            cfg,
+            model.parameters(),
+            model=ddp or model,
+            loss_fn=criterion,
+            fisher_data=data.fisher,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=cfg.epochs * steps_per_epoch,
+        )
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:  # the optimizer and mask classes validate their arguments
+        raise ConfigError(f"cannot build --opt {cfg.opt}: {e}") from e
+
+
+def _epoch_record(
+    progress: Any,
+    meter: EpochMeter,
+    sums: tuple[float, float, int],
+    test: tuple[float, float] | None,
+    eval_time: float,
+    steps_per_epoch: int,
+    masks: _MaskStats,
+    compute: float,
+) -> dict[str, Any]:
+    """The epoch's line of metrics.jsonl (``progress`` before ``Run.end_epoch`` counts the epoch)."""
+    loss_sum, correct, total = sums
+    test_loss, test_acc = test if test is not None else (None, None)
+    return {
+        "epoch": progress.epoch + 1,
+        "step": progress.global_step,
+        "lr": meter.lr,
+        "train_loss": loss_sum / total,
+        "train_acc": correct / total,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "epoch_time_s": meter.time_s,
+        "eval_time_s": eval_time,
+        "time_s": progress.elapsed + meter.time_s,
+        "samples_per_s": total / meter.time_s if meter.time_s > 0 else None,
+        "steps": steps_per_epoch,
+        "train_samples": total,
+        **masks.record(),
+        # training compute so far in SGD-step equivalents (forward+backward passes, counted by the optimizer)
+        "compute": compute,
+    }
+
+
+def _epoch_line(record: dict[str, Any], epoch: int, epochs: int, time_s: float) -> str:
+    """The epoch's line on stderr (accuracy in percent, as in every table and figure)."""
+    test_acc = record["test_acc"]
+    return (
+        f"epoch {epoch}/{epochs}  train_loss {record['train_loss']:.4f}  train_acc {100 * record['train_acc']:.2f}%"
+        + (f"  test_loss {record['test_loss']:.4f}  test_acc {100 * test_acc:.2f}%" if test_acc is not None else "")
+        + f"  ({time_s:.1f} s"
+        + (f", mask density {record['mask_density']:.3f}" if "mask_density" in record else "")
+        + ")"
+    )
 
 
 # ---------------------------------------------------------------------------------- the pieces
