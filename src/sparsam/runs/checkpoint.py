@@ -168,7 +168,7 @@ def save_torch_file(path: str | os.PathLike[str], obj: Any, *, what: str = "chec
 
     def write(f: BinaryIO) -> None:
         recorders.append(_WriteRecorder(f))
-        torch.save(obj, recorders[-1])  # type: ignore[arg-type]
+        torch.save(obj, recorders[-1])  # type: ignore[arg-type]  # torch.save wants a file type; the recorder is file-like
 
     try:
         atomic_write(path, write)

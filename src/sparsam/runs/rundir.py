@@ -40,7 +40,7 @@ from .checkpoint import remove_stale_temp_files, write_text
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on POSIX: no OS lock
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl module off POSIX
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

@@ -451,7 +451,7 @@ def _model(cfg: TrainConfig, data: TrainData, info: D.DistInfo) -> tuple[nn.Modu
         raise ConfigError(f"--model {cfg.model!r}{width}: {e}") from None
     model.to(info.device)
     if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs: Module.to has no memory_format-only overload
     ddp = None
     if info.enabled and cfg.fsdp:  # FSDP2: parameters become DTensors (sparsam.train.sharding)
         sharding.shard_model(model, info.device, info.world_size)
