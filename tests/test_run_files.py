@@ -471,6 +471,7 @@ def test_import_sparsam_loads_no_torch():
 
 CTRL_C = """
     import sys
+    import time
     import sparsam.__main__ as cli
 
     noting = cli._note_ctrl_c
@@ -478,6 +479,8 @@ CTRL_C = """
     def ready(interrupted):  # the command has taken over Ctrl-C: from here on, any moment must be clean
         restore = noting(interrupted)
         print("ready", flush=True)
+        if HOLD:  # the signal comes while the handler is just installed (before the command's body)
+            time.sleep(HOLD)
         return restore
 
     cli._note_ctrl_c = ready
@@ -485,13 +488,13 @@ CTRL_C = """
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
-def test_ctrl_c_in_the_first_seconds_of_a_command_is_one_line(delay):
+@pytest.mark.parametrize("delay, hold", [(0.0, 0.0), (0.3, 0.0), (1.0, 0.0), (0.0, 5.0)])
+def test_ctrl_c_in_the_first_seconds_of_a_command_is_one_line(delay, hold):
     import time
 
     env = {**os.environ, "PYTHONPATH": SRC, "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(CTRL_C)],
+        [sys.executable, "-c", f"HOLD = {hold}\n" + textwrap.dedent(CTRL_C)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

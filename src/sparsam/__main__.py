@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
     interrupted: list[int] = []
-    restore = _note_ctrl_c(interrupted)
+    restore: Any = lambda: None  # noqa: E731
     try:  # Ctrl-C at any point, the imports included (torch, numpy: the first seconds), aborts cleanly
+        # Inside the try: a Ctrl-C just after the handler is installed is the same clean abort (a
+        # Ctrl-C before `restore` is bound leaves `note` installed, which raises as the default does).
+        restore = _note_ctrl_c(interrupted)
         from .train.errors import UserError
 
         try:
