@@ -272,20 +272,23 @@ def figures(
     seed_text = f"seeds {', '.join(map(str, seeds_all))}" if seeds_all else "no finished seeds"
 
     cs = contrasts(runs, study)
-    fig, ax = plt.subplots(figsize=(8.0, 0.62 * len(cs) + 1.6))
+    fig, ax = plt.subplots(figsize=(6.8, 0.62 * len(cs) + 1.5))
     for row, c in enumerate(reversed(cs)):
         y = row
         ax.scatter(c.diffs, [y + 0.18] * len(c.diffs), s=16, color=row_colour[c.name], alpha=0.55, zorder=3)
         if c.mean is not None and c.lo is not None and c.hi is not None:
             err = [[c.mean - c.lo], [c.hi - c.mean]]
             ax.errorbar(c.mean, y - 0.08, xerr=err, fmt="o", color=row_colour[c.name], capsize=4, zorder=4)
-    ax.axvspan(-MARGIN, MARGIN, color="0.92", zorder=0, label=f"±{MARGIN:g} point (equivalence margin)")
+    ax.axvspan(-MARGIN, MARGIN, color="0.92", zorder=0)
     ax.axvline(0, color="0.4", linewidth=0.8)
     ax.set_yticks(range(len(cs)))
     ax.set_yticklabels([f"{c.name}: {LABELS[c.a]} − {LABELS[c.b]}" for c in reversed(cs)], fontsize=10)
     ax.set_xlabel("difference in final test accuracy (points)", fontsize=10)
-    fig.suptitle(f"Paired differences in final test accuracy\n(dots: {seed_text}; bars: 95% interval)", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=9, frameon=False)
+    fig.suptitle(
+        f"Paired differences in final test accuracy\n(dots: {seed_text}; bars: 95% interval; "
+        f"grey band: the ±{MARGIN:g} point equivalence margin)",
+        fontsize=10,
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     paths.append(out / f"{study.prefix}_contrasts.png")
@@ -293,7 +296,7 @@ def figures(
     plt.close(fig)
 
     configs = study.configs
-    fig, ax = plt.subplots(figsize=(8.0, 0.55 * len(configs) + 1.4))
+    fig, ax = plt.subplots(figsize=(6.8, 0.55 * len(configs) + 1.4))
     for row, cfg in enumerate(reversed(configs)):
         accs = [r["acc"] for (c, _), r in sorted(runs.items()) if c == cfg]
         ax.scatter(accs, [row + 0.15] * len(accs), s=16, color=colour[cfg], alpha=0.55, zorder=3)
